@@ -1,0 +1,229 @@
+"""``attention()``: one call for every pattern and kernel.
+
+Backends (all compute the same function; the tests hold each to the dense reference):
+- "dense":   the reference (n x n mask), for tests and tiny inputs;
+- "blocked": the band kernel of ``blocked.py``, the CPU path for training and inference;
+- "sdpa":    PyTorch's scaled_dot_product_attention, the fast path for the "full" pattern;
+- "flex":    FlexAttention with the pattern's predicate as ``mask_mod`` (CUDA; CPU forward only);
+- "auto":    flex on CUDA, sdpa for "full", blocked otherwise.
+
+Global tokens (Longformer) are handled the same way by every fast backend: each query attends to the
+global keys on top of its local band, and the rows of global queries, which attend to every key, are
+computed separately as a (G x n) product and written over the band's output. With separate global
+projections (``global_qkv``) those rows use qg . kg over vg, as in Hugging Face's
+``LongformerSelfAttention``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+import torch.nn.functional as F
+
+from longctx.attention.blocked import band_attention, dilation_permutation
+from longctx.attention.patterns import AttentionPattern
+from longctx.attention.reference import alibi_bias, dense_attention, masked_softmax
+from longctx.errors import LongctxError
+
+log = logging.getLogger(__name__)
+BACKENDS = ("auto", "dense", "blocked", "sdpa", "flex")
+
+
+def resolve_backend(backend: str, q: torch.Tensor, pattern: AttentionPattern) -> str:
+    if backend not in BACKENDS:
+        raise LongctxError(f"attention backend {backend!r} is unknown; use one of {', '.join(BACKENDS)}")
+    if backend != "auto":
+        return backend
+    if q.is_cuda and _flex_available():
+        return "flex"
+    return "sdpa" if pattern.kind == "full" else "blocked"
+
+
+def attention(q, k, v, pattern: AttentionPattern, *, key_padding_mask=None, global_mask=None,
+              global_qkv=None, alibi_slopes=None, scale=None, backend: str = "auto", chunk=None):
+    """Attention of q over k, v under ``pattern``. q, k, v: (B, H, n, d); returns (B, H, n, d).
+
+    key_padding_mask (B, n) bool: True for real tokens. global_mask (B, n) bool: True for global tokens.
+    global_qkv: optional (qg, kg, vg) from separate global projections. alibi_slopes (H,): ALiBi bias.
+    scale defaults to 1/sqrt(d). Any length works; the output has the input's length.
+    """
+    B, H, n, d = q.shape
+    backend = resolve_backend(backend, q, pattern)
+    if backend == "dense":
+        return dense_attention(q, k, v, pattern, key_padding_mask=key_padding_mask, global_mask=global_mask,
+                               global_qkv=global_qkv, alibi_slopes=alibi_slopes, scale=scale)
+    scale = d ** -0.5 if scale is None else scale
+    q = q * scale
+    if global_mask is not None:
+        global_mask = global_mask.bool()
+        if not bool(global_mask.any()):
+            global_mask = None
+    if global_mask is None:
+        global_qkv = None
+    if key_padding_mask is not None:
+        key_padding_mask = key_padding_mask.bool()
+
+    if backend == "flex":
+        out = _flex(q, k, v, pattern, key_padding_mask, global_mask, alibi_slopes)
+    elif backend == "sdpa":
+        if pattern.kind != "full":
+            raise LongctxError(f"backend 'sdpa' runs the full pattern only, not {pattern.kind!r}; use 'blocked'")
+        out = _sdpa(q, k, v, pattern, key_padding_mask, alibi_slopes)
+    else:
+        out = _blocked(q, k, v, pattern, key_padding_mask, global_mask, alibi_slopes, chunk)
+
+    needs_rows = global_mask is not None and (backend == "blocked" or global_qkv is not None)
+    if needs_rows:
+        if global_qkv is not None:
+            qg, kg, vg = global_qkv
+            qg = qg * scale
+        else:
+            qg, kg, vg = q, k, v
+        out = _global_rows(out, qg, kg, vg, pattern, key_padding_mask, global_mask, alibi_slopes)
+    return out
+
+
+def global_index(global_mask: torch.Tensor):
+    """Positions of the global tokens per batch row, padded to the largest count: (idx, valid), (B, G)."""
+    counts = global_mask.sum(-1)
+    G = int(counts.max())
+    order = torch.argsort((~global_mask).to(torch.int8), dim=-1, stable=True)[:, :G]
+    valid = torch.arange(G, device=global_mask.device)[None, :] < counts[:, None]
+    return order, valid
+
+
+def _gather_seq(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x (B, H, n, d), idx (B, G) -> (B, H, G, d)."""
+    B, H, _, d = x.shape
+    return torch.gather(x, 2, idx[:, None, :, None].expand(B, H, idx.shape[1], d))
+
+
+def _blocked(q, k, v, pattern, key_padding_mask, global_mask, alibi_slopes, chunk):
+    B, H, n, d = q.shape
+    key_valid = key_padding_mask
+    kg = vg = g_pos = g_valid = None
+    if global_mask is not None:
+        idx, g_valid = global_index(global_mask)
+        kg, vg, g_pos = _gather_seq(k, idx), _gather_seq(v, idx), idx
+        if key_padding_mask is not None:
+            g_valid = g_valid & torch.gather(key_padding_mask, 1, idx)
+        # global keys come in through kg/vg; remove them from the band so none is counted twice
+        key_valid = ~global_mask if key_valid is None else key_valid & ~global_mask
+
+    dils = pattern.head_dilations(H)
+    outs, order = [], []
+    for dil in sorted(set(dils)):
+        heads = [h for h in range(H) if dils[h] == dil]
+        sel = (lambda x: x) if len(heads) == H else (lambda x, hs=torch.tensor(heads, device=q.device): x.index_select(1, hs))
+        qh, kh, vh = sel(q), sel(k), sel(v)
+        slopes = None if alibi_slopes is None else alibi_slopes[heads]
+        kgh, vgh = (None, None) if kg is None else (sel(kg), sel(vg))
+        if dil == 1:
+            pos, kv = torch.arange(n, device=q.device), key_valid
+            o = band_attention(qh, kh, vh, pattern, pos, key_valid=kv, kg=kgh, vg=vgh, g_pos=g_pos,
+                               g_valid=g_valid, alibi_slopes=slopes, chunk=chunk)
+        else:
+            perm = dilation_permutation(n, dil, q.device)
+            kv = None if key_valid is None else key_valid[:, perm]
+            o = band_attention(qh[:, :, perm], kh[:, :, perm], vh[:, :, perm], pattern, perm, dilation=dil,
+                               key_valid=kv, kg=kgh, vg=vgh, g_pos=g_pos, g_valid=g_valid,
+                               alibi_slopes=slopes, chunk=chunk)
+            o = o[:, :, torch.argsort(perm)]
+        outs.append(o)
+        order.extend(heads)
+    if len(outs) == 1:
+        return outs[0]
+    return torch.cat(outs, dim=1)[:, torch.argsort(torch.tensor(order, device=q.device))]
+
+
+def _global_rows(out, qg, kg, vg, pattern, key_padding_mask, global_mask, alibi_slopes):
+    """Write the rows of the global queries: each attends to every real key (causally if causal)."""
+    B, H, n, d = out.shape
+    idx, valid = global_index(global_mask)
+    pos = torch.arange(n, device=out.device)
+    scores = _gather_seq(qg, idx) @ kg.transpose(-1, -2)  # (B, H, G, n)
+    if alibi_slopes is not None:
+        scores = scores + alibi_bias(alibi_slopes, idx, pos).transpose(0, 1).to(scores.dtype)
+    mask = torch.ones(B, 1, idx.shape[1], n, dtype=torch.bool, device=out.device)
+    if pattern.causal:
+        mask = mask & (pos.view(1, 1, 1, n) <= idx[:, None, :, None])
+    if key_padding_mask is not None:
+        mask = mask & key_padding_mask[:, None, None, :]
+    rows = masked_softmax(scores, mask) @ vg  # (B, H, G, d)
+    b_idx, g_idx = valid.nonzero(as_tuple=True)
+    out_t = out.transpose(1, 2).index_put((b_idx, idx[b_idx, g_idx]), rows.transpose(1, 2)[b_idx, g_idx])
+    return out_t.transpose(1, 2)
+
+
+def _sdpa(q, k, v, pattern, key_padding_mask, alibi_slopes):
+    """Full attention through PyTorch's SDPA; rows with no allowed key give zeros, not NaN."""
+    n = q.shape[2]
+    if key_padding_mask is None and alibi_slopes is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=pattern.causal, scale=1.0)
+    pos = torch.arange(n, device=q.device)
+    mask = torch.ones(1, 1, 1, n, dtype=torch.bool, device=q.device)
+    if key_padding_mask is not None:
+        mask = key_padding_mask[:, None, None, :]
+    if pattern.causal:
+        mask = mask & (pos.view(n, 1) >= pos.view(1, n))
+    has_any = mask.any(-1, keepdim=True)
+    mask = mask | ~has_any
+    if alibi_slopes is not None:
+        bias = alibi_bias(alibi_slopes, pos, pos).unsqueeze(0).to(q.dtype)
+        mask = bias.masked_fill(~mask, float("-inf"))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
+    return out * has_any.to(out.dtype)
+
+
+def _flex_available() -> bool:
+    try:
+        from torch.nn.attention import flex_attention  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+_compiled_flex = None
+
+
+def _flex(q, k, v, pattern, key_padding_mask, global_mask, alibi_slopes):
+    """FlexAttention with the pattern's own predicate as mask_mod. Compiled on CUDA (or when
+    LONGCTX_FLEX_COMPILE=1); eager elsewhere, which is correct but materialises the scores."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    if not q.is_cuda and torch.is_grad_enabled() and q.requires_grad:
+        raise LongctxError("FlexAttention has no CPU backward in this PyTorch; use backend 'blocked' for training")
+    B, H, n, d = q.shape
+    dil = torch.tensor(pattern.head_dilations(H), device=q.device)
+    causal = pattern.causal
+
+    def mask_mod(b, h, qi, ki):
+        ok = pattern.local_allowed(qi, ki, dil[h])
+        if global_mask is not None:
+            g = global_mask[b, qi] | global_mask[b, ki]
+            if causal:
+                g = g & (ki <= qi)
+            ok = ok | g
+        if key_padding_mask is not None:
+            ok = ok & key_padding_mask[b, ki]
+        return ok
+
+    score_mod = None
+    if alibi_slopes is not None:
+        slopes = alibi_slopes.to(q.dtype)
+
+        def score_mod(score, b, h, qi, ki):
+            return score - slopes[h] * (qi - ki).abs().to(score.dtype)
+
+    per_batch = global_mask is not None or key_padding_mask is not None
+    compile_ = q.is_cuda or os.environ.get("LONGCTX_FLEX_COMPILE") == "1"
+    block_mask = create_block_mask(mask_mod, B if per_batch else None, H, n, n, device=q.device.type,
+                                   _compile=compile_)
+    fn = flex_attention
+    if compile_:
+        if _compiled_flex is None:
+            _compiled_flex = torch.compile(flex_attention, dynamic=False)
+        fn = _compiled_flex
+    return fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=1.0)
