@@ -14,6 +14,7 @@ from longctx.errors import LongctxError
 
 # subcommand modules, in the order `longctx --help` lists them
 COMMAND_MODULES = [
+    "longctx.data.corpus_cli",
 ]
 
 
