@@ -275,7 +275,25 @@ def _is_unpacked_source(d: str) -> bool:
                 head = f.read(65536)
             if b"\\documentclass" in head or b"\\documentstyle" in head:
                 mains += 1
-    return bool(tex) and mains == 1
+    return bool(tex) and mains == 1 and not _main_below(d)
+
+
+def _main_below(d: str) -> bool:
+    """Whether a subfolder of ``d`` holds a file with ``\\documentclass`` (then ``d`` is a collection)."""
+    for sub in sorted(os.listdir(d)):
+        full = os.path.join(d, sub)
+        if os.path.islink(full) or not os.path.isdir(full):
+            continue
+        for root, _, files in os.walk(full):
+            for f in files:
+                if f.lower().endswith(ARCHIVE_SUFFIXES):
+                    return True
+                if f.lower().endswith((".tex", ".ltx", ".latex")):
+                    with open(os.path.join(root, f), "rb") as fh:
+                        head = fh.read(65536)
+                    if b"\\documentclass" in head or b"\\documentstyle" in head:
+                        return True
+    return False
 
 
 def discover(paths: list[str]) -> list[tuple[str, str]]:

@@ -284,6 +284,12 @@ def expand_macros(src: str, macros: dict, max_passes: int = 8, max_chars: int = 
     changed, at most ``max_passes`` times and never beyond ``max_chars``."""
     if not macros:
         return src
+    # a macro that calls itself would only grow
+    macros = {k: v for k, v in macros.items()
+              if not re.search(r"\\" + re.escape(k) + r"(?![a-zA-Z@])", v[2])}
+    if not macros:
+        return src
+    start_len = len(src)
     names = sorted(macros, key=len, reverse=True)
     pat = re.compile(r"\\(" + "|".join(re.escape(n) for n in names) + r")(?![a-zA-Z@])")
     for _ in range(max_passes):
@@ -338,9 +344,10 @@ def expand_macros(src: str, macros: dict, max_passes: int = 8, max_chars: int = 
         if not changed:
             break
         out.append(src[last:])
-        src = "".join(out)
-        if len(src) > max_chars:
-            raise LatexConversionError("too-large", "macro expansion grows beyond the size limit")
+        new = "".join(out)
+        if len(new) > max_chars or len(new) > 4 * start_len + 1_000_000:
+            break  # a macro that keeps growing: keep the last pass, best effort
+        src = new
     return src
 
 
@@ -392,6 +399,11 @@ _LOGOS = {
     "ConTeXt": "ConTeXt", "MF": "Metafont", "MP": "MetaPost", "etal": "et al.", "ie": "i.e.",
     "eg": "e.g.", "etc": "etc.", "textbackslash": "\\",
 }
+# formatting macros whose argument is prose (pylatexenc's text renderer would drop it)
+_KEEP_MACROS = ["texttt", "textsf", "textmd", "textup", "textnormal", "mbox", "underline", "uline",
+                "textsuperscript", "textsubscript", "fbox", "sout", "hl", "textsc", "textsl", "emph",
+                "textbf", "textit", "textrm", "text", "ensuremath", "MakeUppercase", "MakeLowercase",
+                "textls"]
 _CITE_MACROS = ["cite", "citep", "citet", "citealp", "citealt", "citeauthor", "citeyear", "Cite",
                 "Citep", "Citet", "parencite", "textcite", "autocite", "footcite", "citenum"]
 _REF_MACROS = ["ref", "eqref", "autoref", "cref", "Cref", "pageref", "vref", "nameref", "Autoref",
@@ -437,8 +449,8 @@ def _keep_arg(k):
 def _build_contexts():
     wdb = walker_default_db()
     wdb.add_context_category("longctx", prepend=True, macros=[
-        MacroSpec(name, spec) for name, spec in _DISCARD_MACROS.items()
-    ] + [MacroSpec(h, "*[{") for h in HEADING_LEVELS] + [
+        MacroSpec(name, spec) for name, spec in _DISCARD_MACROS.items() if wdb.get_macro_spec(name) is None
+    ] + [MacroSpec(name, "{") for name in _KEEP_MACROS if wdb.get_macro_spec(name) is None] + [MacroSpec(h, "*[{") for h in HEADING_LEVELS] + [
         MacroSpec("title", "[{"), MacroSpec("abstract", "{"), MacroSpec("href", "[{{"),
         MacroSpec("texorpdfstring", "{{"), MacroSpec("url", "{"), MacroSpec("textcolor", "[{{"),
     ] + [MacroSpec(c, "*[[{") for c in _CITE_MACROS] + [MacroSpec(r, "*{") for r in _REF_MACROS],
@@ -460,6 +472,7 @@ def _build_contexts():
                                                          and hasattr(n.nodeargd, "verbatim_text") else "")),
         MacroTextSpec("\\", simplify_repl="\n"),
     ] + [MacroTextSpec(k, simplify_repl=v) for k, v in _LOGOS.items()]
+        + [MacroTextSpec(k, discard=False) for k in _KEEP_MACROS]
         + [MacroTextSpec(c, simplify_repl=f" {CITE}") for c in _CITE_MACROS]
         + [MacroTextSpec(r, simplify_repl=f" {REF}") for r in _REF_MACROS],
         environments=[EnvironmentTextSpec(e, discard=True) for e in _DISCARD_ENVS]
