@@ -9,7 +9,7 @@ The pipeline for one paper, all in memory:
    that ``\\be ... \\ee`` style shorthands for equations become real environments before parsing;
 4. pylatexenc's ``LatexWalker`` parses the body and a ``LatexNodes2Text`` subclass renders it: comments,
    figures, tables, listings, the bibliography and the preamble disappear; math becomes ``[MATH]``,
-   citations ``[CITE]``, references ``[REF]``; accents and specials become Unicode. Headings and the
+   citations ``[CITE]``, references ``[REF]``, inline code (``\\verb``) ``[CODE]``; accents and specials become Unicode. Headings and the
    abstract are wrapped in private-use marker characters that ``_extract_spans`` turns into spans after
    the whitespace clean-up, so every span is exact in the final text.
 
@@ -36,6 +36,7 @@ from pylatexenc.macrospec import EnvironmentSpec, MacroSpec
 MATH = "[MATH]"
 CITE = "[CITE]"
 REF = "[REF]"
+CODE = "[CODE]"
 
 HEADING_LEVELS = {
     "part": -1, "chapter": 0, "section": 1, "subsection": 2, "subsubsection": 3,
@@ -468,8 +469,7 @@ def _build_contexts():
         MacroTextSpec("texorpdfstring", simplify_repl=_keep_arg(0)),
         MacroTextSpec("url", simplify_repl=_keep_arg(0)),
         MacroTextSpec("textcolor", simplify_repl=_keep_arg(2)),
-        MacroTextSpec("verb", simplify_repl=lambda n: (n.nodeargd.verbatim_text if n.nodeargd
-                                                         and hasattr(n.nodeargd, "verbatim_text") else "")),
+        MacroTextSpec("verb", simplify_repl=f" {CODE} "),
         MacroTextSpec("\\", simplify_repl="\n"),
     ] + [MacroTextSpec(k, simplify_repl=v) for k, v in _LOGOS.items()]
         + [MacroTextSpec(k, discard=False) for k in _KEEP_MACROS]
