@@ -25,19 +25,25 @@ class Rotary(nn.Module):
         if head_dim % 2:
             raise LongctxError(f"rotary positions need an even head size, got {head_dim}")
         self.head_dim, self.xpos, self.scale_base = head_dim, xpos, float(scale_base)
-        i = torch.arange(head_dim // 2, dtype=torch.float32)
-        self.register_buffer("theta", base ** (-2 * i / head_dim), persistent=False)
-        self.register_buffer("zeta", (2 * i / head_dim + gamma) / (1 + gamma), persistent=False)
+        self.base, self.gamma = float(base), float(gamma)
+
+    def frequencies(self, dtype=torch.float64, device=None):
+        """(theta_i, zeta_i) for i < d/2, computed in ``dtype`` (no fp32 rounding in fp64 use)."""
+        i = torch.arange(self.head_dim // 2, dtype=dtype, device=device)
+        theta = self.base ** (-2 * i / self.head_dim)
+        zeta = (2 * i / self.head_dim + self.gamma) / (1 + self.gamma)
+        return theta, zeta
 
     def rotate(self, x: torch.Tensor, positions: torch.Tensor, key: bool = False, center: float = 0.0):
         """x (..., n, d) at integer ``positions`` (n,) -> rotated (and, for xPos, scaled) x."""
         dt = x.dtype if x.element_size() >= 4 else torch.float32  # never rotate in half precision
         p = positions.to(dt)[:, None]  # (n, 1)
-        angle = p * self.theta.to(dt)  # (n, d/2)
+        theta, zeta = self.frequencies(dt, x.device)
+        angle = p * theta  # (n, d/2)
         cos, sin = angle.cos(), angle.sin()
         if self.xpos:
             power = (p - center) / self.scale_base
-            scale = self.zeta.to(dt) ** (-power if key else power)
+            scale = zeta ** (-power if key else power)
             cos, sin = cos * scale, sin * scale
         x2 = x.to(dt).unflatten(-1, (-1, 2))
         x0, x1 = x2[..., 0], x2[..., 1]
