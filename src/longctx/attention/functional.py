@@ -84,6 +84,22 @@ def attention(q, k, v, pattern: AttentionPattern, *, key_padding_mask=None, glob
     return out
 
 
+def attention_at(q, k, v, q_pos, k_pos, pattern: AttentionPattern, *, key_valid=None, alibi_slopes=None,
+                 scale=None):
+    """Dense attention of queries at positions q_pos (t,) over keys at k_pos (m,): the decoding step with
+    a key-value cache, where t is small and m is bounded by the pattern. key_valid (B, m) bool."""
+    B, H, t, d = q.shape
+    scale = d ** -0.5 if scale is None else scale
+    dil = torch.tensor(pattern.head_dilations(H), device=q.device).view(H, 1, 1)
+    mask = pattern.local_allowed(q_pos.view(1, t, 1), k_pos.view(1, 1, -1), dil).unsqueeze(0)
+    if key_valid is not None:
+        mask = mask & key_valid[:, None, None, :]
+    scores = (q * scale) @ k.transpose(-1, -2)
+    if alibi_slopes is not None:
+        scores = scores + alibi_bias(alibi_slopes, q_pos, k_pos).unsqueeze(0).to(scores.dtype)
+    return masked_softmax(scores, mask) @ v
+
+
 def global_index(global_mask: torch.Tensor):
     """Positions of the global tokens per batch row, padded to the largest count: (idx, valid), (B, G)."""
     counts = global_mask.sum(-1)
@@ -100,6 +116,13 @@ def _gather_seq(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 def _blocked(q, k, v, pattern, key_padding_mask, global_mask, alibi_slopes, chunk):
+    """The band kernel, per group of heads with the same dilation. Half-precision inputs run in fp32
+    (the kernel's own buffers and softmax are fp32; the result is cast back)."""
+    if q.element_size() < 4:
+        with torch.autocast(q.device.type, enabled=False):
+            out = _blocked(q.float(), k.float(), v.float(), pattern, key_padding_mask, global_mask,
+                           None if alibi_slopes is None else alibi_slopes.float(), chunk)
+        return out.to(q.dtype)
     B, H, n, d = q.shape
     key_valid = key_padding_mask
     kg = vg = g_pos = g_valid = None

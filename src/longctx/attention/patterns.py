@@ -115,6 +115,18 @@ class AttentionPattern:
         nb = math.ceil(w / c)
         return c, nb, 0 if self.causal else nb
 
+    def min_visible_key(self, q_pos: int, num_heads: int = 1) -> int:
+        """For a causal pattern: the smallest key position that a query at ``q_pos`` or later may still
+        attend. A key-value cache may drop every key before it, so its size stays bounded."""
+        if not self.causal:
+            raise LongctxError("a key-value cache needs a causal pattern")
+        if self.kind == "full":
+            return 0
+        if self.kind == "sliding":
+            return max(0, q_pos - self.window * max(self.head_dilations(num_heads)))
+        block = q_pos // self.block
+        return max(0, (block if self.kind == "blocks" else block - 1) * self.block)
+
     def attended_pairs(self, n: int, num_heads: int = 1) -> float:
         """Exact count of allowed (query, key) pairs per head for a length-n unpadded sequence with no
         global tokens, averaged over heads: the useful work, for FLOP accounting."""

@@ -1,0 +1,31 @@
+"""longctx models, registered with Hugging Face's Auto classes on import."""
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoModelForQuestionAnswering,
+    AutoModelForSequenceClassification,
+)
+
+from longctx.models.config import LongctxConfig
+from longctx.models.modeling import (
+    LongctxForCausalLM,
+    LongctxForMaskedLM,
+    LongctxForQuestionAnswering,
+    LongctxForSequenceClassification,
+    LongctxModel,
+    LongctxPreTrainedModel,
+    question_global_mask,
+)
+
+AutoConfig.register("longctx", LongctxConfig, exist_ok=True)
+for auto, cls in [(AutoModel, LongctxModel), (AutoModelForMaskedLM, LongctxForMaskedLM),
+                  (AutoModelForCausalLM, LongctxForCausalLM),
+                  (AutoModelForQuestionAnswering, LongctxForQuestionAnswering),
+                  (AutoModelForSequenceClassification, LongctxForSequenceClassification)]:
+    auto.register(LongctxConfig, cls, exist_ok=True)
+
+__all__ = ["LongctxConfig", "LongctxModel", "LongctxPreTrainedModel", "LongctxForMaskedLM",
+           "LongctxForCausalLM", "LongctxForQuestionAnswering", "LongctxForSequenceClassification",
+           "question_global_mask"]

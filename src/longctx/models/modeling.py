@@ -1,0 +1,335 @@
+"""longctx models: a bidirectional encoder with masked-LM, classification and QA heads, and a causal
+decoder with a language-model head and generation. All are Hugging Face ``PreTrainedModel``s.
+
+Global attention (Longformer): every model takes ``global_attention_mask`` (B, n), one boolean per token.
+Presets: classification makes the first token global, QA the question tokens (all tokens before the
+first ``sep_token_id``), unless a mask is given.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPast,
+    CausalLMOutputWithPast,
+    MaskedLMOutput,
+    QuestionAnsweringModelOutput,
+    SequenceClassifierOutput,
+)
+
+from longctx.attention.layer import LayerCache, SelfAttention
+from longctx.errors import LongctxError
+from longctx.models.config import LongctxConfig
+from longctx.positions import sinusoidal_table
+
+
+class Embeddings(nn.Module):
+    """Token embeddings plus absolute positions (when the config asks for them)."""
+
+    def __init__(self, config: LongctxConfig):
+        super().__init__()
+        self.config = config
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        n_pos = config.max_position_embeddings + config.position_offset
+        if config.position == "learned":
+            self.position_embeddings = nn.Embedding(n_pos, config.hidden_size)
+        elif config.position == "sinusoidal":
+            self.register_buffer("sinusoidal", sinusoidal_table(n_pos, config.hidden_size), persistent=False)
+        # post-norm models (BERT) normalise the embeddings; pre-norm models (GPT-2) do not
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.norm == "post" else nn.Identity()
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        x = self.word_embeddings(input_ids)
+        if self.config.position in ("learned", "sinusoidal"):
+            if int(positions[-1]) >= self.config.max_position_embeddings:
+                raise LongctxError(
+                    f"input of {int(positions[-1]) + 1} positions exceeds max_position_embeddings="
+                    f"{self.config.max_position_embeddings}; use a longer model (longctx convert extend) or "
+                    "relative positions (rope, alibi, xpos)")
+            idx = positions + self.config.position_offset
+            table = self.position_embeddings.weight if self.config.position == "learned" else self.sinusoidal
+            x = x + table[idx].to(x.dtype)
+        return self.dropout(self.norm(x))
+
+
+class Block(GradientCheckpointingLayer):
+    """Attention and feed-forward, each with a residual connection; norms before (pre) or after (post)."""
+
+    def __init__(self, config: LongctxConfig, layer_idx: int):
+        super().__init__()
+        self.pre = config.norm == "pre"
+        self.attention = SelfAttention(
+            config.hidden_size, config.num_attention_heads, config.layer_patterns()[layer_idx],
+            position=config.position, global_projections=config.global_projections,
+            dropout=config.hidden_dropout_prob, rope_base=config.rope_base,
+            xpos_scale_base=config.xpos_scale_base, backend=config.attention_backend)
+        self.attention_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.intermediate = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.act = ACT2FN[config.hidden_act]
+        self.output = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.output_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, x, key_padding_mask=None, global_mask=None, positions=None, cache=None):
+        def ffn(h):
+            return self.dropout(self.output(self.act(self.intermediate(h))))
+
+        if self.pre:
+            x = x + self.attention(self.attention_norm(x), key_padding_mask, global_mask, positions, cache)
+            return x + ffn(self.output_norm(x))
+        x = self.attention_norm(x + self.attention(x, key_padding_mask, global_mask, positions, cache))
+        return self.output_norm(x + ffn(x))
+
+
+class LongctxPreTrainedModel(PreTrainedModel):
+    config_class = LongctxConfig
+    config: LongctxConfig
+    base_model_prefix = "longctx"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["Block"]
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            module.weight.normal_(0.0, std)
+            if module.bias is not None:
+                module.bias.zero_()
+        elif isinstance(module, nn.Embedding):
+            module.weight.normal_(0.0, std)
+            if module.padding_idx is not None:
+                module.weight[module.padding_idx].zero_()
+        elif isinstance(module, nn.LayerNorm):
+            module.weight.fill_(1.0)
+            module.bias.zero_()
+
+
+def _bool_mask(mask, input_ids):
+    if mask is None:
+        return None
+    return mask.to(torch.bool) if mask.dtype != torch.bool else mask
+
+
+class LongctxModel(LongctxPreTrainedModel):
+    """The stack of blocks: an encoder, or a decoder when ``config.causal``."""
+
+    def __init__(self, config: LongctxConfig):
+        super().__init__(config)
+        self.embeddings = Embeddings(config)
+        self.layers = nn.ModuleList([Block(config, i) for i in range(config.num_hidden_layers)])
+        self.final_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.norm == "pre" else nn.Identity()
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value):
+        self.embeddings.word_embeddings = value
+
+    def forward(self, input_ids, attention_mask=None, global_attention_mask=None, position_ids=None,
+                past_key_values: list[LayerCache] | None = None, use_cache: bool = False, **kwargs):
+        """input_ids (B, n). attention_mask (B, n): 1 for real tokens, 0 for padding.
+        global_attention_mask (B, n): 1 for global tokens. position_ids (n,): defaults to 0..n-1, or to
+        the positions after the cache when decoding with ``past_key_values``."""
+        B, n = input_ids.shape
+        if n == 0:
+            raise LongctxError("input_ids is empty: give at least one token")
+        kpm = _bool_mask(attention_mask, input_ids)
+        if kpm is not None and bool(kpm.all()):
+            kpm = None
+        gm = _bool_mask(global_attention_mask, input_ids)
+        if gm is not None and not bool(gm.any()):
+            gm = None
+        if use_cache and not self.config.causal:
+            raise LongctxError("use_cache needs a causal (decoder) model")
+        if use_cache and past_key_values is None:
+            past_key_values = [LayerCache() for _ in self.layers]
+        if past_key_values is not None and (kpm is not None or gm is not None):
+            raise LongctxError("decoding with a key-value cache takes unpadded inputs without global tokens")
+        if position_ids is None:
+            start = 0 if not past_key_values or len(past_key_values[0]) == 0 else int(past_key_values[0].pos[-1]) + 1
+            position_ids = torch.arange(start, start + n, device=input_ids.device)
+        elif position_ids.dim() == 2:
+            position_ids = position_ids[0]
+        x = self.embeddings(input_ids, position_ids)
+        for i, layer in enumerate(self.layers):
+            cache = None if past_key_values is None else past_key_values[i]
+            x = layer(x, kpm, gm, position_ids, cache)
+        return BaseModelOutputWithPast(last_hidden_state=self.final_norm(x),
+                                       past_key_values=past_key_values if use_cache else None)
+
+
+class LMHead(nn.Module):
+    """dense -> activation -> norm -> vocabulary projection (tied to the input embeddings)."""
+
+    def __init__(self, config: LongctxConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.act = ACT2FN[config.hidden_act]
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size)
+
+    def forward(self, h):
+        return self.decoder(self.norm(self.act(self.dense(h))))
+
+
+class LongctxForMaskedLM(LongctxPreTrainedModel):
+    _tied_weights_keys = {"lm_head.decoder.weight": "longctx.embeddings.word_embeddings.weight"}
+
+    def __init__(self, config: LongctxConfig):
+        super().__init__(config)
+        self.longctx = LongctxModel(config)
+        self.lm_head = LMHead(config)
+        self.post_init()
+
+    def get_output_embeddings(self):
+        return self.lm_head.decoder
+
+    def set_output_embeddings(self, new):
+        self.lm_head.decoder = new
+
+    def forward(self, input_ids, attention_mask=None, global_attention_mask=None, position_ids=None,
+                labels=None, **kwargs):
+        """With ``labels`` (-100 = not predicted), the head runs on the labelled positions only (the
+        vocabulary projection is most of an MLM step's FLOPs at small sizes) and ``logits`` holds just
+        those rows, in order; without labels, logits for every position."""
+        h = self.longctx(input_ids, attention_mask, global_attention_mask, position_ids).last_hidden_state
+        if labels is None:
+            return MaskedLMOutput(logits=self.lm_head(h))
+        sel = labels != -100
+        logits = self.lm_head(h[sel])
+        loss = F.cross_entropy(logits.float(), labels[sel]) if logits.shape[0] else logits.sum() * 0.0
+        return MaskedLMOutput(loss=loss, logits=logits)
+
+
+class LongctxForSequenceClassification(LongctxPreTrainedModel):
+    """Classification from the first token, which is global unless a global mask is given."""
+
+    def __init__(self, config: LongctxConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.longctx = LongctxModel(config)
+        drop = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dropout = nn.Dropout(drop)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(self, input_ids, attention_mask=None, global_attention_mask=None, position_ids=None,
+                labels=None, **kwargs):
+        if global_attention_mask is None:
+            global_attention_mask = torch.zeros_like(input_ids, dtype=torch.bool)
+            global_attention_mask[:, 0] = True
+        h = self.longctx(input_ids, attention_mask, global_attention_mask, position_ids).last_hidden_state
+        logits = self.classifier(self.dropout(torch.tanh(self.dense(self.dropout(h[:, 0])))))
+        loss = None
+        if labels is not None:
+            if self.num_labels == 1:
+                loss = F.mse_loss(logits.squeeze(-1).float(), labels.float())
+            elif labels.dtype in (torch.long, torch.int):
+                loss = F.cross_entropy(logits.float(), labels)
+            else:
+                loss = F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+def question_global_mask(input_ids: torch.Tensor, sep_token_id: int | None) -> torch.Tensor:
+    """Longformer's QA preset: every token before the first separator (the question, with <cls>) is global."""
+    if sep_token_id is None:
+        raise LongctxError("QA needs config.sep_token_id to find the question, or an explicit global_attention_mask")
+    is_sep = input_ids == sep_token_id
+    if not bool(is_sep.any(-1).all()):
+        raise LongctxError(f"every QA input needs a separator token (id {sep_token_id}) after the question")
+    end = is_sep.int().argmax(-1)
+    return torch.arange(input_ids.shape[1], device=input_ids.device)[None, :] < end[:, None]
+
+
+class LongctxForQuestionAnswering(LongctxPreTrainedModel):
+    """Extractive QA: start and end logits per token; question tokens are global by default."""
+
+    def __init__(self, config: LongctxConfig):
+        super().__init__(config)
+        self.longctx = LongctxModel(config)
+        self.qa_outputs = nn.Linear(config.hidden_size, 2)
+        self.post_init()
+
+    def forward(self, input_ids, attention_mask=None, global_attention_mask=None, position_ids=None,
+                start_positions=None, end_positions=None, **kwargs):
+        if global_attention_mask is None:
+            global_attention_mask = question_global_mask(input_ids, self.config.sep_token_id)
+        h = self.longctx(input_ids, attention_mask, global_attention_mask, position_ids).last_hidden_state
+        start, end = self.qa_outputs(h).float().unbind(-1)
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            n = input_ids.shape[1]
+            loss = (F.cross_entropy(start, start_positions.clamp(0, n), ignore_index=n)
+                    + F.cross_entropy(end, end_positions.clamp(0, n), ignore_index=n)) / 2
+        return QuestionAnsweringModelOutput(loss=loss, start_logits=start, end_logits=end)
+
+
+class LongctxForCausalLM(LongctxPreTrainedModel):
+    """Decoder with a language-model head. ``generate`` decodes greedily or by sampling with a key-value
+    cache that keeps only what each layer's pattern can still reach (bounded for sliding-window and
+    blockwise-causal layers)."""
+
+    _tied_weights_keys = {"lm_head.weight": "longctx.embeddings.word_embeddings.weight"}
+
+    def __init__(self, config: LongctxConfig):
+        if not config.causal:
+            raise LongctxError("LongctxForCausalLM needs a causal config (causal: true)")
+        super().__init__(config)
+        self.longctx = LongctxModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new):
+        self.lm_head = new
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, labels=None, past_key_values=None,
+                use_cache=False, global_attention_mask=None, **kwargs):
+        out = self.longctx(input_ids, attention_mask, global_attention_mask, position_ids,
+                           past_key_values=past_key_values, use_cache=use_cache)
+        logits = self.lm_head(out.last_hidden_state)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20, do_sample: bool = False,
+                 temperature: float = 1.0, top_k: int | None = None, eos_token_id: int | None = None,
+                 use_cache: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Extend ``input_ids`` (B, n) by up to ``max_new_tokens`` tokens; returns (B, n + new)."""
+        def pick(logits):
+            if not do_sample:
+                return logits.argmax(-1)
+            logits = logits.float() / max(temperature, 1e-6)
+            if top_k:
+                kth = logits.topk(top_k, -1).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(-1)
+
+        was_training = self.training
+        self.eval()
+        seq, cache, step_input = input_ids, None, input_ids
+        for _ in range(max_new_tokens):
+            if use_cache:
+                out = self(step_input, past_key_values=cache, use_cache=True)
+                cache = out.past_key_values
+            else:
+                out = self(seq)
+            nxt = pick(out.logits[:, -1])
+            seq = torch.cat([seq, nxt[:, None]], 1)
+            step_input = nxt[:, None]
+            if eos_token_id is not None and bool((nxt == eos_token_id).all()):
+                break
+        self.train(was_training)
+        return seq
