@@ -1,0 +1,181 @@
+"""The embedded default corpus: the installed Python standard library's documentation, as plain text.
+
+Every machine that runs longctx has Python, so this corpus exists without a download: ``pydoc``
+renders each standard-library module's docstrings (``pydoc.render_doc(module,
+renderer=pydoc.plaintext)``), about 4 MB of real English technical prose with section headings.
+
+Built once (about 6 s of CPU, in child processes so module imports cannot touch this process) and
+cached as JSONL at ``$LONGCTX_CACHE/default_corpus/pydoc-<python version>-v<N>.jsonl`` (default
+``~/.cache/longctx/``), written to a temporary file and renamed. Each line is
+``{"id": module name, "text": ..., "structure": [{"kind", "level", "start", "end"}, ...]}``:
+the first line ("Python Library Documentation: module json") is a ``title`` span and each
+capitalised heading at line start ("NAME", "DESCRIPTION", "CLASSES", "FUNCTIONS", "DATA", ...) a
+``section`` span (level 1), so ``global_tokens: headings`` works here as on the arXiv corpus.
+
+Machine-specific text is left out so the corpus depends only on the Python version: the ``FILE``
+and ``MODULE REFERENCE`` sections (install path, boilerplate), object addresses (``at 0x7f...``),
+and install prefixes / the home folder, replaced by ``<prefix>`` / ``<home>``. The children run with
+an empty environment (``os.environ`` would otherwise be rendered into the ``os`` module's page).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+FORMAT_VERSION = 1
+# GUI, side effects on import, or nothing to read.
+EXCLUDED = frozenset({"antigravity", "this", "tkinter", "turtle", "turtledemo", "idlelib"})
+DROPPED_SECTIONS = frozenset({"FILE", "MODULE REFERENCE"})
+N_CHUNKS = 4  # fixed, so the result does not depend on the number of cores
+_HEADING = re.compile(r"^[A-Z][A-Z ]*[A-Z]$")
+
+
+def cache_root() -> Path:
+    """``$LONGCTX_CACHE`` or ``~/.cache/longctx``: where longctx keeps everything it can rebuild."""
+    env = os.environ.get("LONGCTX_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "longctx"
+
+
+def module_names() -> list[str]:
+    """The sorted public top-level standard-library modules that are rendered (some may still fail)."""
+    return sorted(n for n in sys.stdlib_module_names if not n.startswith("_") and n not in EXCLUDED)
+
+
+def cache_path() -> Path:
+    v = sys.version_info
+    return cache_root() / "default_corpus" / f"pydoc-{sys.implementation.name}{v.major}.{v.minor}.{v.micro}-v{FORMAT_VERSION}.jsonl"
+
+
+def load_default_corpus(rebuild: bool = False) -> list[dict]:
+    """The default corpus as a list of ``{"id", "text", "structure"}``, built and cached on first use."""
+    path = cache_path()
+    if rebuild or not path.exists():
+        docs = build_default_corpus()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                for d in docs:
+                    f.write(json.dumps(d, ensure_ascii=False) + "\n")
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return docs
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def build_default_corpus() -> list[dict]:
+    """Render the documents now (no cache): child processes each render a fixed slice of the modules."""
+    names = module_names()
+    chunks = [names[i::N_CHUNKS] for i in range(N_CHUNKS)]
+    workers = max(1, min(N_CHUNKS, os.cpu_count() or 1))
+    env = {"PATH": os.defpath, "PYTHONHASHSEED": "0", "PYTHONIOENCODING": "utf-8", "LC_ALL": "C.UTF-8",
+           "PYTHONDONTWRITEBYTECODE": "1"}
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="longctx-pydoc-") as tmp:
+        pending = list(enumerate(chunks))
+        running: list[tuple[subprocess.Popen, Path]] = []
+        while pending or running:
+            while pending and len(running) < workers:
+                i, chunk = pending.pop(0)
+                out = Path(tmp) / f"chunk{i}.jsonl"
+                # run this file as a script (-I: no script folder on sys.path), so the child imports
+                # nothing but the module it renders
+                cmd = [sys.executable, "-I", str(Path(__file__).resolve()), "--render", str(out), *chunk]
+                proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdin=subprocess.DEVNULL,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                running.append((proc, out))
+            proc, out = running.pop(0)
+            try:
+                proc.wait(timeout=600)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            # a child that died part-way still left every finished module (one line each)
+            if out.exists():
+                with open(out, encoding="utf-8") as f:
+                    for line in f:
+                        try:
+                            rec = json.loads(line)
+                        except json.JSONDecodeError:
+                            continue  # cut last line of a killed child
+                        results[rec["name"]] = rec
+    docs = []
+    for name in names:
+        if name in results:
+            text, structure = clean_pydoc(results[name]["text"], results[name]["prefixes"])
+            docs.append({"id": name, "text": text, "structure": structure})
+    if not docs:
+        raise RuntimeError("rendering the standard library documentation with pydoc produced no documents")
+    return docs
+
+
+def _render_chunk(out_path: str, names: list[str]) -> None:
+    """Child process: import and render each module; skip those that fail or print."""
+    import contextlib
+    import importlib
+    import io
+    import pydoc
+    import warnings
+
+    warnings.simplefilter("ignore")
+    prefixes = {"<prefix>": sorted({sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}, key=len, reverse=True),
+                "<home>": [os.path.expanduser("~")],
+                "<longctx>": [os.path.dirname(os.path.abspath(__file__))], "<tmp>": [tempfile.gettempdir(), os.getcwd()]}
+    with open(out_path, "w", encoding="utf-8") as f:
+        for name in names:
+            buf = io.StringIO()
+            try:
+                with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+                    module = importlib.import_module(name)
+                    text = pydoc.render_doc(module, renderer=pydoc.plaintext)
+            except BaseException:  # noqa: BLE001 - any failure just skips the module (SystemExit included)
+                continue
+            if buf.getvalue():
+                continue  # printed something on import: not documentation
+            f.write(json.dumps({"name": name, "text": text, "prefixes": prefixes}) + "\n")
+            f.flush()
+
+
+def clean_pydoc(text: str, prefixes: dict[str, list[str]] | None = None) -> tuple[str, list[dict]]:
+    """Drop machine-specific sections and strings; return the text and its title/section spans."""
+    pairs = [(v, ph) for ph, values in (prefixes or {}).items() for v in values if v and len(v) > 1]
+    for value, placeholder in sorted(pairs, key=lambda p: len(p[0]), reverse=True):  # longest first
+        text = text.replace(value, placeholder)
+    text = re.sub(r" at 0x[0-9a-fA-F]+", " at 0x...", text)
+    lines = text.replace("\r\n", "\n").split("\n")
+    kept: list[str] = []
+    skipping = False
+    for i, line in enumerate(lines):
+        if i > 0 and _HEADING.match(line):
+            skipping = line in DROPPED_SECTIONS
+        if not skipping:
+            kept.append(line)
+    text = "\n".join(kept).rstrip() + "\n"
+    structure = []
+    pos = 0
+    for i, line in enumerate(text.split("\n")):
+        if i == 0 and line.strip():
+            structure.append({"kind": "title", "level": 0, "start": pos, "end": pos + len(line)})
+        elif _HEADING.match(line):
+            structure.append({"kind": "section", "level": 1, "start": pos, "end": pos + len(line)})
+        pos += len(line) + 1
+    return text, structure
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--render"]:  # child process of build_default_corpus
+    _render_chunk(sys.argv[2], sys.argv[3:])
+elif __name__ == "__main__":  # python -m longctx.data.default_corpus [--rebuild]: build and print the size
+    import time
+
+    t0 = time.perf_counter()
+    corpus = load_default_corpus(rebuild="--rebuild" in sys.argv)
+    print(f"{len(corpus)} documents, {sum(len(d['text']) for d in corpus):,} characters, "
+          f"{time.perf_counter() - t0:.1f} s, cache {cache_path()}")
