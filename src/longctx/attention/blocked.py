@@ -30,12 +30,12 @@ GROUP_ELEMENTS = 1 << 20
 class BandGeometry:
     """Positions and masks shared by forward and backward (nothing of size n^2).
 
-    Tensors are laid out chunk-major, (chunks, B, H, c, ...), so a group of chunks is one contiguous
-    batch for ``torch.bmm``.
+    Masks are per query chunk, (nc, Bk, c, L) with Bk = B when there is key padding or global keys and 1
+    otherwise: the same for every head, so one additive bias per group of chunks serves all heads.
     """
 
     def __init__(self, pattern: AttentionPattern, dilation: int, pos: torch.Tensor, key_valid, g_pos,
-                 g_valid, alibi_slopes, B: int, H: int, chunk: int | None):
+                 g_valid, alibi_slopes, B: int, H: int, chunk: int | None, dtype: torch.dtype):
         n = pos.numel()
         self.pattern, self.dilation, self.n, self.B, self.H = pattern, dilation, n, B, H
         self.c, self.nL, self.nR = pattern.band(n, chunk)
@@ -53,8 +53,8 @@ class BandGeometry:
         kvalid = torch.ones(1, n, dtype=torch.bool, device=pos.device) if key_valid is None else key_valid.bool()
         kvalid = F.pad(kvalid, (self.left, self.right), value=False)
         q_pos = F.pad(pos, (0, self.nc * c - n)).view(self.nc, 1, c, 1)
-        k_pos = _windows(kpos.view(self.nk, c), self.nc, self.width).view(self.nc, 1, 1, self.span)
-        k_valid = _windows(kvalid.view(-1, self.nk, c), self.nc, self.width).transpose(0, 1)  # (nc, Bk, span)
+        k_pos = kpos.unfold(0, self.span, c).view(self.nc, 1, 1, self.span)
+        k_valid = kvalid.unfold(1, self.span, c).transpose(0, 1)  # (nc, Bk, span)
         allowed = pattern.local_allowed(q_pos, k_pos, dilation) & k_valid[:, :, None, :]  # (nc, Bk, c, span)
         dist = (q_pos - k_pos).abs() if alibi_slopes is not None else None
         if self.G:
@@ -65,132 +65,161 @@ class BandGeometry:
             allowed = torch.cat([allowed.expand(self.nc, B, c, self.span), g_ok.expand(self.nc, B, c, self.G)], -1)
             if dist is not None:
                 dist = torch.cat([dist.expand(self.nc, B, c, self.span), (q_pos - gp).abs()], -1)
-        self.blocked = ~allowed.unsqueeze(2)  # (nc, Bk, 1, c, L): True where the score is masked out
-        self.dist = None if dist is None else dist.unsqueeze(2)  # (nc, Bk|1, 1, c, L)
-        self.slopes = None if alibi_slopes is None else alibi_slopes.view(1, 1, H, 1, 1)
-        self.group = max(1, GROUP_ELEMENTS // max(1, B * H * c * self.L))
+        self.blocked = ~allowed  # (nc, Bk, c, L): True where the score is masked out
+        # a query row with no allowed key at all gets zero output and zero gradient (never NaN)
+        self.dead = self.blocked.all(-1, keepdim=True)  # (nc, Bk, c, 1)
+        self.any_dead = bool(self.dead.any())
+        self.dist = None if dist is None else dist.to(dtype)  # (nc, Bk|1, c, L)
+        self.slopes = None if alibi_slopes is None else alibi_slopes.detach().tolist()
+        self.dtype = dtype
+        # chunks per group: one head's score block of about GROUP_ELEMENTS
+        self.group = max(1, GROUP_ELEMENTS // (c * self.L))
 
     def groups(self):
         for g0 in range(0, self.nc, self.group):
             yield g0, min(self.nc, g0 + self.group)
 
-    def scores(self, S: torch.Tensor, qc, kc, kg, buf_k, g0: int, g1: int) -> torch.Tensor:
-        """S (m, B, H, c, L) = q . k over the band (+ global keys), ALiBi added, forbidden pairs -inf."""
-        m = g1 - g0
-        Kw = _band_keys(kc, kg, g0, g1, self.width, buf_k)
-        B, H, c = self.B, self.H, self.c
-        torch.bmm(qc[g0:g1].view(m * B * H, c, -1), Kw.view(m * B * H, self.L, -1).transpose(1, 2),
-                  out=S.view(m * B * H, c, self.L))
-        if self.slopes is not None:
-            S.sub_(self.dist[g0:g1].to(S.dtype) * self.slopes.to(S.dtype))
-        S.masked_fill_(self.blocked[g0:g1], float("-inf"))
-        return Kw
+    def mask_bias(self, buf: torch.Tensor, g0: int, g1: int, b: int) -> torch.Tensor:
+        """0 where the pair is allowed, -inf where not, for chunks g0..g1 of batch row b: (m, c, L)."""
+        out = buf[: g1 - g0]
+        bk = b if self.blocked.shape[1] > 1 else 0
+        out.zero_().masked_fill_(self.blocked[g0:g1, bk], float("-inf"))
+        return out
+
+    def scores(self, S, bias, qg, kw, kg, g0: int, g1: int, b: int, h: int) -> torch.Tensor:
+        """S (m, c, L) = bias (- ALiBi) + q . k over the band (and the global keys), in place."""
+        m, c, span = g1 - g0, self.c, self.span
+        if self.slopes is None:
+            S.copy_(bias)
+        else:
+            dist = self.dist[g0:g1, b if self.dist.shape[1] > 1 else 0]
+            torch.add(bias, dist, alpha=-self.slopes[h], out=S)
+        S[..., :span].baddbmm_(qg, kw)
+        if kg is not None:
+            S.view(m * c, self.L)[:, span:].addmm_(qg.reshape(m * c, -1), kg.T)
+        return S
 
 
-def _f32(x: torch.Tensor) -> torch.Tensor:
-    """Scores and softmax run in fp32 at least (bf16/fp16 inputs are upcast; fp64 stays fp64)."""
-    return x.float() if x.element_size() < 4 else x
+def _work_dtype(x: torch.Tensor) -> torch.dtype:
+    """Scores, softmax and products run in fp32 at least (bf16/fp16 inputs are upcast; fp64 stays fp64)."""
+    return torch.float32 if x.element_size() < 4 else x.dtype
 
 
-def _windows(x: torch.Tensor, nc: int, width: int) -> torch.Tensor:
-    """Chunks i .. i + width - 1 of x (..., nk, c) side by side for each i < nc: (..., nc, width * c)."""
-    return torch.cat([x[..., j:j + nc, :] for j in range(width)], dim=-1)
-
-
-def _band_keys(xc, xg, g0: int, g1: int, width: int, buf) -> torch.Tensor:
-    """Keys (or values) seen by query chunks g0..g1, written into buf: (m, B, H, L, d)."""
-    parts = [xc[g0 + j:g1 + j] for j in range(width)]
-    if xg is not None:
-        parts.append(xg.unsqueeze(0).expand(g1 - g0, *xg.shape))
-    out = buf[: (g1 - g0)]
-    torch.cat(parts, dim=3, out=out)
-    return out
-
-
-def _chunked(x: torch.Tensor, before: int, total: int, c: int) -> torch.Tensor:
-    """(B, H, n, d) -> zero-padded, chunk-major (total // c, B, H, c, d), contiguous."""
+def _padded(x: torch.Tensor, before: int, total: int, dtype) -> torch.Tensor:
+    """(B, H, n, d) -> zero-padded, contiguous (B * H, total, d) in ``dtype``."""
     B, H, n, d = x.shape
-    x = F.pad(x, (0, 0, before, total - before - n))
-    return x.view(B, H, total // c, c, d).permute(2, 0, 1, 3, 4).contiguous()
+    return F.pad(x.to(dtype), (0, 0, before, total - before - n)).reshape(B * H, total, d)
 
 
-def _unchunk(x: torch.Tensor, start: int, n: int) -> torch.Tensor:
-    """Inverse of _chunked: (nchunks, B, H, c, d) -> (B, H, n, d) from sequence offset ``start``."""
-    nch, B, H, c, d = x.shape
-    return x.permute(1, 2, 0, 3, 4).reshape(B, H, nch * c, d)[:, :, start:start + n]
+def _windows(x: torch.Tensor, span: int, c: int) -> torch.Tensor:
+    """(BH, nk * c, d) -> (BH, nc, d, span): for each query chunk i, its band of keys i*c .. i*c+span-1,
+    transposed, as a view (the windows overlap; no copy is made)."""
+    return x.unfold(1, span, c)
 
 
 class _BandAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, kg, vg, slopes, geo: BandGeometry):
+        with torch.autocast(q.device.type, enabled=False):
+            return _BandAttention._forward(ctx, q, k, v, kg, vg, geo, None if slopes is None else slopes.dtype)
+
+    @staticmethod
+    def _forward(ctx, q, k, v, kg, vg, geo: BandGeometry, slopes_dtype):
         B, H, n, d = q.shape
-        c, nc, nk, L, G = geo.c, geo.nc, geo.nk, geo.L, geo.group
-        qc = _chunked(q, 0, nc * c, c)
-        kc, vc = _chunked(k, geo.left, nk * c, c), _chunked(v, geo.left, nk * c, c)
-        out = q.new_empty(nc, B, H, c, d)
-        dead = torch.zeros(nc, B, H, c, 1, dtype=torch.bool, device=q.device)
-        S = q.new_empty(G, B, H, c, L, dtype=_f32(q[:0]).dtype)
-        buf_k = q.new_empty(G, B, H, L, d)
+        c, nc, nk, L, span, wdt = geo.c, geo.nc, geo.nk, geo.L, geo.span, geo.dtype
+        qp = _padded(q, 0, nc * c, wdt).view(B * H, nc, c, d)
+        kp, vp = _padded(k, geo.left, nk * c, wdt), _padded(v, geo.left, nk * c, wdt)
+        kw, vw = _windows(kp, span, c), _windows(vp, span, c).transpose(-1, -2)
+        kg_, vg_ = (None, None) if kg is None else (kg.to(wdt), vg.to(wdt))
+        out = torch.empty(B * H, nc, c, d, dtype=wdt, device=q.device)
+        S = torch.empty(geo.group, c, L, dtype=wdt, device=q.device)
+        bias = torch.empty_like(S)
         for g0, g1 in geo.groups():
             m = g1 - g0
-            Sg = S[:m]
-            geo.scores(Sg, qc, kc, kg, buf_k, g0, g1)
-            torch.softmax(Sg, dim=-1, out=Sg)  # a row with no allowed key becomes NaN: marked dead
-            Vw = _band_keys(vc, vg, g0, g1, geo.width, buf_k)
-            torch.bmm(Sg.view(m * B * H, c, L).to(v.dtype), Vw.view(m * B * H, L, d), out=out[g0:g1].view(m * B * H, c, d))
-            dead[g0:g1] = Sg[..., :1].isnan()
-        out.masked_fill_(dead, 0.0)
-        ctx.save_for_backward(q, k, v, kg, vg, out, dead)
+            for b in range(B):
+                bias_g = geo.mask_bias(bias, g0, g1, b)
+                for h in range(H):
+                    bh = b * H + h
+                    Sg = geo.scores(S[:m], bias_g, qp[bh, g0:g1], kw[bh, g0:g1],
+                                    None if kg is None else kg_[b, h], g0, g1, b, h)
+                    P = torch.softmax(Sg, dim=-1, out=Sg)
+                    if geo.any_dead:  # rows with every key masked are NaN after softmax: zero them
+                        P.masked_fill_(geo.dead[g0:g1, b if geo.dead.shape[1] > 1 else 0], 0.0)
+                    o = out[bh, g0:g1]
+                    torch.bmm(P[..., :span], vw[bh, g0:g1], out=o)
+                    if kg is not None:
+                        o.view(m * c, d).addmm_(P.view(m * c, L)[:, span:], vg_[b, h])
+        ctx.save_for_backward(q, k, v, kg, vg, out)
         ctx.geo = geo
-        return _unchunk(out, 0, n)
+        ctx.slopes_dtype = slopes_dtype
+        return out.view(B, H, nc * c, d)[:, :, :n].to(q.dtype)
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, kg, vg, outc, dead = ctx.saved_tensors
+        with torch.autocast(dout.device.type, enabled=False):
+            return _BandAttention._backward(ctx, dout)
+
+    @staticmethod
+    def _backward(ctx, dout):
+        q, k, v, kg, vg, outp = ctx.saved_tensors
         geo: BandGeometry = ctx.geo
         B, H, n, d = q.shape
-        c, nc, nk, L, G, width, span = geo.c, geo.nc, geo.nk, geo.L, geo.group, geo.width, geo.span
-        qc = _chunked(q, 0, nc * c, c)
-        kc, vc = _chunked(k, geo.left, nk * c, c), _chunked(v, geo.left, nk * c, c)
-        doc = _chunked(dout, 0, nc * c, c)
-        Dc = _f32(doc * outc).sum(-1, keepdim=True)  # (nc, B, H, c, 1)
-        any_dead = bool(dead.any())
-        fdt = _f32(q[:0]).dtype
-        dslopes = None if geo.slopes is None or not ctx.needs_input_grad[5] else torch.zeros(H, dtype=torch.float64)
-        dqc = torch.empty_like(qc)
-        dkc, dvc = torch.zeros_like(kc), torch.zeros_like(vc)
-        dkg = None if kg is None else torch.zeros_like(kg)
-        dvg = None if vg is None else torch.zeros_like(vg)
-        S, dP = q.new_empty(G, B, H, c, L, dtype=fdt), q.new_empty(G, B, H, c, L, dtype=fdt)
-        buf_k, buf_v = q.new_empty(G, B, H, L, d), q.new_empty(G, B, H, L, d)
-        dKw, dVw = q.new_empty(G, B, H, L, d), q.new_empty(G, B, H, L, d)
+        c, nc, nk, L, span, wdt = geo.c, geo.nc, geo.nk, geo.L, geo.span, geo.dtype
+        qp = _padded(q, 0, nc * c, wdt).view(B * H, nc, c, d)
+        kp, vp = _padded(k, geo.left, nk * c, wdt), _padded(v, geo.left, nk * c, wdt)
+        kw, vwT = _windows(kp, span, c), _windows(vp, span, c)
+        kwT = kw.transpose(-1, -2)  # (BH, nc, span, d)
+        dop = _padded(dout, 0, nc * c, wdt).view(B * H, nc, c, d)
+        Dr = (dop * outp).sum(-1, keepdim=True)  # (BH, nc, c, 1): rowsum(dP * P) = rowsum(dO * O)
+        kg_, vg_ = (None, None) if kg is None else (kg.to(wdt), vg.to(wdt))
+        dq = torch.empty(B * H, nc, c, d, dtype=wdt, device=q.device)
+        dk = torch.zeros(B * H, nk, c, d, dtype=wdt, device=q.device)
+        dv = torch.zeros(B * H, nk, c, d, dtype=wdt, device=q.device)
+        dkg = None if kg is None else torch.zeros_like(kg_)
+        dvg = None if vg is None else torch.zeros_like(vg_)
+        want_slopes = geo.slopes is not None and ctx.needs_input_grad[5]
+        dslopes = torch.zeros(H, dtype=torch.float64) if want_slopes else None
+        S = torch.empty(geo.group, c, L, dtype=wdt, device=q.device)
+        dP, bias = torch.empty_like(S), torch.empty_like(S)
         for g0, g1 in geo.groups():
             m = g1 - g0
-            bh = m * B * H
-            P, dPg = S[:m], dP[:m]
-            Kw = geo.scores(P, qc, kc, kg, buf_k, g0, g1)
-            torch.softmax(P, dim=-1, out=P)  # recomputed exactly as in forward
-            if any_dead:
-                P.masked_fill_(dead[g0:g1], 0.0)
-            Vw = _band_keys(vc, vg, g0, g1, width, buf_v)
-            Qg, dOg = qc[g0:g1].view(bh, c, d), doc[g0:g1].view(bh, c, d)
-            P3 = P.view(bh, c, L)
-            torch.bmm(P3.transpose(1, 2).to(dOg.dtype), dOg, out=dVw[:m].view(bh, L, d))
-            torch.bmm(dOg, Vw.view(bh, L, d).transpose(1, 2), out=dPg.view(bh, c, L))
-            dS = dPg.sub_(Dc[g0:g1]).mul_(P)
-            if dslopes is not None:  # d score / d slope_h = -|i - j|
-                dslopes -= (dS * geo.dist[g0:g1].to(fdt)).sum((0, 1, 3, 4), dtype=torch.float64)
-            dS = dS.to(q.dtype).view(bh, c, L)
-            torch.bmm(dS, Kw.view(bh, L, d), out=dqc[g0:g1].view(bh, c, d))
-            torch.bmm(dS.transpose(1, 2), Qg, out=dKw[:m].view(bh, L, d))
-            for j in range(width):
-                dkc[g0 + j:g1 + j] += dKw[:m, :, :, j * c:(j + 1) * c]
-                dvc[g0 + j:g1 + j] += dVw[:m, :, :, j * c:(j + 1) * c]
-            if kg is not None:
-                dkg += dKw[:m, :, :, span:].sum(0)
-                dvg += dVw[:m, :, :, span:].sum(0)
-        return (_unchunk(dqc, 0, n), _unchunk(dkc, geo.left, n), _unchunk(dvc, geo.left, n), dkg, dvg,
-                None if dslopes is None else dslopes.to(geo.slopes.dtype), None)
+            for b in range(B):
+                bias_g = geo.mask_bias(bias, g0, g1, b)
+                for h in range(H):
+                    bh = b * H + h
+                    Qg, dOg = qp[bh, g0:g1], dop[bh, g0:g1]
+                    kgh = None if kg is None else kg_[b, h]
+                    P = geo.scores(S[:m], bias_g, Qg, kw[bh, g0:g1], kgh, g0, g1, b, h)
+                    torch.softmax(P, dim=-1, out=P)  # recomputed exactly as in forward
+                    if geo.any_dead:
+                        P.masked_fill_(geo.dead[g0:g1, b if geo.dead.shape[1] > 1 else 0], 0.0)
+                    dPg = dP[:m]
+                    if kg is None:
+                        torch.bmm(dOg, vwT[bh, g0:g1], out=dPg)
+                    else:  # beta=0: the buffer's old contents are ignored
+                        dPg[..., :span].baddbmm_(dOg, vwT[bh, g0:g1], beta=0)
+                        dPg.view(m * c, L)[:, span:].addmm_(dOg.reshape(m * c, d), vg_[b, h].T, beta=0)
+                        dvg[b, h].addmm_(P.view(m * c, L)[:, span:].T, dOg.reshape(m * c, d))
+                    # dV and dK of key chunk g+j collect from the j-th slice of each query chunk's band:
+                    # for a fixed j the targets are distinct chunks, so they accumulate in place
+                    for j in range(geo.width):
+                        dv[bh, g0 + j:g1 + j].baddbmm_(P[..., j * c:(j + 1) * c].transpose(1, 2), dOg)
+                    dS = dPg.sub_(Dr[bh, g0:g1]).mul_(P)
+                    if dslopes is not None:  # d score / d slope_h = -|i - j|
+                        dist = geo.dist[g0:g1, b if geo.dist.shape[1] > 1 else 0]
+                        dslopes[h] -= (dS * dist).sum(dtype=torch.float64)
+                    torch.bmm(dS[..., :span], kwT[bh, g0:g1], out=dq[bh, g0:g1])
+                    for j in range(geo.width):
+                        dk[bh, g0 + j:g1 + j].baddbmm_(dS[..., j * c:(j + 1) * c].transpose(1, 2), Qg)
+                    if kg is not None:
+                        dq[bh, g0:g1].view(m * c, d).addmm_(dS.view(m * c, L)[:, span:], kg_[b, h])
+                        dkg[b, h].addmm_(dS.view(m * c, L)[:, span:].T, Qg.reshape(m * c, d))
+        left = geo.left
+        return (dq.view(B, H, nc * c, d)[:, :, :n].to(q.dtype),
+                dk.view(B, H, nk * c, d)[:, :, left:left + n].to(k.dtype),
+                dv.view(B, H, nk * c, d)[:, :, left:left + n].to(v.dtype),
+                None if kg is None else dkg.to(kg.dtype), None if vg is None else dvg.to(vg.dtype),
+                None if dslopes is None else dslopes.to(ctx.slopes_dtype), None)
 
 
 def band_attention(q, k, v, pattern: AttentionPattern, pos, *, dilation: int = 1, key_valid=None,
@@ -202,7 +231,8 @@ def band_attention(q, k, v, pattern: AttentionPattern, pos, *, dilation: int = 1
     kg, vg (B, H, G, d), g_pos (B, G), g_valid (B, G): the global keys every query may also attend.
     """
     B, H = q.shape[:2]
-    geo = BandGeometry(pattern, dilation, pos, key_valid, g_pos, g_valid, alibi_slopes, B, H, chunk)
+    geo = BandGeometry(pattern, dilation, pos, key_valid, g_pos, g_valid, alibi_slopes, B, H, chunk,
+                       _work_dtype(q))
     return _BandAttention.apply(q, k, v, kg, vg, alibi_slopes, geo)
 
 
