@@ -21,7 +21,10 @@ Interface (both ``ByteTokenizer`` and ``HFTokenizer``)::
   recognised by name: ``[PAD] <pad>``, ``[MASK] <mask>``, ``[CLS] <s>``, ``[SEP] </s>``, ...);
 - ``{"train": "bpe" | "wordpiece", "vocab_size": N, "min_frequency": 2}`` with ``documents``: train
   on the documents' text with the ``tokenizers`` library (byte-level BPE as RoBERTa, or WordPiece as
-  BERT). Pass ``cache_dir`` to keep the result keyed by corpus + spec, so a rerun reuses it.
+  BERT). Pass ``cache_dir`` to keep the result keyed by corpus + spec, so a rerun reuses it
+  (``prepare_data`` does). Byte-level BPE training is deterministic; the ``tokenizers`` WordPiece
+  trainer breaks ties between equally frequent merges in hash order, so two WordPiece trainings on
+  the same corpus can differ in a few marginal tokens: reuse the cached/saved folder.
 
 ``save`` writes files that ``transformers.AutoTokenizer.from_pretrained(folder)`` loads (as a
 ``PreTrainedTokenizerFast``; its default ``add_special_tokens=True`` adds ``cls ... sep``) and that
