@@ -57,7 +57,8 @@ def test_stream_is_documents_joined_by_sep_and_heading_flags_hit_heading_text(do
             assert {i for i in range(sp["start"], sp["end"]) if not d["text"][i].isspace()} <= covered
             if which == "bytes":
                 assert set(range(sp["start"], sp["end"])) <= covered
-        run = "".join(d["text"][a:b] if f else "\n" for (a, b), f in zip(offsets, flags))
+        glue = "" if which == "bytes" else " "  # wordpieces carry no whitespace
+        run = glue.join(d["text"][a:b] if f else "\n" for (a, b), f in zip(offsets, flags))
         all_flagged.update(w.lower() for w in run.split())
     assert {"functions", "classes", "name"} <= all_flagged
     assert stream.ids.dtype == np.uint16
