@@ -14,7 +14,10 @@ from longctx.errors import LongctxError
 
 # subcommand modules, in the order `longctx --help` lists them
 COMMAND_MODULES = [
+    "longctx.experiments.cli",
+    "longctx.train.cli",
     "longctx.data.corpus_cli",
+    "longctx.convert.cli",
 ]
 
 

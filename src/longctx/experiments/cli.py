@@ -1,0 +1,32 @@
+"""`longctx compare`: the main job."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def run_compare(args) -> int:
+    from longctx.experiments.compare import load_comparison, run_comparison
+    from longctx.experiments.report import table
+
+    comp = load_comparison(args.config, args.overrides)
+    if args.name:
+        comp["name"] = args.name
+    summary = run_comparison(comp, args.out, progress=not args.quiet)
+    out = Path(args.out) / comp["name"]
+    print(table(summary["variants"]))
+    print(f"\nreport: {out / 'report.md'}  (results.json, loss_vs_steps.png, loss_vs_time.png, speed_memory.png)")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("compare", help="pretrain attention variants under identical conditions and report",
+                       description="Pretrain every variant of a comparison on the same data, seed and token "
+                                   "budget, then write runs/<name>/report.md, results.json and plots. With no "
+                                   "--config it runs the built-in CPU-sized comparison.")
+    p.add_argument("--config", help="comparison YAML (name, base, variants); default: the built-in one")
+    p.add_argument("--out", default="runs", help="parent folder of the run (default runs/)")
+    p.add_argument("--name", help="run name (default: the config's name)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="override base config values for every variant, e.g. train.steps=40")
+    p.set_defaults(func=run_compare)

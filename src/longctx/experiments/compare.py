@@ -1,0 +1,130 @@
+"""`longctx compare`: pretrain several attention variants under identical conditions and report.
+
+A comparison is a base experiment config plus a list of variants, each a name and a few dotted keys
+that differ (``{name: sliding, set: {model.attention: sliding, model.window: 128}}``). Every variant
+trains on the same data in the same order with the same seed and the same token budget: a variant may
+not change ``seed``, ``data.corpus``, ``data.tokenizer``, ``data.seq_len``, ``train.steps``,
+``train.batch_size``, ``train.grad_accum`` or ``stages``.
+
+Each variant runs in its own process, so its peak memory is its own, and writes
+``runs/<name>/<variant>/`` (checkpoints, metrics, TensorBoard logs, final model, results.json). A rerun
+skips finished variants and resumes an interrupted one. The report (report.md, results.json and PNG
+plots) is written at the end.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+from longctx.errors import LongctxError
+from longctx.train.config import load_yaml, merge, parse_overrides, resolve
+
+FIXED = ("seed", "data.corpus", "data.tokenizer", "data.seq_len", "data.text_field", "data.valid_fraction",
+         "train.steps", "train.batch_size", "train.grad_accum", "stages")
+
+
+def default_config_path() -> Path:
+    return Path(str(resources.files("longctx") / "configs" / "compare-default.yaml"))
+
+
+def load_comparison(path: str | Path | None, overrides: list[str] | None) -> dict:
+    """{name, base (resolved config), variants: [{name, config}]}; overrides apply to the base."""
+    raw = load_yaml(path or default_config_path())
+    unknown = set(raw) - {"name", "base", "variants"}
+    if unknown:
+        raise LongctxError(f"comparison config has unknown keys {sorted(unknown)}; use name, base, variants")
+    variants = raw.get("variants") or []
+    if not isinstance(variants, list) or not variants:
+        raise LongctxError("comparison config needs a non-empty list 'variants'")
+    base_raw = merge(raw.get("base") or {}, parse_overrides(overrides or []))
+    base = resolve(base_raw)
+    out, names = [], set()
+    for i, v in enumerate(variants):
+        if not isinstance(v, dict) or "name" not in v:
+            raise LongctxError(f"variants[{i}] needs a 'name'")
+        name = str(v["name"])
+        if name in names or not name.replace("-", "").replace("_", "").replace("+", "").isalnum():
+            raise LongctxError(f"variant name {name!r} is repeated or not a plain word (letters, digits, - _ +)")
+        names.add(name)
+        sets = v.get("set") or {}
+        if not isinstance(sets, dict):
+            raise LongctxError(f"variant {name!r}: 'set' must map dotted keys to values")
+        for key in sets:
+            if any(key == f or key.startswith(f + ".") for f in FIXED):
+                raise LongctxError(f"variant {name!r} changes '{key}': a comparison keeps data, seed and "
+                                   "token budget identical; change it in 'base' for all variants")
+        cfg = resolve(copy.deepcopy(base_raw), [f"{k}={json.dumps(val)}" for k, val in sets.items()])
+        cfg["name"] = name
+        out.append({"name": name, "set": sets, "config": cfg})
+    return {"name": str(raw.get("name") or "compare"), "base": base, "variants": out}
+
+
+def attention_flops_per_token(cfg: dict) -> float:
+    """Forward attention-core FLOPs per token (QK^T and PV: 4 * head size per attended pair, all
+    heads, all layers), from each layer's exact count of allowed pairs at the run's length."""
+    from longctx.models import LongctxConfig
+    fields = dict(cfg["model"], vocab_size=8)
+    if cfg["objective"] == "clm":
+        fields["causal"] = True
+    mc = LongctxConfig(**fields)
+    n = cfg["data"]["seq_len"]
+    d = mc.hidden_size // mc.num_attention_heads
+    total = 0.0
+    for p in mc.layer_patterns():
+        total += 4 * d * mc.num_attention_heads * p.attended_pairs(n, mc.num_attention_heads) / n
+    return total
+
+
+def run_comparison(comp: dict, out_root: str | Path, progress: bool = True) -> dict:
+    out = Path(out_root) / comp["name"]
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for i, v in enumerate(comp["variants"]):
+        vdir = out / v["name"]
+        done = vdir / "results.json"
+        if done.exists():
+            if progress:
+                print(f"[{i + 1}/{len(comp['variants'])}] {v['name']}: finished earlier, skipped", file=sys.stderr)
+        else:
+            if progress:
+                print(f"[{i + 1}/{len(comp['variants'])}] {v['name']}: training ({_describe(v)})", file=sys.stderr)
+            _run_variant_process(v["config"], vdir, progress)
+        r = json.loads(done.read_text())
+        r["variant"] = v["name"]
+        r["set"] = v["set"]
+        r["attention_flops_per_token"] = attention_flops_per_token(v["config"])
+        results.append(r)
+    from longctx.experiments.report import write_report
+    return write_report(comp, results, out)
+
+
+def _describe(v: dict) -> str:
+    return ", ".join(f"{k}={val}" for k, val in v["set"].items()) or "base config"
+
+
+def _run_variant_process(cfg: dict, vdir: Path, progress: bool) -> None:
+    vdir.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", suffix=".json", dir=vdir, delete=False) as f:
+        json.dump(cfg, f)
+        cfg_path = f.name
+    cmd = [sys.executable, "-m", "longctx.experiments.variant", cfg_path, str(vdir)]
+    if not progress:
+        cmd.append("--quiet")
+    error_file = vdir / "error.txt"
+    error_file.unlink(missing_ok=True)
+    try:
+        res = subprocess.run(cmd, stdout=sys.stderr if progress else subprocess.DEVNULL,
+                             stderr=None if progress else subprocess.DEVNULL)
+    finally:
+        os.unlink(cfg_path)
+    if res.returncode == 130:
+        raise KeyboardInterrupt
+    if res.returncode != 0:
+        why = error_file.read_text().strip() if error_file.exists() else f"exit code {res.returncode}"
+        raise LongctxError(f"variant {cfg['name']!r} failed: {why}")
