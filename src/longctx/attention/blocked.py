@@ -30,8 +30,11 @@ GROUP_ELEMENTS = 1 << 20
 class BandGeometry:
     """Positions and masks shared by forward and backward (nothing of size n^2).
 
-    Masks are per query chunk, (nc, Bk, c, L) with Bk = B when there is key padding or global keys and 1
-    otherwise: the same for every head, so one additive bias per group of chunks serves all heads.
+    The mask of a group of chunks is built when the group is reached, once for all heads, from the
+    pattern's predicate and the key validity. On the unpermuted sequence every pattern here is invariant
+    under shifting queries and keys by a whole chunk (for block patterns the chunk is the block), so the
+    predicate is evaluated on one chunk's (c, span) positions and reused; this is checked on three chunks,
+    and a pattern that is not invariant (or a permuted, dilated sequence) gets the predicate per chunk.
     """
 
     def __init__(self, pattern: AttentionPattern, dilation: int, pos: torch.Tensor, key_valid, g_pos,
@@ -49,27 +52,24 @@ class BandGeometry:
         # padded key sequence: nL chunks before, the rest after; padded slots are never valid keys
         self.left = self.nL * c
         self.right = self.nk * c - self.left - n
+        pos = pos.to(torch.int32)  # int32 arithmetic is about twice as fast as int64 here
         kpos = F.pad(pos, (self.left, self.right))
         kvalid = torch.ones(1, n, dtype=torch.bool, device=pos.device) if key_valid is None else key_valid.bool()
         kvalid = F.pad(kvalid, (self.left, self.right), value=False)
-        q_pos = F.pad(pos, (0, self.nc * c - n)).view(self.nc, 1, c, 1)
-        k_pos = kpos.unfold(0, self.span, c).view(self.nc, 1, 1, self.span)
-        k_valid = kvalid.unfold(1, self.span, c).transpose(0, 1)  # (nc, Bk, span)
-        allowed = pattern.local_allowed(q_pos, k_pos, dilation) & k_valid[:, :, None, :]  # (nc, Bk, c, span)
-        dist = (q_pos - k_pos).abs() if alibi_slopes is not None else None
+        self.q_pos = F.pad(pos, (0, self.nc * c - n)).view(self.nc, c, 1)
+        self.k_pos = kpos.unfold(0, self.span, c).view(self.nc, 1, self.span)
+        self.k_valid = kvalid.unfold(1, self.span, c).transpose(0, 1)  # (nc, Bk, span)
+        self.base = None
+        arange = torch.arange(n, dtype=torch.int32, device=pos.device)
+        if torch.equal(pos, arange):
+            r = torch.arange(c, dtype=torch.int32, device=pos.device).view(c, 1)
+            col = torch.arange(self.span, dtype=torch.int32, device=pos.device).view(1, self.span) - self.left
+            shifted = [pattern.local_allowed(r + s, col + s, dilation) for s in {0, c, c * (self.nc - 1)}]
+            if all(torch.equal(shifted[0], x) for x in shifted[1:]):
+                self.base = shifted[0]  # (c, span), the same for every chunk
         if self.G:
-            gp = g_pos.view(1, B, 1, self.G)
-            g_ok = g_valid.view(1, B, 1, self.G)
-            if pattern.causal:
-                g_ok = g_ok & (gp <= q_pos)
-            allowed = torch.cat([allowed.expand(self.nc, B, c, self.span), g_ok.expand(self.nc, B, c, self.G)], -1)
-            if dist is not None:
-                dist = torch.cat([dist.expand(self.nc, B, c, self.span), (q_pos - gp).abs()], -1)
-        self.blocked = ~allowed  # (nc, Bk, c, L): True where the score is masked out
-        # a query row with no allowed key at all gets zero output and zero gradient (never NaN)
-        self.dead = self.blocked.all(-1, keepdim=True)  # (nc, Bk, c, 1)
-        self.any_dead = bool(self.dead.any())
-        self.dist = None if dist is None else dist.to(dtype)  # (nc, Bk|1, c, L)
+            self.g_pos = g_pos.to(torch.int32).view(B, 1, 1, self.G)
+            self.g_valid = g_valid.bool().view(B, 1, 1, self.G)
         self.slopes = None if alibi_slopes is None else alibi_slopes.detach().tolist()
         self.dtype = dtype
         # chunks per group: one head's score block of about GROUP_ELEMENTS
@@ -79,20 +79,34 @@ class BandGeometry:
         for g0 in range(0, self.nc, self.group):
             yield g0, min(self.nc, g0 + self.group)
 
-    def mask_bias(self, buf: torch.Tensor, g0: int, g1: int, b: int) -> torch.Tensor:
-        """0 where the pair is allowed, -inf where not, for chunks g0..g1 of batch row b: (m, c, L)."""
-        out = buf[: g1 - g0]
-        bk = b if self.blocked.shape[1] > 1 else 0
-        out.zero_().masked_fill_(self.blocked[g0:g1, bk], float("-inf"))
-        return out
+    def group_masks(self, bias: torch.Tensor, g0: int, g1: int, b: int):
+        """For chunks g0..g1 of batch row b: the additive mask (m, c, L), 0 where the pair is allowed and
+        -inf where not; the rows with no allowed key (m, c, 1) or None; and |q - k| (m, c, L) for ALiBi."""
+        m, span = g1 - g0, self.span
+        qp, kp = self.q_pos[g0:g1], self.k_pos[g0:g1]
+        local = self.base if self.base is not None else self.pattern.local_allowed(qp, kp, self.dilation)
+        kv = self.k_valid[g0:g1, b if self.k_valid.shape[1] > 1 else 0]
+        allowed = local & kv[:, None, :]
+        dist = None if self.slopes is None else (qp - kp).abs()
+        if self.G:
+            g_ok = self.g_valid[b].expand(m, self.c, self.G)
+            if self.pattern.causal:
+                g_ok = g_ok & (self.g_pos[b] <= qp)
+            allowed = torch.cat([allowed.expand(m, self.c, span), g_ok], -1)
+            if dist is not None:
+                dist = torch.cat([dist, (qp - self.g_pos[b]).abs()], -1)
+        out = bias[:m]
+        out.zero_().masked_fill_(~allowed, float("-inf"))
+        dead = ~allowed.any(-1, keepdim=True)
+        dead = dead if bool(dead.any()) else None
+        return out, dead, None if dist is None else dist.to(self.dtype)
 
-    def scores(self, S, bias, qg, kw, kg, g0: int, g1: int, b: int, h: int) -> torch.Tensor:
+    def scores(self, S, bias, dist, qg, kw, kg, h: int) -> torch.Tensor:
         """S (m, c, L) = bias (- ALiBi) + q . k over the band (and the global keys), in place."""
-        m, c, span = g1 - g0, self.c, self.span
-        if self.slopes is None:
+        m, c, span = S.shape[0], self.c, self.span
+        if dist is None:
             S.copy_(bias)
         else:
-            dist = self.dist[g0:g1, b if self.dist.shape[1] > 1 else 0]
             torch.add(bias, dist, alpha=-self.slopes[h], out=S)
         S[..., :span].baddbmm_(qg, kw)
         if kg is not None:
@@ -137,14 +151,14 @@ class _BandAttention(torch.autograd.Function):
         for g0, g1 in geo.groups():
             m = g1 - g0
             for b in range(B):
-                bias_g = geo.mask_bias(bias, g0, g1, b)
+                bias_g, dead, dist = geo.group_masks(bias, g0, g1, b)
                 for h in range(H):
                     bh = b * H + h
-                    Sg = geo.scores(S[:m], bias_g, qp[bh, g0:g1], kw[bh, g0:g1],
-                                    None if kg is None else kg_[b, h], g0, g1, b, h)
+                    Sg = geo.scores(S[:m], bias_g, dist, qp[bh, g0:g1], kw[bh, g0:g1],
+                                    None if kg is None else kg_[b, h], h)
                     P = torch.softmax(Sg, dim=-1, out=Sg)
-                    if geo.any_dead:  # rows with every key masked are NaN after softmax: zero them
-                        P.masked_fill_(geo.dead[g0:g1, b if geo.dead.shape[1] > 1 else 0], 0.0)
+                    if dead is not None:  # rows with every key masked are NaN after softmax: zero them
+                        P.masked_fill_(dead, 0.0)
                     o = out[bh, g0:g1]
                     torch.bmm(P[..., :span], vw[bh, g0:g1], out=o)
                     if kg is not None:
@@ -184,15 +198,15 @@ class _BandAttention(torch.autograd.Function):
         for g0, g1 in geo.groups():
             m = g1 - g0
             for b in range(B):
-                bias_g = geo.mask_bias(bias, g0, g1, b)
+                bias_g, dead, dist = geo.group_masks(bias, g0, g1, b)
                 for h in range(H):
                     bh = b * H + h
                     Qg, dOg = qp[bh, g0:g1], dop[bh, g0:g1]
                     kgh = None if kg is None else kg_[b, h]
-                    P = geo.scores(S[:m], bias_g, Qg, kw[bh, g0:g1], kgh, g0, g1, b, h)
+                    P = geo.scores(S[:m], bias_g, dist, Qg, kw[bh, g0:g1], kgh, h)
                     torch.softmax(P, dim=-1, out=P)  # recomputed exactly as in forward
-                    if geo.any_dead:
-                        P.masked_fill_(geo.dead[g0:g1, b if geo.dead.shape[1] > 1 else 0], 0.0)
+                    if dead is not None:
+                        P.masked_fill_(dead, 0.0)
                     dPg = dP[:m]
                     if kg is None:
                         torch.bmm(dOg, vwT[bh, g0:g1], out=dPg)
@@ -206,7 +220,6 @@ class _BandAttention(torch.autograd.Function):
                         dv[bh, g0 + j:g1 + j].baddbmm_(P[..., j * c:(j + 1) * c].transpose(1, 2), dOg)
                     dS = dPg.sub_(Dr[bh, g0:g1]).mul_(P)
                     if dslopes is not None:  # d score / d slope_h = -|i - j|
-                        dist = geo.dist[g0:g1, b if geo.dist.shape[1] > 1 else 0]
                         dslopes[h] -= (dS * dist).sum(dtype=torch.float64)
                     torch.bmm(dS[..., :span], kwT[bh, g0:g1], out=dq[bh, g0:g1])
                     for j in range(geo.width):
