@@ -1,0 +1,57 @@
+"""`longctx convert longformer SRC OUT` and `longctx convert extend SRC OUT --max-length N --window W`."""
+from __future__ import annotations
+
+import sys
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("convert", help="bring Hugging Face checkpoints into longctx")
+    sub = p.add_subparsers(dest="convert_kind", metavar="KIND")
+    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+
+    a = sub.add_parser(
+        "longformer", help="a Hugging Face Longformer checkpoint -> a longctx model with the same outputs",
+        description="Convert a Hugging Face Longformer checkpoint directory (LongformerModel, "
+                    "LongformerForMaskedLM, LongformerForSequenceClassification or LongformerForQuestionAnswering) "
+                    "into a longctx model directory that AutoModel* loads after `import longctx`.")
+    a.add_argument("src", metavar="SRC", help="Hugging Face checkpoint directory (config.json + weights)")
+    a.add_argument("out", metavar="OUT", help="output directory (must not exist or be empty, unless --force)")
+    a.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    a.set_defaults(func=_run_longformer)
+
+    e = sub.add_parser(
+        "extend", help="a short BERT/RoBERTa -> a long longctx masked LM (Longformer's recipe)",
+        description="Extend a BERT or RoBERTa checkpoint to --max-length positions by copying its learned "
+                    "position table, switch every layer to a sliding window of --window tokens (two-sided, as "
+                    "Hugging Face's attention_window: each token sees window/2 on each side), initialise the "
+                    "global projections from the local ones, and save a longctx masked LM plus the tokenizer "
+                    "with the new model_max_length. Continue with `longctx pretrain`.")
+    e.add_argument("src", metavar="SRC", help="Hugging Face BERT/RoBERTa checkpoint directory")
+    e.add_argument("out", metavar="OUT", help="output directory (must not exist or be empty, unless --force)")
+    e.add_argument("--max-length", type=int, required=True, help="positions of the long model, e.g. 4096")
+    e.add_argument("--window", type=int, required=True,
+                   help="two-sided sliding window (even), as HF's attention_window, e.g. 512")
+    e.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    e.set_defaults(func=_run_extend)
+
+
+def _run_longformer(args) -> int:
+    from longctx.convert.longformer import convert_longformer_dir
+
+    s = convert_longformer_dir(args.src, args.out, force=args.force)
+    print(f"converted {s['source_class']} -> {s['longctx_class']} in {s['out']} "
+          f"(one-sided windows {s['window']}, {s['max_position_embeddings']} positions; tokenizer files: "
+          f"{', '.join(s['tokenizer_files']) or 'none in the source'})")
+    return 0
+
+
+def _run_extend(args) -> int:
+    from longctx.convert.extend import FRESH_HEAD_MESSAGE, extend_dir
+
+    s = extend_dir(args.src, args.out, args.max_length, args.window, force=args.force)
+    print(f"extended {s['source_class']} from {s['source_positions']} to {s['max_position_embeddings']} positions, "
+          f"sliding window {s['window']} (two-sided) -> {s['longctx_class']} in {s['out']}; tokenizer: {s['tokenizer']}")
+    if s["fresh_head"]:
+        print(f"note: {FRESH_HEAD_MESSAGE}")
+    sys.stdout.flush()
+    return 0
