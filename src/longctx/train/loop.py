@@ -135,13 +135,15 @@ class Progress:
 
 def pretrain(cfg: dict, out_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:
     """Train as configured; write checkpoints, logs, the final model and results.json into ``out_dir``."""
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DistributedDataParallelKwargs
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     out = Path(out_dir)
     t, d = cfg["train"], cfg["data"]
-    accelerator = Accelerator(mixed_precision="bf16" if t["bf16"] else "no", cpu=not torch.cuda.is_available())
+    # global projections get no gradient in batches without global tokens: DDP must allow that
+    accelerator = Accelerator(mixed_precision="bf16" if t["bf16"] else "no", cpu=not torch.cuda.is_available(),
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     torch.manual_seed(cfg["seed"])
 

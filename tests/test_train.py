@@ -1,0 +1,178 @@
+"""Training: exact resume after SIGKILL, two processes, staged phases, clear errors, the comparison."""
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+WORDS = ("attention window token global local block layer sequence model document section heading "
+         "train eval memory speed the of and a to in is it that for on with as by").split()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A small folder corpus made here: 40 documents of pseudo-text."""
+    root = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(0)
+    for i in range(40):
+        text = "\n\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(40, 120))) for _ in range(6))
+        (root / f"doc{i:02d}.txt").write_text(f"Document {i}\n\n{text}\n")
+    return root
+
+
+def _env(tmp_path):
+    env = dict(os.environ, LONGCTX_CACHE=str(tmp_path / "cache"), PYTHONUNBUFFERED="1")
+    env.pop("CI", None)
+    return env
+
+
+def _args(corpus, out, steps=12, extra=()):
+    return ["pretrain", "--out", str(out), "--quiet", f"data.corpus={corpus}", "data.tokenizer=bytes",
+            "data.seq_len=128", "model.hidden_size=32", "model.num_hidden_layers=2", "model.num_attention_heads=2",
+            "model.window=8", "model.max_position_embeddings=128", "model.hidden_dropout_prob=0.1",
+            f"train.steps={steps}", "train.batch_size=2", "train.save_every=1", "train.keep_last=2",
+            "train.log_every=1", "train.eval_batches=2", "train.warmup_steps=3", *extra]
+
+
+def _longctx(args, env, **kw):
+    return subprocess.run([sys.executable, "-m", "longctx.cli", *args], env=env, capture_output=True, text=True, **kw)
+
+
+def _weights(out):
+    return load_file(str(Path(out) / "model" / "model.safetensors"))
+
+
+def test_killed_run_resumes_bit_identical(corpus, tmp_path):
+    env = _env(tmp_path)
+    ref = _longctx(_args(corpus, tmp_path / "ref"), env)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+
+    out = tmp_path / "killed"
+    kill_at = random.Random(os.getpid()).randint(3, 9)
+    proc = subprocess.Popen([sys.executable, "-m", "longctx.cli", *_args(corpus, out)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and sum(1 for _ in metrics.open()) >= kill_at:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "model").exists()
+    resumed = _longctx(_args(corpus, out) + ["--resume"], env)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = _weights(tmp_path / "ref"), _weights(out)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert json.loads((out / "results.json").read_text())["steps"] == 12
+
+
+def test_two_process_gloo_run_trains_and_checkpoints(corpus, tmp_path):
+    env = _env(tmp_path)
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
+           "-m", "longctx.cli", *_args(corpus, out, steps=4)]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    result = json.loads((out / "results.json").read_text())
+    assert result["world_size"] == 2
+    assert result["tokens"] == 4 * 2 * 2 * 128  # steps x batch x processes x length
+    ckpts = sorted((out / "checkpoints").iterdir())
+    assert [c.name for c in ckpts] == ["step-000003", "step-000004"]
+    assert json.loads((ckpts[-1] / "state.json").read_text())["world_size"] == 2
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["data.corpus=/no/such/folder"], "does not exist"),
+    (["train.stepz=3"], "unknown config key 'train.stepz'"),
+    (["model.window=100"], "larger than the sequence"),
+    (["train.steps=ten"], "'train.steps' expects int"),
+    (["data.global_tokens=some"], "must be one of none, first, headings"),
+])
+def test_user_errors_are_one_clear_sentence(corpus, tmp_path, extra, message, capsys, monkeypatch):
+    from longctx.cli import main
+    monkeypatch.setenv("LONGCTX_CACHE", str(tmp_path / "cache"))
+    assert main(_args(corpus, tmp_path / "err") + extra) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], lines
+    assert not (tmp_path / "err" / "checkpoints").exists()
+
+
+def test_empty_corpus_is_a_clear_error(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "a.txt").write_text("   \n")
+    res = _longctx(_args(empty, tmp_path / "out"), _env(tmp_path))
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "empty" in res.stderr.lower() or "no documents" in res.stderr.lower(), res.stderr
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(corpus, tmp_path):
+    res = _longctx(_args(corpus, tmp_path / "nan", steps=8, extra=["train.lr=1e30", "train.clip=0.0",
+                                                                    "train.warmup_steps=1"]), _env(tmp_path))
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "loss became" in res.stderr and "Traceback" not in res.stderr
+    for ckpt in (tmp_path / "nan" / "checkpoints").glob("step-*"):
+        weights = load_file(str(ckpt / "model.safetensors"))
+        assert all(torch.isfinite(w).all() for w in weights.values()), ckpt
+
+
+def test_staged_training_doubles_length_and_window(corpus, tmp_path):
+    res = _longctx(_args(corpus, tmp_path / "staged", steps=6, extra=[
+        "data.seq_len=64", "model.window=4", "stages={preset: double, phases: 2, steps: 3}"]), _env(tmp_path))
+    assert res.returncode == 0, res.stderr[-2000:]
+    cfg = json.loads((tmp_path / "staged" / "model" / "config.json").read_text())
+    assert cfg["window"] == 8
+    result = json.loads((tmp_path / "staged" / "results.json").read_text())
+    assert result["seq_len"] == 128 and result["tokens"] == 3 * 2 * 64 + 3 * 2 * 128
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "staged" / "metrics.jsonl").read_text().splitlines()
+           if json.loads(line)["type"] == "train"]
+    assert lrs[3] < lrs[2]  # the second phase runs at half the learning rate
+
+
+def test_compare_runs_variants_identically_and_resumes(corpus, tmp_path):
+    cfg = tmp_path / "cmp.yaml"
+    base = {"data": {"corpus": str(corpus), "tokenizer": "bytes", "seq_len": 128},
+            "model": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "window": 8,
+                      "max_position_embeddings": 128},
+            "train": {"steps": 3, "batch_size": 2, "save_every": 0, "log_every": 1, "eval_batches": 2}}
+    import yaml
+    cfg.write_text(yaml.safe_dump({"name": "tiny", "base": base, "variants": [
+        {"name": "full", "set": {"model.attention": "full"}},
+        {"name": "blocks", "set": {"model.attention": "blocks", "model.block": 32}}]}))
+    env = _env(tmp_path)
+    res = _longctx(["compare", "--config", str(cfg), "--out", str(tmp_path / "runs"), "--quiet"], env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = tmp_path / "runs" / "tiny"
+    summary = json.loads((run / "results.json").read_text())
+    assert [v["variant"] for v in summary["variants"]] == ["full", "blocks"]
+    assert len({v["tokens"] for v in summary["variants"]}) == 1
+    for v in summary["variants"]:
+        assert v["eval"]["loss"] > 0 and v["peak_memory_bytes"] > 0 and v["tokens_per_s"] > 0
+    # full attention does ~4x the attention work of 32-token blocks at length 128
+    flops = {v["variant"]: v["attention_flops_per_token"] for v in summary["variants"]}
+    assert flops["full"] == pytest.approx(4 * flops["blocks"])
+    for f in ("report.md", "loss_vs_steps.png", "loss_vs_time.png", "speed_memory.png"):
+        assert (run / f).exists()
+    assert "| blocks |" in (run / "report.md").read_text()
+    # a rerun skips finished variants
+    before = (run / "full" / "results.json").stat().st_mtime
+    res = _longctx(["compare", "--config", str(cfg), "--out", str(tmp_path / "runs")], env)
+    assert res.returncode == 0 and "finished earlier, skipped" in res.stderr
+    assert (run / "full" / "results.json").stat().st_mtime == before
+    # a variant may not change the controlled conditions
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"base": base, "variants": [{"name": "x", "set": {"train.steps": 5}}]}))
+    res = _longctx(["compare", "--config", str(bad), "--out", str(tmp_path / "runs")], env)
+    assert res.returncode == 2 and "keeps data, seed and token budget identical" in res.stderr
