@@ -176,3 +176,19 @@ def test_compare_runs_variants_identically_and_resumes(corpus, tmp_path):
     bad.write_text(yaml.safe_dump({"base": base, "variants": [{"name": "x", "set": {"train.steps": 5}}]}))
     res = _longctx(["compare", "--config", str(bad), "--out", str(tmp_path / "runs")], env)
     assert res.returncode == 2 and "keeps data, seed and token budget identical" in res.stderr
+
+
+def test_eval_extrapolation_lengths_blockwise_and_resolution(corpus, tmp_path):
+    env = _env(tmp_path)
+    out = tmp_path / "lex"
+    res = _longctx(_args(corpus, out, steps=3, extra=["objective=clm", "model.position=xpos", "model.attention=full",
+                                                      "model.norm=pre", "model.max_position_embeddings=512"]), env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    report = tmp_path / "lex.json"
+    res = _longctx(["eval", str(out / "model"), f"data.corpus={corpus}", "train.eval_batches=1",
+                    "--lengths", "64,256", "--blockwise", "64", "--resolution", "--json", str(report)], env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = json.loads(report.read_text())
+    assert [r["length"] for r in rows] == [64, 256]
+    for r in rows:
+        assert r["loss"] > 0 and "bits_per_char" in r and 0 <= r["attention_resolution"] <= 1

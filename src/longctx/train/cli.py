@@ -45,6 +45,12 @@ def run_eval(args) -> int:
     mcfg = AutoConfig.from_pretrained(model_dir)
     causal = bool(getattr(mcfg, "causal", False))
     model = (LongctxForCausalLM if causal else LongctxForMaskedLM).from_pretrained(model_dir).eval()
+    if args.blockwise:
+        if not causal:
+            raise LongctxError("--blockwise applies to causal (decoder) models only")
+        from longctx.attention import AttentionPattern
+        for layer in model.longctx.layers:  # LeX: no query sees a span longer than it was trained on
+            layer.attention.pattern = AttentionPattern("blockwise_causal", block=args.blockwise)
     tokenizer = d["tokenizer"] if args.tokenizer is None else args.tokenizer
     if (model_dir / "tokenizer.json").exists() and args.tokenizer is None:
         tokenizer = str(model_dir)
@@ -61,9 +67,17 @@ def run_eval(args) -> int:
             ev = evaluate(model, ds, collator, cfg["train"]["eval_batches"], cfg["train"]["batch_size"])
         if causal:
             ev["bits_per_char"] = ev["loss"] * len(data.valid) / max(1, data.valid_chars) / math.log(2)
+        if args.resolution and causal:
+            from longctx.eval.resolution import model_resolution
+            if n > 4096:
+                raise LongctxError("--resolution builds n x n scores: use lengths up to 4096")
+            res = model_resolution(model, ds[0]["input_ids"][None])
+            ev["attention_resolution"] = sum(res) / len(res)
+            ev["attention_resolution_by_layer"] = res
         rows.append({"length": n, **ev})
         print(f"length {n:>7}: loss {ev['loss']:.4f}  perplexity {ev['perplexity']:.2f}"
-              + (f"  bpc {ev['bits_per_char']:.3f}" if causal else ""), flush=True)
+              + (f"  bpc {ev['bits_per_char']:.3f}" if causal else "")
+              + (f"  resolution {ev['attention_resolution']:.4f}" if "attention_resolution" in ev else ""), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0
@@ -92,4 +106,8 @@ def register(sub) -> None:
     e.add_argument("--lengths", help="comma-separated sequence lengths (default data.seq_len)")
     e.add_argument("--tokenizer", help="tokenizer (default: the one saved with the model)")
     e.add_argument("--json", help="also write the results to this JSON file")
+    e.add_argument("--blockwise", type=int, metavar="B",
+                   help="evaluate a decoder with LeX's blockwise causal attention of block B (e.g. the training length)")
+    e.add_argument("--resolution", action="store_true",
+                   help="also report the attention resolution (LeX) of each layer, for decoders")
     e.set_defaults(func=run_eval)
