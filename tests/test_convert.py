@@ -69,8 +69,9 @@ def _randomise(model: torch.nn.Module, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * (0.3 if "LayerNorm" in name or "layer_norm" in name else 0.15)
-                    + (1.0 if name.endswith("LayerNorm.weight") or name.endswith("layer_norm.weight") else 0.0))
+            norm = "LayerNorm" in name or "layer_norm" in name
+            p.copy_(torch.randn(p.shape, generator=g) * (0.3 if norm else 0.15)
+                    + (1.0 if norm and name.endswith(".weight") else 0.0))
 
 
 def _hf_longformer(arch: str, shape, seed: int):

@@ -49,8 +49,8 @@ def _run_extend(args) -> int:
     from longctx.convert.extend import FRESH_HEAD_MESSAGE, extend_dir
 
     s = extend_dir(args.src, args.out, args.max_length, args.window, force=args.force)
-    print(f"extended {s['source_class']} from {s['source_positions']} to {s['max_position_embeddings']} positions, "
-          f"sliding window {s['window']} (two-sided) -> {s['longctx_class']} in {s['out']}; tokenizer: {s['tokenizer']}")
+    print(f"extended {s['source_class']} from {s['source_positions']} to {s['max_position_embeddings']} "
+          f"positions, sliding window {s['window']} (two-sided) -> {s['longctx_class']} in {s['out']}; tokenizer: {s['tokenizer']}")
     if s["fresh_head"]:
         print(f"note: {FRESH_HEAD_MESSAGE}")
     sys.stdout.flush()

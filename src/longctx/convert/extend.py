@@ -19,6 +19,7 @@ import logging
 import os
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from longctx.convert.longformer import (
@@ -93,9 +94,8 @@ def extend_model(hf_model: nn.Module, max_length: int, window: int, **config_ove
     fields = encoder_config_fields(hf_cfg)
     if hf_cfg.model_type == "roberta" and fields["sep_token_id"] is None:
         fields["sep_token_id"] = hf_cfg.eos_token_id  # <s> q </s></s> ctx </s>
-    tied = True if fresh else bool(sd["lm_head.decoder.weight"].data_ptr() ==
-                                   base.embeddings.word_embeddings.weight.data_ptr()
-                                   or (sd["lm_head.decoder.weight"] == sd["longctx.embeddings.word_embeddings.weight"]).all())
+    # a fresh head is tied to the word embeddings; a kept one stays tied if it was
+    tied = fresh or torch.equal(sd["lm_head.decoder.weight"], sd["longctx.embeddings.word_embeddings.weight"])
     fields.update(max_position_embeddings=max_length, position_offset=offset, window=window // 2,
                   tie_word_embeddings=tied, num_labels=2)
     for k in ("id2label", "label2id", "problem_type"):
