@@ -1,0 +1,87 @@
+"""`longctx bench attention|train`: speed and memory against the peers, written as JSON, Markdown and PNG.
+
+Configurations live in benchmarks/*.yaml; any setting can also be given on the command line
+(``--lengths 1024 4096``, ``--impl longctx-sliding hf-longformer``, ``--repeats 5``). Results go to
+``runs/bench-<name>/`` unless ``--out`` says otherwise.
+"""
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("bench", help="speed and memory benchmarks against the peers",
+                              description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="bench_kind", metavar="BENCHMARK")
+    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+
+    a = sub.add_parser("attention", help="one self-attention layer: longctx kernels vs SDPA, HF Longformer, "
+                                         "local-attention", description="Time and peak memory of one "
+                                         "self-attention layer per implementation and length.")
+    _common(a)
+    a.add_argument("--lengths", type=int, nargs="+", help="sequence lengths (default 1024 .. 65536)")
+    a.add_argument("--impl", nargs="+", dest="implementations", help="implementations to run")
+    a.add_argument("--dtypes", nargs="+", help="float32 and/or bfloat16")
+    a.add_argument("--window", type=int, help="two-sided window (Hugging Face attention_window)")
+    a.add_argument("--hidden", type=int)
+    a.add_argument("--heads", type=int)
+    a.set_defaults(func=_run_attention)
+
+    t = sub.add_parser("train", help="masked-LM training step: longctx encoder vs HF Longformer and RoBERTa",
+                       description="Tokens/s and peak memory of a full masked-LM training step.")
+    _common(t)
+    t.add_argument("--lengths", type=int, nargs="+", help="sequence lengths (default 4096)")
+    t.add_argument("--models", nargs="+", help="models to run")
+    t.add_argument("--layers", type=int)
+    t.add_argument("--hidden", type=int)
+    t.add_argument("--heads", type=int)
+    t.add_argument("--window", type=int, help="two-sided window")
+    t.set_defaults(func=_run_train)
+
+
+def _common(p) -> None:
+    p.add_argument("--config", help="YAML configuration (see benchmarks/)")
+    p.add_argument("--out", help="output folder (default runs/bench-<name>)")
+    p.add_argument("--name", help="run name (default from the config)")
+    p.add_argument("--repeats", type=int, help="timed runs per case (median reported)")
+    p.add_argument("--warmup", type=int, help="untimed runs before timing")
+    p.add_argument("--time-cap", type=float, dest="time_cap_s", help="skip a case predicted to take longer (s)")
+    p.add_argument("--memory-cap", type=float, dest="memory_cap_gb", help="skip a case predicted to need more (GB)")
+
+
+def _overrides(args, keys) -> dict:
+    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+
+
+def _out_dir(args, cfg) -> Path:
+    return Path(args.out) if args.out else Path("runs") / f"bench-{cfg['name']}"
+
+
+def _check(cfg) -> None:
+    from longctx.errors import LongctxError
+    if cfg["repeats"] < 1 or cfg["warmup"] < 0:
+        raise LongctxError("--repeats must be at least 1 and --warmup at least 0")
+    if any(n < 1 for n in cfg["lengths"]):
+        raise LongctxError("every benchmark length must be a positive number of tokens")
+
+
+def _run_attention(args) -> int:
+    from longctx.bench import attention, common
+    cfg = common.load_config(args.config, attention.DEFAULTS, "attention")
+    cfg.update(_overrides(args, ["name", "repeats", "warmup", "time_cap_s", "memory_cap_gb", "lengths",
+                                 "implementations", "dtypes", "window", "hidden", "heads"]))
+    _check(cfg)
+    attention.run(cfg, _out_dir(args, cfg), "longctx " + shlex.join(sys.argv[1:]))
+    return 0
+
+
+def _run_train(args) -> int:
+    from longctx.bench import common, train
+    cfg = common.load_config(args.config, train.DEFAULTS, "train")
+    cfg.update(_overrides(args, ["name", "repeats", "warmup", "time_cap_s", "memory_cap_gb", "lengths",
+                                 "models", "layers", "hidden", "heads", "window"]))
+    _check(cfg)
+    train.run(cfg, _out_dir(args, cfg), "longctx " + shlex.join(sys.argv[1:]))
+    return 0
