@@ -7,7 +7,6 @@ Configurations live in benchmarks/*.yaml; any setting can also be given on the c
 from __future__ import annotations
 
 import shlex
-import sys
 from pathlib import Path
 
 
@@ -55,6 +54,21 @@ def _overrides(args, keys) -> dict:
     return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
 
 
+def _command(kind: str, args, overrides: dict) -> str:
+    """The command line that reproduces this run (from the parsed options, not sys.argv, so it is right
+    when main() is called with its own argument list)."""
+    parts = ["longctx", "bench", kind]
+    if args.config:
+        parts += ["--config", args.config]
+    flags = {"implementations": "--impl", "time_cap_s": "--time-cap", "memory_cap_gb": "--memory-cap"}
+    for k, v in overrides.items():
+        parts.append(flags.get(k, "--" + k.replace("_", "-")))
+        parts += [str(x) for x in v] if isinstance(v, list) else [str(v)]
+    if args.out:
+        parts += ["--out", args.out]
+    return shlex.join(parts)
+
+
 def _out_dir(args, cfg) -> Path:
     return Path(args.out) if args.out else Path("runs") / f"bench-{cfg['name']}"
 
@@ -70,18 +84,20 @@ def _check(cfg) -> None:
 def _run_attention(args) -> int:
     from longctx.bench import attention, common
     cfg = common.load_config(args.config, attention.DEFAULTS, "attention")
-    cfg.update(_overrides(args, ["name", "repeats", "warmup", "time_cap_s", "memory_cap_gb", "lengths",
-                                 "implementations", "dtypes", "window", "hidden", "heads"]))
+    over = _overrides(args, ["name", "repeats", "warmup", "time_cap_s", "memory_cap_gb", "lengths",
+                             "implementations", "dtypes", "window", "hidden", "heads"])
+    cfg.update(over)
     _check(cfg)
-    attention.run(cfg, _out_dir(args, cfg), "longctx " + shlex.join(sys.argv[1:]))
+    attention.run(cfg, _out_dir(args, cfg), _command("attention", args, over))
     return 0
 
 
 def _run_train(args) -> int:
     from longctx.bench import common, train
     cfg = common.load_config(args.config, train.DEFAULTS, "train")
-    cfg.update(_overrides(args, ["name", "repeats", "warmup", "time_cap_s", "memory_cap_gb", "lengths",
-                                 "models", "layers", "hidden", "heads", "window"]))
+    over = _overrides(args, ["name", "repeats", "warmup", "time_cap_s", "memory_cap_gb", "lengths",
+                             "models", "layers", "hidden", "heads", "window"])
+    cfg.update(over)
     _check(cfg)
-    train.run(cfg, _out_dir(args, cfg), "longctx " + shlex.join(sys.argv[1:]))
+    train.run(cfg, _out_dir(args, cfg), _command("train", args, over))
     return 0
