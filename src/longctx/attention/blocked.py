@@ -163,7 +163,9 @@ class _BandAttention(torch.autograd.Function):
                     torch.bmm(P[..., :span], vw[bh, g0:g1], out=o)
                     if kg is not None:
                         o.view(m * c, d).addmm_(P.view(m * c, L)[:, span:], vg_[b, h])
-        ctx.save_for_backward(q, k, v, kg, vg, out)
+        # the padded copies are kept instead of q, k, v (the same memory): backward need not redo them
+        ctx.save_for_backward(qp, kp, vp, kg_, vg_, out)
+        ctx.dtypes = (q.dtype, k.dtype, v.dtype, None if kg is None else kg.dtype)
         ctx.geo = geo
         ctx.slopes_dtype = slopes_dtype
         return out.view(B, H, nc * c, d)[:, :, :n].to(q.dtype)
@@ -175,25 +177,25 @@ class _BandAttention(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, dout):
-        q, k, v, kg, vg, outp = ctx.saved_tensors
+        qp, kp, vp, kg_, vg_, outp = ctx.saved_tensors
+        q_dt, k_dt, v_dt, g_dt = ctx.dtypes
         geo: BandGeometry = ctx.geo
-        B, H, n, d = q.shape
+        B, H, n, d = geo.B, geo.H, geo.n, qp.shape[-1]
         c, nc, nk, L, span, wdt = geo.c, geo.nc, geo.nk, geo.L, geo.span, geo.dtype
-        qp = _padded(q, 0, nc * c, wdt).view(B * H, nc, c, d)
-        kp, vp = _padded(k, geo.left, nk * c, wdt), _padded(v, geo.left, nk * c, wdt)
+        kg = kg_
         kw, vwT = _windows(kp, span, c), _windows(vp, span, c)
         kwT = kw.transpose(-1, -2)  # (BH, nc, span, d)
         dop = _padded(dout, 0, nc * c, wdt).view(B * H, nc, c, d)
-        Dr = (dop * outp).sum(-1, keepdim=True)  # (BH, nc, c, 1): rowsum(dP * P) = rowsum(dO * O)
-        kg_, vg_ = (None, None) if kg is None else (kg.to(wdt), vg.to(wdt))
-        dq = torch.empty(B * H, nc, c, d, dtype=wdt, device=q.device)
-        dk = torch.zeros(B * H, nk, c, d, dtype=wdt, device=q.device)
-        dv = torch.zeros(B * H, nk, c, d, dtype=wdt, device=q.device)
+        # -rowsum(dP * P) = -rowsum(dO * O), per query row: dS = P * (dP - D)
+        negD = (dop * outp).sum(-1, keepdim=True).neg_()  # (BH, nc, c, 1)
+        dq = torch.empty(B * H, nc, c, d, dtype=wdt, device=qp.device)
+        dk = torch.zeros(B * H, nk, c, d, dtype=wdt, device=qp.device)
+        dv = torch.zeros(B * H, nk, c, d, dtype=wdt, device=qp.device)
         dkg = None if kg is None else torch.zeros_like(kg_)
-        dvg = None if vg is None else torch.zeros_like(vg_)
+        dvg = None if kg is None else torch.zeros_like(vg_)
         want_slopes = geo.slopes is not None and ctx.needs_input_grad[5]
         dslopes = torch.zeros(H, dtype=torch.float64) if want_slopes else None
-        S = torch.empty(geo.group, c, L, dtype=wdt, device=q.device)
+        S = torch.empty(geo.group, c, L, dtype=wdt, device=qp.device)
         dP, bias = torch.empty_like(S), torch.empty_like(S)
         for g0, g1 in geo.groups():
             m = g1 - g0
@@ -208,17 +210,16 @@ class _BandAttention(torch.autograd.Function):
                     if dead is not None:
                         P.masked_fill_(dead, 0.0)
                     dPg = dP[:m]
-                    if kg is None:
-                        torch.bmm(dOg, vwT[bh, g0:g1], out=dPg)
-                    else:  # beta=0: the buffer's old contents are ignored
-                        dPg[..., :span].baddbmm_(dOg, vwT[bh, g0:g1], beta=0)
-                        dPg.view(m * c, L)[:, span:].addmm_(dOg.reshape(m * c, d), vg_[b, h].T, beta=0)
+                    dPg.copy_(negD[bh, g0:g1].expand(m, c, L))  # dP - D, with dP added by the products
+                    dPg[..., :span].baddbmm_(dOg, vwT[bh, g0:g1])
+                    if kg is not None:
+                        dPg.view(m * c, L)[:, span:].addmm_(dOg.reshape(m * c, d), vg_[b, h].T)
                         dvg[b, h].addmm_(P.view(m * c, L)[:, span:].T, dOg.reshape(m * c, d))
                     # dV and dK of key chunk g+j collect from the j-th slice of each query chunk's band:
                     # for a fixed j the targets are distinct chunks, so they accumulate in place
                     for j in range(geo.width):
                         dv[bh, g0 + j:g1 + j].baddbmm_(P[..., j * c:(j + 1) * c].transpose(1, 2), dOg)
-                    dS = dPg.sub_(Dr[bh, g0:g1]).mul_(P)
+                    dS = dPg.mul_(P)
                     if dslopes is not None:  # d score / d slope_h = -|i - j|
                         dslopes[h] -= (dS * dist).sum(dtype=torch.float64)
                     torch.bmm(dS[..., :span], kwT[bh, g0:g1], out=dq[bh, g0:g1])
@@ -228,10 +229,10 @@ class _BandAttention(torch.autograd.Function):
                         dq[bh, g0:g1].view(m * c, d).addmm_(dS.view(m * c, L)[:, span:], kg_[b, h])
                         dkg[b, h].addmm_(dS.view(m * c, L)[:, span:].T, Qg.reshape(m * c, d))
         left = geo.left
-        return (dq.view(B, H, nc * c, d)[:, :, :n].to(q.dtype),
-                dk.view(B, H, nk * c, d)[:, :, left:left + n].to(k.dtype),
-                dv.view(B, H, nk * c, d)[:, :, left:left + n].to(v.dtype),
-                None if kg is None else dkg.to(kg.dtype), None if vg is None else dvg.to(vg.dtype),
+        return (dq.view(B, H, nc * c, d)[:, :, :n].to(q_dt),
+                dk.view(B, H, nk * c, d)[:, :, left:left + n].to(k_dt),
+                dv.view(B, H, nk * c, d)[:, :, left:left + n].to(v_dt),
+                None if kg is None else dkg.to(g_dt), None if kg is None else dvg.to(g_dt),
                 None if dslopes is None else dslopes.to(ctx.slopes_dtype), None)
 
 
