@@ -5,6 +5,7 @@ import gzip
 import io
 import json
 import os
+import tempfile
 import tarfile
 
 import pytest
@@ -102,13 +103,18 @@ def _snapshot(*dirs):
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_hostile_archives_are_rejected_and_the_rest_converted(hostile, workers):
+def test_hostile_archives_are_rejected_and_the_rest_converted(hostile, workers, monkeypatch, tmp_path_factory):
     base, inp = hostile
     out = base / "out"
-    before = _snapshot(base, "/tmp")
+    # the run's temporary folder is a private one, so other processes on the machine writing to /tmp
+    # cannot disturb the check that nothing lands outside OUT
+    private_tmp = tmp_path_factory.mktemp("private_tmp")
+    monkeypatch.setenv("TMPDIR", str(private_tmp))
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    before = _snapshot(base, private_tmp)
     stats = build_arxiv_corpus([str(inp)], str(out), workers=workers, progress=False,
                                limits=Limits(max_bytes=2**20, max_text_bytes=2**20))
-    after = _snapshot(base, "/tmp")
+    after = _snapshot(base, private_tmp)
     new_outside = {p for p in after - before if not p.startswith(str(out) + os.sep)}
     assert new_outside == set()
     assert not os.path.exists("/tmp/evil_abs.tex") and not (base / "evil.tex").exists()

@@ -99,6 +99,7 @@ def test_two_process_gloo_run_trains_and_checkpoints(corpus, tmp_path):
     (["model.window=100"], "larger than the sequence"),
     (["train.steps=ten"], "'train.steps' expects int"),
     (["data.global_tokens=some"], "must be one of none, first, headings"),
+    (["train.lr=0"], "'train.lr' must be > 0"),
 ])
 def test_user_errors_are_one_clear_sentence(corpus, tmp_path, extra, message, capsys, monkeypatch):
     from longctx.cli import main

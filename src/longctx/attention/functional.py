@@ -35,9 +35,20 @@ def resolve_backend(backend: str, q: torch.Tensor, pattern: AttentionPattern) ->
         raise LongctxError(f"attention backend {backend!r} is unknown; use one of {', '.join(BACKENDS)}")
     if backend != "auto":
         return backend
-    if q.is_cuda and _flex_available():
-        return "flex"
+    if q.is_cuda:
+        if _flex_available():
+            return "flex"
+        _warn_once("FlexAttention is not available in this PyTorch: CUDA inputs use the blocked kernel")
     return "sdpa" if pattern.kind == "full" else "blocked"
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(msg: str) -> None:
+    if msg not in _warned:
+        _warned.add(msg)
+        log.warning(msg)
 
 
 def attention(q, k, v, pattern: AttentionPattern, *, key_padding_mask=None, global_mask=None,

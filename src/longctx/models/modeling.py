@@ -109,10 +109,8 @@ class LongctxPreTrainedModel(PreTrainedModel):
             module.bias.zero_()
 
 
-def _bool_mask(mask, input_ids):
-    if mask is None:
-        return None
-    return mask.to(torch.bool) if mask.dtype != torch.bool else mask
+def _bool_mask(mask):
+    return None if mask is None else mask.to(torch.bool)
 
 
 class LongctxModel(LongctxPreTrainedModel):
@@ -139,10 +137,10 @@ class LongctxModel(LongctxPreTrainedModel):
         B, n = input_ids.shape
         if n == 0:
             raise LongctxError("input_ids is empty: give at least one token")
-        kpm = _bool_mask(attention_mask, input_ids)
+        kpm = _bool_mask(attention_mask)
         if kpm is not None and bool(kpm.all()):
             kpm = None
-        gm = _bool_mask(global_attention_mask, input_ids)
+        gm = _bool_mask(global_attention_mask)
         if gm is not None and not bool(gm.any()):
             gm = None
         if use_cache and not self.config.causal:

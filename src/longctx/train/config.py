@@ -180,6 +180,8 @@ def validate(cfg: dict) -> None:
     for key in ("steps", "batch_size", "grad_accum"):
         if t[key] < 1:
             raise LongctxError(f"config key 'train.{key}' must be >= 1, got {t[key]}")
+    if not t["lr"] > 0:
+        raise LongctxError(f"config key 'train.lr' must be > 0, got {t['lr']}")
     if d["seq_len"] < 2:
         raise LongctxError(f"config key 'data.seq_len' must be >= 2, got {d['seq_len']}")
     if not 0 < d["valid_fraction"] < 1:
