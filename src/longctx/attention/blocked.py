@@ -99,15 +99,26 @@ class BandGeometry:
         out.zero_().masked_fill_(~allowed, float("-inf"))
         dead = ~allowed.any(-1, keepdim=True)
         dead = dead if bool(dead.any()) else None
-        return out, dead, None if dist is None else dist.to(self.dtype)
+        # column ranges (one chunk of keys each, plus the global keys) where some pair is masked: only
+        # these need the bias; inside the band most chunks are wholly allowed
+        c = self.c
+        whole = allowed[..., :span].reshape(m * c, self.width, c).all(-1).all(0).tolist()
+        ranges = [(j * c, (j + 1) * c) for j, ok in enumerate(whole) if not ok]
+        if self.G:
+            ranges.append((span, self.L))
+        return out, ranges, dead, None if dist is None else dist.to(self.dtype)
 
-    def scores(self, S, bias, dist, qg, kw, kg, h: int) -> torch.Tensor:
+    def scores(self, S, bias, ranges, dist, qg, kw, kg, h: int) -> torch.Tensor:
         """S (m, c, L) = bias (- ALiBi) + q . k over the band (and the global keys), in place."""
         m, c, span = S.shape[0], self.c, self.span
-        if dist is None:
-            S.copy_(bias)
-        else:
-            torch.add(bias, dist, alpha=-self.slopes[h], out=S)
+        if dist is None:  # the products write S, the bias is added where it is not all zero
+            S[..., :span].baddbmm_(qg, kw, beta=0)
+            if kg is not None:
+                S.view(m * c, self.L)[:, span:].addmm_(qg.reshape(m * c, -1), kg.T, beta=0)
+            for a, b in ranges:
+                S[..., a:b].add_(bias[..., a:b])
+            return S
+        torch.add(bias, dist, alpha=-self.slopes[h], out=S)
         S[..., :span].baddbmm_(qg, kw)
         if kg is not None:
             S.view(m * c, self.L)[:, span:].addmm_(qg.reshape(m * c, -1), kg.T)
@@ -151,10 +162,10 @@ class _BandAttention(torch.autograd.Function):
         for g0, g1 in geo.groups():
             m = g1 - g0
             for b in range(B):
-                bias_g, dead, dist = geo.group_masks(bias, g0, g1, b)
+                bias_g, ranges, dead, dist = geo.group_masks(bias, g0, g1, b)
                 for h in range(H):
                     bh = b * H + h
-                    Sg = geo.scores(S[:m], bias_g, dist, qp[bh, g0:g1], kw[bh, g0:g1],
+                    Sg = geo.scores(S[:m], bias_g, ranges, dist, qp[bh, g0:g1], kw[bh, g0:g1],
                                     None if kg is None else kg_[b, h], h)
                     P = torch.softmax(Sg, dim=-1, out=Sg)
                     if dead is not None:  # rows with every key masked are NaN after softmax: zero them
@@ -200,12 +211,12 @@ class _BandAttention(torch.autograd.Function):
         for g0, g1 in geo.groups():
             m = g1 - g0
             for b in range(B):
-                bias_g, dead, dist = geo.group_masks(bias, g0, g1, b)
+                bias_g, ranges, dead, dist = geo.group_masks(bias, g0, g1, b)
                 for h in range(H):
                     bh = b * H + h
                     Qg, dOg = qp[bh, g0:g1], dop[bh, g0:g1]
                     kgh = None if kg is None else kg_[b, h]
-                    P = geo.scores(S[:m], bias_g, dist, Qg, kw[bh, g0:g1], kgh, h)
+                    P = geo.scores(S[:m], bias_g, ranges, dist, Qg, kw[bh, g0:g1], kgh, h)
                     torch.softmax(P, dim=-1, out=P)  # recomputed exactly as in forward
                     if dead is not None:
                         P.masked_fill_(dead, 0.0)
