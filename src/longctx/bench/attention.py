@@ -252,7 +252,8 @@ def run(cfg: dict, out_dir: Path, command: str, log=print) -> dict:
             case.update(status="skipped",
                         reason=f"predicted {pred_m / 2**30:.1f} GB > memory cap {cfg['memory_cap_gb']:.0f} GB")
         else:
-            timeout = max(120.0, 3 * (pred_t or cfg["time_cap_s"]))
+            # generous: a shared machine can be several times slower than the prediction
+            timeout = max(600.0, 5 * (pred_t or cfg["time_cap_s"]))
             r = common.run_child(__name__, {"impl": impl, "n": n, "dtype": dt, "config": cfg}, timeout)
             case.update(r)
         if case["status"] == "ok":
