@@ -8,4 +8,7 @@ settings.register_profile("ci", derandomize=True, deadline=None, suppress_health
 settings.register_profile("dev", deadline=None, suppress_health_check=list(HealthCheck))
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# In-process tests use one thread: their matrices are tiny, and with two OpenMP threads a second busy
+# process on a 2-core machine makes every small op wait on a barrier (seen: 13 s -> 190 s). Tests that
+# measure or train at scale run in subprocesses with the default thread count.
+torch.set_num_threads(1)
