@@ -242,15 +242,9 @@ def run(cfg: dict, out_dir: Path, command: str, log=print) -> dict:
         case = {"impl": impl, "n": n, "dtype": dt, "batch": cfg["batch"], "status": "ok", "reason": None}
         prev = last.get(key)
         pred_t, pred_m = _predict(prev, impl, n, cfg)
-        if prev is not None and prev["status"] != "ok":
-            case.update(status="skipped", reason=f"{prev['status']} at a shorter length")
-        elif impl == "hf-longformer" and n % cfg["window"]:
-            case.update(status="skipped", reason=f"n is not a multiple of attention_window {cfg['window']}")
-        elif pred_t is not None and pred_t > cfg["time_cap_s"]:
-            case.update(status="skipped", reason=f"predicted {pred_t:.0f} s > time cap {cfg['time_cap_s']:.0f} s")
-        elif pred_m is not None and pred_m > cfg["memory_cap_gb"] * 2**30:
-            case.update(status="skipped",
-                        reason=f"predicted {pred_m / 2**30:.1f} GB > memory cap {cfg['memory_cap_gb']:.0f} GB")
+        reason = common.skip_reason(prev, impl, n, pred_t, pred_m, cfg)
+        if reason:
+            case.update(status="skipped", reason=reason)
         else:
             # generous: a shared machine can be several times slower than the prediction
             timeout = max(600.0, 5 * (pred_t or cfg["time_cap_s"]))

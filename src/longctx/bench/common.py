@@ -177,3 +177,17 @@ def fmt_s(t) -> str:
 
 def median(xs):
     return statistics.median(xs) if xs else None
+
+
+def skip_reason(prev: dict | None, name: str, n: int, pred_t, pred_m, cfg: dict) -> str | None:
+    """Why a case is not run (a failure or skip at a shorter length, HF's length rule, a predicted time or
+    memory over the caps), or None to run it."""
+    if prev is not None and prev["status"] != "ok":
+        return f"{prev['status']} at a shorter length"
+    if name == "hf-longformer" and n % cfg["window"]:
+        return f"n is not a multiple of attention_window {cfg['window']}"
+    if pred_t is not None and pred_t > cfg["time_cap_s"]:
+        return f"predicted {pred_t:.0f} s > time cap {cfg['time_cap_s']:.0f} s"
+    if pred_m is not None and pred_m > cfg["memory_cap_gb"] * 2**30:
+        return f"predicted {pred_m / 2**30:.1f} GB > memory cap {cfg['memory_cap_gb']:.0f} GB"
+    return None

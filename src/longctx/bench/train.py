@@ -122,15 +122,9 @@ def run(cfg: dict, out_dir: Path, command: str, log=print) -> dict:
         case = {"model": name, "n": n, "batch": cfg["batch"], "status": "ok", "reason": None}
         prev = last.get(name)
         pred_t, pred_m = _predict(prev, name, n, cfg)
-        if prev is not None and prev["status"] != "ok":
-            case.update(status="skipped", reason=f"{prev['status']} at a shorter length")
-        elif name == "hf-longformer" and n % cfg["window"]:
-            case.update(status="skipped", reason=f"n is not a multiple of attention_window {cfg['window']}")
-        elif pred_t is not None and pred_t > cfg["time_cap_s"]:
-            case.update(status="skipped", reason=f"predicted {pred_t:.0f} s > time cap {cfg['time_cap_s']:.0f} s")
-        elif pred_m is not None and pred_m > cfg["memory_cap_gb"] * 2**30:
-            case.update(status="skipped",
-                        reason=f"predicted {pred_m / 2**30:.1f} GB > memory cap {cfg['memory_cap_gb']:.0f} GB")
+        reason = common.skip_reason(prev, name, n, pred_t, pred_m, cfg)
+        if reason:
+            case.update(status="skipped", reason=reason)
         else:
             timeout = max(300.0, 3 * (pred_t or cfg["time_cap_s"]))
             case.update(common.run_child(__name__, {"model": name, "n": n, "config": cfg}, timeout))
