@@ -1,0 +1,112 @@
+"""Attention mechanisms: the contract every attention family implements, and the registry.
+
+A mechanism is one file: a ``Spec`` dataclass (its config keys; an unknown key is a one-sentence
+error), capability flags, ``forward`` (the fast path), ``reference`` (the readable oracle the tests
+hold ``forward`` to), ``flops`` (useful work), ``describe`` and, where it is defined, the effective
+attention matrix ``attention_map`` (what ``longctx analyze`` reads). One ``@register`` line makes it
+selectable everywhere: model configs (``attention: {type: NAME, ...}``), ``longctx compare`` variants,
+``longctx bench`` and the report.
+
+Shapes: q, k, v are (B, H, n, d), already projected and, for rotary positions, rotated; the mechanism
+applies the 1/sqrt(d) scale itself. ``key_padding`` and ``global_mask`` are (B, n) bool (True = real
+token / global token). ``bias`` is an optional additive score bias (ALiBi), given as a callable
+``bias(q_pos, k_pos) -> (H, tq, tk)`` on integer positions, for mechanisms with ``score_bias``.
+Mechanisms own their parameters (Linformer's E and F) and their random draws (Performer's features,
+BigBird's random blocks, LSH rotations), seeded from ``seed`` so that two builds with the same
+config are identical, and deterministic in evaluation mode.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from longctx.errors import LongctxError
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    causal: bool = False         # can run causally (a decoder)
+    global_tokens: bool = False  # honours global_mask (Longformer's global attention)
+    cache: bool = False          # has a key-value cache rule for generation
+    score_bias: bool = False     # takes an additive score bias (ALiBi)
+
+
+@dataclass(frozen=True)
+class LayerContext:
+    """What a mechanism may need to know about the layer it sits in."""
+
+    num_heads: int
+    head_dim: int
+    max_len: int          # the longest sequence the model is built for (max_position_embeddings)
+    causal: bool = False
+    layer_idx: int = 0
+    seed: int = 0         # base seed for the mechanism's own random draws
+
+
+class Mechanism(nn.Module):
+    """Base class. Subclasses set ``name``, ``Spec`` and ``supports`` and implement ``forward``,
+    ``reference``, ``flops`` and ``describe``."""
+
+    name: ClassVar[str] = ""
+    Spec: ClassVar[type] = object
+    supports: ClassVar[Capabilities] = Capabilities()
+
+    def __init__(self, spec: Any, ctx: LayerContext):
+        super().__init__()
+        self.spec, self.ctx = spec, ctx
+        if ctx.causal and not self.supports.causal:
+            raise LongctxError(f"attention {self.name!r} has no causal form; use it in an encoder")
+
+    def forward(self, q, k, v, *, key_padding=None, global_mask=None, positions=None, bias=None, cache=None):
+        raise NotImplementedError
+
+    def reference(self, q, k, v, *, key_padding=None, global_mask=None, positions=None, bias=None):
+        """The readable oracle: same function as ``forward``, written for clarity, not speed."""
+        raise NotImplementedError
+
+    def attention_map(self, q, k, v, *, key_padding=None, global_mask=None, positions=None, bias=None):
+        """The effective (B, H, n, n) attention matrix A with ``A @ v == forward(...)``, where defined."""
+        raise LongctxError(f"attention {self.name!r} has no attention matrix to show")
+
+    def flops(self, n: int, num_global: int = 0) -> float:
+        """Forward FLOPs of the attention core for one sequence of n tokens, all heads (useful work,
+        global rows and columns counted)."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return self.name
+
+
+MECHANISMS: dict[str, type[Mechanism]] = {}
+
+
+def register(cls: type[Mechanism]) -> type[Mechanism]:
+    """Class decorator: make a mechanism selectable by its ``name``."""
+    if not cls.name:
+        raise TypeError(f"{cls.__name__} needs a non-empty `name`")
+    MECHANISMS[cls.name] = cls
+    return cls
+
+
+def make_spec(name: str, fields: dict, where: str = "attention"):
+    """The mechanism's Spec from a dict of config keys; unknown keys and bad values are one sentence."""
+    if name not in MECHANISMS:
+        raise LongctxError(f"{where}: attention type {name!r} is unknown; use one of {', '.join(sorted(MECHANISMS))}")
+    spec_cls = MECHANISMS[name].Spec
+    known = {f.name for f in dataclasses.fields(spec_cls)}
+    unknown = set(fields) - known
+    if unknown:
+        raise LongctxError(f"{where}: attention {name!r} has no keys {sorted(unknown)}; "
+                           f"its keys are {', '.join(sorted(known)) or '(none)'}")
+    try:
+        return spec_cls(**fields)
+    except (TypeError, ValueError) as e:
+        raise LongctxError(f"{where}: attention {name!r}: {e}") from None
+
+
+def build(name: str, fields: dict, ctx: LayerContext, where: str = "attention") -> Mechanism:
+    return MECHANISMS[name](make_spec(name, fields, where), ctx) if name in MECHANISMS else make_spec(name, fields, where)
