@@ -1,0 +1,66 @@
+"""Tasks: what a model is trained and judged on. One file per task plus one ``@register`` line.
+
+A task owns everything task-specific, so one trainer (``longctx.train``) runs pretraining and
+finetuning alike:
+- ``model_class``: the Hugging Face head it trains (masked LM, causal LM, QA, classification);
+- ``global_tokens``: its global-attention preset ("none", "first", "question", "headings"), which its
+  collator writes into ``global_attention_mask``;
+- ``prepare()``: load or build its data (train / dev / test, split by document) and tokenizer;
+- ``train_examples(seq_len)`` / ``eval_examples(split, seq_len)``: sequences of examples (dicts);
+- ``collate(examples, batch_index, rank)``: the model's inputs as tensors, labels included. Anything
+  random in a batch is a function of (seed, batch_index, rank) only, for exact resume;
+- ``evaluate(model, split, ...)``: its metrics as a dict, the primary one under ``primary_metric``,
+  each quality figure with a 95% interval (``<metric>_ci``: [low, high], bootstrap over examples).
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from longctx.errors import LongctxError
+
+
+class Task:
+    name: ClassVar[str] = ""
+    primary_metric: ClassVar[str] = "loss"
+    higher_is_better: ClassVar[bool] = False
+    global_tokens: ClassVar[str] = "none"
+    model_class: ClassVar[Any] = None
+
+    def __init__(self, cfg: dict):
+        self.cfg = cfg
+        self.tokenizer = None
+
+    def prepare(self) -> None:
+        raise NotImplementedError
+
+    def build_model(self, init_from: str | None = None):
+        raise NotImplementedError
+
+    def train_examples(self, seq_len: int):
+        raise NotImplementedError
+
+    def eval_examples(self, split: str, seq_len: int):
+        raise NotImplementedError
+
+    def collate(self, examples, batch_index: int, rank: int = 0) -> dict:
+        raise NotImplementedError
+
+    def evaluate(self, model, split: str = "dev", **kwargs) -> dict:
+        raise NotImplementedError
+
+
+TASKS: dict[str, type[Task]] = {}
+
+
+def register(cls: type[Task]) -> type[Task]:
+    """Class decorator: make a task selectable by its ``name`` (``longctx finetune --task NAME``)."""
+    if not cls.name:
+        raise TypeError(f"{cls.__name__} needs a non-empty `name`")
+    TASKS[cls.name] = cls
+    return cls
+
+
+def get_task(name: str) -> type[Task]:
+    if name not in TASKS:
+        raise LongctxError(f"task {name!r} is unknown; use one of {', '.join(sorted(TASKS))}")
+    return TASKS[name]
