@@ -1,0 +1,160 @@
+"""The approximate attention families (Linformer, Performer, Nystromformer, LSH) against their oracles.
+
+Each family is held to (1) its peers' code installed from PyPI (the ``linformer`` and ``performer-pytorch``
+packages, Hugging Face's Nystromformer and Reformer layers) with the same weights and the same random
+draws, within 1e-4; (2) the method's exact limit (full softmax attention); (3) its own readable
+``reference`` on outputs and gradients (fp64, 1e-5) for random shapes and padding, and its
+``attention_map`` (A @ v == forward).
+"""
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import longctx.attention  # noqa: F401  (registers the families)
+from longctx.attention.mechanism import MECHANISMS, LayerContext, build, make_spec
+from longctx.errors import LongctxError
+
+TOL = dict(atol=1e-5, rtol=1e-5)
+PEER = dict(atol=1e-4, rtol=1e-4)
+
+
+def dense_softmax(q, k, v, key_padding=None, causal=False):
+    """Plain softmax attention: the exact limit every approximation is held to."""
+    s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    n = q.shape[-2]
+    if key_padding is not None:
+        s = s.masked_fill(~key_padding[:, None, None, :], float("-inf"))
+    if causal:
+        s = s.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+    return torch.softmax(s, -1) @ v
+
+
+def _qkv(B, H, n, d, seed, dtype=torch.float64, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return [(scale * torch.randn(B, H, n, d, generator=g, dtype=dtype)).requires_grad_() for _ in range(3)]
+
+
+def _padding(B, n, mode, seed):
+    """(B, n) bool, True = real token; at least one real token per row."""
+    if mode == "none":
+        return None
+    g = torch.Generator().manual_seed(seed)
+    if mode == "right":
+        lengths = torch.randint(1, n + 1, (B,), generator=g)
+        return torch.arange(n)[None, :] < lengths[:, None]
+    kp = torch.rand(B, n, generator=g) < 0.8
+    kp[:, 0] = True
+    return kp
+
+
+def _grads(out, inputs, seed):
+    up = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
+    return torch.autograd.grad(out, inputs, up, allow_unused=True)
+
+
+def check_against_reference(mech, q, k, v, key_padding, seed, map_too=True, inputs=None):
+    """forward == reference on outputs and on gradients of q, k, v and the mechanism's parameters, and
+    attention_map @ v == forward."""
+    inputs = [q, k, v] + [p for p in mech.parameters() if p.requires_grad] if inputs is None else inputs
+    out = mech(q, k, v, key_padding=key_padding)
+    ref = mech.reference(q, k, v, key_padding=key_padding)
+    assert out.shape == q.shape[:-1] + v.shape[-1:]
+    torch.testing.assert_close(out, ref, **TOL)
+    for a, b, x in zip(_grads(out, inputs, seed), _grads(ref, inputs, seed), inputs):
+        a = torch.zeros_like(x) if a is None else a
+        b = torch.zeros_like(x) if b is None else b
+        torch.testing.assert_close(a, b, **TOL)
+    if map_too:
+        with torch.no_grad():
+            A = mech.attention_map(q, k, v, key_padding=key_padding)
+            torch.testing.assert_close(A @ v, out.detach(), **TOL)
+
+
+def ctx(H=2, d=8, max_len=64, causal=False, layer_idx=0, seed=0):
+    return LayerContext(num_heads=H, head_dim=d, max_len=max_len, causal=causal, layer_idx=layer_idx, seed=seed)
+
+
+def test_every_family_is_registered():
+    assert {"linformer", "performer", "nystrom", "lsh"} <= set(MECHANISMS)
+
+
+# -- Linformer ----------------------------------------------------------------------------------------------
+def _linformer_peer_parity(share_kv: bool):
+    from linformer import LinformerSelfAttention
+    torch.manual_seed(0)
+    D, H, L, K, n = 32, 4, 64, 16, 50  # n < max_len: the first n rows of E and F are used
+    peer = LinformerSelfAttention(dim=D, seq_len=L, k=K, heads=H, share_kv=share_kv).eval()
+    mech = build("linformer", {"k": K, "share": "kv" if share_kv else "headwise"}, ctx(H, D // H, L))
+    with torch.no_grad():
+        mech.E.copy_(peer.proj_k)
+        if not share_kv:
+            mech.F.copy_(peer.proj_v)
+    x = torch.randn(2, n, D)
+    split = lambda t: t.view(2, n, H, D // H).transpose(1, 2)  # noqa: E731  (B, H, n, d)
+    q, k = split(peer.to_q(x)), split(peer.to_k(x))
+    v = k if share_kv else split(peer.to_v(x))
+    ours = peer.to_out(mech(q, k, v).transpose(1, 2).reshape(2, n, D))
+    torch.testing.assert_close(ours, peer(x), **PEER)
+
+
+@pytest.mark.parametrize("share_kv", [False, True])
+def test_linformer_equals_linformer_package(share_kv):
+    _linformer_peer_parity(share_kv)
+
+
+def test_linformer_with_identity_projection_is_full_attention():
+    n = 40
+    mech = build("linformer", {"k": n, "share": "none"}, ctx(2, 8, n))
+    with torch.no_grad():
+        mech.E.copy_(torch.eye(n).expand(2, n, n))
+        mech.F.copy_(torch.eye(n).expand(2, n, n))
+    q, k, v = (t.detach().float() for t in _qkv(2, 2, n, 8, 1))
+    torch.testing.assert_close(mech(q, k, v), dense_softmax(q, k, v), **TOL)
+
+
+def test_linformer_padding_never_reaches_the_projection():
+    mech = build("linformer", {"k": 8}, ctx(2, 8, 32)).double()
+    q, k, v = (t.detach() for t in _qkv(1, 2, 20, 8, 2))
+    kp = torch.arange(20)[None] < 15
+    out = mech(q, k, v, key_padding=kp)
+    k2, v2 = k.clone(), v.clone()
+    k2[..., 15:, :], v2[..., 15:, :] = 1e3, -1e3
+    torch.testing.assert_close(mech(q, k2, v2, key_padding=kp), out, **TOL)
+
+
+def test_linformer_layerwise_sharing_is_one_parameter():
+    from torch import nn
+    layers = nn.ModuleList(build("linformer", {"k": 8, "share": "layer"}, ctx(2, 8, 32, layer_idx=i, seed=5))
+                           for i in range(3))
+    assert len(list(layers.parameters())) == 1 and list(layers.state_dict()) == ["0.E"]
+    assert all(m.projections(20)[0].data_ptr() == layers[0].E.data_ptr() for m in layers)
+    with torch.no_grad():
+        layers[0].E.add_(1.0)  # training layer 0's E moves every layer's
+    assert torch.equal(layers[2].projections(32)[0], layers[0].E)
+
+
+def test_linformer_errors_are_one_sentence():
+    with pytest.raises(LongctxError, match="k must be a positive integer"):
+        make_spec("linformer", {"k": 0})
+    with pytest.raises(LongctxError, match="share must be one of"):
+        make_spec("linformer", {"share": "heads"})
+    with pytest.raises(LongctxError, match="no causal form"):
+        build("linformer", {}, ctx(causal=True))
+    mech = build("linformer", {"k": 4}, ctx(1, 8, 16))
+    with pytest.raises(LongctxError, match="max_len = 16"):
+        mech(*(torch.randn(1, 1, 17, 8) for _ in range(3)))
+
+
+@settings(max_examples=30)
+@given(data=st.data())
+def test_linformer_forward_equals_reference(data):
+    B, H, n, d = data.draw(st.integers(1, 2)), data.draw(st.integers(1, 3)), data.draw(st.integers(1, 70)), \
+        data.draw(st.sampled_from([4, 8, 16]))
+    share = data.draw(st.sampled_from(["none", "headwise", "kv"]))
+    mech = build("linformer", {"k": data.draw(st.integers(1, 40)), "share": share}, ctx(H, d, 80)).double()
+    seed = data.draw(st.integers(0, 2**31))
+    check_against_reference(mech, *_qkv(B, H, n, d, seed), _padding(B, n, data.draw(st.sampled_from(
+        ["none", "right", "random"])), seed), seed)
