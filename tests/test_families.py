@@ -158,3 +158,76 @@ def test_linformer_forward_equals_reference(data):
     seed = data.draw(st.integers(0, 2**31))
     check_against_reference(mech, *_qkv(B, H, n, d, seed), _padding(B, n, data.draw(st.sampled_from(
         ["none", "right", "random"])), seed), seed)
+
+
+# -- Nystromformer ------------------------------------------------------------------------------------------
+def _hf_nystrom(D, H, m, n, K):
+    from transformers import NystromformerConfig
+    from transformers.models.nystromformer.modeling_nystromformer import NystromformerSelfAttention
+    cfg = NystromformerConfig(hidden_size=D, num_attention_heads=H, num_landmarks=m, segment_means_seq_len=n,
+                              conv_kernel_size=K, attention_probs_dropout_prob=0.0)
+    return NystromformerSelfAttention(cfg).eval()
+
+
+@pytest.mark.parametrize("pinv_init,landmarks", [("original", 8), ("per_head", 8), ("original", 64)])
+def test_nystrom_equals_hugging_face(pinv_init, landmarks):
+    """Hugging Face's layer with copied weights, padding included. Its padding masks only the landmark
+    rows' scores and keeps padded vectors in the landmark means, so the padded tokens are given zero
+    hidden states and the projections no bias: then its padded q, k, v are zero, as ours are."""
+    torch.manual_seed(0)
+    B, D, H, n, K = 2, 32, 4, 64, 5
+    peer = _hf_nystrom(D, H, landmarks, n, K)
+    if pinv_init == "per_head":
+        peer.init_option = "exact"  # HF's per-(sequence, head) start (its config key cannot reach it)
+    with torch.no_grad():
+        for lin in (peer.query, peer.key, peer.value):
+            lin.bias.zero_()
+    mech = build("nystrom", {"num_landmarks": landmarks, "conv_kernel_size": K, "pinv_init": pinv_init},
+                 ctx(H, D // H, n))
+    with torch.no_grad():
+        mech.conv.weight.copy_(peer.conv.weight)
+    kp = torch.ones(B, n, dtype=torch.bool)
+    kp[1, 45:] = False
+    x = torch.randn(B, n, D) * kp[..., None]
+    ext = (1.0 - kp[:, None, None, :].float()) * torch.finfo(torch.float32).min
+    theirs = peer(x, attention_mask=ext)[0]
+    split = lambda t: t.view(B, n, H, D // H).transpose(1, 2)  # noqa: E731
+    ours = mech(split(peer.query(x)), split(peer.key(x)), split(peer.value(x)), key_padding=kp)
+    ours = ours.transpose(1, 2).reshape(B, n, D)
+    torch.testing.assert_close(ours[kp], theirs[kp], **PEER)
+
+
+def test_nystrom_with_a_landmark_per_token_is_full_attention():
+    """Through the landmark path itself (not the m >= n shortcut): m = n segments of one token each, the
+    pseudo-inverse iterated to convergence, so the Nystrom matrix A A^+ A is A."""
+    n = 24
+    mech = build("nystrom", {"num_landmarks": n, "conv_kernel_size": 0, "pinv_iterations": 40}, ctx(2, 8, n)).double()
+    q, k, v = (t.detach() for t in _qkv(2, 2, n, 8, 3))
+    q, k = 2 * q, 2 * k  # peaked scores: a well-conditioned softmax matrix
+    torch.testing.assert_close(mech.landmark_matrix(q, k) @ v, dense_softmax(q, k, v), **TOL)
+    # and the m >= n shortcut, padding included
+    kp = _padding(2, n, "random", 4)
+    torch.testing.assert_close(mech(q, k, v, key_padding=kp)[kp[:, None].expand(2, 2, n)],
+                               dense_softmax(q, k, v, kp)[kp[:, None].expand(2, 2, n)], **TOL)
+
+
+def test_nystrom_errors_are_one_sentence():
+    with pytest.raises(LongctxError, match="odd"):
+        make_spec("nystrom", {"conv_kernel_size": 4})
+    with pytest.raises(LongctxError, match="num_landmarks"):
+        make_spec("nystrom", {"num_landmarks": 0})
+    with pytest.raises(LongctxError, match="pinv_init"):
+        make_spec("nystrom", {"pinv_init": "fast"})
+
+
+@settings(max_examples=30)
+@given(data=st.data())
+def test_nystrom_forward_equals_reference(data):
+    B, H, n, d = data.draw(st.integers(1, 2)), data.draw(st.integers(1, 3)), data.draw(st.integers(1, 90)), \
+        data.draw(st.sampled_from([4, 8, 16]))
+    spec = {"num_landmarks": data.draw(st.integers(1, 24)), "conv_kernel_size": data.draw(st.sampled_from([0, 3, 7])),
+            "pinv_init": data.draw(st.sampled_from(["per_head", "original"]))}
+    mech = build("nystrom", spec, ctx(H, d, 128)).double()
+    seed = data.draw(st.integers(0, 2**31))
+    check_against_reference(mech, *_qkv(B, H, n, d, seed), _padding(B, n, data.draw(st.sampled_from(
+        ["none", "right", "random"])), seed), seed)

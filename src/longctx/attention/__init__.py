@@ -7,4 +7,4 @@ from longctx.attention.reference import dense_attention
 __all__ = ["AttentionPattern", "BACKENDS", "SelfAttention", "attention", "dense_attention", "full_mask"]
 
 # the approximate families register themselves on import (one file each)
-from longctx.attention import linformer  # noqa: E402,F401
+from longctx.attention import linformer, nystrom  # noqa: E402,F401
