@@ -1,16 +1,26 @@
-"""Checkpoints: written atomically (a temporary folder, then one rename), loaded without pickle.
+"""Checkpoints and the run folder: atomic writes, checksums, one writer at a time.
 
 A checkpoint folder ``checkpoints/step-000120/`` holds the model (``save_pretrained``: safetensors and
 config.json), ``optimizer.pt`` and ``scheduler.pt`` (loaded with ``torch.load(weights_only=True)``),
-``rng.pt`` (random states) and ``state.json`` (step, data position, tokens seen, elapsed time). Only the
-last ``keep_last`` are kept.
+``rng.pt`` (random states), ``state.json`` (step, tokens seen, elapsed time), ``run_config.json`` (the
+experiment config it was trained with) and ``manifest.json`` (sha256 and size of every other file).
+
+Every write goes to a ``.tmp-*`` folder first and becomes visible with one rename, so a killed run
+leaves either the whole checkpoint or none of it; leftovers are removed at the next start. Resume
+verifies the manifest and falls back to the newest intact checkpoint (a truncated or bit-flipped file
+is caught by its checksum). Only the last ``keep_last`` are kept.
+
+The run folder is locked (``fcntl.flock`` on ``.lock``) while a run writes it: a second writer is
+refused; the kernel releases the lock when the process dies, however it dies.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 
@@ -20,7 +30,88 @@ from safetensors.torch import load_file
 
 from longctx.errors import LongctxError
 
+MANIFEST = "manifest.json"
+STATE_KEYS = ("step", "tokens", "train_time")
 
+
+class CorruptCheckpoint(LongctxError):
+    """A checkpoint whose files are missing, truncated or altered: resume falls back to an older one."""
+
+
+# --- fault injection, for the kill tests: LONGCTX_FAULT="point:n" SIGKILLs the n-th arrival at point ---
+_arrivals: dict[str, int] = {}
+
+
+def fault_point(name: str) -> None:
+    spec = os.environ.get("LONGCTX_FAULT")
+    if not spec:
+        return
+    point, _, n = spec.rpartition(":")
+    if point != name:
+        return
+    _arrivals[name] = _arrivals.get(name, 0) + 1
+    if _arrivals[name] == int(n):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# --- the run folder ---
+def lock_run(out_dir: Path):
+    """Take the run folder's advisory lock; returns the open lock file (keep it open while writing)."""
+    import fcntl
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    f = open(out / ".lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise LongctxError(f"{out} is being written by another run (process {holder}); wait for it to end "
+                           "or choose another --out") from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
+
+
+def clean_temporaries(out_dir: Path) -> list[Path]:
+    """Remove the ``.tmp-*`` folders and files a killed run left (call with the lock held)."""
+    out = Path(out_dir)
+    removed = []
+    for root in (out, out / "checkpoints"):
+        if root.is_dir():
+            for p in root.glob(".tmp-*"):
+                if p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
+                removed.append(p)
+    return removed
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move a finished ``.tmp-*`` folder to ``final``; an old ``final`` is moved aside first (a kill in
+    between leaves a ``.tmp-*`` folder, cleaned at the next start) and then removed."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".tmp-old-{final.name}-{os.getpid()}")
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# --- checkpoints ---
 def checkpoint_dirs(out_dir: Path) -> list[Path]:
     root = Path(out_dir) / "checkpoints"
     if not root.is_dir():
@@ -28,51 +119,160 @@ def checkpoint_dirs(out_dir: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / "state.json").exists())
 
 
-def save_checkpoint(out_dir: Path, model, optimizer, scheduler, state: dict, keep_last: int) -> Path:
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_checkpoint(out_dir: Path, model, optimizer, scheduler, state: dict, keep_last: int,
+                    run_config: dict | None = None) -> Path:
     root = Path(out_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{state['step']:06d}"
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
     try:
+        fault_point("save.start")
         model.save_pretrained(tmp)
+        fault_point("save.model")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save({"torch": torch.get_rng_state(), "numpy": _np_state(), "python": _py_state()}, tmp / "rng.pt")
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        if run_config is not None:
+            (tmp / "run_config.json").write_text(json.dumps(run_config, indent=1))
+        fault_point("save.files")
+        files = {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in sorted(tmp.iterdir()) if p.is_file()}
+        (tmp / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
+        fault_point("save.manifest")
+        replace_dir(tmp, final)
+        fault_point("save.renamed")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     for old in checkpoint_dirs(out_dir)[:-max(1, keep_last)]:
-        shutil.rmtree(old, ignore_errors=True)
+        # renamed first, so a kill during the removal never leaves a half-deleted step-* folder
+        gone = old.with_name(f".tmp-del-{old.name}")
+        os.replace(old, gone)
+        fault_point("save.prune")
+        shutil.rmtree(gone, ignore_errors=True)
     return final
 
 
+def verify_checkpoint(path: Path) -> str | None:
+    """Why the checkpoint at ``path`` cannot be trusted, or None if every file matches its manifest."""
+    path = Path(path)
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())["files"]
+    except FileNotFoundError:
+        return "it has no checksum manifest"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"its manifest cannot be read ({type(e).__name__})"
+    for name in ("model.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "state.json"):
+        if name not in manifest:
+            return f"its manifest does not list {name}"
+    for name, entry in manifest.items():
+        p = path / name
+        if not p.is_file():
+            return f"{name} is missing"
+        size = p.stat().st_size
+        if size != entry.get("bytes"):
+            return f"{name} has {size:,} bytes instead of {entry.get('bytes'):,} (truncated or altered)"
+        if _sha256(p) != entry.get("sha256"):
+            return f"{name} does not match its sha256 checksum (altered on disk)"
+    return None
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
-    """Restore weights, optimizer, scheduler and random states in place; returns the saved state."""
+    """Restore weights, optimizer, scheduler and random states in place; returns the saved state.
+
+    Raises CorruptCheckpoint when a file cannot be read (the caller falls back to an older checkpoint),
+    LongctxError when the checkpoint is fine but belongs to another model."""
     path = Path(path)
     try:
         weights = load_file(str(path / "model.safetensors"))
-        missing, unexpected = model.load_state_dict(weights, strict=False)
-        tied = set(getattr(model, "_tied_weights_keys", None) or {})
-        if unexpected or set(missing) - tied:
-            raise LongctxError(f"checkpoint {path} does not match the model (missing {sorted(missing)[:3]}, "
-                               f"unexpected {sorted(unexpected)[:3]}); was the config changed?")
-        if hasattr(model, "tie_weights"):
-            model.tie_weights()
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        optim_state = torch.load(path / "optimizer.pt", weights_only=True)
+        sched_state = torch.load(path / "scheduler.pt", weights_only=True)
         rng = torch.load(path / "rng.pt", weights_only=True)
         state = json.loads((path / "state.json").read_text())
-    except (OSError, RuntimeError, ValueError, json.JSONDecodeError) as e:
-        raise LongctxError(f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e)[:120]}); "
-                           "remove it to resume from the one before") from None
+        if not isinstance(state, dict) or any(k not in state for k in STATE_KEYS) or not isinstance(state["step"], int):
+            raise ValueError(f"state.json lacks {', '.join(STATE_KEYS)}")
+    except Exception as e:  # noqa: BLE001 - any unreadable file (safetensors, pickle, JSON) means the same
+        raise CorruptCheckpoint(f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e)[:120]})") from None
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or {})
+    if unexpected or set(missing) - tied:
+        raise LongctxError(f"checkpoint {path} does not match the model built from this config (missing "
+                           f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}); resume with the config "
+                           "it was trained with")
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    try:
+        optimizer.load_state_dict(optim_state)
+        scheduler.load_state_dict(sched_state)
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise LongctxError(f"the optimizer state in {path} does not match this model ({str(e)[:120]}); resume "
+                           "with the config it was trained with") from None
     torch.set_rng_state(rng["torch"])
     np.random.set_state(_np_unstate(rng["numpy"]))
     random.setstate(_py_unstate(rng["python"]))
     return state
+
+
+# --- the saved config: what a resume may change ---
+# Keys that change neither the model nor the data nor the optimisation: a resume may change them.
+SAFE_TO_CHANGE = {
+    "name": "a label",
+    "train.steps": "the run continues to the new total; the LR schedule follows it",
+    "train.log_every": "logging", "train.eval_every": "evaluation cadence", "train.eval_batches": "evaluation size",
+    "train.save_every": "checkpoint cadence", "train.keep_last": "checkpoints kept",
+    "train.activation_checkpointing": "recomputation, same results",
+}
+
+
+def _flatten(d, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and key != "data.tokenizer":
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def plain(cfg) -> dict:
+    """The config as JSON values (tuples as lists, dataclasses as dicts), as it is saved."""
+    import dataclasses
+    if dataclasses.is_dataclass(cfg):
+        cfg = dataclasses.asdict(cfg)
+    elif hasattr(cfg, "to_dict"):
+        cfg = cfg.to_dict()
+    return json.loads(json.dumps(cfg, default=str))
+
+
+def config_changes(saved: dict, new: dict) -> tuple[list[str], list[str]]:
+    """(changes a resume cannot take, changes it can), each written ``key (old -> new)``."""
+    a, b = _flatten(plain(saved)), _flatten(plain(new))
+    unsafe, safe = [], []
+    for key in sorted(set(a) | set(b)):
+        if a.get(key, "<unset>") == b.get(key, "<unset>"):
+            continue
+        text = f"{key} ({json.dumps(a.get(key, '<unset>'))} -> {json.dumps(b.get(key, '<unset>'))})"
+        # with a stage preset, train.steps sets the phase lengths: then it changes the data
+        ok = key in SAFE_TO_CHANGE and not (key == "train.steps" and b.get("stages"))
+        (safe if ok else unsafe).append(text)
+    return unsafe, safe
 
 
 # numpy and python RNG states as plain tensors/lists, so weights_only loading accepts them

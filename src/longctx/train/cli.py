@@ -19,7 +19,10 @@ def run_pretrain(args) -> int:
     out = Path(args.out or Path("runs") / cfg["name"])
     result = pretrain(cfg, out, resume=args.resume, progress=not args.quiet)
     ev = result["eval"]
-    print(f"held-out loss {ev['loss']:.4f} (perplexity {ev['perplexity']:.2f}) after {result['steps']} steps, "
+    # a loss over no tokens is not a result: say so rather than print 0.0000
+    quality = (f"held-out loss {ev['loss']:.4f} (perplexity {ev['perplexity']:.2f})" if ev.get("loss") is not None
+               else "no held-out tokens were evaluated")
+    print(f"{quality} after {result['steps']} steps, "
           f"{result['tokens_per_s']:,.0f} tokens/s; model in {out / 'model'}, results in {out / 'results.json'}")
     return 0
 

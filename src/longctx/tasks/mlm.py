@@ -1,0 +1,142 @@
+"""Masked language modelling (RoBERTa's dynamic masking) on a packed corpus: the pretraining task.
+
+Also the base of every language-modelling task (``LanguageModelTask``): the corpus is split by document,
+packed into ``seq_len``-token blocks per phase, and judged by the mean held-out loss per predicted
+token and its perplexity, on fixed masks (evaluation batches draw theirs far from any training batch).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from longctx.errors import LongctxError
+from longctx.tasks.base import Task, register
+
+EVAL_BATCH_OFFSET = 10**9  # masking seeds of evaluation batches, far from any training batch index
+
+
+def lm_loss(model, dataset, collator, batches: int, batch_size: int, device=None, allow_empty: bool = False,
+            causal: bool = False) -> dict:
+    """Mean held-out loss over the first ``batches`` batches of ``dataset`` (fixed masks), its perplexity
+    and the number of tokens it was computed on. No tokens at all is an error (a loss of 0 from
+    nothing would read as a perfect model), or, with ``allow_empty``, ``loss: None``."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    from longctx.data.collate import batch_order
+    n = min(batches, max(1, len(dataset) // batch_size))
+    with torch.no_grad():
+        for i in range(n):
+            idx = batch_order(len(dataset), batch_size, i, 0, shuffle=False)
+            batch = collator([dataset[j] for j in idx], batch_index=EVAL_BATCH_OFFSET + i)
+            if device is not None:
+                batch = {k: v.to(device) for k, v in batch.items()}
+            labels = batch["labels"]
+            # the model averages over the tokens it predicts: a causal model predicts from position 1 on
+            k = int((labels[:, 1:] != -100).sum()) if causal else int((labels != -100).sum())
+            if k == 0:
+                continue
+            loss = model(**batch).loss
+            total += float(loss) * k
+            count += k
+    model.train(was_training)
+    if count == 0:
+        if allow_empty:
+            return {"loss": None, "perplexity": None, "eval_tokens": 0}
+        raise LongctxError(f"no held-out tokens were evaluated ({n} batch(es) of {batch_size} held no predicted "
+                           "token); use more train.eval_batches or a larger held-out part of the corpus")
+    loss = total / count
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "eval_tokens": count}
+
+
+class LanguageModelTask(Task):
+    """A language-modelling objective on the experiment's corpus (``cfg['data']``)."""
+
+    causal = False
+
+    def prepare(self) -> None:
+        from longctx.data.packing import prepare_data
+        from longctx.train.config import stage_list
+
+        d = self.cfg["data"]
+        self.data = prepare_data(d["corpus"], d["tokenizer"], d["valid_fraction"], self.cfg["seed"], d["text_field"])
+        self.tokenizer = self.data.tokenizer
+        for n in [d["seq_len"]] + [s["seq_len"] for s in stage_list(self.cfg)]:
+            if len(self.data.train) < n or len(self.data.valid) < n:
+                raise LongctxError(
+                    f"the corpus is too small for data.seq_len={n}: {len(self.data.train):,} training and "
+                    f"{len(self.data.valid):,} held-out tokens; use a bigger corpus or a shorter sequence")
+        self.collator = self.make_collator()
+
+    def make_collator(self):
+        raise NotImplementedError
+
+    def build_model(self, init_from: str | None = None):
+        """A fresh model from the config's ``model`` section (vocabulary and special ids from the
+        tokenizer), or the model saved at ``init_from``."""
+        from longctx.models import LongctxConfig
+
+        cls = self.model_class
+        tok = self.tokenizer
+        if init_from:
+            path = Path(init_from)
+            if not (path / "config.json").exists():
+                raise LongctxError(f"init_from {path} is not a saved model folder (no config.json)")
+            model = cls.from_pretrained(path)
+            if model.config.vocab_size < tok.vocab_size:
+                raise LongctxError(f"init_from model has {model.config.vocab_size} tokens but the tokenizer "
+                                   f"{tok.vocab_size}; use the model's own tokenizer (data.tokenizer={path})")
+            return model
+        fields = dict(self.cfg["model"])
+        fields.update(vocab_size=tok.vocab_size, pad_token_id=tok.pad_id, sep_token_id=tok.sep_id,
+                      bos_token_id=getattr(tok, "bos_id", None), eos_token_id=getattr(tok, "eos_id", None),
+                      causal=self.causal)
+        return cls(LongctxConfig(**fields))
+
+    def _packed(self, stream, seq_len: int):
+        from longctx.data.packing import PackedDataset
+        start_token = self.tokenizer.cls_id if self.cfg["data"]["global_tokens"] == "first" else None
+        return PackedDataset(stream, seq_len, start_token=start_token)
+
+    def train_examples(self, seq_len: int):
+        return self._packed(self.data.train, seq_len)
+
+    def eval_examples(self, split: str, seq_len: int):
+        if split not in ("dev", "test"):
+            raise LongctxError(f"a language-modelling task has one held-out split, not {split!r}")
+        return self._packed(self.data.valid, seq_len)
+
+    def collate(self, examples, batch_index: int, rank: int = 0) -> dict:
+        return self.collator(examples, batch_index=batch_index, rank=rank)
+
+    def evaluate(self, model, split: str = "dev", *, seq_len: int | None = None, batches: int | None = None,
+                 batch_size: int | None = None, device=None, allow_empty: bool = False) -> dict:
+        t = self.cfg["train"]
+        seq_len = seq_len or self.cfg["data"]["seq_len"]
+        ev = lm_loss(model, self.eval_examples(split, seq_len), self.collator, batches or t["eval_batches"],
+                     batch_size or t["batch_size"], device, allow_empty, self.causal)
+        if self.causal and ev["loss"] is not None:  # bits per character of the held-out text
+            tokens_per_char = len(self.data.valid) / max(1, self.data.valid_chars)
+            ev["bits_per_char"] = ev["loss"] * tokens_per_char / math.log(2)
+        return ev
+
+
+@register
+class MaskedLMTask(LanguageModelTask):
+    name = "mlm"
+
+    @property
+    def model_class(self):
+        from longctx.models import LongctxForMaskedLM
+        return LongctxForMaskedLM
+
+    @property
+    def global_tokens(self):
+        return self.cfg["data"]["global_tokens"]
+
+    def make_collator(self):
+        from longctx.data.collate import MLMCollator
+        d = self.cfg["data"]
+        return MLMCollator(self.tokenizer, d["mlm_probability"], d["global_tokens"], self.cfg["seed"])

@@ -1,0 +1,434 @@
+"""The one trainer: pretraining and finetuning alike, any ``Task`` (longctx.tasks), on Accelerate.
+
+One process on a laptop CPU, or many through ``accelerate launch`` / ``torchrun`` (DDP; FSDP through
+Accelerate's config); bf16 autocast with ``train.bf16``. Written as torchtune's recipes are: ``setup()``
+(run folder, data, model, optimizer, resume), ``step()`` (one optimizer step), ``evaluate()``, ``save()``
+(an atomic checkpoint) and ``finish()`` (final checkpoint, evaluation, model and results); ``fit()``
+runs them in order.
+
+Reproducible by construction: batch k depends only on (seed, k, rank) (the task's collator), so a
+checkpoint stores just the step; a resumed run ends bit-identical to one that was never stopped (one
+process, CPU, same seed), wherever it was killed, checkpoint writes included.
+
+The run folder (``out_dir``) holds ``checkpoints/``, ``metrics.jsonl``, ``tb/``, ``run_config.json`` (the
+config of the latest start), and at the end ``model/``, ``loss.png`` and ``results.json`` (written
+last: a run is finished when it exists).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from longctx.errors import LongctxError
+from longctx.train.checkpoint import (CorruptCheckpoint, checkpoint_dirs, clean_temporaries, config_changes,
+                                      fault_point, load_checkpoint, lock_run, plain, read_json, replace_dir,
+                                      save_checkpoint, verify_checkpoint, write_atomic)
+from longctx.train.config import stage_list
+
+
+def lr_schedule(cfg: dict, stages: list[dict]):
+    """LR multiplier per step: linear warm-up, then the phase's LR (relative to train.lr) decayed as
+    configured over the whole run."""
+    t = cfg["train"]
+    total = sum(s["steps"] for s in stages)
+    bounds = []
+    acc = 0
+    for s in stages:
+        acc += s["steps"]
+        bounds.append((acc, s["lr"] / t["lr"]))
+
+    def factor(step: int) -> float:
+        phase = next(f for end, f in bounds if step < end) if step < total else bounds[-1][1]
+        warm = min(1.0, (step + 1) / max(1, t["warmup_steps"]))
+        progress = min(1.0, max(0.0, (step - t["warmup_steps"]) / max(1, total - t["warmup_steps"])))
+        decay = {"linear": 1.0 - progress, "cosine": 0.5 * (1 + math.cos(math.pi * progress)),
+                 "constant": 1.0}[t["schedule"]]
+        return phase * warm * max(decay, 0.0)
+
+    return factor
+
+
+def make_optimizer(model, cfg):
+    """AdamW, no weight decay on biases and norms."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.dim() < 2 or "norm" in name else decay).append(p)
+    t = cfg["train"]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": t["weight_decay"]},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=t["lr"], betas=(0.9, 0.98), eps=1e-6)
+
+
+def peak_memory_bytes() -> int:
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class Progress:
+    """One line per log step: loss, learning rate, tokens/s and ETA."""
+
+    def __init__(self, total_steps: int, enabled: bool, stream=sys.stderr):
+        self.total, self.enabled, self.stream = total_steps, enabled, stream
+
+    def __call__(self, step: int, loss: float, lr: float, tok_s: float, remaining_s: float, extra: str = ""):
+        if self.enabled:
+            eta = f"{int(remaining_s // 60)}m{int(remaining_s % 60):02d}s"
+            print(f"step {step:>6}/{self.total} | loss {loss:.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s | ETA {eta}{extra}",
+                  file=self.stream, flush=True)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The rows of a metrics.jsonl; a line cut by a kill (or any unreadable line) is skipped."""
+    rows = []
+    if not Path(path).exists():
+        return rows
+    for line in Path(path).read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def _rewind_metrics(path: Path, step: int) -> None:
+    """Keep the rows up to ``step`` (the resumed checkpoint): the rows a killed run logged after it are
+    logged again by the resumed run, and a torn last line would glue itself to the next row."""
+    if path.exists():
+        rows = [r for r in read_metrics(path) if isinstance(r.get("step"), int) and r["step"] <= step]
+        write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+class Trainer:
+    def __init__(self, cfg: dict, task, out_dir: str | Path, resume: bool = False, progress: bool = True):
+        self.cfg, self.task, self.out = cfg, task, Path(out_dir)
+        self.resume, self.progress = resume, progress
+        self.t = cfg["train"]
+        self.stages = stage_list(cfg) or [{"steps": self.t["steps"], "seq_len": cfg["data"]["seq_len"],
+                                           "window": cfg["model"].get("window"), "lr": self.t["lr"]}]
+        self.total_steps = sum(s["steps"] for s in self.stages)
+        self.state = {"step": 0, "tokens": 0, "train_time": 0.0, "world_size": 1}
+        self.finished_result = None
+        self._lock = None
+        self.writer = None
+        self.last_loss = float("nan")
+
+    # ---- setup ----
+    def say(self, text: str) -> None:
+        if self.main and self.progress:
+            print(text, file=sys.stderr, flush=True)
+
+    def setup(self) -> None:
+        from accelerate import Accelerator, DistributedDataParallelKwargs
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        if self.t["eval_batches"] < 1:
+            raise LongctxError(f"train.eval_batches={self.t['eval_batches']} evaluates nothing; use 1 or more")
+        # global projections get no gradient in batches without global tokens: DDP must allow that
+        self.accelerator = acc = Accelerator(
+            mixed_precision="bf16" if self.t["bf16"] else "no", cpu=not torch.cuda.is_available(),
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+        self.rank, self.world, self.main = acc.process_index, acc.num_processes, acc.is_main_process
+        self.state["world_size"] = self.world
+        torch.manual_seed(self.cfg["seed"])
+        if self.main:
+            self._lock = lock_run(self.out)  # before anything is read or cleaned: another run may own it
+            clean_temporaries(self.out)
+        acc.wait_for_everyone()
+
+        self.candidates = self._resume_candidates()
+        if self.candidates and self._finished(self.candidates[0][0]):
+            return
+        self.task.prepare()
+        model = self.task.build_model(self.cfg.get("init_from"))
+        if self.t["activation_checkpointing"]:
+            model.gradient_checkpointing_enable()
+        self.n_params = sum(p.numel() for p in model.parameters())
+        optimizer = make_optimizer(model, self.cfg)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(self.cfg, self.stages))
+        if self.candidates:
+            self._load(model, optimizer, scheduler)
+        self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
+        self.unwrapped = acc.unwrap_model(self.model)
+        self.step_no = self.state["step"]
+        self.phase, self.train_data = None, None
+        self.show = Progress(self.total_steps, self.main and self.progress)
+        if self.main:
+            from torch.utils.tensorboard import SummaryWriter
+            write_atomic(self.out / "run_config.json", json.dumps(plain(self.cfg), indent=1))
+            _rewind_metrics(self.out / "metrics.jsonl", self.step_no)
+            # events after the resumed step are the killed run's: TensorBoard drops them
+            self.writer = SummaryWriter(str(self.out / "tb"), purge_step=self.step_no + 1 if self.step_no else None)
+
+    def _resume_candidates(self) -> list[tuple[Path, dict]]:
+        """The intact checkpoints, newest first, each with the config it was trained with; reports the
+        damaged ones and the config changes; refuses changes the checkpoints cannot take."""
+        existing = checkpoint_dirs(self.out)
+        if existing and not self.resume:
+            raise LongctxError(f"{self.out} already holds checkpoints; pass --resume to continue, or choose "
+                               "another --out")
+        if not existing:
+            return []
+        intact, damaged = [], []
+        for path in reversed(existing):
+            why = verify_checkpoint(path)
+            if why:
+                damaged.append(f"{path.name} ({why})")
+            else:
+                intact.append(path)
+        if not intact:
+            raise LongctxError(f"no checkpoint in {self.out / 'checkpoints'} is intact: {'; '.join(damaged)}; "
+                               "the run cannot continue, start it again with another --out")
+        if damaged:
+            self.say(f"skipping damaged checkpoint(s) {'; '.join(damaged)}: resuming from {intact[0].name}, the "
+                     "newest intact one")
+        saved = read_json(intact[0] / "run_config.json") or read_json(self.out / "run_config.json")
+        if saved is not None:
+            unsafe, safe = config_changes(saved, self.cfg)
+            if unsafe:
+                raise LongctxError(
+                    f"cannot resume {self.out}: the config differs from the one its checkpoints were trained with "
+                    f"in {', '.join(unsafe)}, which change the model, the data or the optimisation; resume with "
+                    f"the saved values (in {intact[0] / 'run_config.json'}) or start a new run with another --out")
+            if safe:
+                self.say(f"resuming with changed {', '.join(safe)}: allowed, they change neither the model nor "
+                         "the data")
+        return [(p, saved) for p in intact]
+
+    def _finished(self, newest: Path) -> bool:
+        """A run whose newest checkpoint is its last step and whose results.json exists is done."""
+        state = read_json(newest / "state.json") or {}
+        result = read_json(self.out / "results.json")
+        if state.get("step") == self.total_steps and result is not None and result.get("steps") == self.total_steps \
+                and (self.out / "model").is_dir():
+            self.say(f"{self.out} finished earlier ({self.total_steps} of {self.total_steps} steps); its model is in "
+                     f"{self.out / 'model'}")
+            self.finished_result = result
+            return True
+        return False
+
+    def _load(self, model, optimizer, scheduler) -> None:
+        for i, (path, _) in enumerate(self.candidates):
+            try:
+                state = load_checkpoint(path, model, optimizer, scheduler)
+            except CorruptCheckpoint as e:
+                if i + 1 == len(self.candidates):
+                    raise LongctxError(f"{e}; no older intact checkpoint is left, start the run again with "
+                                       "another --out") from None
+                self.say(f"{e}; falling back to {self.candidates[i + 1][0].name}")
+                continue
+            if state.get("world_size", 1) != self.world:
+                raise LongctxError(f"checkpoint {path} was written by {state['world_size']} processes, this run has "
+                                   f"{self.world}; resume with the same number")
+            if state["step"] > self.total_steps:
+                raise LongctxError(f"checkpoint {path} is at step {state['step']}, past train.steps="
+                                   f"{self.total_steps}; resume with train.steps >= {state['step']}")
+            self.state = state
+            self.resumed_from = path
+            self.say(f"resuming from {path} (step {state['step']})")
+            return
+
+    # ---- training ----
+    def _enter_phase(self) -> None:
+        from longctx.train.loop import set_windows
+
+        bounds = [sum(s["steps"] for s in self.stages[:i + 1]) for i in range(len(self.stages))]
+        phase = next(i for i, end in enumerate(bounds) if self.step_no < end)
+        if phase != self.phase:
+            self.phase = phase
+            s = self.stages[phase]
+            self.train_data = self.task.train_examples(s["seq_len"])
+            if len(self.stages) > 1 and s.get("window") is not None:
+                set_windows(self.unwrapped, s["window"])
+
+    def step(self) -> float:
+        """One optimizer step (``grad_accum`` micro-batches); returns the loss (mean over processes)."""
+        from longctx.data.collate import batch_order
+
+        t, acc = self.t, self.accelerator
+        self._enter_phase()
+        t0 = time.perf_counter()
+        loss_sum, tokens = 0.0, 0
+        for a in range(t["grad_accum"]):
+            k = self.step_no * t["grad_accum"] + a  # the micro-batch index: the data position
+            idx = batch_order(len(self.train_data), t["batch_size"], k, self.cfg["seed"], self.rank, self.world)
+            batch = self.task.collate([self.train_data[i] for i in idx], batch_index=k, rank=self.rank)
+            batch = {key: v.to(acc.device) for key, v in batch.items()}
+            tokens += batch["input_ids"].numel() * self.world
+            loss = self.model(**batch).loss / t["grad_accum"]
+            acc.backward(loss)
+            loss_sum += float(loss.detach())
+        self.last_loss = float(acc.reduce(torch.tensor(loss_sum, device=acc.device), "mean"))
+        if not math.isfinite(self.last_loss):
+            good = checkpoint_dirs(self.out)
+            where = f"the last good checkpoint is {good[-1]}" if good else "no checkpoint was written yet"
+            raise LongctxError(f"the loss became {self.last_loss} at step {self.step_no + 1}; training stopped and "
+                               f"{where}. Lower train.lr, raise train.warmup_steps, or turn off train.bf16")
+        if t["clip"] > 0:
+            acc.clip_grad_norm_(self.model.parameters(), t["clip"])
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step_no += 1
+        self.state.update(step=self.step_no, tokens=self.state["tokens"] + tokens,
+                          train_time=self.state["train_time"] + time.perf_counter() - t0)
+        self._window_tokens += tokens
+        return self.last_loss
+
+    def log(self, record: dict) -> None:
+        if not self.main:
+            return
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        for key, value in record.items():
+            if isinstance(value, (int, float)) and key not in ("step",):
+                self.writer.add_scalar(f"{record['type']}/{key}", value, record["step"])
+
+    def evaluate(self, split: str = "dev", allow_empty: bool = True) -> dict:
+        seq_len = self.stages[self.phase if self.phase is not None else -1]["seq_len"]
+        return self.task.evaluate(self.model, split, seq_len=seq_len, batches=self.t["eval_batches"],
+                                  batch_size=self.t["batch_size"], device=self.accelerator.device,
+                                  allow_empty=allow_empty)
+
+    def save(self) -> None:
+        """An atomic checkpoint of the current step (written by the main process)."""
+        self.accelerator.wait_for_everyone()
+        if self.main:
+            save_checkpoint(self.out, self.unwrapped, self.optimizer, self.scheduler, dict(self.state),
+                            self.t["keep_last"], run_config=plain(self.cfg))
+        self.accelerator.wait_for_everyone()
+
+    def fit(self) -> dict:
+        try:
+            self.setup()
+            if self.finished_result is not None:
+                return self.finished_result
+            return self._train()
+        finally:
+            if self.writer is not None:
+                self.writer.close()
+            if self._lock is not None:
+                self._lock.close()
+
+    def _train(self) -> dict:
+        t = self.t
+        self.model.train()
+        self._window_tokens, window_start = 0, time.perf_counter()
+        try:
+            while self.step_no < self.total_steps:
+                self.step()
+                step = self.step_no
+                if step % t["log_every"] == 0 or step == self.total_steps:
+                    elapsed = time.perf_counter() - window_start
+                    tok_s = self._window_tokens / max(elapsed, 1e-9)
+                    lr = self.scheduler.get_last_lr()[0]
+                    rate = self.state["train_time"] / step
+                    self.show(step, self.last_loss, lr, tok_s, rate * (self.total_steps - step))
+                    self.log({"type": "train", "step": step, "loss": self.last_loss, "lr": lr, "tokens_per_s": tok_s,
+                              "tokens": self.state["tokens"], "train_time": self.state["train_time"]})
+                    self._window_tokens, window_start = 0, time.perf_counter()
+                if t["eval_every"] and step % t["eval_every"] == 0 and step < self.total_steps:
+                    self.log({"type": "eval", "step": step, **self.evaluate(), "train_time": self.state["train_time"]})
+                if t["save_every"] and step % t["save_every"] == 0 and step < self.total_steps:
+                    self.save()
+        except KeyboardInterrupt:
+            if self.step_no > 0 and self.main:
+                self.save()
+                print(f"interrupted: checkpoint of step {self.step_no} saved in {self.out / 'checkpoints'}; "
+                      "continue with --resume", file=sys.stderr)
+            raise
+        return self.finish()
+
+    def finish(self) -> dict:
+        """The last checkpoint (unless the run resumed from it), the final evaluation, the model and
+        results.json; each output is written whole or not at all, results.json last."""
+        done = checkpoint_dirs(self.out)
+        if not done or done[-1].name != f"step-{self.step_no:06d}":
+            self.save()
+        if self.phase is None:  # resumed from the last checkpoint: no step ran
+            self._enter_phase_for_eval()
+        ev = self.evaluate()
+        self.log({"type": "eval", "step": self.step_no, **ev, "train_time": self.state["train_time"]})
+        result = {
+            "name": self.cfg["name"], "task": self.task.name, "objective": self.cfg.get("objective"),
+            "steps": self.step_no, "tokens": self.state["tokens"], "parameters": self.n_params,
+            "train_time_s": self.state["train_time"],
+            "tokens_per_s": self.state["tokens"] / max(self.state["train_time"], 1e-9),
+            "peak_memory_bytes": peak_memory_bytes(), "final_train_loss": self.last_loss, "eval": ev,
+            "attention": self.unwrapped.config.describe_attention(), "seq_len": self.stages[-1]["seq_len"],
+            "world_size": self.world,
+        }
+        if self.main:
+            fault_point("finish.start")
+            tmp = Path(tempfile.mkdtemp(dir=self.out, prefix=".tmp-model-"))
+            try:
+                self.unwrapped.save_pretrained(tmp)
+                if self.task.tokenizer is not None and hasattr(self.task.tokenizer, "save"):
+                    self.task.tokenizer.save(tmp)
+                fault_point("finish.model")
+                replace_dir(tmp, self.out / "model")
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            from longctx.train.loop import plot_losses
+            png = self.out / f".tmp-loss-{os.getpid()}.png"
+            plot_losses(self.out / "metrics.jsonl", png)
+            os.replace(png, self.out / "loss.png")
+            fault_point("finish.plot")
+            write_atomic(self.out / "results.json", json.dumps(result, indent=1))
+        self.accelerator.wait_for_everyone()
+        return result
+
+    def _enter_phase_for_eval(self) -> None:
+        """The last phase's data and windows, for a run resumed at its last step."""
+        from longctx.train.loop import set_windows
+
+        self.phase = len(self.stages) - 1
+        s = self.stages[-1]
+        if len(self.stages) > 1 and s.get("window") is not None:
+            set_windows(self.unwrapped, s["window"])
+        self.last_loss = self._last_logged_loss()
+
+    def _last_logged_loss(self) -> float:
+        rows = [r for r in read_metrics(self.out / "metrics.jsonl") if r.get("type") == "train"]
+        return rows[-1]["loss"] if rows else float("nan")
+
+
+def train(cfg: dict, task, out_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:
+    """Train ``task`` (a ``Task`` instance) as ``cfg`` says; write checkpoints, logs, the final model and
+    results.json into ``out_dir``; returns the results."""
+    return Trainer(cfg, task, out_dir, resume=resume, progress=progress).fit()
+
+
+def task_for(cfg: dict, task_name: str | None = None):
+    """The task instance: ``task_name`` from the registry, or the config's LM objective (mlm / clm)."""
+    import importlib
+
+    from longctx.tasks import get_task
+    import longctx.tasks.clm  # noqa: F401  (registers)
+    import longctx.tasks.mlm  # noqa: F401
+    name = task_name or cfg.get("objective") or "mlm"
+    try:
+        importlib.import_module(f"longctx.tasks.{name}")
+    except ModuleNotFoundError:
+        pass  # registered by another module, or unknown: get_task says which exist
+    return get_task(name)(cfg)
+
+
+def finetune(cfg: dict, task_name: str, out_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:
+    """Finetune (or train from scratch) on the registered task ``task_name``: the same trainer as
+    pretraining, so exact resume, atomic checkpoints, NaN stop, DDP and bf16 apply alike."""
+    return train(cfg, task_for(cfg, task_name), out_dir, resume=resume, progress=progress)
