@@ -1,0 +1,156 @@
+"""longctx attention inside Hugging Face models: ``attn_implementation="longctx"``.
+
+Transformers 5 lets a library register an attention function (``AttentionInterface``) and the function
+that builds its mask (``AttentionMaskInterface``); every layer of Mistral, Qwen2, Gemma 2/3, ModernBERT
+and their kin calls them with ``sliding_window=`` on its local layers. This module registers both under
+the name "longctx":
+
+- the mask function returns a ``LongctxMask``: the key-padding flags and the absolute position of the
+  first query and key. Nothing of size n x n is ever made; the pattern itself comes from the layer
+  (``sliding_window``, ``is_causal``) when attention runs;
+- the attention function runs sliding layers on longctx's blocked kernel (memory O(n * w)) and global
+  layers on PyTorch's SDPA (or, for a causal layer with padding, which SDPA could only take as an n x n
+  mask, on the blocked kernel with the full causal pattern). A decoding step (few queries against the
+  key-value cache) is a small dense product over the cached keys.
+
+Hugging Face's ``sliding_window`` counts the query itself: flash-attention's convention, which every
+model follows (ModernBERT passes ``config.sliding_window + 1`` for exactly that reason), so a query sees
+keys within ``sliding_window - 1`` positions: our one-sided ``window``.
+
+The key-value cache is Hugging Face's own: ``DynamicCache`` gives sliding layers a
+``DynamicSlidingWindowLayer`` that keeps only the window, and tells the mask function the offsets of
+what it returns.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from longctx.attention import AttentionPattern, attention
+from longctx.errors import LongctxError
+
+NAME = "longctx"
+
+
+@dataclass
+class LongctxMask:
+    """What the longctx attention needs to know about a batch instead of an n x n mask.
+
+    key_valid: (B, kv_length) bool, True for real keys, or None when no key is padding;
+    q_offset / kv_offset: absolute positions of the first query and the first key (they differ while
+    decoding with a cache, and a sliding cache layer returns only the keys the window still reaches).
+    """
+
+    key_valid: torch.Tensor | None
+    q_offset: int
+    kv_offset: int
+
+
+def _is_tracing() -> bool:
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
+def longctx_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0, mask_function=None,
+                 attention_mask: torch.Tensor | None = None, use_vmap: bool = False, device=None, **kwargs):
+    """The ``AttentionMaskInterface`` function: a ``LongctxMask`` (key padding and offsets), never n x n.
+
+    ``use_vmap`` is how Hugging Face marks a mask built with custom ``or_mask_function`` /
+    ``and_mask_function`` overlays (image tokens, blockwise groups): patterns that are not a window."""
+    if use_vmap:
+        raise LongctxError("attn_implementation 'longctx' runs causal, bidirectional and sliding-window masks; "
+                           "this model adds a custom mask overlay, so use 'sdpa' for it")
+    if isinstance(q_offset, torch.Tensor):  # static caches give a tensor offset
+        q_offset = int(q_offset)
+    key_valid = None
+    if attention_mask is not None:
+        key_valid = attention_mask.to(torch.bool)
+        end = kv_offset + kv_length
+        if key_valid.shape[-1] < end:  # a static cache's unfilled slots are not keys yet
+            key_valid = F.pad(key_valid, (0, end - key_valid.shape[-1]), value=False)
+        key_valid = key_valid[:, kv_offset:end]
+        # no padding: say so, so the fast paths (SDPA's is_causal) stay open; never branch when tracing
+        if not _is_tracing() and bool(key_valid.all()):
+            key_valid = None
+    return LongctxMask(key_valid, q_offset, kv_offset)
+
+
+def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """(B, Hkv, n, d) -> (B, Hkv * groups, n, d) for grouped-query attention."""
+    if groups == 1:
+        return x
+    B, Hkv, n, d = x.shape
+    return x[:, :, None].expand(B, Hkv, groups, n, d).reshape(B, Hkv * groups, n, d)
+
+
+def _backend(q: torch.Tensor) -> str:
+    return "blocked" if q.device.type == "cpu" else "auto"
+
+
+def longctx_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                              attention_mask, dropout: float = 0.0, scaling: float | None = None,
+                              sliding_window: int | None = None, softcap: float | None = None,
+                              is_causal: bool | None = None, **kwargs):
+    """The ``AttentionInterface`` function. query (B, H, q, d), key/value (B, Hkv, kv, d) ->
+    ((B, q, H, d), None): Hugging Face's signature (no attention weights are ever formed)."""
+    if softcap is not None:
+        raise LongctxError("attn_implementation 'longctx' has no attention logit soft-capping; set "
+                           "attn_logit_softcapping=None in the config or use 'eager'")
+    if dropout:
+        raise LongctxError("attn_implementation 'longctx' has no attention dropout; set attention_dropout=0 "
+                           "or train with 'sdpa'")
+    if kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
+        raise LongctxError("attn_implementation 'longctx' has no attention sinks; use 'eager' for this model")
+    if attention_mask is not None and not isinstance(attention_mask, LongctxMask):
+        raise LongctxError("attn_implementation 'longctx' got a ready-made 4D attention mask; pass a 2D "
+                           "padding mask (1 = token, 0 = padding) instead")
+    mask = attention_mask or LongctxMask(None, 0, 0)
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    groups = query.shape[1] // key.shape[1]
+    key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
+    # HF's sliding_window counts the query itself (see the module docstring): one-sided window = w - 1
+    pattern = (AttentionPattern("full", causal=causal) if sliding_window is None
+               else AttentionPattern("sliding", window=sliding_window - 1, causal=causal))
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if q_len == kv_len and mask.q_offset == mask.kv_offset:
+        out = _self_attention(query, key, value, pattern, mask.key_valid, scale)
+    else:
+        out = _step_attention(query, key, value, pattern, mask, scale)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _self_attention(q, k, v, pattern: AttentionPattern, key_valid, scale: float) -> torch.Tensor:
+    """Queries and keys are the same positions (an encoder, a prefill): (B, H, n, d)."""
+    if pattern.kind == "sliding":
+        return attention(q, k, v, pattern, key_padding_mask=key_valid, scale=scale, backend=_backend(q))
+    if key_valid is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=pattern.causal, scale=scale)
+    if not pattern.causal:  # key padding broadcasts as (B, 1, 1, n): no n x n mask
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=key_valid[:, None, None, :], scale=scale)
+    # causal with padding: SDPA would need the n x n mask; the blocked kernel needs none
+    return attention(q, k, v, pattern, key_padding_mask=key_valid, scale=scale, backend=_backend(q))
+
+
+def _step_attention(q, k, v, pattern: AttentionPattern, mask: LongctxMask, scale: float) -> torch.Tensor:
+    """A decoding step: q (B, H, t, d) at positions q_offset.., over the cached keys at kv_offset..; the
+    (t, kv) mask is small, since a sliding cache layer holds only the window."""
+    t, m = q.shape[2], k.shape[2]
+    q_pos = torch.arange(t, device=q.device).view(t, 1) + mask.q_offset
+    k_pos = torch.arange(m, device=q.device).view(1, m) + mask.kv_offset
+    allowed = pattern.local_allowed(q_pos, k_pos).view(1, 1, t, m)
+    if mask.key_valid is not None:
+        allowed = allowed & mask.key_valid[:, None, None, :]
+    has_any = allowed.any(-1, keepdim=True)  # a row with no key gives zeros, not NaN
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | ~has_any, scale=scale)
+    return out * has_any.to(out.dtype)
+
+
+def register() -> None:
+    """Register "longctx" with Hugging Face's attention and mask interfaces (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(NAME, longctx_attention_forward)
+    AttentionMaskInterface.register(NAME, longctx_mask)
