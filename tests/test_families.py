@@ -320,3 +320,69 @@ def test_performer_forward_equals_reference(data):
     seed = data.draw(st.integers(0, 2**31))
     check_against_reference(mech, *_qkv(B, H, n, d, seed), _padding(B, n, data.draw(st.sampled_from(
         ["none", "right", "random"])), seed), seed)
+
+
+# -- LSH (Reformer) -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("causal,padded,n_hashes", [(False, False, 1), (False, True, 2), (True, False, 2),
+                                                    (True, True, 3)])
+def test_lsh_equals_hugging_face_reformer(causal, padded, n_hashes):
+    """Hugging Face's LSHSelfAttention (shared query_key projection) with the same rotations: its
+    hash_seed draws them with torch.randn after torch.manual_seed, so the same call fills ours. In float64:
+    a token that sees only itself has scores near -1e5, where fp32's spacing (0.008) makes either
+    implementation's fp32 result off by up to 1% depending on the order of operations."""
+    from transformers import ReformerConfig
+    from transformers.models.reformer.modeling_reformer import LSHSelfAttention
+    B, D, H, n, C, nb, seed = 2, 32, 2, 96, 16, 8, 3
+    cfg = ReformerConfig(hidden_size=D, num_attention_heads=H, attention_head_size=D // H, lsh_attn_chunk_length=C,
+                         num_buckets=nb, num_hashes=n_hashes, hash_seed=seed, lsh_num_chunks_before=1,
+                         lsh_num_chunks_after=0, is_decoder=causal, max_position_embeddings=256,
+                         lsh_attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    peer = LSHSelfAttention(cfg, layer_idx=0).eval().double()
+    mech = build("lsh", {"chunk_length": C, "num_buckets": nb, "n_hashes": n_hashes},
+                 ctx(H, D // H, 256, causal=causal)).eval().double()
+    torch.manual_seed(seed)
+    mech.rotations.copy_(torch.randn(H, D // H, n_hashes, nb // 2, dtype=torch.float64))
+    x = torch.randn(B, n, D, dtype=torch.float64)
+    kp = torch.ones(B, n, dtype=torch.bool)
+    if padded:
+        kp[1, 70:] = False
+    theirs = peer(x, attention_mask=kp.long() if padded else None).hidden_states
+    split = lambda t: t.view(B, n, H, D // H).transpose(1, 2)  # noqa: E731
+    qk = split(peer.query_key(x))
+    ours = mech(qk, qk, split(peer.value(x)), key_padding=kp if padded else None).transpose(1, 2).reshape(B, n, D)
+    torch.testing.assert_close(ours[kp], theirs[kp], **PEER)
+
+
+def test_lsh_attends_to_self_only_when_nothing_else_is_visible():
+    mech = build("lsh", {"chunk_length": 4, "num_buckets": 4}, ctx(1, 8, 32, causal=True)).double()
+    q, _, v = (t.detach() for t in _qkv(1, 1, 12, 8, 5))
+    A = mech.attention_map(q, q, v)[0, 0]
+    seen = mech.visit_counts(q, torch.ones(1, 12, dtype=torch.bool))[0, 0] > 0
+    others = (seen & ~torch.eye(12, dtype=torch.bool)).tril().any(dim=1)  # an earlier key in a visited chunk
+    assert 0 < int(others.sum()) < 12                                    # both cases occur here
+    assert bool((A.diagonal()[others] < 1e-30).all())                   # never itself when anything else is seen
+    assert bool((A.diagonal()[~others] == 1.0).all())                   # itself when nothing else is
+    assert float(A.triu(1).abs().max()) == 0.0                          # causal
+
+
+def test_lsh_errors_are_one_sentence():
+    with pytest.raises(LongctxError, match="even"):
+        make_spec("lsh", {"num_buckets": 7})
+    with pytest.raises(LongctxError, match="chunk_length"):
+        make_spec("lsh", {"chunk_length": 0})
+
+
+@settings(max_examples=30)
+@given(data=st.data())
+def test_lsh_forward_equals_reference(data):
+    B, H, n, d = data.draw(st.integers(1, 2)), data.draw(st.integers(1, 3)), data.draw(st.integers(1, 90)), \
+        data.draw(st.sampled_from([4, 8, 16]))
+    spec = {"chunk_length": data.draw(st.integers(1, 24)), "num_buckets": data.draw(st.sampled_from([2, 4, 8])),
+            "n_hashes": data.draw(st.integers(1, 3)), "chunks_before": data.draw(st.integers(0, 2)),
+            "chunks_after": data.draw(st.integers(0, 1))}
+    mech = build("lsh", spec, ctx(H, d, 128, causal=data.draw(st.booleans()))).double()
+    seed = data.draw(st.integers(0, 2**31))
+    q, k, v = _qkv(B, H, n, d, seed)
+    check_against_reference(mech, q, q, v, _padding(B, n, data.draw(st.sampled_from(["none", "right", "random"])),
+                                                    seed), seed, inputs=[q, v])

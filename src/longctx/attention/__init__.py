@@ -13,4 +13,4 @@ __all__ = ["AttentionPattern", "BACKENDS", "Capabilities", "LayerContext", "MECH
 from longctx.attention import masked  # noqa: E402,F401  (full, sliding, blocks, blockwise_causal)
 
 # the approximate families register themselves on import (one file each)
-from longctx.attention import linformer, nystrom, performer  # noqa: E402,F401
+from longctx.attention import linformer, lsh, nystrom, performer  # noqa: E402,F401
