@@ -20,7 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from longctx.attention.patterns import AttentionPattern
+from longctx.attention.patterns import AttentionPattern, compose
 
 # Elements in one group's score block: 2^20 fp32 = 4 MB, so a block stays in cache between the matrix
 # product that makes it and the softmax that reads it (measured: larger groups are slower here).
@@ -79,28 +79,28 @@ class BandGeometry:
         for g0 in range(0, self.nc, self.group):
             yield g0, min(self.nc, g0 + self.group)
 
-    def group_masks(self, bias: torch.Tensor, g0: int, g1: int, b: int):
-        """For chunks g0..g1 of batch row b: the additive mask (m, c, L), 0 where the pair is allowed and
-        -inf where not; the rows with no allowed key (m, c, 1) or None; and |q - k| (m, c, L) for ALiBi."""
+    def group_masks(self, blocked: torch.Tensor, g0: int, g1: int, b: int):
+        """For chunks g0..g1 of batch row b: ``blocked`` (m, c, L) bool, True where the pair is NOT
+        allowed (the composed predicate, ``patterns.compose``); the column ranges that hold a blocked
+        pair; the rows with no allowed key (m, c, 1) or None; and |q - k| (m, c, L) for ALiBi."""
         m, span = g1 - g0, self.span
         qp, kp = self.q_pos[g0:g1], self.k_pos[g0:g1]
         local = self.base if self.base is not None else self.pattern.local_allowed(qp, kp, self.dilation)
         kv = self.k_valid[g0:g1, b if self.k_valid.shape[1] > 1 else 0]
-        allowed = local & kv[:, None, :]
+        allowed = compose(local, qp, kp, causal=self.pattern.causal, key_valid=kv[:, None, :])
         dist = None if self.slopes is None else (qp - kp).abs()
-        if self.G:
-            g_ok = self.g_valid[b].expand(m, self.c, self.G)
-            if self.pattern.causal:
-                g_ok = g_ok & (self.g_pos[b] <= qp)
-            allowed = torch.cat([allowed.expand(m, self.c, span), g_ok], -1)
+        if self.G:  # the global keys: every query may attend them (causally), unless they are padding
+            gp, gv = self.g_pos[b], self.g_valid[b]
+            g_ok = compose(False, qp, gp, causal=self.pattern.causal, key_valid=gv, k_global=gv)
+            allowed = torch.cat([allowed.expand(m, self.c, span), g_ok.expand(m, self.c, self.G)], -1)
             if dist is not None:
-                dist = torch.cat([dist, (qp - self.g_pos[b]).abs()], -1)
-        out = bias[:m]
-        out.zero_().masked_fill_(~allowed, float("-inf"))
+                dist = torch.cat([dist, (qp - gp).abs()], -1)
+        out = blocked[:m]
+        torch.logical_not(allowed, out=out)
         dead = ~allowed.any(-1, keepdim=True)
         dead = dead if bool(dead.any()) else None
         # column ranges (one chunk of keys each, plus the global keys) where some pair is masked: only
-        # these need the bias; inside the band most chunks are wholly allowed
+        # these need masking; inside the band most chunks are wholly allowed
         c = self.c
         whole = allowed[..., :span].reshape(m * c, self.width, c).all(-1).all(0).tolist()
         ranges = [(j * c, (j + 1) * c) for j, ok in enumerate(whole) if not ok]
@@ -108,20 +108,22 @@ class BandGeometry:
             ranges.append((span, self.L))
         return out, ranges, dead, None if dist is None else dist.to(self.dtype)
 
-    def scores(self, S, bias, ranges, dist, qg, kw, kg, h: int) -> torch.Tensor:
-        """S (m, c, L) = bias (- ALiBi) + q . k over the band (and the global keys), in place."""
+    def scores(self, S, blocked, ranges, dist, qg, kw, kg, h: int) -> torch.Tensor:
+        """S (m, c, L) = q . k (- ALiBi) over the band (and the global keys), -inf where not allowed, in
+        place. Masked pairs are overwritten, not added to, so a NaN or inf in a key that a query may not
+        attend never reaches that query."""
         m, c, span = S.shape[0], self.c, self.span
-        if dist is None:  # the products write S, the bias is added where it is not all zero
+        if dist is None:
             S[..., :span].baddbmm_(qg, kw, beta=0)
             if kg is not None:
                 S.view(m * c, self.L)[:, span:].addmm_(qg.reshape(m * c, -1), kg.T, beta=0)
-            for a, b in ranges:
-                S[..., a:b].add_(bias[..., a:b])
-            return S
-        torch.add(bias, dist, alpha=-self.slopes[h], out=S)
-        S[..., :span].baddbmm_(qg, kw)
-        if kg is not None:
-            S.view(m * c, self.L)[:, span:].addmm_(qg.reshape(m * c, -1), kg.T)
+        else:
+            torch.mul(dist, -self.slopes[h], out=S)
+            S[..., :span].baddbmm_(qg, kw)
+            if kg is not None:
+                S.view(m * c, self.L)[:, span:].addmm_(qg.reshape(m * c, -1), kg.T)
+        for a, b in ranges:
+            S[..., a:b].masked_fill_(blocked[..., a:b], float("-inf"))
         return S
 
 
@@ -158,7 +160,7 @@ class _BandAttention(torch.autograd.Function):
         kg_, vg_ = (None, None) if kg is None else (kg.to(wdt), vg.to(wdt))
         out = torch.empty(B * H, nc, c, d, dtype=wdt, device=q.device)
         S = torch.empty(geo.group, c, L, dtype=wdt, device=q.device)
-        bias = torch.empty_like(S)
+        bias = torch.empty(geo.group, c, L, dtype=torch.bool, device=q.device)
         for g0, g1 in geo.groups():
             m = g1 - g0
             for b in range(B):
@@ -207,7 +209,8 @@ class _BandAttention(torch.autograd.Function):
         want_slopes = geo.slopes is not None and ctx.needs_input_grad[5]
         dslopes = torch.zeros(H, dtype=torch.float64) if want_slopes else None
         S = torch.empty(geo.group, c, L, dtype=wdt, device=qp.device)
-        dP, bias = torch.empty_like(S), torch.empty_like(S)
+        dP = torch.empty_like(S)
+        bias = torch.empty(geo.group, c, L, dtype=torch.bool, device=qp.device)
         for g0, g1 in geo.groups():
             m = g1 - g0
             for b in range(B):

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from longctx.attention.blocked import band_attention, dilation_permutation
-from longctx.attention.patterns import AttentionPattern
+from longctx.attention.patterns import AttentionPattern, compose
 from longctx.attention.reference import alibi_bias, dense_attention, masked_softmax
 from longctx.errors import LongctxError
 
@@ -101,10 +101,9 @@ def attention_at(q, k, v, q_pos, k_pos, pattern: AttentionPattern, *, key_valid=
     a key-value cache, where t is small and m is bounded by the pattern. key_valid (B, m) bool."""
     B, H, t, d = q.shape
     scale = d ** -0.5 if scale is None else scale
-    dil = torch.tensor(pattern.head_dilations(H), device=q.device).view(H, 1, 1)
-    mask = pattern.local_allowed(q_pos.view(1, t, 1), k_pos.view(1, 1, -1), dil).unsqueeze(0)
-    if key_valid is not None:
-        mask = mask & key_valid[:, None, None, :]
+    qp, kp = q_pos.view(1, t, 1), k_pos.view(1, 1, -1)
+    mask = compose(pattern.local_allowed(qp, kp, pattern.head_params(H, q.device)).unsqueeze(0), qp, kp,
+                   causal=pattern.causal, key_valid=None if key_valid is None else key_valid[:, None, None, :])
     scores = (q * scale) @ k.transpose(-1, -2)
     if alibi_slopes is not None:
         scores = scores + alibi_bias(alibi_slopes, q_pos, k_pos).unsqueeze(0).to(scores.dtype)
@@ -179,11 +178,9 @@ def _global_rows(out, qg, kg, vg, pattern, key_padding_mask, global_mask, alibi_
     scores = _gather_seq(qg, idx) @ kg.transpose(-1, -2)  # (B, H, G, n)
     if alibi_slopes is not None:
         scores = scores + alibi_bias(alibi_slopes, idx, pos).transpose(0, 1).to(scores.dtype)
-    mask = torch.ones(B, 1, idx.shape[1], n, dtype=torch.bool, device=out.device)
-    if pattern.causal:
-        mask = mask & (pos.view(1, 1, 1, n) <= idx[:, None, :, None])
-    if key_padding_mask is not None:
-        mask = mask & key_padding_mask[:, None, None, :]
+    mask = compose(False, idx[:, None, :, None], pos.view(1, 1, 1, n), causal=pattern.causal,
+                   key_valid=None if key_padding_mask is None else key_padding_mask[:, None, None, :],
+                   q_global=torch.ones(B, 1, idx.shape[1], 1, dtype=torch.bool, device=out.device))
     rows = masked_softmax(scores, mask) @ vg  # (B, H, G, d)
     b_idx, g_idx = valid.nonzero(as_tuple=True)
     out_t = out.transpose(1, 2).index_put((b_idx, idx[b_idx, g_idx]), rows.transpose(1, 2)[b_idx, g_idx])
@@ -196,11 +193,9 @@ def _sdpa(q, k, v, pattern, key_padding_mask, alibi_slopes):
     if key_padding_mask is None and alibi_slopes is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=pattern.causal, scale=1.0)
     pos = torch.arange(n, device=q.device)
-    mask = torch.ones(1, 1, 1, n, dtype=torch.bool, device=q.device)
-    if key_padding_mask is not None:
-        mask = key_padding_mask[:, None, None, :]
-    if pattern.causal:
-        mask = mask & (pos.view(n, 1) >= pos.view(1, n))
+    qp, kp = pos.view(n, 1), pos.view(1, n)
+    mask = compose(pattern.local_allowed(qp, kp).view(1, 1, n, n), qp, kp, causal=pattern.causal,
+                   key_valid=None if key_padding_mask is None else key_padding_mask[:, None, None, :])
     has_any = mask.any(-1, keepdim=True)
     mask = mask | ~has_any
     if alibi_slopes is not None:
@@ -230,19 +225,13 @@ def _flex(q, k, v, pattern, key_padding_mask, global_mask, alibi_slopes):
     if not q.is_cuda and torch.is_grad_enabled() and q.requires_grad:
         raise LongctxError("FlexAttention has no CPU backward in this PyTorch; use backend 'blocked' for training")
     B, H, n, d = q.shape
-    dil = torch.tensor(pattern.head_dilations(H), device=q.device)
-    causal = pattern.causal
+    heads = pattern.head_params(H, q.device).view(H)
 
     def mask_mod(b, h, qi, ki):
-        ok = pattern.local_allowed(qi, ki, dil[h])
-        if global_mask is not None:
-            g = global_mask[b, qi] | global_mask[b, ki]
-            if causal:
-                g = g & (ki <= qi)
-            ok = ok | g
-        if key_padding_mask is not None:
-            ok = ok & key_padding_mask[b, ki]
-        return ok
+        return compose(pattern.local_allowed(qi, ki, heads[h]), qi, ki, causal=pattern.causal,
+                       key_valid=None if key_padding_mask is None else key_padding_mask[b, ki],
+                       q_global=None if global_mask is None else global_mask[b, qi],
+                       k_global=None if global_mask is None else global_mask[b, ki])
 
     score_mod = None
     if alibi_slopes is not None:

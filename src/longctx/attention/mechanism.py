@@ -33,6 +33,7 @@ class Capabilities:
     global_tokens: bool = False  # honours global_mask (Longformer's global attention)
     cache: bool = False          # has a key-value cache rule for generation
     score_bias: bool = False     # takes an additive score bias (ALiBi)
+    global_projections: bool = False  # takes Longformer's separate global q, k, v (``global_qkv=``)
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,26 @@ class LayerContext:
     causal: bool = False
     layer_idx: int = 0
     seed: int = 0         # base seed for the mechanism's own random draws
+    backend: str = "auto"  # kernel choice for mechanisms that have several (the mask family)
+
+
+@dataclass
+class LayerCache:
+    """Keys and values of past positions for one layer (generation), trimmed by the mechanism's cache
+    rule to what later queries can still reach."""
+
+    k: torch.Tensor | None = None  # (B, H, m, d), positions already applied
+    v: torch.Tensor | None = None
+    pos: torch.Tensor | None = None  # (m,)
+
+    def __len__(self) -> int:
+        return 0 if self.pos is None else self.pos.numel()
+
+    def extend(self, k, v, pos, keep_from: int) -> None:
+        if self.k is not None:
+            k, v, pos = torch.cat([self.k, k], 2), torch.cat([self.v, v], 2), torch.cat([self.pos, pos])
+        keep = int(torch.searchsorted(pos, torch.tensor(keep_from, device=pos.device)))
+        self.k, self.v, self.pos = k[:, :, keep:], v[:, :, keep:], pos[keep:]
 
 
 class Mechanism(nn.Module):
@@ -79,6 +100,11 @@ class Mechanism(nn.Module):
 
     def describe(self) -> str:
         return self.name
+
+    def mask(self, n: int, key_padding=None, global_mask=None, device=None):
+        """The (B or 1, H, n, n) boolean mask of allowed pairs where the mechanism is a mask, else None
+        (what ``SelfAttention.scores`` puts onto the raw scores)."""
+        return None
 
 
 MECHANISMS: dict[str, type[Mechanism]] = {}

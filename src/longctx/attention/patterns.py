@@ -75,6 +75,10 @@ class AttentionPattern:
             return self.dilation
         return (int(self.dilation),) * num_heads
 
+    def head_params(self, num_heads: int, device=None) -> torch.Tensor:
+        """The per-head argument of ``local_allowed`` as an (H, 1, 1) tensor (here: the dilations)."""
+        return torch.tensor(self.head_dilations(num_heads), device=device).view(num_heads, 1, 1)
+
     # -- the predicate -------------------------------------------------------------------------------
     def local_allowed(self, q_pos: torch.Tensor, k_pos: torch.Tensor, dilation=1) -> torch.Tensor:
         """The pattern's predicate on absolute positions (broadcasting); causality included.
@@ -170,6 +174,30 @@ def _round_up(x: int, m: int) -> int:
     return (x + m - 1) // m * m
 
 
+def compose(local, q_pos, k_pos, *, causal: bool, key_valid=None, q_global=None, k_global=None):
+    """THE rule that puts per-token flags onto a pattern's predicate; every path uses it (the dense
+    reference's mask, each block of the blocked kernel, FlexAttention's ``mask_mod``, the rows of global
+    queries, SDPA's mask and the decoding step), so the flags mean the same thing everywhere.
+
+    local:     the pattern's predicate on (q_pos, k_pos) (causality included), or False for none;
+    key_valid: the key is a real token (padding is never attended, whatever else holds);
+    q_global / k_global: the query / key is a global token (Longformer): then the pair is allowed on
+               top of the pattern, still subject to causality and to padding.
+    All arguments broadcast against each other; only elementwise ops, so FlexAttention can trace it.
+    """
+    glob = q_global
+    if k_global is not None:
+        glob = k_global if glob is None else glob | k_global
+    ok = local
+    if glob is not None:
+        if causal:
+            glob = glob & (k_pos <= q_pos)
+        ok = glob | ok
+    if key_valid is not None:
+        ok = key_valid & ok
+    return ok
+
+
 def full_mask(pattern: AttentionPattern, n: int, num_heads: int = 1, key_padding_mask=None,
               global_mask=None, device=None) -> torch.Tensor:
     """The complete boolean mask (B or 1, H, n, n): True where query i may attend key j.
@@ -177,14 +205,11 @@ def full_mask(pattern: AttentionPattern, n: int, num_heads: int = 1, key_padding
     key_padding_mask: (B, n) bool, True for real tokens. global_mask: (B, n) bool, True for global tokens.
     """
     pos = torch.arange(n, device=device)
-    dil = torch.tensor(pattern.head_dilations(num_heads), device=device).view(num_heads, 1, 1)
-    m = pattern.local_allowed(pos.view(1, n, 1), pos.view(1, 1, n), dil).unsqueeze(0)  # (1, H, n, n)
-    if global_mask is not None:
-        g = global_mask.bool()
-        glob = g[:, None, :, None] | g[:, None, None, :]
-        if pattern.causal:
-            glob = glob & (pos.view(n, 1) >= pos.view(1, n))
-        m = m | glob
-    if key_padding_mask is not None:
-        m = m & key_padding_mask.bool()[:, None, None, :]
-    return m
+    heads = pattern.head_params(num_heads, device)  # (H, 1, 1)
+    qp, kp = pos.view(1, n, 1), pos.view(1, 1, n)
+    m = pattern.local_allowed(qp, kp, heads).unsqueeze(0)  # (1, H, n, n)
+    g = None if global_mask is None else global_mask.bool()
+    return compose(m, qp, kp, causal=pattern.causal,
+                   key_valid=None if key_padding_mask is None else key_padding_mask.bool()[:, None, None, :],
+                   q_global=None if g is None else g[:, None, :, None],
+                   k_global=None if g is None else g[:, None, None, :])

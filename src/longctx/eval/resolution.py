@@ -24,17 +24,10 @@ def attention_resolution(s: torch.Tensor) -> float:
 def expected_scores_by_distance(layer: SelfAttention, hidden: torch.Tensor) -> torch.Tensor:
     """Mean pre-softmax score (q.k / sqrt(d), plus ALiBi's bias) of a causal layer for each distance
     i = n - m >= 0, averaged over batch, heads and query positions: (n,)."""
-    B, n, _ = hidden.shape
-    pos = torch.arange(n, device=hidden.device)
-    with torch.no_grad():
-        q, k = layer._heads(layer.query(hidden)), layer._heads(layer.key(hidden))
-        if layer.rotary is not None:
-            q, k = layer.rotary(q, k, pos)
-        scores = (q.double() @ k.double().transpose(-1, -2)) * layer.head_dim ** -0.5  # (B, H, n, n)
-        if layer.alibi_slopes is not None:
-            scores = scores - layer.alibi_slopes.double().view(-1, 1, 1) * (pos[:, None] - pos[None, :]).abs()
-        mean = scores.mean((0, 1))
-        return torch.stack([torch.diagonal(mean, -i).mean() for i in range(n)])
+    n = hidden.shape[1]
+    # raw scores (no mask: the expectation is over every earlier position, whatever the pattern sees)
+    mean = layer.scores(hidden, masked=False, dtype=torch.float64).mean((0, 1))  # (n, n)
+    return torch.stack([torch.diagonal(mean, -i).mean() for i in range(n)])
 
 
 def model_resolution(model, input_ids: torch.Tensor) -> list[float]:

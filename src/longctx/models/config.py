@@ -1,9 +1,14 @@
 """LongctxConfig: one Hugging Face config for every longctx encoder and decoder.
 
-The attention of each layer is given either by shorthand (the same kind for all layers, with
-``window`` as one int, one int per layer, or ``window_schedule="grow"`` for Longformer's window that
-grows with depth) or explicitly with ``layers``: one dict per layer, e.g.
-``{"kind": "sliding", "window": 64, "dilation": [1, 1, 2, 2]}``.
+The attention of each layer is a mechanism from the registry (``longctx.attention.MECHANISMS``), given
+as ``attention``:
+- a dict ``{"type": "sliding", "window": 128}`` (the same for every layer), or a list of such dicts,
+  one per layer (``[{"type": "sliding", "window": 16}, {"type": "full"}]``): the explicit form, which
+  is what a saved model holds after staged training;
+- a name, the shorthand: ``attention="sliding"`` with the flat keys ``window`` (one int, one per layer,
+  or ``window_schedule="grow"`` for Longformer's window that grows with depth), ``dilation`` and
+  ``block`` filled in for the mask patterns; other mechanisms by name take their defaults;
+- the older ``layers``: one dict per layer with ``kind`` instead of ``type`` (still read).
 
 ``window`` is one-sided (a token sees w keys on each side; Hugging Face Longformer's
 ``attention_window`` is 2 * window).
@@ -13,7 +18,8 @@ from __future__ import annotations
 from transformers import PretrainedConfig
 
 from longctx.attention.functional import BACKENDS
-from longctx.attention.patterns import KINDS, AttentionPattern
+from longctx.attention.mechanism import MECHANISMS, LayerContext, build, make_spec
+from longctx.attention.patterns import AttentionPattern
 from longctx.errors import LongctxError
 from longctx.positions import POSITION_KINDS
 
@@ -38,7 +44,7 @@ class LongctxConfig(PretrainedConfig):
         position_offset: int = 0,
         rope_base: float = 10000.0,
         xpos_scale_base: float = 512.0,
-        attention: str = "sliding",
+        attention: str | dict | list = "sliding",
         window: int | list[int] = 64,
         window_schedule: str = "constant",
         window_min: int | None = None,
@@ -48,6 +54,7 @@ class LongctxConfig(PretrainedConfig):
         global_projections: bool = True,
         attention_backend: str = "auto",
         layers: list[dict] | None = None,
+        attention_seed: int = 0,
         pad_token_id: int = 0,
         bos_token_id: int | None = None,
         eos_token_id: int | None = None,
@@ -81,6 +88,7 @@ class LongctxConfig(PretrainedConfig):
         self.global_projections = global_projections
         self.attention_backend = attention_backend
         self.layers = layers
+        self.attention_seed = attention_seed  # seeds the mechanisms' own random draws (BigBird's blocks, ...)
         self.classifier_dropout = classifier_dropout
         super().__init__(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
                          sep_token_id=sep_token_id, tie_word_embeddings=tie_word_embeddings, **kwargs)
@@ -102,7 +110,6 @@ class LongctxConfig(PretrainedConfig):
              f"{self.num_attention_heads} heads do not divide hidden_size {self.hidden_size}")
         need(self.norm in ("pre", "post"), "norm", f"must be 'pre' or 'post', got {self.norm!r}")
         need(self.position in POSITION_KINDS, "position", f"must be one of {', '.join(POSITION_KINDS)}, got {self.position!r}")
-        need(self.attention in KINDS, "attention", f"must be one of {', '.join(KINDS)}, got {self.attention!r}")
         need(self.attention_backend in BACKENDS, "attention_backend", f"must be one of {', '.join(BACKENDS)}")
         need(self.window_schedule in ("constant", "grow"), "window_schedule", "must be 'constant' or 'grow'")
         need(0.0 <= self.hidden_dropout_prob < 1.0, "hidden_dropout_prob", "must be in [0, 1)")
@@ -115,56 +122,108 @@ class LongctxConfig(PretrainedConfig):
         if isinstance(self.window, list):
             need(len(self.window) == self.num_hidden_layers, "window",
                  f"a per-layer list needs {self.num_hidden_layers} values, got {len(self.window)}")
-        patterns = self.layer_patterns()
-        for i, p in enumerate(patterns):
-            try:
-                p.head_dilations(self.num_attention_heads)
-            except LongctxError as e:
-                raise LongctxError(f"config field 'dilation' (layer {i}): {e}") from None
+        for i, (name, fields, causal) in enumerate(self.layer_attention()):
+            where = f"config field '{'layers' if self.layers is not None else 'attention'}' (layer {i})"
+            spec = make_spec(name, fields, where)
+            if isinstance(spec, tuple(_mask_specs())):
+                pattern = MECHANISMS[name].make_pattern(spec, causal)
+                try:
+                    pattern.head_dilations(self.num_attention_heads)
+                except LongctxError as e:
+                    raise LongctxError(f"config field 'dilation' (layer {i}): {e}") from None
 
-    def layer_patterns(self) -> list[AttentionPattern]:
-        """The AttentionPattern of every layer, bottom to top."""
+    def layer_attention(self) -> list[tuple[str, dict, bool]]:
+        """Every layer's mechanism, bottom to top: (type, fields, causal)."""
+        from longctx.attention.layer import attention_entry
+
         L = self.num_hidden_layers
         if self.layers is not None:
             out = []
             for i, spec in enumerate(self.layers):
                 spec = dict(spec)
-                unknown = set(spec) - {"kind", "window", "dilation", "block", "causal"}
-                if unknown:
-                    raise LongctxError(f"config field 'layers' (layer {i}): unknown keys {sorted(unknown)}")
-                spec.setdefault("causal", self.causal)
-                out.append(_pattern(spec, f"layers[{i}]"))
+                if "kind" in spec:
+                    spec["type"] = spec.pop("kind")
+                spec.setdefault("type", "sliding")
+                cls = MECHANISMS.get(spec["type"])
+                if cls is not None:  # the old form gave every key to every kind: keep the kind's own
+                    import dataclasses
+                    known = {f.name for f in dataclasses.fields(cls.Spec)} | {"type", "causal"}
+                    spec = {k: v for k, v in spec.items() if k in known or v not in (0, 1, None)}
+                out.append(_entry(spec, self.causal, f"layers[{i}]"))
             return out
+        att = self.attention
+        if isinstance(att, list):
+            if len(att) != L:
+                raise LongctxError(f"config field 'attention': a per-layer list needs {L} entries, got {len(att)}")
+            return [_entry(a, self.causal, f"attention[{i}]") for i, a in enumerate(att)]
+        if isinstance(att, dict):
+            return [_entry(att, self.causal, "attention")] * L
+        if not isinstance(att, str):
+            raise LongctxError(f"config field 'attention': give a name, a dict with 'type' or a list, got {att!r}")
+        if att not in MECHANISMS:
+            raise LongctxError(f"config field 'attention': must be one of {', '.join(sorted(MECHANISMS))}, "
+                               f"got {att!r}")
+        return [(att, self._shorthand(att, i), self.causal) for i in range(L)]
+
+    def _shorthand(self, name: str, i: int) -> dict:
+        """The flat keys (window, window_schedule, dilation, block) as layer i's fields."""
+        if name == "sliding":
+            dil = self.dilation
+            L = self.num_hidden_layers
+            per_layer_dil = isinstance(dil, list) and len(dil) == L and all(isinstance(d, list) for d in dil)
+            return {"window": self._windows()[i], "dilation": _tuple(dil[i] if per_layer_dil else dil)}
+        if name in ("blocks", "blockwise_causal") or (name == "bigbird" and self.block):
+            return {"block": self.block}
+        return {}
+
+    def _windows(self) -> list:
+        L = self.num_hidden_layers
         if isinstance(self.window, list):
-            windows = list(self.window)
-        elif self.window_schedule == "grow":
+            return list(self.window)
+        if self.window_schedule == "grow":
             lo = self.window_min if self.window_min is not None else max(1, self.window // 8)
-            windows = [round(lo + (self.window - lo) * i / max(1, L - 1)) for i in range(L)]
-        else:
-            windows = [self.window] * L
-        dil = self.dilation
-        per_layer_dil = isinstance(dil, list) and len(dil) == L and all(isinstance(d, list) for d in dil)
-        return [_pattern(dict(kind=self.attention, window=windows[i], block=self.block, causal=self.causal,
-                              dilation=dil[i] if per_layer_dil else dil), f"layer {i}")
-                for i in range(L)]
+            return [round(lo + (self.window - lo) * i / max(1, L - 1)) for i in range(L)]
+        return [self.window] * L
+
+    def layer_context(self, i: int, causal: bool | None = None) -> LayerContext:
+        return LayerContext(num_heads=self.num_attention_heads, head_dim=self.hidden_size // self.num_attention_heads,
+                            max_len=self.max_position_embeddings, causal=self.causal if causal is None else causal,
+                            layer_idx=i, seed=self.attention_seed, backend=self.attention_backend)
+
+    def layer_mechanisms(self) -> list:
+        """Every layer's mechanism, built (for descriptions and FLOP counts; the model builds its own)."""
+        return [build(name, fields, self.layer_context(i, causal))
+                for i, (name, fields, causal) in enumerate(self.layer_attention())]
+
+    def layer_patterns(self) -> list[AttentionPattern | None]:
+        """The AttentionPattern of every layer, bottom to top (None for a layer that is not a mask)."""
+        return [getattr(m, "pattern", None) for m in self.layer_mechanisms()]
 
     def describe_attention(self) -> str:
-        """A short human description, e.g. 'sliding w=64 (x4)'."""
-        parts = []
-        for p in self.layer_patterns():
-            s = p.kind + (f" w={p.window}" if p.kind == "sliding" else "") + (f" b={p.block}" if p.block else "")
-            if p.dilation not in (1, (1,)):
-                s += f" d={p.dilation}"
-            parts.append(s)
+        """A short human description from each mechanism's ``describe()``, e.g. 'sliding w=64 (x4)'."""
+        parts = [m.describe() for m in self.layer_mechanisms()]
         uniq = sorted(set(parts), key=parts.index)
         return ", ".join(f"{u} (x{parts.count(u)})" for u in uniq)
 
 
-def _pattern(spec: dict, where: str) -> AttentionPattern:
+def _tuple(x):
+    return tuple(x) if isinstance(x, list) else x
+
+
+def _mask_specs():
+    from longctx.attention.masked import MaskMechanism
+    return {cls.Spec for cls in MECHANISMS.values() if issubclass(cls, MaskMechanism)}
+
+
+def _entry(att, causal: bool, where: str) -> tuple[str, dict, bool]:
+    """A config entry (a name or {type: NAME, ...}) as (type, fields, causal)."""
+    from longctx.attention.layer import attention_entry
+    if isinstance(att, dict) and "type" not in att:
+        raise LongctxError(f"config field {where}: {att!r} needs a 'type' (one of {', '.join(sorted(MECHANISMS))})")
     try:
-        dil = spec.get("dilation", 1)
-        return AttentionPattern(kind=spec.get("kind", "sliding"), window=int(spec.get("window", 0) or 0),
-                                dilation=tuple(dil) if isinstance(dil, list) else dil,
-                                block=int(spec.get("block", 0) or 0), causal=bool(spec.get("causal", False)))
+        name, fields, own_causal = attention_entry(att)
     except LongctxError as e:
-        raise LongctxError(f"config attention ({where}): {e}") from None
+        raise LongctxError(f"config field {where}: {e}") from None
+    if "dilation" in fields:
+        fields["dilation"] = _tuple(fields["dilation"])
+    return name, fields, causal or own_causal

@@ -24,36 +24,29 @@ from transformers.modeling_outputs import (
 from longctx.attention.layer import LayerCache, SelfAttention
 from longctx.errors import LongctxError
 from longctx.models.config import LongctxConfig
-from longctx.positions import sinusoidal_table
+from longctx.positions import AbsoluteTable, PositionEncoding
 
 
 class Embeddings(nn.Module):
-    """Token embeddings plus absolute positions (when the config asks for them)."""
+    """Token embeddings plus absolute positions (the position encoding's ``embed``; nothing for
+    encodings that act inside attention)."""
 
     def __init__(self, config: LongctxConfig):
         super().__init__()
         self.config = config
         self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
-        n_pos = config.max_position_embeddings + config.position_offset
-        if config.position == "learned":
-            self.position_embeddings = nn.Embedding(n_pos, config.hidden_size)
-        elif config.position == "sinusoidal":
-            self.register_buffer("sinusoidal", sinusoidal_table(n_pos, config.hidden_size), persistent=False)
+        if config.position in ("learned", "sinusoidal"):
+            # named as in BERT, so the learned table's weight is `embeddings.position_embeddings.weight`
+            self.position_embeddings = AbsoluteTable(config.position, config.max_position_embeddings,
+                                                     config.hidden_size, config.position_offset)
+        else:
+            self.position_embeddings = PositionEncoding()
         # post-norm models (BERT) normalise the embeddings; pre-norm models (GPT-2) do not
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.norm == "post" else nn.Identity()
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        x = self.word_embeddings(input_ids)
-        if self.config.position in ("learned", "sinusoidal"):
-            if int(positions[-1]) >= self.config.max_position_embeddings:
-                raise LongctxError(
-                    f"input of {int(positions[-1]) + 1} positions exceeds max_position_embeddings="
-                    f"{self.config.max_position_embeddings}; use a longer model (longctx convert extend) or "
-                    "relative positions (rope, alibi, xpos)")
-            idx = positions + self.config.position_offset
-            table = self.position_embeddings.weight if self.config.position == "learned" else self.sinusoidal
-            x = x + table[idx].to(x.dtype)
+        x = self.position_embeddings.embed(self.word_embeddings(input_ids), positions)
         return self.dropout(self.norm(x))
 
 
@@ -63,11 +56,13 @@ class Block(GradientCheckpointingLayer):
     def __init__(self, config: LongctxConfig, layer_idx: int):
         super().__init__()
         self.pre = config.norm == "pre"
+        name, fields, causal = config.layer_attention()[layer_idx]
         self.attention = SelfAttention(
-            config.hidden_size, config.num_attention_heads, config.layer_patterns()[layer_idx],
+            config.hidden_size, config.num_attention_heads, dict(fields, type=name),
             position=config.position, global_projections=config.global_projections,
             dropout=config.hidden_dropout_prob, rope_base=config.rope_base,
-            xpos_scale_base=config.xpos_scale_base, backend=config.attention_backend)
+            xpos_scale_base=config.xpos_scale_base, backend=config.attention_backend, causal=causal,
+            max_len=config.max_position_embeddings, layer_idx=layer_idx, seed=config.attention_seed)
         self.attention_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.intermediate = nn.Linear(config.hidden_size, config.intermediate_size)
         self.act = ACT2FN[config.hidden_act]
@@ -104,6 +99,8 @@ class LongctxPreTrainedModel(PreTrainedModel):
             module.weight.normal_(0.0, std)
             if module.padding_idx is not None:
                 module.weight[module.padding_idx].zero_()
+        elif isinstance(module, AbsoluteTable) and module.kind == "learned":
+            module.weight.normal_(0.0, std)
         elif isinstance(module, nn.LayerNorm):
             module.weight.fill_(1.0)
             module.bias.zero_()

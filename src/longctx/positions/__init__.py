@@ -5,9 +5,11 @@ Applied inside attention (in the layer): "rope" and "xpos" rotate q and k; "alib
 """
 from longctx.positions.absolute import LearnedPositions, extend_learned_positions, sinusoidal_table
 from longctx.positions.alibi import alibi_slopes
+from longctx.positions.encoding import ALiBi, AbsoluteTable, PositionEncoding, RotaryPositions, in_attention
 from longctx.positions.rotary import Rotary
 
 POSITION_KINDS = ("none", "learned", "sinusoidal", "rope", "alibi", "xpos")
 
 __all__ = ["POSITION_KINDS", "LearnedPositions", "extend_learned_positions", "sinusoidal_table",
-           "alibi_slopes", "Rotary"]
+           "alibi_slopes", "Rotary", "PositionEncoding", "AbsoluteTable", "RotaryPositions", "ALiBi",
+           "in_attention"]

@@ -35,9 +35,9 @@ class Rotary(nn.Module):
         return theta, zeta
 
     def rotate(self, x: torch.Tensor, positions: torch.Tensor, key: bool = False, center: float = 0.0):
-        """x (..., n, d) at integer ``positions`` (n,) -> rotated (and, for xPos, scaled) x."""
+        """x (..., n, d) at integer ``positions`` (n,) or (B, 1, n) -> rotated (and, for xPos, scaled) x."""
         dt = x.dtype if x.element_size() >= 4 else torch.float32  # never rotate in half precision
-        p = positions.to(dt)[:, None]  # (n, 1)
+        p = positions.to(dt)[..., None]  # (n, 1), or (B, 1, n, 1) for one row of positions per sequence
         theta, zeta = self.frequencies(dt, x.device)
         angle = p * theta  # (n, d/2)
         cos, sin = angle.cos(), angle.sin()

@@ -112,7 +112,8 @@ def _lookup(tree: dict, path: str):
 def _check_type(path: str, default, value):
     if path in CHOICES and value not in CHOICES[path]:
         raise LongctxError(f"config key '{path}' must be one of {', '.join(CHOICES[path])}, got {value!r}")
-    if default is None or path == "data.tokenizer":
+    # model.attention is a name, a dict {type: ...} or a list of them: the model config checks it
+    if default is None or path in ("data.tokenizer", "model.attention"):
         return value
     if isinstance(default, bool):
         ok = isinstance(value, bool)

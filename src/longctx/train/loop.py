@@ -7,7 +7,6 @@ one and ends bit-identical to a run that was never stopped (one process, CPU, sa
 """
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 from longctx.tasks.mlm import EVAL_BATCH_OFFSET, lm_loss  # noqa: F401  (re-exported)
@@ -22,14 +21,29 @@ def build_model(cfg: dict, tokenizer):
 
 
 def set_windows(model, window) -> None:
-    """Staged training: give every sliding-window layer a new one-sided window (int or one per layer)."""
-    layers = model.longctx.layers
+    """Staged training: give every sliding-window layer a new one-sided window (int or one per layer).
+
+    The config is the source of truth: its attention becomes the explicit per-layer list of what the
+    layers now run, and each layer is rebuilt from it, so a saved model reloads with exactly the
+    pattern it was trained with (a ``window_schedule`` or flat ``window`` can no longer disagree)."""
+    from longctx.errors import LongctxError
+
+    cfg, layers = model.config, model.longctx.layers
     windows = window if isinstance(window, list) else [window] * len(layers)
-    for layer, w in zip(layers, windows):
-        if layer.attention.pattern.kind == "sliding":
-            layer.attention.pattern = replace(layer.attention.pattern, window=int(w))
-    model.config.window = window
-    model.config.layers = None
+    if len(windows) != len(layers):
+        raise LongctxError(f"a per-layer window list needs {len(layers)} values, got {len(windows)}")
+    entries = []
+    for layer, w, (name, fields, causal) in zip(layers, windows, cfg.layer_attention()):
+        entry = dict(fields, type=name)
+        if causal != cfg.causal:
+            entry["causal"] = causal
+        if name == "sliding":
+            entry["window"] = int(w)
+            layer.attention.set_attention(entry)
+        entries.append(entry)
+    cfg.attention = entries
+    cfg.window = window
+    cfg.layers = None
 
 
 def evaluate(model, dataset, collator, batches: int, batch_size: int, accelerator=None) -> dict:
