@@ -386,3 +386,17 @@ def test_lsh_forward_equals_reference(data):
     q, k, v = _qkv(B, H, n, d, seed)
     check_against_reference(mech, q, q, v, _padding(B, n, data.draw(st.sampled_from(["none", "right", "random"])),
                                                     seed), seed, inputs=[q, v])
+
+
+# -- the benchmark's family cases ---------------------------------------------------------------------------
+@pytest.mark.parametrize("impl", ["longctx-linformer", "longctx-performer", "longctx-nystrom", "longctx-lsh"])
+def test_bench_builds_every_family(impl):
+    """The layer `longctx bench attention` times: runs forward and backward at a tiny size, and counts the
+    mechanism's own FLOPs (smoke test only; the timing is the benchmark's job)."""
+    from longctx.bench.attention import DEFAULTS, build as bench_build, useful_flops
+    cfg = dict(DEFAULTS, hidden=32, heads=2)
+    module, inputs, fn = bench_build(impl, 300, cfg, torch.float32)
+    fn(*inputs).sum().backward()
+    assert inputs[0].grad is not None and inputs[0].grad.abs().sum() > 0
+    fwd, train = useful_flops(impl, 300, cfg)
+    assert 0 < fwd < train

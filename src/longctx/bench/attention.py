@@ -20,6 +20,11 @@ Implementations ("impl" in the results):
   sdpa-masked              SDPA with the sliding pattern's n x n boolean mask
   hf-longformer            transformers' LongformerSelfAttention (attention_window = window) + output proj.
   local-attention          lucidrains' local-attention (causal, window_size window/2, look_backward 1)
+  longctx-linformer        the Linformer mechanism (k = 256, E/F per layer) in the same projected layer
+  longctx-performer        Performer FAVOR+ (256 orthogonal random features)
+  longctx-nystrom          Nystromformer (64 landmarks, conv skip 33)
+  longctx-lsh              Reformer LSH attention (chunk 64, 64 buckets, 2 hashes; shared QK projection)
+  The families' useful FLOPs are their mechanisms' own ``flops(n)`` plus the projections.
 """
 from __future__ import annotations
 
@@ -45,7 +50,8 @@ DEFAULTS = {
     "lengths": [1024, 2048, 4096, 8192, 16384, 32768, 65536],
     "implementations": ["longctx-sliding", "longctx-sliding-half", "longctx-dilated", "longctx-blocks",
                         "longctx-global16", "longctx-blockwise-causal", "longctx-causal", "core-sliding",
-                        "core-sliding-half", "sdpa-dense", "sdpa-masked", "hf-longformer", "local-attention"],
+                        "core-sliding-half", "sdpa-dense", "sdpa-masked", "hf-longformer", "local-attention",
+                        "longctx-linformer", "longctx-performer", "longctx-nystrom", "longctx-lsh"],
     "dtypes": ["float32"],
     "repeats": 5,
     "warmup": 1,
@@ -57,6 +63,22 @@ DEFAULTS = {
 # time and memory grow as n^p: used to predict the next length from the last measured one
 SCALING = {"sdpa-dense": (2, 1), "sdpa-masked": (2, 2)}
 IMPLS = DEFAULTS["implementations"]
+
+# the approximate families: implementation -> (mechanism, its config keys); the papers' usual settings
+FAMILIES = {
+    "longctx-linformer": ("linformer", {"k": 256, "share": "headwise"}),
+    "longctx-performer": ("performer", {"nb_features": 256}),
+    "longctx-nystrom": ("nystrom", {"num_landmarks": 64, "conv_kernel_size": 33}),
+    "longctx-lsh": ("lsh", {"chunk_length": 64, "num_buckets": 64, "n_hashes": 2}),
+}
+
+
+def _mechanism(impl: str, n: int, cfg: dict):
+    import longctx.attention  # noqa: F401  (registers the families)
+    from longctx.attention.mechanism import LayerContext, build as build_mechanism
+    name, fields = FAMILIES[impl]
+    ctx = LayerContext(num_heads=cfg["heads"], head_dim=cfg["hidden"] // cfg["heads"], max_len=n, seed=cfg["seed"])
+    return build_mechanism(name, fields, ctx)
 
 
 # -- building one case (in the child) -----------------------------------------------------------------------
@@ -101,8 +123,11 @@ def useful_flops(impl: str, n: int, cfg: dict) -> tuple[float, float]:
     """(forward, forward+backward) useful FLOPs of the case."""
     B, D, H = cfg["batch"], cfg["hidden"], cfg["heads"]
     d = D // H
-    attn = 4.0 * attended_pairs(impl, n, cfg) * d * H * B
-    n_proj = 0 if impl.startswith("core-") else (7 if impl == "longctx-global16" else 4)
+    if impl in FAMILIES:
+        attn = _mechanism(impl, n, cfg).flops(n) * B
+    else:
+        attn = 4.0 * attended_pairs(impl, n, cfg) * d * H * B
+    n_proj = 0 if impl.startswith("core-") else (7 if impl == "longctx-global16" else 3 if impl == "longctx-lsh" else 4)
     proj = 2.0 * B * n * D * D * n_proj
     return attn + proj, 3 * (attn + proj)
 
@@ -111,15 +136,20 @@ class _ProjectedLayer(torch.nn.Module):
     """q, k, v projections -> an attention core (B, H, n, d) -> output projection: the layer shape every
     peer runs in, so their times compare with longctx's SelfAttention."""
 
-    def __init__(self, hidden: int, heads: int, core):
+    def __init__(self, hidden: int, heads: int, core, shared_qk: bool = False):
         super().__init__()
         self.heads, self.core = heads, core
-        self.query, self.key, self.value = (torch.nn.Linear(hidden, hidden) for _ in range(3))
+        self.query, self.value = torch.nn.Linear(hidden, hidden), torch.nn.Linear(hidden, hidden)
+        # Reformer's shared query-key projection: the LSH mechanism takes k = q
+        self.key = self.query if shared_qk else torch.nn.Linear(hidden, hidden)
+        self.shared_qk = shared_qk
         self.out = torch.nn.Linear(hidden, hidden)
 
     def forward(self, x):
         B, n, D = x.shape
-        q, k, v = (p(x).view(B, n, self.heads, -1).transpose(1, 2) for p in (self.query, self.key, self.value))
+        split = lambda t: t.view(B, n, self.heads, -1).transpose(1, 2)  # noqa: E731  (B, H, n, d)
+        q, v = split(self.query(x)), split(self.value(x))
+        k = q if self.shared_qk else split(self.key(x))
         return self.out(self.core(q, k, v).transpose(1, 2).reshape(B, n, D))
 
 
@@ -174,6 +204,10 @@ def build(impl: str, n: int, cfg: dict, dtype: torch.dtype):
         if n % w:
             raise LongctxError(f"Hugging Face's Longformer needs n to be a multiple of {w}")
         layer = _HFLayer(D, H, w)
+        return layer.to(dtype), [x], layer
+    if impl in FAMILIES:
+        mech = _mechanism(impl, n, cfg)
+        layer = _ProjectedLayer(D, H, mech, shared_qk=impl == "longctx-lsh")
         return layer.to(dtype), [x], layer
     if impl == "local-attention":
         from local_attention import LocalAttention
@@ -308,6 +342,9 @@ def targets(result: dict) -> list[dict]:
         ">= 1.7", lambda v: v >= 1.7)
     a, b = g("longctx-sliding", 4096), g("longctx-sliding", 32768)
     add("sliding time(32768) / time(4096)", None if None in (a, b) else b / a, "<= 9", lambda v: v <= 9)
+    for impl in FAMILIES:
+        a, b = g(impl, 4096), g(impl, 32768)
+        add(f"{impl} time(32768) / time(4096)", None if None in (a, b) else b / a, "<= 9", lambda v: v <= 9)
     fr = g("core-sliding", 4096, "train_fraction_of_matmul")
     add("attention core fwd+bwd useful FLOP/s / matmul (4096)", fr, ">= 0.6", lambda v: v >= 0.6)
     return out
