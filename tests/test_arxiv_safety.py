@@ -199,10 +199,13 @@ def test_cycles_and_missing_inputs_do_not_stop_conversion(tmp_path):
     (inp / "p.tar.gz").write_bytes(_tar([{"name": "main.tex", "data": main.encode()},
                                          {"name": "a.tex", "data": b"\\section{A}\\input{b}"},
                                          {"name": "b.tex", "data": b"\\section{B}\\input{a.tex}"}]))
-    build_arxiv_corpus([str(inp)], str(tmp_path / "out"), progress=False)
+    stats = build_arxiv_corpus([str(inp)], str(tmp_path / "out"), progress=False)
     rec = json.loads(open(tmp_path / "out" / "structured.jsonl").readline())
     heads = [rec["text"][s["start"]:s["end"]] for s in rec["structure"] if s["kind"] == "section"]
     assert heads == ["Introduction", "A", "B"]
+    # the paper is kept, and what it lacked is reported, not dropped
+    assert stats["missing_inputs"] == {"papers": 1, "files": 1, "by_input": {"p.tar.gz": ["missing"]}}
+    assert json.load(open(tmp_path / "out" / "stats.json"))["missing_inputs"] == stats["missing_inputs"]
 
 
 def test_user_errors_are_one_sentence_and_exit_2(tmp_path, capsys):

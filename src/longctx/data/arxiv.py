@@ -19,7 +19,7 @@ import tarfile
 import zlib
 from dataclasses import dataclass
 
-from longctx.data.latex import LatexConversionError, convert
+from longctx.data.latex import Rejected, convert, find_main_file
 
 # file names (lower case) whose text a paper can \input; everything else (figures, .bbl, .sty) is
 # skipped, though its bytes still count toward the unpacked-size cap
@@ -34,15 +34,11 @@ class Limits:
     max_bytes: int = 256 * 2**20       # unpacked bytes per paper (all members, tar headers included)
     max_text_bytes: int = 32 * 2**20   # bytes of LaTeX text kept per paper
     latin1_fallback: bool = False      # decode non-UTF-8 text as Latin-1 instead of rejecting
-
-
-class Rejected(Exception):
-    """One paper cannot be used; ``reason`` is a short code, ``detail`` says what was found."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-        self.detail = detail
+    # memory one paper's conversion may use, above the worker's own footprint: parsing takes up to
+    # ~320 bytes per byte of hostile LaTeX (4 MB of `\x` reached 1.67 GB), so the text cap alone does
+    # not bound it. Papers estimated over it are rejected before parsing (latex.estimate_parse_memory);
+    # the worker's address-space limit (RLIMIT_AS) enforces it for the rest.
+    max_memory_bytes: int = 1024 * 2**20
 
 
 class _CappedReader(io.RawIOBase):
@@ -168,6 +164,12 @@ def read_source(path: str, limits: Limits = Limits()) -> tuple[dict[str, str], s
                 head += more
         except (EOFError, zlib.error, gzip.BadGzipFile, OSError) as e:
             raise Rejected("corrupt-archive", f"{type(e).__name__}: {e}") from None
+        name_low = os.path.basename(path).lower()
+        if magic != b"\x1f\x8b" and name_low.endswith((".gz", ".tgz")) and not _looks_like_tar(head):
+            # named as gzip but neither gzip nor an (uncompressed) tar: the download is broken
+            raise Rejected("corrupt-archive", "not a gzip file (and not a tar archive either)")
+        if name_low.endswith(".tar") and not _looks_like_tar(head):
+            raise Rejected("corrupt-archive", "not a tar archive")
         if _looks_like_tar(head):
             counter.prefix = head
             data = _read_tar(io.BufferedReader(counter, 65536), limits, counter)
@@ -220,31 +222,25 @@ def _read_dir(root: str, limits: Limits) -> dict[str, bytes]:
 
 
 def convert_source(path: str, limits: Limits = Limits()) -> dict:
-    """Read and convert one paper. Returns the record for ``structured.jsonl`` (without ``id``);
-    raises ``Rejected`` when the paper cannot be used."""
+    """Read and convert one paper. Returns the record for ``structured.jsonl`` (without ``id``), plus
+    ``missing_inputs`` (files it ``\\input``s that the source lacks; reported in the corpus stats, not
+    stored in the record); raises ``Rejected`` when the paper cannot be used."""
     files, main = read_source(path, limits)
     if not files:
         raise Rejected("no-tex", "no LaTeX files in the source")
     if main is None:
-        from longctx.data.latex import find_main_file
-
         undecoded = {k: v.decode("latin-1") if isinstance(v, bytes) else v for k, v in files.items()}
-        try:
-            main = find_main_file(undecoded)
-        except LatexConversionError as e:
-            raise Rejected(e.reason, e.detail) from None
+        main = find_main_file(undecoded)
     # decode strictly now that we know which paper this is: every text file the paper may \input
     texts = {k: _decode(k, v, limits) if isinstance(v, bytes) else v for k, v in files.items()}
     try:
-        doc = convert(texts, main, max_chars=limits.max_text_bytes)
-    except LatexConversionError as e:
-        raise Rejected(e.reason, e.detail) from None
+        doc = convert(texts, main, max_chars=limits.max_text_bytes, max_memory=limits.max_memory_bytes)
     except RecursionError:
         raise Rejected("latex-error", "nesting too deep to parse") from None
     if not doc.text.strip():
         raise Rejected("empty", "no text after conversion")
     return {"title": doc.title, "text": doc.text, "structure": doc.structure,
-            "main_file": doc.main_file}
+            "main_file": doc.main_file, "missing_inputs": doc.missing_inputs}
 
 
 # --------------------------------------------------------------------------------------------------

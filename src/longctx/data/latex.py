@@ -51,8 +51,9 @@ _CODE_KIND = {v: k for k, v in _KIND_CODE.items()}
 _PRIVATE_RE = re.compile("[\ue000-\ue0ff]")
 
 
-class LatexConversionError(ValueError):
-    """A document that cannot be converted; ``reason`` is a short machine-readable code."""
+class Rejected(ValueError):
+    """One paper cannot be used; ``reason`` is a short machine-readable code (the corpus's rejects
+    count by it), ``detail`` says what was found. Reading (arxiv.py) and converting (here) raise it."""
 
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(f"{reason}: {detail}" if detail else reason)
@@ -101,6 +102,21 @@ _INPUT_RE = re.compile(r"\\(input|include|subfile)(?![a-zA-Z@])\s*(?:\{([^{}]*)\
 _DOCCLASS_RE = re.compile(r"\\document(?:class|style)(?![a-zA-Z@])")
 _BEGIN_DOC_RE = re.compile(r"\\begin\s*\{document\}")
 _END_DOC_RE = re.compile(r"\\end\s*\{document\}")
+# environments whose body TeX reads verbatim: a `\\end{document}` (or `\\begin{document}`) written in them
+# is an example, not the end of the paper
+_VERBATIM_ENVS = ("verbatim", "verbatim*", "Verbatim", "Verbatim*", "BVerbatim", "LVerbatim", "lstlisting",
+                  "minted", "alltt", "filecontents", "filecontents*", "comment", "spverbatim", "lstcode")
+_VERBATIM_RE = re.compile(r"\\begin\s*\{(" + "|".join(re.escape(e) for e in _VERBATIM_ENVS)
+                          + r")\}.*?\\end\s*\{\1\}|\\verb\*?([^a-zA-Z\s*])[^\n]*?\2", re.S)
+
+
+def _search_outside_verbatim(pattern: re.Pattern, src: str) -> re.Match | None:
+    """The first match of ``pattern`` in ``src`` that is not inside a verbatim environment or ``\\verb``."""
+    spans = [m.span() for m in _VERBATIM_RE.finditer(src)]
+    for m in pattern.finditer(src):
+        if not any(a <= m.start() < b for a, b in spans):
+            return m
+    return None
 
 
 def _resolve(name: str, base_dir: str, files: dict[str, str]) -> str | None:
@@ -140,7 +156,7 @@ def inline_inputs(files: dict[str, str], main: str, max_depth: int = 20,
             inner = expand(target, stack + (target,))
             total[0] += len(inner)
             if total[0] > max_chars:
-                raise LatexConversionError("too-large", f"inlined LaTeX exceeds {max_chars} characters")
+                raise Rejected("too-large", f"inlined LaTeX exceeds {max_chars} characters")
             sep = "\n\\clearpage\n" if m.group(1) == "include" else "\n"
             return sep + inner + sep
         return _INPUT_RE.sub(repl, text)
@@ -159,7 +175,7 @@ def find_main_file(files: dict[str, str]) -> str:
         if _DOCCLASS_RE.search(t) and _BEGIN_DOC_RE.search(t):
             cands.append((name, t))
     if not cands:
-        raise LatexConversionError("no-main-file", "no file has \\documentclass and \\begin{document}")
+        raise Rejected("no-main-file", "no file has \\documentclass and \\begin{document}")
     if len(cands) > 1:
         included = set()
         for name, t in cands:
@@ -542,19 +558,35 @@ def _extract_spans(marked: str) -> tuple[str, list[dict]]:
     return "".join(out), spans
 
 
-def convert(files: dict[str, str], main: str | None = None, max_chars: int = 20_000_000) -> Document:
-    """Convert one paper, given as ``{relative path: LaTeX text}``, to a :class:`Document`."""
+# Peak memory of parsing and rendering, measured with pylatexenc on 400 KB inputs (VmHWM): `\\x` repeated
+# 122 MB (305 B per byte), `$a$` 117 MB, `{a}` 86 MB, prose with a macro, a group and math per sentence
+# 25 MB. Every parse node (one per backslash, brace or dollar) costs up to ~600 bytes, the characters
+# between them ~50 bytes each; the constants below are rounded up so the estimate stays an upper bound.
+_PARSE_BYTES_PER_NODE = 640
+_PARSE_BYTES_PER_CHAR = 64
+_NODE_RE = re.compile(r"[\\{$]")
+
+
+def estimate_parse_memory(src: str) -> int:
+    """An upper estimate, in bytes, of the memory that parsing and rendering ``src`` takes."""
+    return _PARSE_BYTES_PER_NODE * len(_NODE_RE.findall(src)) + _PARSE_BYTES_PER_CHAR * len(src)
+
+
+def convert(files: dict[str, str], main: str | None = None, max_chars: int = 20_000_000,
+            max_memory: int | None = None) -> Document:
+    """Convert one paper, given as ``{relative path: LaTeX text}``, to a :class:`Document`. With
+    ``max_memory`` (bytes), a paper whose parse is estimated to need more is rejected before parsing."""
     files = {k: _PRIVATE_RE.sub("", v) for k, v in files.items()}
     main = main or find_main_file(files)
     missing: list[str] = []
     src = inline_inputs(files, main, max_chars=max_chars, missing=missing)
     if len(src) > max_chars:
-        raise LatexConversionError("too-large", f"LaTeX source exceeds {max_chars} characters")
-    b = _BEGIN_DOC_RE.search(src)
+        raise Rejected("too-large", f"LaTeX source exceeds {max_chars} characters")
+    b = _search_outside_verbatim(_BEGIN_DOC_RE, src)
     if not b:
-        raise LatexConversionError("no-main-file", "no \\begin{document}")
+        raise Rejected("no-main-file", "no \\begin{document}")
     preamble, body = src[:b.start()], src[b.end():]
-    e = _END_DOC_RE.search(body)
+    e = _search_outside_verbatim(_END_DOC_RE, body)
     if e:
         body = body[:e.start()]
     macros, preamble = collect_macros(preamble)
@@ -562,6 +594,9 @@ def convert(files: dict[str, str], main: str | None = None, max_chars: int = 20_
     for k, v in body_macros.items():
         macros.setdefault(k, v)
     body = expand_macros(body, macros, max_chars=max_chars)
+    if max_memory is not None and (need := estimate_parse_memory(body)) > max_memory:
+        raise Rejected("too-large", f"parsing its {len(body):,} characters of LaTeX may need about "
+                                    f"{need / 2**20:,.0f} MiB, over the {max_memory / 2**20:,.0f} MiB cap")
     # the title lives in the preamble as often as in the body: render the preamble's \title only
     title = None
     for m in re.finditer(r"\\title(?![a-zA-Z@])", preamble):
