@@ -11,6 +11,7 @@ __all__ = ["AttentionPattern", "BACKENDS", "Capabilities", "LayerContext", "MECH
 
 # every mechanism registers itself on import: one line per file
 from longctx.attention import masked  # noqa: E402,F401  (full, sliding, blocks, blockwise_causal)
+from longctx.attention import bigbird  # noqa: E402,F401
 
 # the approximate families register themselves on import (one file each)
 from longctx.attention import linformer, lsh, nystrom, performer  # noqa: E402,F401

@@ -1,0 +1,215 @@
+"""BigBird (Zaheer et al., 2020), block-sparse attention, its ITC form: the sequence is cut into blocks
+of ``block`` tokens; query block i attends the key blocks i-1, i, i+1 (sliding blocks), ``random``
+blocks drawn per head and per query block, and the global blocks (the first and last
+``global_blocks`` blocks), whose tokens attend everything.
+
+It is a mask pattern: ``BigBirdPattern.local_allowed`` is its predicate, a lookup in the block layout
+``R[h, q // block, k // block]`` (sliding and random blocks), and the global blocks are global tokens,
+composed onto the predicate like any pattern's (``patterns.compose``). So the dense reference,
+FlexAttention's ``mask_mod`` and the layout kernel below all run the same composed predicate.
+
+The random layout is drawn from a generator seeded by (seed, layer, length), so it is the same in every
+build, in training and in evaluation (Hugging Face's BigBird replaces it by block 0 in eval mode). The
+random blocks of a query block never repeat its sliding or global blocks, so no key is counted twice.
+``set_random_blocks`` installs a given layout (Hugging Face's, in the tests).
+
+Fast path (``layout_attention``): for each query block, gather its W = 3 + r key blocks (a layout
+instead of the sliding kernel's band) plus the G global keys, one dense product per block, the
+composed predicate as mask; the rows of global queries are computed over every key. Memory
+O(n (W b + G)), time linear in n for fixed block and r.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from longctx.attention.functional import _flex_available, _global_rows, attention, global_index
+from longctx.attention.mechanism import Capabilities, LayerContext, Mechanism, register
+from longctx.attention.patterns import compose, full_mask
+from longctx.attention.reference import dense_attention, masked_softmax
+from longctx.errors import LongctxError
+
+
+@dataclass(frozen=True)
+class Spec:
+    block: int = 64          # block size b (BigBird's base: 64)
+    random: int = 3          # random key blocks per query block (r)
+    global_blocks: int = 1   # global blocks at each end (ITC: the first and the last block)
+
+    def __post_init__(self):
+        for name, lo in (("block", 1), ("random", 0), ("global_blocks", 0)):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+                raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+
+
+class BigBirdPattern:
+    """The predicate of one length: ``R`` (H, nb, nb) bool, True where query block i may attend key
+    block j through the sliding or random blocks. Global blocks come in as global tokens."""
+
+    kind = "bigbird"
+    causal = False
+
+    def __init__(self, R: torch.Tensor, block: int):
+        self.R, self.block = R, block
+
+    def head_params(self, num_heads: int, device=None) -> torch.Tensor:
+        return torch.arange(num_heads, device=device).view(num_heads, 1, 1)
+
+    def local_allowed(self, q_pos, k_pos, head):
+        b = self.block
+        return self.R[head, torch.div(q_pos, b, rounding_mode="floor"), torch.div(k_pos, b, rounding_mode="floor")]
+
+
+def draw_layout(H: int, nb: int, random: int, global_blocks: int, generator: torch.Generator) -> torch.Tensor:
+    """R (H, nb, nb): sliding blocks |i - j| <= 1, plus ``random`` blocks per head and non-global query
+    block, drawn without replacement among the blocks that are neither sliding nor global."""
+    idx = torch.arange(nb)
+    R = ((idx[:, None] - idx[None, :]).abs() <= 1).expand(H, nb, nb).clone()
+    is_global = (idx < global_blocks) | (idx >= nb - global_blocks)
+    for h in range(H):
+        for i in range(nb):
+            if is_global[i]:
+                continue  # a global query block attends everything anyway
+            cand = idx[~R[h, i] & ~is_global]
+            pick = cand[torch.randperm(cand.numel(), generator=generator)[:random]]
+            R[h, i, pick] = True
+    return R
+
+
+@register
+class BigBird(Mechanism):
+    name = "bigbird"
+    Spec = Spec
+    supports = Capabilities(global_tokens=True)
+
+    def __init__(self, spec: Spec, ctx: LayerContext):
+        super().__init__(spec, ctx)
+        self._layouts: dict[int, torch.Tensor] = {}
+
+    # -- the layout -----------------------------------------------------------------------------------
+    def layout(self, n: int, device=None) -> torch.Tensor:
+        """R (H, nb, nb) for length n, drawn once per length from the seeded generator."""
+        if n not in self._layouts:
+            nb = max(1, math.ceil(n / self.spec.block))
+            g = torch.Generator().manual_seed((self.ctx.seed * 1_000_003 + self.ctx.layer_idx * 7_919 + n) % 2**63)
+            self._layouts[n] = draw_layout(self.ctx.num_heads, nb, self.spec.random, self.spec.global_blocks, g)
+        return self._layouts[n].to(device)
+
+    def set_random_blocks(self, n: int, random_blocks) -> None:
+        """Install a random layout for length n: ``random_blocks`` (H, nb - 2, r) key-block indices for
+        the query blocks 1 .. nb - 2 (Hugging Face's ``rand_attn`` layout)."""
+        rb = torch.as_tensor(random_blocks, dtype=torch.long)
+        H, nb = self.ctx.num_heads, max(1, math.ceil(n / self.spec.block))
+        if rb.dim() != 3 or rb.shape[0] != H or rb.shape[1] != nb - 2:
+            raise LongctxError(f"random blocks must be ({H}, {nb - 2}, r) for {n} tokens, got {tuple(rb.shape)}")
+        idx = torch.arange(nb)
+        R = ((idx[:, None] - idx[None, :]).abs() <= 1).expand(H, nb, nb).clone()
+        for h in range(H):
+            R[h, torch.arange(1, nb - 1)[:, None].expand_as(rb[h]), rb[h]] = True
+        self._layouts[n] = R
+
+    def pattern(self, n: int, device=None) -> BigBirdPattern:
+        return BigBirdPattern(self.layout(n, device), self.spec.block)
+
+    def global_tokens(self, n: int, global_mask, device) -> torch.Tensor:
+        """The global blocks as a (B or 1, n) global mask, with the caller's global tokens."""
+        g = self.spec.global_blocks * self.spec.block
+        nb_tokens = max(1, math.ceil(n / self.spec.block)) * self.spec.block
+        pos = torch.arange(n, device=device)
+        ends = ((pos < g) | (pos >= nb_tokens - g))[None, :]
+        return ends if global_mask is None else ends | global_mask.bool()
+
+    # -- attention ------------------------------------------------------------------------------------
+    def forward(self, q, k, v, *, key_padding=None, global_mask=None, positions=None, bias=None, cache=None):
+        if bias is not None:
+            raise LongctxError("attention 'bigbird' takes no score bias; use rope or learned positions")
+        n = q.shape[2]
+        pattern, gm = self.pattern(n, q.device), self.global_tokens(n, global_mask, q.device)
+        gm = gm.expand(q.shape[0], n)
+        backend = self.ctx.backend
+        if backend == "dense":
+            return dense_attention(q, k, v, pattern, key_padding_mask=key_padding, global_mask=gm)
+        if backend == "flex" or (backend == "auto" and q.is_cuda and _flex_available()):
+            return attention(q, k, v, pattern, key_padding_mask=key_padding, global_mask=gm, backend="flex")
+        return layout_attention(q, k, v, pattern, key_padding_mask=key_padding, global_mask=gm)
+
+    def reference(self, q, k, v, *, key_padding=None, global_mask=None, positions=None, bias=None):
+        n = q.shape[2]
+        gm = self.global_tokens(n, global_mask, q.device).expand(q.shape[0], n)
+        return dense_attention(q, k, v, self.pattern(n, q.device), key_padding_mask=key_padding, global_mask=gm)
+
+    def mask(self, n, key_padding=None, global_mask=None, device=None):
+        return full_mask(self.pattern(n, device), n, self.ctx.num_heads, key_padding,
+                         self.global_tokens(n, global_mask, device), device=device)
+
+    def attention_map(self, q, k, v, *, key_padding=None, global_mask=None, positions=None, bias=None):
+        n = q.shape[2]
+        scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
+        return masked_softmax(scores, self.mask(n, key_padding, global_mask, q.device))
+
+    def flops(self, n: int, num_global: int = 0) -> float:
+        """4 d per attended pair, all heads: the block pairs of the layout (sliding, random, global rows
+        and columns) times b^2, at most n^2, plus the caller's global rows and columns."""
+        b, H = self.spec.block, self.ctx.num_heads
+        R = self.layout(n)
+        nb = R.shape[-1]
+        g = torch.zeros(nb, dtype=torch.bool)
+        g[:self.spec.global_blocks] = True
+        g[nb - self.spec.global_blocks:] = True
+        blocks = (R | g[None, :, None] | g[None, None, :]).sum().item() / H
+        pairs = min(n * n, blocks * b * b + 2 * num_global * n)
+        return 4.0 * self.ctx.head_dim * H * pairs
+
+    def describe(self) -> str:
+        return f"bigbird b={self.spec.block} r={self.spec.random}"
+
+
+def layout_attention(q, k, v, pattern: BigBirdPattern, *, key_padding_mask=None, global_mask=None, scale=None):
+    """Block-sparse attention from a block layout (no n x n tensor). q, k, v (B, H, n, d); global_mask
+    (B, n) with at least the global blocks; returns (B, H, n, d)."""
+    B, H, n, d = q.shape
+    b, R = pattern.block, pattern.R
+    nb = R.shape[-1]
+    scale = d ** -0.5 if scale is None else scale
+    q = q * scale
+    gm = global_mask.bool()
+    kpm = None if key_padding_mask is None else key_padding_mask.bool()
+    # the key blocks of each query block, as indices (H, nb, W); W = the most any row has
+    W = int(R.sum(-1).max())
+    cols = torch.sort((~R).to(torch.int8), dim=-1, stable=True).indices[..., :W]  # allowed blocks first
+    col_ok = torch.gather(R, -1, cols)  # (H, nb, W)
+
+    pad = nb * b - n
+    def blocks(x):  # (B, H, n, d) -> (B, H, nb, b, d), zero-padded
+        return torch.nn.functional.pad(x, (0, 0, 0, pad)).view(B, H, nb, b, d)
+
+    qb = blocks(q)
+    h_idx = torch.arange(H, device=q.device).view(H, 1, 1)
+    kb = blocks(k)[:, h_idx, cols].reshape(B, H, nb, W * b, d)  # (B, H, nb, W b, d)
+    vb = blocks(v)[:, h_idx, cols].reshape(B, H, nb, W * b, d)
+    pos = torch.arange(nb * b, device=q.device)
+    q_pos = pos.view(nb, b, 1)
+    k_pos = pos.view(nb, b)[cols].reshape(H, nb, 1, W * b)  # (H, nb, 1, W b)
+    # a band key is valid if real and not global (global keys come in below, once)
+    valid = torch.nn.functional.pad(~gm if kpm is None else kpm & ~gm, (0, pad), value=False)  # (B, nb b)
+    kv = valid[:, k_pos.flatten()].view(B, H, nb, 1, W * b)
+    local = col_ok.repeat_interleave(b, -1).view(1, H, nb, 1, W * b)
+    allowed = compose(local, q_pos, k_pos, causal=False, key_valid=kv)  # (B, H, nb, b, W b)
+    scores = qb @ kb.transpose(-1, -2)
+    idx, g_valid = global_index(gm)  # (B, G)
+    if kpm is not None:
+        g_valid = g_valid & torch.gather(kpm, 1, idx)
+    kg = torch.gather(k, 2, idx[:, None, :, None].expand(B, H, idx.shape[1], d))
+    vg = torch.gather(v, 2, idx[:, None, :, None].expand(B, H, idx.shape[1], d))
+    g_ok = compose(False, q_pos, idx.view(B, 1, 1, 1, -1), causal=False, key_valid=g_valid.view(B, 1, 1, 1, -1),
+                   k_global=True)
+    scores = torch.cat([scores, torch.einsum("bhncd,bhgd->bhncg", qb, kg)], -1)
+    allowed = torch.cat([allowed.expand(B, H, nb, b, W * b), g_ok.expand(B, H, nb, b, idx.shape[1])], -1)
+    p = masked_softmax(scores, allowed)
+    out = p[..., :W * b] @ vb + torch.einsum("bhncg,bhgd->bhncd", p[..., W * b:], vg)
+    out = out.reshape(B, H, nb * b, d)[:, :, :n]
+    # the rows of global queries attend to every real key
+    return _global_rows(out, q, k, v, pattern, kpm, gm, None)
