@@ -16,6 +16,7 @@ from longctx.errors import LongctxError
 COMMAND_MODULES = [
     "longctx.experiments.cli",
     "longctx.train.cli",
+    "longctx.eval.cli",
     "longctx.data.corpus_cli",
     "longctx.bench.cli",
     "longctx.convert.cli",
@@ -32,7 +33,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # `eval MODEL --config F KEY=VALUE`: argparse hands out a command's positionals once, so overrides
+    # after an option come back unclaimed; they are overrides all the same, in the order given
+    if extra and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
+        args.overrides = [*(args.overrides or []), *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
