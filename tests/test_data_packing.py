@@ -74,7 +74,7 @@ def test_blocks_concatenate_to_the_stream_and_repack_for_staged_training(docs):
         cat = torch.cat([b["input_ids"] for b in blocks])
         assert cat.tolist() == stream.ids[:len(ds) * seq_len].tolist()
         assert torch.cat([b["heading"] for b in blocks]).tolist() == stream.heading[:len(ds) * seq_len].tolist()
-    longer = PackedDataset(stream, 512).with_seq_len(2048)
+    longer = PackedDataset(stream, 2048)  # staged training: the same stream at another length
     assert longer.seq_len == 2048 and torch.equal(longer[1]["input_ids"], torch.from_numpy(stream.ids[2048:4096].astype(np.int64)))
     tail = PackedDataset(stream, 1000, drop_last=False)
     assert len(tail[-1]["input_ids"]) == len(stream) % 1000

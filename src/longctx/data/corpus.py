@@ -10,15 +10,30 @@
   path); a folder with no text files but ``.parquet`` / ``.arrow`` / ``.jsonl`` files loads those;
 - a ``.jsonl`` file (one JSON object per line) or ``.json`` file (a JSON array of objects, or JSON
   lines), e.g. ``structured.jsonl`` from ``longctx corpus arxiv``;
-- a ``.parquet`` or ``.arrow`` file, read with the ``datasets`` library from the local file.
+- a ``.parquet`` or ``.arrow`` file, read with the ``datasets`` library from the local file;
+- a single text file: ``.txt``/``.md``, or a file without a suffix such as the character-level LM
+  corpora as distributed (``text8``, ``enwik8``), or a ``.zip`` holding one such file (``text8.zip``,
+  ``enwik8.zip``): one document (id = the file name).
 
 Records take their text from ``text_field`` and their id from ``"id"`` when present (else
 ``<file>:<line or row>``). Documents whose text is empty or only whitespace are skipped. Mistakes
 (missing path, unknown format, missing field, broken JSON, nothing to train on) raise
 ``LongctxError`` with one sentence naming the input and what to do.
 
-``split_documents(docs, valid_fraction, seed)`` splits by document, deterministically from
-``(seed, id)`` alone, so adding documents never moves existing ones to the other side.
+``split_corpus(docs, valid_fraction, seed, test_fraction)`` returns ``(train, valid, test)``:
+
+- several documents are split by document, deterministically from ``(seed, id)`` alone, so adding
+  documents never moves existing ones to the other side; a document is held out for validation when
+  its hash falls below ``valid_fraction``, for test when it falls in ``[valid_fraction,
+  valid_fraction + test_fraction)``. ``test_fraction`` defaults to 0 here (no test set, the
+  validation documents are the same as without one);
+- a single document (one text file) is split by position: train is its start, validation the next
+  ``valid_fraction`` and test the last ``test_fraction`` of it (default: ``valid_fraction`` again),
+  measured in UTF-8 bytes, each cut moved back to the start of the character it falls in. With the
+  default 0.05 this is the standard split of text8 and enwik8 (100M characters/bytes: the first 90M
+  train, the next 5M dev, the last 5M test), and the same 90/5/5 proportions for smaller files.
+
+``split_documents(docs, valid_fraction, seed)`` is ``split_corpus`` with no test set, as ``(train, valid)``.
 """
 from __future__ import annotations
 
@@ -85,10 +100,28 @@ def _load_file(path: Path, text_field: str, name: str) -> list[dict]:
         return _load_json(path, text_field, name)
     if suffix in TABLE_SUFFIXES:
         return _load_table(path, text_field, name)
-    if suffix in TEXT_SUFFIXES:
-        return [{"id": path.name, "text": path.read_text(encoding="utf-8", errors="replace")}]
-    raise LongctxError(f"corpus {path} has an unknown format '{path.suffix}'; use a folder of .txt/.md files "
-                       f"or a .jsonl, .json, .parquet or .arrow file.")
+    if suffix in TEXT_SUFFIXES or suffix == "":
+        return [{"id": path.name, "text": path.read_bytes().decode("utf-8", errors="replace")}]
+    if suffix == ".zip":
+        return [_load_zip(path)]
+    raise LongctxError(f"corpus {path} has an unknown format '{path.suffix}'; use a folder of .txt/.md files, "
+                       f"a .jsonl, .json, .parquet or .arrow file, or one text file (.txt, no suffix, or .zip).")
+
+
+def _load_zip(path: Path) -> dict:
+    """The one file in a ``.zip`` (``text8.zip``, ``enwik8.zip`` as distributed) as one document."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            members = [m for m in z.infolist() if not m.is_dir()]
+            if len(members) != 1:
+                raise LongctxError(f"corpus {path} holds {len(members)} files; a .zip corpus must hold exactly "
+                                   f"one text file (as text8.zip and enwik8.zip do).")
+            data = z.read(members[0])
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise LongctxError(f"corpus {path} is not a readable .zip file ({e}); check the download.") from None
+    return {"id": members[0].filename, "text": data.decode("utf-8", errors="replace")}
 
 
 def _load_json(path: Path, text_field: str, name: str) -> list[dict]:
@@ -152,10 +185,29 @@ def _record(r: object, where: str, text_field: str, path: Path) -> dict:
                            f"not text; choose a text field.")
     doc = {"id": str(r["id"]) if r.get("id") is not None else where, "text": text}
     if r.get("structure"):
-        doc["structure"] = [dict(s) for s in r["structure"]]
+        doc["structure"] = _structure(r["structure"], len(text), where, path)
     if r.get("title"):
         doc["title"] = r["title"]
     return doc
+
+
+def _structure(spans: object, n_chars: int, where: str, path: Path) -> list[dict]:
+    """The record's ``structure`` checked: a list of ``{"kind": str, "start": int, "end": int, ...}``
+    with ``0 <= start <= end <= len(text)``."""
+    fix = ("write structure as a list of {\"kind\", \"level\", \"start\", \"end\"} character spans "
+           "(as longctx corpus arxiv does), or leave it out.")
+    if not isinstance(spans, list):
+        raise LongctxError(f"corpus {path} record {where} has a {type(spans).__name__} as 'structure'; {fix}")
+    out = []
+    for i, s in enumerate(spans):
+        ok = (isinstance(s, dict) and isinstance(s.get("kind"), str)
+              and all(isinstance(s.get(k), int) and not isinstance(s.get(k), bool) for k in ("start", "end"))
+              and 0 <= s["start"] <= s["end"] <= n_chars)
+        if not ok:
+            raise LongctxError(f"corpus {path} record {where} has a bad structure span {i} ({str(s)[:80]}); "
+                               f"{fix}")
+        out.append(dict(s))
+    return out
 
 
 def _unit_hash(seed: int, doc_id: str) -> float:
@@ -164,28 +216,84 @@ def _unit_hash(seed: int, doc_id: str) -> float:
 
 
 def split_documents(docs: list[dict], valid_fraction: float = 0.05, seed: int = 0) -> tuple[list[dict], list[dict]]:
-    """Split into ``(train, valid)`` by document; order kept within each part.
+    """``(train, valid)``: ``split_corpus`` without a test set."""
+    train, valid, _ = split_corpus(docs, valid_fraction, seed, test_fraction=0.0)
+    return train, valid
 
-    A document is held out when ``sha256(seed, id)`` falls below ``valid_fraction``, so the split
-    depends only on the seed and the ids. With two or more documents and ``0 < valid_fraction < 1``
-    both parts are non-empty (the document with the lowest / highest hash is moved if needed).
-    ``valid_fraction=0`` gives an empty valid set.
+
+def split_corpus(docs: list[dict], valid_fraction: float = 0.05, seed: int = 0,
+                 test_fraction: float | None = None) -> tuple[list[dict], list[dict], list[dict]]:
+    """Split into ``(train, valid, test)``, order kept within each part (the rules are in the module doc).
+
+    ``test_fraction=None`` means 0 for several documents and ``valid_fraction`` for a single one.
+    By document, with two or more documents and ``0 < valid_fraction < 1`` train and valid are both
+    non-empty (the document with the lowest / highest hash is moved if needed); ``valid_fraction=0``
+    gives an empty valid set.
     """
-    if not 0 <= valid_fraction < 1:
-        raise LongctxError(f"valid_fraction {valid_fraction} is outside [0, 1); use e.g. 0.05 for 5% of "
-                           f"the documents held out.")
+    if test_fraction is None:
+        test_fraction = valid_fraction if len(docs) == 1 else 0.0
+    for name, f in (("valid_fraction", valid_fraction), ("test_fraction", test_fraction)):
+        if not 0 <= f < 1:
+            raise LongctxError(f"{name} {f} is outside [0, 1); use e.g. 0.05 for 5% of the corpus held out.")
+    if valid_fraction + test_fraction >= 1:
+        raise LongctxError(f"valid_fraction {valid_fraction} + test_fraction {test_fraction} leave nothing to "
+                           f"train on; keep their sum below 1.")
     if not docs:
         raise LongctxError("the corpus has no documents to split; give a corpus with at least one document.")
+    if len(docs) == 1:
+        return split_by_position(docs[0], valid_fraction, test_fraction)
     h = [_unit_hash(seed, d["id"]) for d in docs]
     is_valid = [x < valid_fraction for x in h]
-    if valid_fraction > 0 and len(docs) >= 2:
+    is_test = [valid_fraction <= x < valid_fraction + test_fraction for x in h]
+    if valid_fraction > 0:
         if not any(is_valid):
-            is_valid[min(range(len(docs)), key=h.__getitem__)] = True
-        if all(is_valid):
-            is_valid[max(range(len(docs)), key=h.__getitem__)] = False
-    train = [d for d, v in zip(docs, is_valid) if not v]
-    valid = [d for d, v in zip(docs, is_valid) if v]
-    return train, valid
+            k = min(range(len(docs)), key=h.__getitem__)
+            is_valid[k], is_test[k] = True, False
+        if all(v or t for v, t in zip(is_valid, is_test)):
+            k = max(range(len(docs)), key=h.__getitem__)
+            is_valid[k] = is_test[k] = False
+    parts: tuple[list[dict], list[dict], list[dict]] = ([], [], [])
+    for d, v, t in zip(docs, is_valid, is_test):
+        parts[1 if v else 2 if t else 0].append(d)
+    return parts
+
+
+def _char_start(data: bytes, b: int) -> int:
+    """``b`` moved back to the first byte of the UTF-8 character it falls in."""
+    while 0 < b < len(data) and data[b] & 0xC0 == 0x80:
+        b -= 1
+    return b
+
+
+def split_by_position(doc: dict, valid_fraction: float, test_fraction: float) -> tuple[list[dict], list[dict], list[dict]]:
+    """One document cut into ``(train, valid, test)`` parts by UTF-8 byte position (see the module doc);
+    a part of zero length is left out. Structure spans are clipped to each part and shifted."""
+    text = doc["text"]
+    data = text.encode("utf-8", "surrogatepass")
+    n = len(data)
+    n_test = round(n * test_fraction)
+    n_valid = round(n * valid_fraction)
+    if valid_fraction > 0 and (n_valid == 0 or n - n_valid - n_test <= 0):
+        raise LongctxError(f"document {doc['id']} has {n} bytes, too few to hold out {valid_fraction:g} of it; "
+                           f"give a longer text or several documents.")
+    cuts = [0, _char_start(data, n - n_valid - n_test), _char_start(data, n - n_test), n]
+    parts: tuple[list[dict], list[dict], list[dict]] = ([], [], [])
+    char_at = 0
+    for k, name in enumerate(("train", "valid", "test")):
+        piece = data[cuts[k]:cuts[k + 1]].decode("utf-8", "surrogatepass")
+        if piece:
+            part = {**doc, "id": f"{doc['id']}[{name}]", "text": piece}
+            if doc.get("structure"):
+                part["structure"] = _clip_spans(doc["structure"], char_at, char_at + len(piece))
+            parts[k].append(part)
+        char_at += len(piece)
+    return parts
+
+
+def _clip_spans(spans: list[dict], a: int, b: int) -> list[dict]:
+    """The spans that overlap characters ``[a, b)``, clipped to them and shifted to start at 0."""
+    return [{**s, "start": max(s["start"], a) - a, "end": min(s["end"], b) - a}
+            for s in spans if s["start"] < b and s["end"] > a]
 
 
 def corpus_fingerprint(docs: list[dict]) -> str:

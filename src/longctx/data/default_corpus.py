@@ -25,6 +25,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 FORMAT_VERSION = 1
@@ -56,19 +57,27 @@ def load_default_corpus(rebuild: bool = False) -> list[dict]:
     path = cache_path()
     if rebuild or not path.exists():
         docs = build_default_corpus()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
         try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                for d in docs:
-                    f.write(json.dumps(d, ensure_ascii=False) + "\n")
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+            _write_cache(path, docs)
+        except OSError as e:  # a full disk or a read-only cache: the corpus is still good, only not kept
+            warnings.warn(f"could not cache the default corpus in {path.parent} ({e.strerror or e}); "
+                          "it will be built again next time.", stacklevel=2)
         return docs
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def _write_cache(path: Path, docs: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for d in docs:
+                f.write(json.dumps(d, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def build_default_corpus() -> list[dict]:

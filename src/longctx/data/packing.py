@@ -12,13 +12,20 @@ a comparison load it instead of tokenizing again.
 ``PackedDataset(stream, seq_len)`` cuts the stream into consecutive blocks of ``seq_len`` tokens (a
 block may span documents; the partial last block is dropped unless ``drop_last=False``). Items are
 ``{"input_ids": LongTensor[seq_len], "heading": BoolTensor[seq_len]}``. Blocks are views of the same
-stream, so staged training changes the length with ``dataset.with_seq_len(n)`` and no re-tokenizing.
+stream, so staged training packs the same stream at another length with no re-tokenizing.
 ``start_token=tok.cls_id`` begins every block with that token (then ``seq_len - 1`` stream tokens per
 block), e.g. for a [CLS] that ``global_tokens: first`` makes global.
 
-``prepare_data(source, tokenizer, ...)`` does the whole chain: load, split by document, load or
-train the tokenizer, tokenize train and valid (cached). Default cache: ``$LONGCTX_CACHE`` or
-``~/.cache/longctx`` (``tokens/`` and ``tokenizers/`` in it).
+``prepare_data(source, tokenizer, ...)`` does the whole chain: load, split (``split_corpus``: by
+document, or by position for a single text such as text8), load or train the tokenizer on the train
+part, tokenize train, valid and test (cached). Default cache: ``longctx.paths.cache_root()``
+(``tokens/`` and ``tokenizers/`` in it).
+
+Bits per character: ``PreparedData.valid_chars`` counts the valid text's characters (code points)
+plus one per document separator, as its token stream holds one separator token per document; so
+``bpc = mean loss (nats per token) * len(valid) / valid_chars / ln 2``. With the byte tokenizer a
+token is a UTF-8 byte: for ASCII text (text8) bytes and characters coincide; for enwik8, whose
+literature "bpc" is bits per byte, that figure is ``mean loss / ln 2`` (``valid_bytes`` below).
 """
 from __future__ import annotations
 
@@ -34,7 +41,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from longctx.data.corpus import corpus_fingerprint, load_documents, split_documents
+from longctx.data.corpus import corpus_fingerprint, load_documents, split_corpus
 from longctx.data.structure import HEADING_KINDS, heading_spans
 from longctx.data.tokenizer import ByteTokenizer, load_tokenizer
 from longctx.errors import LongctxError
@@ -67,14 +74,18 @@ def heading_flags(structure: list[dict] | None, offsets: np.ndarray, kinds=HEADI
     return (b > a) & (i >= 0) & (spans[np.maximum(i, 0), 1] > a)
 
 
-def _encode_all(docs: list[dict], tokenizer) -> list[tuple[np.ndarray, np.ndarray]]:
+def _encode_all(docs: list[dict], tokenizer):
+    """``(ids, offsets)`` per document, in order; offsets are None where no heading needs them."""
     if isinstance(tokenizer, ByteTokenizer):
-        return [tokenizer.encode_arrays(d["text"]) for d in docs]
-    out = []
+        for d in docs:
+            if d.get("structure"):
+                yield tokenizer.encode_arrays(d["text"])
+            else:  # the bytes are the ids: 1 byte a token, not 40 (text8 is 100M characters)
+                yield np.frombuffer(d["text"].encode("utf-8", "surrogatepass"), dtype=np.uint8), None
+        return
     for i in range(0, len(docs), 64):  # batches: the Rust side runs them in parallel
         for ids, offsets in tokenizer.encode_batch([d["text"] for d in docs[i:i + 64]]):
-            out.append((np.asarray(ids, dtype=np.int64), np.asarray(offsets, dtype=np.int64).reshape(-1, 2)))
-    return out
+            yield np.asarray(ids, dtype=np.int64), np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
 
 
 def tokenize_documents(docs: list[dict], tokenizer, cache_dir: str | Path | None = None,
@@ -97,9 +108,10 @@ def tokenize_documents(docs: list[dict], tokenizer, cache_dir: str | Path | None
     for doc, (ids, offsets) in zip(docs, _encode_all(docs, tokenizer)):
         starts.append(pos)
         parts_ids += [ids, sep]
-        parts_head += [heading_flags(doc.get("structure"), offsets, heading_kinds), np.zeros(1, dtype=bool)]
+        head = np.zeros(len(ids), bool) if offsets is None else heading_flags(doc.get("structure"), offsets, heading_kinds)
+        parts_head += [head, np.zeros(1, dtype=bool)]
         pos += len(ids) + 1
-    stream = TokenStream(np.concatenate(parts_ids).astype(dtype) if parts_ids else np.zeros(0, dtype),
+    stream = TokenStream(np.concatenate(parts_ids, dtype=dtype, casting="unsafe") if parts_ids else np.zeros(0, dtype),
                          np.concatenate(parts_head) if parts_head else np.zeros(0, bool),
                          np.asarray(starts, dtype=np.int64))
     if folder is not None:
@@ -138,10 +150,6 @@ class PackedDataset(Dataset):
     def __len__(self) -> int:
         return self.n_blocks
 
-    def with_seq_len(self, seq_len: int) -> PackedDataset:
-        """The same stream packed at another length (staged training)."""
-        return PackedDataset(self.stream, seq_len, self.start_token, self.drop_last)
-
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         if not -self.n_blocks <= i < self.n_blocks:
             raise IndexError(i)
@@ -157,7 +165,8 @@ class PackedDataset(Dataset):
 
 @dataclass
 class PreparedData:
-    """What training needs: the tokenizer and the train / valid token streams (pack them per phase)."""
+    """What training needs: the tokenizer and the token streams of each split (pack them per phase).
+    ``test`` is None when the split has no test part (a corpus of several documents, by default)."""
 
     tokenizer: object
     train: TokenStream
@@ -165,22 +174,39 @@ class PreparedData:
     train_docs: int
     valid_docs: int
     valid_chars: int  # characters of the valid text (+1 per separator): bits per character = nats * tokens / chars / ln 2
+    test: TokenStream | None = None
+    test_docs: int = 0
+    test_chars: int = 0
+    valid_bytes: int = 0  # UTF-8 bytes of the valid text (+1 per separator): bits per byte = nats * tokens / bytes / ln 2
+
+
+def _chars(docs: list[dict]) -> int:
+    return sum(len(d["text"]) + 1 for d in docs)
+
+
+def _utf8_bytes(docs: list[dict]) -> int:
+    return sum(len(d["text"].encode("utf-8", "surrogatepass")) + 1 for d in docs)
 
 
 def prepare_data(source="default", tokenizer="bytes", valid_fraction: float = 0.05, seed: int = 0,
                  text_field: str = "text", heading_kinds=HEADING_KINDS,
-                 cache_dir: str | Path | None = None) -> PreparedData:
-    """Load ``source``, split it by document, load or train ``tokenizer`` on the train part, tokenize both.
+                 cache_dir: str | Path | None = None, test_fraction: float | None = None) -> PreparedData:
+    """Load ``source``, split it (``split_corpus``), load or train ``tokenizer`` on the train part, tokenize.
 
-    ``cache_dir`` defaults to ``$LONGCTX_CACHE`` / ``~/.cache/longctx``; token streams go to
-    ``tokens/`` in it and trained tokenizers to ``tokenizers/``.
+    ``cache_dir`` defaults to ``longctx.paths.cache_root()``; token streams go to ``tokens/`` in it and
+    trained tokenizers to ``tokenizers/``. ``test_fraction``: see ``split_corpus`` (None: a single
+    text gets a test part as large as the valid one, several documents get none).
     """
     from longctx.data.default_corpus import cache_root
 
     root = Path(cache_dir) if cache_dir is not None else cache_root()
     docs = load_documents(source, text_field=text_field)
-    train_docs, valid_docs = split_documents(docs, valid_fraction, seed)
+    train_docs, valid_docs, test_docs = split_corpus(docs, valid_fraction, seed, test_fraction)
+    del docs
     tok = load_tokenizer(tokenizer, documents=train_docs, cache_dir=root / "tokenizers")
-    return PreparedData(tok, tokenize_documents(train_docs, tok, root / "tokens", heading_kinds),
-                        tokenize_documents(valid_docs, tok, root / "tokens", heading_kinds),
-                        len(train_docs), len(valid_docs), sum(len(d["text"]) + 1 for d in valid_docs))
+
+    def tokens(part):
+        return tokenize_documents(part, tok, root / "tokens", heading_kinds)
+    return PreparedData(tok, tokens(train_docs), tokens(valid_docs), len(train_docs), len(valid_docs),
+                        _chars(valid_docs), test=tokens(test_docs) if test_docs else None,
+                        test_docs=len(test_docs), test_chars=_chars(test_docs), valid_bytes=_utf8_bytes(valid_docs))

@@ -269,7 +269,12 @@ def load_tokenizer(spec, documents: list[dict] | None = None, cache_dir: str | P
                                f"{{train: bpe, vocab_size: 8192}} (keys: train, vocab_size, min_frequency).")
         if documents is None:
             raise LongctxError("a tokenizer to train needs the corpus documents; pass documents=... .")
-        kind, size, minf = str(spec["train"]).lower(), int(spec.get("vocab_size", 8192)), int(spec.get("min_frequency", 2))
+        kind = str(spec["train"]).lower()
+        size, minf = spec.get("vocab_size", 8192), spec.get("min_frequency", 2)
+        for key, value, low in (("vocab_size", size, 1), ("min_frequency", minf, 0)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise LongctxError(f"tokenizer {key} must be an integer of at least {low}, got {value!r}; write e.g. "
+                                   f"{{train: bpe, vocab_size: 8192}}.")
         if cache_dir is None:
             return train_tokenizer(documents, kind, size, minf)
         from longctx.data.corpus import corpus_fingerprint
