@@ -2,14 +2,15 @@
 
 Reproducible by construction, for exact resume: everything random about batch ``k`` (the blocks it
 holds and the masked positions) is a function of ``(seed, k, rank)`` alone, never of how many
-batches came before in this process. The training loop should therefore do::
+batches came before in this process. The training loop (longctx.train) does::
 
     data = prepare_data(...)                              # longctx.data.packing
     train = PackedDataset(data.train, seq_len)
     collator = MLMCollator(data.tokenizer, 0.15, global_tokens="headings", seed=seed)
-    for k, batch in iterate_batches(train, collator, batch_size, seed, start=resumed_step,
-                                    rank=rank, world_size=world_size):
-        loss = model(**batch).loss ...                    # k = the global batch (optimizer micro-step) index
+    for k in range(resumed_step, steps):                  # k = the global batch (optimizer micro-step) index
+        idx = batch_order(len(train), batch_size, k, seed, rank, world_size)
+        batch = collator([train[i] for i in idx], batch_index=k, rank=rank)
+        loss = model(**batch).loss ...
 
 and store only ``k`` (the data position) in a checkpoint; ``start=k + 1`` on resume continues with
 exactly the batches an uninterrupted run would have seen. With gradient accumulation count ``k`` in
@@ -30,7 +31,7 @@ length), ``global_attention_mask`` (bool), ``labels`` (long, -100 where no loss)
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -149,12 +150,3 @@ def batch_order(n_items: int, batch_size: int, batch_index: int, seed: int, rank
         out.append(int(perm[j]))
     return out
 
-
-def iterate_batches(dataset, collator, batch_size: int, seed: int, start: int = 0, stop: int | None = None,
-                    rank: int = 0, world_size: int = 1, shuffle: bool = True) -> Iterator[tuple[int, dict]]:
-    """Yield ``(k, batch)`` for k = start, start + 1, ... (until ``stop``, else forever), per ``batch_order``."""
-    k = start
-    while stop is None or k < stop:
-        idx = batch_order(len(dataset), batch_size, k, seed, rank, world_size, shuffle)
-        yield k, collator([dataset[i] for i in idx], batch_index=k, rank=rank)
-        k += 1

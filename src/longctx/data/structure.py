@@ -18,8 +18,6 @@ from bisect import bisect_right
 from collections.abc import Iterable, Sequence
 
 HEADING_KINDS = ("title", "section", "subsection", "subsubsection")
-ALL_HEADING_KINDS = ("title", "part", "chapter", "section", "subsection", "subsubsection",
-                     "paragraph", "subparagraph")
 
 
 def heading_spans(structure: Iterable[dict], kinds: Sequence[str] = HEADING_KINDS) -> list[tuple[int, int]]:

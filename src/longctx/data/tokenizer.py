@@ -179,9 +179,6 @@ class HFTokenizer:
         return f"HFTokenizer(vocab_size={self.vocab_size}, roles={self.roles})"
 
 
-Tokenizer = ByteTokenizer | HFTokenizer
-
-
 def _save_hf(tok, roles: dict[str, str], folder: str | Path, extra: dict | None = None) -> None:
     """Write ``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json`` atomically."""
     folder = Path(folder)
