@@ -213,3 +213,48 @@ def test_qa_preset_makes_the_question_global():
                                                       [True, True, False, False, False, False, False]]
     with pytest.raises(LongctxError, match="separator"):
         question_global_mask(torch.tensor([[1, 5, 6]]), 2)
+
+
+@pytest.mark.parametrize("position", ["learned", "rope", "xpos"])
+def test_position_ids_are_used_per_row(position):
+    torch.manual_seed(0)
+    model = LongctxModel(LongctxConfig(**SMALL, position=position)).eval()
+    ids = torch.randint(3, 64, (2, 10))
+    pos = torch.stack([torch.arange(10), torch.arange(5, 15)])
+    with torch.no_grad():
+        both = model(ids, position_ids=pos).last_hidden_state
+        alone = [model(ids[b:b + 1], position_ids=pos[b]).last_hidden_state[0] for b in range(2)]
+    torch.testing.assert_close(both[0], alone[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(both[1], alone[1], atol=1e-5, rtol=1e-5)
+    assert (both[1] - alone[0]).abs().max() > 1e-3  # row 1 did not get row 0's positions
+
+
+def test_left_padded_batch_equals_hugging_face_longformer():
+    """Positions follow the attention mask, as HF's Longformer (RoBERTa) numbers them: the Longformer
+    parity setup (a converted random HF model), now with left padding."""
+    from transformers import LongformerConfig, LongformerModel
+
+    from longctx.convert import convert_longformer
+    PAD = 1
+    cfg = LongformerConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=64, attention_window=[4, 8], max_position_embeddings=2 + 128,
+                           pad_token_id=PAD, bos_token_id=0, eos_token_id=2, layer_norm_eps=1e-5)
+    torch.manual_seed(0)
+    hf = LongformerModel(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            norm = "LayerNorm" in name
+            p.copy_(torch.randn(p.shape, generator=g) * (0.3 if norm else 0.15) + (1.0 if norm and name.endswith(".weight") else 0.0))
+    ours = convert_longformer(hf).eval()
+    n = 24
+    ids = torch.randint(3, 97, (3, n), generator=g)
+    mask = torch.ones(3, n, dtype=torch.long)
+    for b, pad in enumerate([0, 5, 11]):  # left padding
+        ids[b, :pad], mask[b, :pad] = PAD, 0
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask).last_hidden_state
+        out = ours.longctx(ids, attention_mask=mask).last_hidden_state if hasattr(ours, "longctx") else \
+            ours(ids, attention_mask=mask).last_hidden_state
+    real = mask.bool()
+    torch.testing.assert_close(out[real], ref[real], atol=1e-4, rtol=1e-4)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from longctx.attention.functional import _flex_available, _global_rows, attention, global_index
+from longctx.attention.functional import _flex_available, _global_rows, attention, drop_padded, global_index
 from longctx.attention.mechanism import Capabilities, LayerContext, Mechanism, register
 from longctx.attention.patterns import compose, full_mask
 from longctx.attention.reference import dense_attention, masked_softmax
@@ -129,6 +129,8 @@ class BigBird(Mechanism):
         n = q.shape[2]
         pattern, gm = self.pattern(n, q.device), self.global_tokens(n, global_mask, q.device)
         gm = gm.expand(q.shape[0], n)
+        if key_padding is not None:  # padded keys contribute nothing, whatever their values
+            k, v = drop_padded(k, key_padding), drop_padded(v, key_padding)
         backend = self.ctx.backend
         if backend == "dense":
             return dense_attention(q, k, v, pattern, key_padding_mask=key_padding, global_mask=gm)

@@ -59,8 +59,14 @@ def attention(q, k, v, pattern: AttentionPattern, *, key_padding_mask=None, glob
     global_qkv: optional (qg, kg, vg) from separate global projections. alibi_slopes (H,): ALiBi bias.
     scale defaults to 1/sqrt(d). Any length works; the output has the input's length.
     """
+    check_inputs(q, k, v, key_padding_mask, global_mask, global_qkv, alibi_slopes)
     B, H, n, d = q.shape
     backend = resolve_backend(backend, q, pattern)
+    if key_padding_mask is not None:  # padded keys contribute nothing, whatever their values (NaN too)
+        k, v = drop_padded(k, key_padding_mask), drop_padded(v, key_padding_mask)
+        if global_qkv is not None:
+            global_qkv = (global_qkv[0], drop_padded(global_qkv[1], key_padding_mask),
+                          drop_padded(global_qkv[2], key_padding_mask))
     if backend == "dense":
         return dense_attention(q, k, v, pattern, key_padding_mask=key_padding_mask, global_mask=global_mask,
                                global_qkv=global_qkv, alibi_slopes=alibi_slopes, scale=scale)
@@ -93,6 +99,39 @@ def attention(q, k, v, pattern: AttentionPattern, *, key_padding_mask=None, glob
             qg, kg, vg = q, k, v
         out = _global_rows(out, qg, kg, vg, pattern, key_padding_mask, global_mask, alibi_slopes)
     return out
+
+
+def check_inputs(q, k, v, key_padding_mask=None, global_mask=None, global_qkv=None, alibi_slopes=None) -> None:
+    """One sentence for inputs the kernels cannot take (checked once, at the public entry)."""
+    def shape(t):
+        return tuple(t.shape)
+
+    if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
+        raise LongctxError("attention: q, k and v must be tensors")
+    if q.dim() != 4 or shape(k) != shape(q) or shape(v) != shape(q):
+        raise LongctxError(f"attention: q, k and v must have one shape (batch, heads, n, head_dim); got q "
+                           f"{shape(q)}, k {shape(k)}, v {shape(v)}")
+    if not (q.dtype == k.dtype == v.dtype) or not q.is_floating_point():
+        raise LongctxError(f"attention: q, k and v must share one floating dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    tensors = [q, k, v] + [t for t in (key_padding_mask, global_mask, alibi_slopes) if t is not None] + \
+        list(global_qkv or ())
+    if any(t.device != q.device for t in tensors) or q.is_meta:
+        raise LongctxError(f"attention: every input must be on one device with data; got "
+                           f"{sorted({str(t.device) for t in tensors})}")
+    B, H, n, _ = q.shape
+    for name, m in (("key_padding_mask", key_padding_mask), ("global_mask", global_mask)):
+        if m is not None and shape(m) != (B, n):
+            raise LongctxError(f"attention: {name} must be (batch, n) = ({B}, {n}), got {shape(m)}")
+    if global_qkv is not None and (len(global_qkv) != 3 or any(shape(t) != shape(q) for t in global_qkv)):
+        raise LongctxError(f"attention: global_qkv must be three tensors shaped like q {shape(q)}")
+    if alibi_slopes is not None and shape(alibi_slopes) != (H,):
+        raise LongctxError(f"attention: alibi_slopes must be one per head ({H},), got {shape(alibi_slopes)}")
+
+
+def drop_padded(x: torch.Tensor, key_padding_mask: torch.Tensor) -> torch.Tensor:
+    """x (B, H, n, d) with the rows of padding tokens set to zero: padding is never attended, and a
+    zero (unlike a NaN or inf the caller left there) times a zero weight stays zero."""
+    return x.masked_fill(~key_padding_mask.bool()[:, None, :, None], 0.0)
 
 
 def attention_at(q, k, v, q_pos, k_pos, pattern: AttentionPattern, *, key_valid=None, alibi_slopes=None,

@@ -129,8 +129,10 @@ class LongctxModel(LongctxPreTrainedModel):
     def forward(self, input_ids, attention_mask=None, global_attention_mask=None, position_ids=None,
                 past_key_values: list[LayerCache] | None = None, use_cache: bool = False, **kwargs):
         """input_ids (B, n). attention_mask (B, n): 1 for real tokens, 0 for padding.
-        global_attention_mask (B, n): 1 for global tokens. position_ids (n,): defaults to 0..n-1, or to
-        the positions after the cache when decoding with ``past_key_values``."""
+        global_attention_mask (B, n): 1 for global tokens. position_ids (n,) or (B, n), one row per
+        sequence: defaults to 0..n-1 counted over the real tokens of each row (a left-padded row starts
+        at 0 at its first real token, as Hugging Face's RoBERTa and Longformer number them), or to the
+        positions after the cache when decoding with ``past_key_values``."""
         B, n = input_ids.shape
         if n == 0:
             raise LongctxError("input_ids is empty: give at least one token")
@@ -146,17 +148,40 @@ class LongctxModel(LongctxPreTrainedModel):
             past_key_values = [LayerCache() for _ in self.layers]
         if past_key_values is not None and (kpm is not None or gm is not None):
             raise LongctxError("decoding with a key-value cache takes unpadded inputs without global tokens")
-        if position_ids is None:
-            start = 0 if not past_key_values or len(past_key_values[0]) == 0 else int(past_key_values[0].pos[-1]) + 1
-            position_ids = torch.arange(start, start + n, device=input_ids.device)
-        elif position_ids.dim() == 2:
-            position_ids = position_ids[0]
+        position_ids = self._positions(input_ids, attention_mask, position_ids, past_key_values)
         x = self.embeddings(input_ids, position_ids)
         for i, layer in enumerate(self.layers):
             cache = None if past_key_values is None else past_key_values[i]
             x = layer(x, kpm, gm, position_ids, cache)
         return BaseModelOutputWithPast(last_hidden_state=self.final_norm(x),
                                        past_key_values=past_key_values if use_cache else None)
+
+    @staticmethod
+    def _positions(input_ids, attention_mask, position_ids, past_key_values):
+        """(n,) when every row has the same positions, else (B, n), one row per sequence."""
+        B, n = input_ids.shape
+        tracing = torch.compiler.is_compiling()  # no branch on tensor values in a traced graph
+        if position_ids is None:
+            if past_key_values:
+                start = 0 if len(past_key_values[0]) == 0 else int(past_key_values[0].pos[-1]) + 1
+                return torch.arange(start, start + n, device=input_ids.device)
+            if attention_mask is None or (not tracing and bool(attention_mask.bool().all())):
+                return torch.arange(n, device=input_ids.device)
+            # positions follow the attention mask: real tokens count 0, 1, ...; padding gets 0
+            real = attention_mask.bool()
+            position_ids = (real.long().cumsum(-1) - 1).clamp(min=0) * real
+        if position_ids.dim() == 1:
+            return position_ids
+        if tuple(position_ids.shape) != (B, n):
+            raise LongctxError(f"position_ids has shape {tuple(position_ids.shape)}; give (n,) or "
+                               f"(batch, n) = ({B}, {n})")
+        if tracing:
+            return position_ids
+        if bool((position_ids == position_ids[:1]).all()):
+            return position_ids[0]
+        if past_key_values is not None:
+            raise LongctxError("decoding with a key-value cache takes one row of position_ids for the batch")
+        return position_ids
 
 
 class LMHead(nn.Module):
