@@ -193,7 +193,7 @@ def minilm_long(tmp_path_factory):
     """MiniLM (BertModel, 512 positions) extended to 2,048 positions with a 1,024 window (two-sided):
     every input of up to 512 tokens is inside every token's window."""
     out = tmp_path_factory.mktemp("ext") / "minilm-2048"
-    rc = main(["convert", "extend", str(_minilm_dir()), str(out), "--max-length", "2048", "--window", "1024"])
+    rc = main(["convert", "extend", str(_minilm_dir()), str(out), "--max-length", "2048", "--attention-window", "1024"])
     assert rc == 0
     return out
 
@@ -248,7 +248,7 @@ def test_extended_minilm_runs_2048_tokens_and_trains(minilm_long):
 
 def test_extend_says_when_it_adds_a_fresh_head(tmp_path, capsys):
     out = tmp_path / "o"
-    assert main(["convert", "extend", str(_minilm_dir()), str(out), "--max-length", "1024", "--window", "64"]) == 0
+    assert main(["convert", "extend", str(_minilm_dir()), str(out), "--max-length", "1024", "--attention-window", "64"]) == 0
     printed = capsys.readouterr().out
     assert "freshly initialised" in printed and "longctx pretrain" in printed
 
@@ -268,7 +268,7 @@ def test_extend_small_models_keep_outputs(cls, tmp_path, capsys):
     _randomise(hf, 3)
     src, out = tmp_path / "short", tmp_path / "long"
     hf.save_pretrained(src)
-    assert main(["convert", "extend", str(src), str(out), "--max-length", "200", "--window", "128"]) == 0
+    assert main(["convert", "extend", str(src), str(out), "--max-length", "200", "--attention-window", "128"]) == 0
     printed = capsys.readouterr().out
     assert ("freshly initialised" in printed) == (cls is RobertaModel)
     long = AutoModelForMaskedLM.from_pretrained(out).eval()
@@ -344,9 +344,9 @@ def test_user_errors_are_one_sentence(tmp_path, capsys):
 
     assert "not a Longformer" in _one_line_error(capsys, ["convert", "longformer", str(bert), str(out)])
     assert "BERT or RoBERTa" in _one_line_error(
-        capsys, ["convert", "extend", str(lf), str(out), "--max-length", "256", "--window", "8"])
+        capsys, ["convert", "extend", str(lf), str(out), "--max-length", "256", "--attention-window", "8"])
     assert "not larger than the source's 32 positions" in _one_line_error(
-        capsys, ["convert", "extend", str(bert), str(out), "--max-length", "32", "--window", "8"])
+        capsys, ["convert", "extend", str(bert), str(out), "--max-length", "32", "--attention-window", "8"])
     assert "no config.json" in _one_line_error(capsys, ["convert", "longformer", str(tmp_path), str(out)])
     assert not out.exists()
 
@@ -373,3 +373,291 @@ def test_failed_conversion_leaves_nothing(tmp_path, monkeypatch):
         main(["convert", "longformer", str(lf), str(out)])
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lf"]
+
+
+# --------------------------------------------------------------------------------------------------
+# trust: no code from a model folder ever runs (issue 11, item 1)
+# --------------------------------------------------------------------------------------------------
+EVIL_PY = '''import os, pathlib
+pathlib.Path(os.environ["EVIL_MARKER"]).write_text("custom code ran")
+from transformers import BertConfig, PreTrainedTokenizerFast
+class EvilConfig(BertConfig):
+    model_type = "evil"
+class EvilTokenizer(PreTrainedTokenizerFast):
+    pass
+'''
+AUTO_MAP = {"AutoConfig": "evil.EvilConfig", "AutoModel": "evil.EvilModel",
+            "AutoModelForMaskedLM": "evil.EvilModel", "AutoTokenizer": ["evil.EvilTokenizer", None]}
+
+# Runs every command that loads a model folder, in one process (one import of torch), and prints
+# their exit codes as JSON. argv: folders root, corpus.
+HOSTILE_SCRIPT = '''import json, sys, torch
+torch.set_num_threads(1)
+from longctx.cli import main
+root, corpus = sys.argv[1], sys.argv[2]
+tiny = ["--quiet", "data.corpus=" + corpus, "data.tokenizer=bytes", "data.seq_len=32", "train.steps=1",
+        "train.batch_size=1", "train.eval_batches=1", "train.save_every=0", "model.hidden_size=16",
+        "model.num_hidden_layers=1", "model.num_attention_heads=2", "model.window=4",
+        "model.max_position_embeddings=64"]
+runs = {
+    "convert longformer unknown": ["convert", "longformer", root + "/unknown", root + "/o1"],
+    "convert longformer longformer": ["convert", "longformer", root + "/longformer", root + "/o2"],
+    "convert extend bert": ["convert", "extend", root + "/bert", root + "/o3", "--max-length", "64",
+                            "--attention-window", "8"],
+    "convert extend unknown": ["convert", "extend", root + "/unknown", root + "/o4", "--max-length", "64",
+                               "--attention-window", "8"],
+    "eval longctx": ["eval", root + "/longctx", "data.corpus=" + corpus, "data.tokenizer=bytes",
+                     "data.seq_len=32", "train.eval_batches=1", "train.batch_size=1"],
+    "eval unknown": ["eval", root + "/unknown", "data.corpus=" + corpus, "data.tokenizer=bytes"],
+    "init_from longctx": ["pretrain", "--out", root + "/r1", "init_from=" + root + "/longctx", *tiny],
+    "init_from unknown": ["pretrain", "--out", root + "/r2", "init_from=" + root + "/unknown", *tiny],
+}
+rcs = {}
+for name, argv in runs.items():
+    try:
+        rcs[name] = main(argv)
+    except BaseException as e:  # noqa: BLE001 (a crash is a result here, not a test error)
+        rcs[name] = repr(e)
+print("RESULTS " + json.dumps(rcs))
+'''
+
+
+def _hostile(folder: Path, config_update: dict | None = None) -> Path:
+    """Turn a model folder into a hostile one: config.json and tokenizer_config.json map the Auto classes
+    to evil.py, whose import writes a marker file."""
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "evil.py").write_text(EVIL_PY)
+    cfg_path = folder / "config.json"
+    cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+    cfg.update(config_update or {})
+    cfg["auto_map"] = AUTO_MAP
+    cfg_path.write_text(json.dumps(cfg))
+    tok_path = folder / "tokenizer_config.json"
+    tok = json.loads(tok_path.read_text()) if tok_path.exists() else {}
+    tok["auto_map"] = {"AutoTokenizer": ["evil.EvilTokenizer", None]}
+    tok_path.write_text(json.dumps(tok))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def hostile_folders(tmp_path_factory):
+    """unknown: model_type 'evil' (only the custom code could read it); longformer, bert, longctx: real
+    small models of those types whose configs and tokenizer configs also map to evil.py."""
+    from longctx.models import LongctxConfig, LongctxForMaskedLM
+
+    root = tmp_path_factory.mktemp("hostile")
+    BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32, max_position_embeddings=32)).save_pretrained(root / "unknown")
+    _hostile(root / "unknown", {"model_type": "evil", "architectures": ["LongformerForMaskedLM"]})
+    _hf_longformer("LongformerForMaskedLM", SHAPES[0], seed=0).save_pretrained(root / "longformer")
+    _hostile(root / "longformer")
+    BertForMaskedLM(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=32, max_position_embeddings=32)).save_pretrained(root / "bert")
+    (root / "bert" / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+                                                      + [f"w{i}" for i in range(45)]) + "\n")
+    _hostile(root / "bert")
+    LongctxForMaskedLM(LongctxConfig(vocab_size=261, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     window=4, max_position_embeddings=64)).save_pretrained(root / "longctx")
+    _hostile(root / "longctx")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for i in range(8):
+        (corpus / f"d{i}.txt").write_text(f"document {i} " + "some words of text to read. " * 20)
+    return root
+
+
+def _hostile_env(base: Path) -> dict:
+    env = {**os.environ, "HF_HOME": str(base / "hf"), "HF_MODULES_CACHE": str(base / "hf" / "modules"),
+           "EVIL_MARKER": str(base / "MARKER"), "LONGCTX_CACHE": str(base / "cache"), "HF_HUB_OFFLINE": "1",
+           "TRANSFORMERS_OFFLINE": "1"}
+    env.pop("CI", None)
+    return env
+
+
+def _cached_files(base: Path) -> list[str]:
+    return sorted(str(p) for p in (base / "hf").rglob("*") if p.is_file())
+
+
+def test_hostile_fixture_runs_its_code_when_trusted(hostile_folders, tmp_path):
+    """The oracle for the next test: the fixture is live (trusted, Hugging Face runs evil.py and copies
+    it into the modules cache), so its absence there means longctx refused it."""
+    code = ("import transformers; transformers.AutoConfig.from_pretrained(" + repr(str(hostile_folders / "unknown"))
+            + ", trust_remote_code=True)")
+    res = subprocess.run([sys.executable, "-c", code], env=_hostile_env(tmp_path), capture_output=True, text=True,
+                         stdin=subprocess.DEVNULL, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert (tmp_path / "MARKER").read_text() == "custom code ran"
+    assert any(f.endswith("evil.py") for f in _cached_files(tmp_path))
+
+
+@pytest.mark.parametrize("stdin", ["terminal", "pipe"])
+def test_no_command_runs_or_caches_code_from_a_model_folder(hostile_folders, tmp_path, stdin):
+    """convert longformer / extend, eval and init_from on folders whose config.json and
+    tokenizer_config.json name evil.py: the code never runs and is never copied into the modules cache,
+    whether stdin is a terminal that answers 'y' to any prompt or a pipe full of 'y'."""
+    import json
+    import pty
+
+    script = tmp_path / "run_all.py"
+    script.write_text(HOSTILE_SCRIPT)
+    root = tmp_path / "folders"
+    import shutil
+    shutil.copytree(hostile_folders, root)  # outputs go beside the folders: each run gets its own copy
+    cmd = [sys.executable, str(script), str(root), str(root / "corpus")]
+    yes = b"y\n" * 200
+    if stdin == "terminal":
+        master, slave = pty.openpty()
+        os.write(master, yes)  # typed ahead: any prompt reads 'y'
+        res = subprocess.run(cmd, env=_hostile_env(tmp_path), stdin=slave, capture_output=True, timeout=600)
+        os.close(slave)
+        os.close(master)
+    else:
+        res = subprocess.run(cmd, env=_hostile_env(tmp_path), input=yes, capture_output=True, timeout=600)
+    out, err = res.stdout.decode(), res.stderr.decode()
+    assert res.returncode == 0, err[-3000:]
+    assert not (tmp_path / "MARKER").exists(), "custom code from a model folder ran"
+    assert _cached_files(tmp_path) == [], "custom code was copied into the Hugging Face modules cache"
+    assert "Do you wish to run the custom code" not in out + err
+    rcs = json.loads(out.split("RESULTS ", 1)[1])
+    # the real models of known types convert, evaluate and train; the unknown type is refused
+    assert rcs == {"convert longformer unknown": 2, "convert longformer longformer": 0, "convert extend bert": 0,
+                   "convert extend unknown": 2, "eval longctx": 0, "eval unknown": 2, "init_from longctx": 0,
+                   "init_from unknown": 2}, err[-3000:]
+    for produced in ("o2", "o3"):
+        assert not (root / produced / "evil.py").exists()
+    for line in err.splitlines():
+        assert "Traceback" not in line
+
+
+# --------------------------------------------------------------------------------------------------
+# a folder that is not a longctx model (issue 11, item 11)
+# --------------------------------------------------------------------------------------------------
+def _tiny_corpus(root: Path) -> Path:
+    root.mkdir()
+    for i in range(8):
+        (root / f"d{i}.txt").write_text(f"document {i} " + "some words of text to read. " * 20)
+    return root
+
+
+@pytest.mark.parametrize("kind", ["minilm", "handwritten"])
+def test_init_from_and_eval_refuse_a_model_that_is_not_longctx(kind, tmp_path, capsys, monkeypatch):
+    """A BERT folder was loaded as a longctx class with fresh weights and exit 0; now one sentence,
+    exit 2, and no run folder written."""
+    import json
+
+    monkeypatch.setenv("LONGCTX_CACHE", str(tmp_path / "cache"))
+    if kind == "minilm":
+        src = _minilm_dir()
+    else:
+        src = tmp_path / "bert"
+        src.mkdir()
+        (src / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 16,
+                                                     "num_attention_heads": 2, "num_hidden_layers": 1}))
+    corpus = _tiny_corpus(tmp_path / "corpus")
+    out = tmp_path / "run"
+    err = _one_line_error(capsys, ["pretrain", "--out", str(out), f"init_from={src}", f"data.corpus={corpus}",
+                                   "data.tokenizer=bytes", "data.seq_len=32", "train.steps=1",
+                                   "model.max_position_embeddings=64", "model.window=4"])
+    assert "holds a 'bert' model, not a longctx model" in err and "convert extend" in err
+    assert not (out / "model").exists() and not (out / "checkpoints").exists()
+    err = _one_line_error(capsys, ["eval", str(src), f"data.corpus={corpus}", "data.tokenizer=bytes"])
+    assert "holds a 'bert' model, not a longctx model" in err
+
+
+def test_load_longctx_model_refuses_wrong_heads_and_missing_weights(tmp_path):
+    from longctx.models import LongctxConfig, LongctxForCausalLM, LongctxForMaskedLM, LongctxModel, load_longctx_model
+
+    cfg = LongctxConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, window=4,
+                        max_position_embeddings=64)
+    torch.manual_seed(0)
+    mlm = LongctxForMaskedLM(cfg)
+    mlm.save_pretrained(tmp_path / "mlm")
+    loaded = load_longctx_model(tmp_path / "mlm")
+    assert type(loaded) is LongctxForMaskedLM
+    for (name, a), b in zip(mlm.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
+    with pytest.raises(LongctxError, match="holds a bidirectional encoder"):
+        load_longctx_model(tmp_path / "mlm", LongctxForCausalLM)
+    # a base model continued as a masked LM: the encoder is loaded, the head starts fresh
+    LongctxModel(cfg).save_pretrained(tmp_path / "base")
+    assert type(load_longctx_model(tmp_path / "base", LongctxForMaskedLM)) is LongctxForMaskedLM
+    # weights of another shape, or none
+    big = LongctxConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, window=4,
+                        max_position_embeddings=64)
+    LongctxForMaskedLM(big).save_pretrained(tmp_path / "big")
+    (tmp_path / "mlm" / "model.safetensors").write_bytes((tmp_path / "big" / "model.safetensors").read_bytes())
+    with pytest.raises(LongctxError, match="do not have the shapes its config.json gives"):
+        load_longctx_model(tmp_path / "mlm")
+    (tmp_path / "mlm" / "model.safetensors").unlink()
+    with pytest.raises(LongctxError, match="no weights"):
+        load_longctx_model(tmp_path / "mlm")
+
+
+# --------------------------------------------------------------------------------------------------
+# convert extend: one meaning of window; lengths that do not fit in memory (issues 17 and 11)
+# --------------------------------------------------------------------------------------------------
+def test_extend_refuses_the_old_window_flag_with_a_hint(tmp_path, capsys):
+    out = tmp_path / "o"
+    err = _one_line_error(capsys, ["convert", "extend", str(_minilm_dir()), str(out), "--max-length", "1024",
+                                   "--window", "256"])
+    assert "--attention-window 256" in err and "--attention-window 512" in err
+    assert "give --attention-window" in _one_line_error(
+        capsys, ["convert", "extend", str(_minilm_dir()), str(out), "--max-length", "1024"])
+    assert not out.exists()
+
+
+def test_extend_refuses_a_length_that_cannot_fit_in_memory(tmp_path, capsys):
+    """10^8 positions of MiniLM (hidden 384) need ~430 GiB: refused before anything is loaded, instead
+    of being killed by the OOM killer."""
+    import resource
+
+    from longctx.convert.extend import available_memory_bytes, conversion_bytes
+
+    assert conversion_bytes(100_000_000, 384, 4) > available_memory_bytes()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = tmp_path / "o"
+    err = _one_line_error(capsys, ["convert", "extend", str(_minilm_dir()), str(out), "--max-length",
+                                   "100000000", "--attention-window", "512"])
+    assert "GiB" in err and "give a shorter length" in err
+    assert not out.exists()
+    # refused before the position table was built (it alone would be 153 GB)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 512 * 1024  # KiB
+
+
+# Peak memory of a conversion over the memory held before it: the kernel's peak RSS (VmHWM) is reset
+# first (clear_refs 5), since the peak of the imports could otherwise hide the conversion's.
+MEMORY_SCRIPT = '''import sys, json, torch
+torch.set_num_threads(1)
+from transformers import BertConfig, BertForMaskedLM
+from longctx.convert.extend import conversion_bytes, extend_dir
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+n, out = int(sys.argv[1]), sys.argv[2]
+BertForMaskedLM(BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           intermediate_size=64, max_position_embeddings=64)).save_pretrained(out + "/src")
+open("/proc/self/clear_refs", "w").write("5")
+base = status("VmRSS")
+extend_dir(out + "/src", out + "/long", n, 8)
+print(json.dumps({"measured": status("VmHWM") - base, "estimate": conversion_bytes(n, 64, 4)}))
+'''
+
+
+def test_extend_memory_estimate_bounds_the_measured_peak(tmp_path):
+    """The estimate that refuses long lengths is an upper bound of the measured peak (one million
+    positions, hidden 64: a 256 MB table), and not a loose one."""
+    import json
+
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("needs Linux's /proc/self/clear_refs to reset the peak RSS")
+    script = tmp_path / "mem.py"
+    script.write_text(MEMORY_SCRIPT)
+    res = subprocess.run([sys.executable, str(script), "1000000", str(tmp_path)], capture_output=True, text=True,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    r = json.loads(res.stdout.strip().splitlines()[-1])
+    print(f"extend to 1M positions: measured peak {r['measured'] / 2**20:.0f} MiB, estimate {r['estimate'] / 2**20:.0f} MiB")
+    assert r["estimate"] / 2 < r["measured"] <= r["estimate"]

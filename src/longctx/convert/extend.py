@@ -3,8 +3,8 @@ RoBERTa's pretraining at 4,096 tokens (Beltagy et al. 2020):
 
 - the learned position table is extended by copying it over and over (RoBERTa's first
   ``pad_token_id + 1`` = 2 rows are reserved, kept once and not copied);
-- every layer's attention becomes a sliding window; ``window`` here is two-sided, as Hugging Face's
-  ``attention_window`` (a token sees ``window // 2`` tokens on each side);
+- every layer's attention becomes a sliding window of Hugging Face's two-sided ``attention_window``
+  (a token sees ``attention_window // 2`` tokens on each side: the one-sided ``window`` of the config);
 - the global projections (query_global, key_global, value_global) start as copies of the local ones;
 - BERT's ``token_type_embeddings[0]`` is folded into every position row (longctx has no token types).
 
@@ -49,6 +49,58 @@ FRESH_HEAD_MESSAGE = ("the source has no masked-LM head: a freshly initialised o
                       "logits")
 
 
+# Peak memory of a conversion, in copies of the long position table (max_length x hidden): measured at
+# 2.0 (peak RSS over the RSS before it, 1M and 3M positions, hidden 64: the extended table in the state
+# dict and the new model's own table); 3 leaves room for the allocator and the save. Checked by
+# tests/test_convert.py::test_extend_memory_estimate_bounds_the_measured_peak.
+TABLE_COPIES = 3
+
+
+def check_attention_window(attention_window) -> None:
+    if isinstance(attention_window, bool) or not isinstance(attention_window, int) or attention_window < 2 \
+            or attention_window % 2:
+        raise LongctxError(f"--attention-window {attention_window}: give a positive even number (two-sided, as "
+                           "Hugging Face's attention_window; each token sees attention_window/2 tokens on each side)")
+
+
+def conversion_bytes(max_length: int, hidden: int, element_bytes: int) -> int:
+    """Estimated peak memory (bytes) of extending a model to ``max_length`` positions, the position
+    tables alone (the rest of the model does not grow with the length)."""
+    return TABLE_COPIES * max_length * hidden * element_bytes
+
+
+def available_memory_bytes() -> int:
+    """Memory this process may still use: MemAvailable from /proc/meminfo, else physical memory."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_max_length(max_length, learned: int, hidden: int, element_bytes: int) -> None:
+    """Refuse a length that is not longer than the source's, or whose position tables would not fit in
+    memory (estimated, so that the run is refused instead of killed by the OOM killer)."""
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length <= learned:
+        raise LongctxError(f"--max-length {max_length} is not larger than the source's {learned} positions; "
+                           "give a longer length")
+    need, have = conversion_bytes(max_length, hidden, element_bytes), available_memory_bytes()
+    if need > have:
+        raise LongctxError(f"--max-length {max_length:,} needs about {need / 2**30:,.1f} GiB for its position "
+                           f"tables ({max_length:,} x {hidden} values, {TABLE_COPIES} copies) but "
+                           f"{have / 2**30:,.1f} GiB are available; give a shorter length")
+
+
+def _dtype_bytes(hf_cfg) -> int:
+    """Bytes per weight of the checkpoint as it will be loaded (its config's dtype, float32 if none)."""
+    dtype = getattr(hf_cfg, "dtype", None) or torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, torch.float32)
+    return torch.empty((), dtype=dtype).element_size() if isinstance(dtype, torch.dtype) else 4
+
+
 def position_offset(hf_cfg) -> int:
     """Rows before position 0 in the learned table: RoBERTa counts positions from pad_token_id + 1."""
     return hf_cfg.pad_token_id + 1 if hf_cfg.model_type == "roberta" else 0
@@ -63,21 +115,19 @@ def _mlm_head(hf_model: nn.Module):
     return None
 
 
-def extend_model(hf_model: nn.Module, max_length: int, window: int, **config_overrides) -> LongctxForMaskedLM:
+def extend_model(hf_model: nn.Module, max_length: int, attention_window: int,
+                 **config_overrides) -> LongctxForMaskedLM:
     """An in-memory Hugging Face BERT/RoBERTa (base model or masked LM) -> a ``LongctxForMaskedLM`` of
-    ``max_length`` positions with a sliding ``window`` (two-sided, as HF's attention_window) in every
-    layer. Sets ``model.fresh_head`` to whether the MLM head had to be initialised."""
+    ``max_length`` positions with a sliding window of ``attention_window`` (two-sided, as HF's; the
+    config's one-sided ``window`` is half of it) in every layer. Sets ``model.fresh_head`` to whether the
+    MLM head had to be initialised."""
     hf_cfg = hf_model.config
     if hf_cfg.model_type not in SOURCE_TYPES:
         raise LongctxError(f"a {hf_cfg.model_type!r} model cannot be extended; give a BERT or RoBERTa checkpoint")
-    if not isinstance(window, int) or window < 2 or window % 2:
-        raise LongctxError(f"--window {window}: give a positive even number (two-sided, as Hugging Face's "
-                           "attention_window; each token sees window/2 tokens on each side)")
+    check_attention_window(attention_window)
     offset = position_offset(hf_cfg)
-    learned = hf_cfg.max_position_embeddings - offset
-    if not isinstance(max_length, int) or max_length <= learned:
-        raise LongctxError(f"--max-length {max_length} is not larger than the source's {learned} positions; "
-                           "give a longer length")
+    check_max_length(max_length, hf_cfg.max_position_embeddings - offset, hf_cfg.hidden_size,
+                     next(hf_model.parameters()).element_size())
     base = hf_model.base_model
     if hf_cfg.model_type == "roberta" and hf_cfg.hidden_act != "gelu" and hasattr(hf_model, "lm_head"):
         log.warning("RoBERTa's MLM head always uses gelu, longctx's uses hidden_act=%r: its logits will differ",
@@ -96,7 +146,7 @@ def extend_model(hf_model: nn.Module, max_length: int, window: int, **config_ove
         fields["sep_token_id"] = hf_cfg.eos_token_id  # <s> q </s></s> ctx </s>
     # a fresh head is tied to the word embeddings; a kept one stays tied if it was
     tied = fresh or torch.equal(sd["lm_head.decoder.weight"], sd["longctx.embeddings.word_embeddings.weight"])
-    fields.update(max_position_embeddings=max_length, position_offset=offset, window=window // 2,
+    fields.update(max_position_embeddings=max_length, position_offset=offset, window=attention_window // 2,
                   tie_word_embeddings=tied, num_labels=2)
     for k in ("id2label", "label2id", "problem_type"):
         fields.pop(k, None)  # the output is a masked LM
@@ -122,7 +172,7 @@ def _source_class(src: Path, hf_cfg):
     return (transformers.RobertaForMaskedLM if has_head else transformers.RobertaModel), has_head
 
 
-def extend_dir(src: str | os.PathLike, out: str | os.PathLike, max_length: int, window: int,
+def extend_dir(src: str | os.PathLike, out: str | os.PathLike, max_length: int, attention_window: int,
                force: bool = False) -> dict:
     """``longctx convert extend``: short checkpoint directory ``src`` -> long longctx masked-LM
     directory ``out`` (weights, config, tokenizer with ``model_max_length = max_length``)."""
@@ -133,18 +183,17 @@ def extend_dir(src: str | os.PathLike, out: str | os.PathLike, max_length: int, 
                            "RoBERTa checkpoint (for a Longformer use `longctx convert longformer`)")
     check_has_weights(src)
     prepare_output(out, force)
-    offset = position_offset(hf_cfg)
-    learned = hf_cfg.max_position_embeddings - offset
-    if max_length <= learned:
-        raise LongctxError(f"--max-length {max_length} is not larger than the source's {learned} positions; "
-                           "give a longer length")
+    check_attention_window(attention_window)
+    learned = hf_cfg.max_position_embeddings - position_offset(hf_cfg)
+    # checked before loading: a table of 10^8 positions would be killed by the OOM killer, not refused
+    check_max_length(max_length, learned, hf_cfg.hidden_size, _dtype_bytes(hf_cfg))
     cls, _ = _source_class(src, hf_cfg)
     hf_model = load_hf_model(cls, src)
     tokenizer, tok_note = _load_tokenizer(src)
     overrides = {}
     if tokenizer is not None and getattr(tokenizer, "sep_token_id", None) is not None:
         overrides["sep_token_id"] = tokenizer.sep_token_id
-    model = extend_model(hf_model, max_length, window, **overrides)
+    model = extend_model(hf_model, max_length, attention_window, **overrides)
     with atomic_output_dir(out, force) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
@@ -153,7 +202,8 @@ def extend_dir(src: str | os.PathLike, out: str | os.PathLike, max_length: int, 
         elif tok_note:
             copy_tokenizer_files(src, tmp)
     return {"source_class": cls.__name__, "longctx_class": type(model).__name__, "out": str(out),
-            "max_position_embeddings": max_length, "window": window, "fresh_head": model.fresh_head,
+            "max_position_embeddings": max_length, "attention_window": attention_window,
+            "window": model.config.window, "fresh_head": model.fresh_head,
             "source_positions": learned,
             "tokenizer": (f"saved with model_max_length {max_length}" if tokenizer is not None
                           else tok_note or "none in the source")}
@@ -166,8 +216,10 @@ def _load_tokenizer(src: Path):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(src), local_files_only=True), ""
+        return AutoTokenizer.from_pretrained(str(src), local_files_only=True, trust_remote_code=False), ""
     except Exception as e:
-        note = f"the tokenizer in {str(src)!r} could not be loaded ({e}); its files were copied unchanged"
+        reason = "it asks to run custom code, which longctx never does" if "custom code" in str(e) else \
+            (str(e).strip().splitlines() or [type(e).__name__])[0]
+        note = f"the tokenizer in {str(src)!r} could not be loaded ({reason}); its files were copied unchanged"
         log.warning(note)
         return None, note

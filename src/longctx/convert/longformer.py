@@ -66,9 +66,12 @@ def read_source_config(src: str | os.PathLike, what: str):
         raise LongctxError(f"source {str(src)!r} is not a Hugging Face checkpoint directory (no config.json); "
                            f"give the directory of a {what} checkpoint")
     try:
-        return AutoConfig.from_pretrained(str(src), local_files_only=True)
-    except Exception as e:  # malformed JSON, unknown model_type, ...
-        raise LongctxError(f"cannot read {str(src / 'config.json')!r} as a Hugging Face config ({e}); "
+        # never run code from the folder: an auto_map beside a .py would otherwise prompt on a terminal
+        return AutoConfig.from_pretrained(str(src), local_files_only=True, trust_remote_code=False)
+    except Exception as e:  # malformed JSON, unknown model_type, custom code, ...
+        reason = "it asks to run custom code, which longctx never does" if "custom code" in str(e) else \
+            (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise LongctxError(f"cannot read {str(src / 'config.json')!r} as a Hugging Face config ({reason}); "
                            f"give the directory of a {what} checkpoint") from None
 
 
@@ -98,11 +101,12 @@ def check_has_weights(src: Path) -> None:
 def load_hf_model(cls, src: Path):
     """``cls.from_pretrained`` from local files only; weights as safetensors, or .bin via weights_only."""
     try:
-        return cls.from_pretrained(str(src), local_files_only=True).eval()
+        return cls.from_pretrained(str(src), local_files_only=True, trust_remote_code=False).eval()
     except LongctxError:
         raise
     except Exception as e:
-        raise LongctxError(f"cannot load the checkpoint in {str(src)!r} as {cls.__name__} ({e})") from None
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise LongctxError(f"cannot load the checkpoint in {str(src)!r} as {cls.__name__} ({reason})") from None
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from transformers import (
 )
 
 from longctx.models.config import LongctxConfig
+from longctx.models.loading import load_longctx_model
 from longctx.models.modeling import (
     LongctxForCausalLM,
     LongctxForMaskedLM,
@@ -28,4 +29,4 @@ for auto, cls in [(AutoModel, LongctxModel), (AutoModelForMaskedLM, LongctxForMa
 
 __all__ = ["LongctxConfig", "LongctxModel", "LongctxPreTrainedModel", "LongctxForMaskedLM",
            "LongctxForCausalLM", "LongctxForQuestionAnswering", "LongctxForSequenceClassification",
-           "question_global_mask"]
+           "question_global_mask", "load_longctx_model"]

@@ -81,10 +81,10 @@ class LanguageModelTask(Task):
         cls = self.model_class
         tok = self.tokenizer
         if init_from:
+            from longctx.models.loading import load_longctx_model
+
             path = Path(init_from)
-            if not (path / "config.json").exists():
-                raise LongctxError(f"init_from {path} is not a saved model folder (no config.json)")
-            model = cls.from_pretrained(path)
+            model = load_longctx_model(path, cls, what="init_from")
             if model.config.vocab_size < tok.vocab_size:
                 raise LongctxError(f"init_from model has {model.config.vocab_size} tokens but the tokenizer "
                                    f"{tok.vocab_size}; use the model's own tokenizer (data.tokenizer={path})")
