@@ -131,3 +131,29 @@ def test_layer_takes_a_pattern_a_name_or_a_dict():
     b = SelfAttention(16, 2, {"type": "sliding", "window": 3})
     assert a.pattern == b.pattern and type(a.mechanism) is MECHANISMS["sliding"]
     assert SelfAttention(16, 2, "full", causal=True).pattern.causal
+
+
+def test_compare_variants_select_a_mechanism_by_one_key(tmp_path, corpus, monkeypatch):
+    import yaml
+
+    from longctx.experiments.compare import attention_flops_per_token, load_comparison
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"name": "c", "base": {
+        "data": {"corpus": str(corpus), "tokenizer": "bytes", "seq_len": 64},
+        "model": {"hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2, "window": 4,
+                  "max_position_embeddings": 64}}, "variants": [
+        {"name": "sliding"}, {"name": "bigbird", "set": {"model.attention": {"type": "bigbird", "block": 8, "random": 1}}},
+        {"name": "full", "set": {"model.attention": "full"}}]}))
+    comp = load_comparison(tmp_path / "c.yaml", [])
+    flops = {v["name"]: attention_flops_per_token(v["config"]) for v in comp["variants"]}
+    d, H, n = 8, 2, 64
+    assert flops["full"] == 2 * 4 * d * H * n * n / n
+    assert flops["sliding"] == 2 * 4 * d * H * sum(n - abs(j) for j in range(-4, 5)) / n
+    # bigbird: 8 blocks; rows 0 and 7 global; the rest 3 sliding (2 at the ends), 1 random, 2 global blocks
+    cfg = LongctxConfig(**{**comp["variants"][1]["config"]["model"], "vocab_size": 8})
+    R = cfg.layer_mechanisms()[0].layout(n)
+    assert flops["bigbird"] > flops["sliding"] and flops["bigbird"] < flops["full"]
+    assert cfg.describe_attention() == "bigbird b=8 r=1 (x2)" and R.shape == (2, 8, 8)
+    out = tmp_path / "bb"
+    assert _pretrain(corpus, out, monkeypatch, tmp_path, "model.num_hidden_layers=1", "train.steps=3",
+                     "model.attention={type: bigbird, block: 8, random: 1}") == 0
+    assert json.loads((out / "results.json").read_text())["attention"] == "bigbird b=8 r=1 (x1)"

@@ -66,19 +66,15 @@ def load_comparison(path: str | Path | None, overrides: list[str] | None) -> dic
 
 
 def attention_flops_per_token(cfg: dict) -> float:
-    """Forward attention-core FLOPs per token (QK^T and PV: 4 * head size per attended pair, all
-    heads, all layers), from each layer's exact count of allowed pairs at the run's length."""
+    """Forward attention-core FLOPs per token, all heads, all layers, as each layer's mechanism counts
+    its useful work at the run's length (``Mechanism.flops``; for a mask, 4 * head size per allowed pair)."""
     from longctx.models import LongctxConfig
     fields = dict(cfg["model"], vocab_size=8)
     if cfg["objective"] == "clm":
         fields["causal"] = True
     mc = LongctxConfig(**fields)
     n = cfg["data"]["seq_len"]
-    d = mc.hidden_size // mc.num_attention_heads
-    total = 0.0
-    for p in mc.layer_patterns():
-        total += 4 * d * mc.num_attention_heads * p.attended_pairs(n, mc.num_attention_heads) / n
-    return total
+    return sum(m.flops(n) for m in mc.layer_mechanisms()) / n
 
 
 def run_comparison(comp: dict, out_root: str | Path, progress: bool = True) -> dict:
