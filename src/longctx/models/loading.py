@@ -51,11 +51,12 @@ def read_longctx_config(path: str | os.PathLike, what: str = "model folder") -> 
     return cfg
 
 
-def load_longctx_model(path: str | os.PathLike, cls=None, what: str = "model folder"):
+def load_longctx_model(path: str | os.PathLike, cls=None, what: str = "model folder", **config_overrides):
     """The longctx model saved in folder ``path``, as ``cls`` (a longctx model class; default: the
     causal LM for a causal config, else the masked LM), in eval mode, or LongctxError (one sentence).
 
-    ``what`` names the input in messages (e.g. ``"init_from"``)."""
+    ``what`` names the input in messages (e.g. ``"init_from"``); ``config_overrides`` go to
+    ``from_pretrained`` (e.g. ``num_labels`` for a fresh classification head)."""
     from longctx.models import LongctxForCausalLM, LongctxForMaskedLM
 
     cfg = read_longctx_config(path, what)
@@ -73,7 +74,7 @@ def load_longctx_model(path: str | os.PathLike, cls=None, what: str = "model fol
                            "complete model folder")
     try:
         model, info = cls.from_pretrained(str(p), local_files_only=True, trust_remote_code=False,
-                                          output_loading_info=True)
+                                          output_loading_info=True, **config_overrides)
     except LongctxError as e:
         raise LongctxError(f"{what} {str(p)!r}: {e}") from None
     except Exception as e:  # a truncated or mismatched weights file, a malformed config field, ...
