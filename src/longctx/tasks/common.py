@@ -1,0 +1,218 @@
+"""What every finetuning task shares: task options, splits, tokenizer, model, padding and the
+evaluation loop. A task file adds its data (``load_splits``), its features (``featurize``), its
+collator fields and its metrics (``score``).
+
+Task options live in the experiment config's ``task:`` section (``task.train_file=...`` on the command
+line); each task declares them with defaults in ``OPTIONS``, and the experiment defaults that suit it
+(sequence length, model size, steps) in ``CONFIG``. Options every task has:
+
+- ``train_file`` / ``dev_file`` / ``test_file``: the user's data (JSONL, JSON, CSV, Parquet); none given:
+  the task's built-in data, made from what ships on the machine;
+- ``global_tokens``: the task's global-attention preset (``question`` for QA, ``first`` for
+  classification) or ``none`` (no global token: a sliding window then sees only its window);
+- ``eval_examples``: evaluate on the first N examples of a split (0: all);
+- ``bootstrap``: resamples of the 95% intervals.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+
+from longctx.errors import LongctxError
+from longctx.tasks.base import Task
+
+COMMON_OPTIONS = {"train_file": None, "dev_file": None, "test_file": None, "global_tokens": None,
+                  "eval_examples": 0, "bootstrap": 1000}
+SPLITS = ("train", "dev", "test")
+
+
+def task_options(cls, given: dict | None) -> dict:
+    """The task's options: its defaults overridden by ``given``, unknown keys and wrong types refused."""
+    defaults = {**COMMON_OPTIONS, **cls.OPTIONS}
+    out = copy.deepcopy(defaults)
+    for key, value in (given or {}).items():
+        if key not in defaults:
+            raise LongctxError(f"unknown config key 'task.{key}' for task {cls.name!r}; its keys are "
+                               f"{', '.join(sorted(defaults))}")
+        d = defaults[key]
+        if d is not None and value is not None:
+            if isinstance(d, bool):
+                ok = isinstance(value, bool)
+            elif isinstance(d, int):
+                ok = isinstance(value, int) and not isinstance(value, bool)
+            elif isinstance(d, float):
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+                value = float(value) if ok else value
+            else:
+                ok = isinstance(value, type(d))
+            if not ok:
+                raise LongctxError(f"config key 'task.{key}' expects {type(d).__name__}, got {value!r}")
+        out[key] = value
+    preset = out["global_tokens"] or cls.default_global
+    if preset not in ("none", cls.default_global):
+        raise LongctxError(f"config key 'task.global_tokens' must be none or {cls.default_global} for task "
+                           f"{cls.name!r}, got {preset!r}")
+    out["global_tokens"] = preset
+    return out
+
+
+def pad_batch(examples, pad_id: int, global_tokens: str) -> dict:
+    """input_ids / attention_mask / global_attention_mask (B, n) padded to the longest example; the
+    first ``n_global`` tokens of an example are global unless the preset is ``none``."""
+    n = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), n), pad_id, dtype=torch.long)
+    att = torch.zeros((len(examples), n), dtype=torch.long)
+    glob = torch.zeros((len(examples), n), dtype=torch.bool)
+    for row, e in enumerate(examples):
+        k = len(e["input_ids"])
+        ids[row, :k] = torch.as_tensor(e["input_ids"], dtype=torch.long)
+        att[row, :k] = 1
+        if global_tokens != "none":
+            glob[row, :e["n_global"]] = True
+    return {"input_ids": ids, "attention_mask": att, "global_attention_mask": glob}
+
+
+class FinetuneTask(Task):
+    OPTIONS: ClassVar[dict] = {}
+    CONFIG: ClassVar[dict] = {}
+    default_global: ClassVar[str] = "none"
+    from_scratch: ClassVar[bool] = False  # LRA-style: `compare` trains it from scratch for every variant
+    higher_is_better = True
+
+    def __init__(self, cfg: dict):
+        super().__init__(cfg)
+        self.opts = task_options(type(self), cfg.get("task"))
+        self.global_tokens = self.opts["global_tokens"]
+        self._features: dict = {}
+
+    # ---- data ----
+    def prepare(self) -> None:
+        self.splits = self.load_splits()
+        for split in SPLITS:
+            if not self.splits.get(split):
+                where = self.opts.get(f"{split}_file") or "the built-in data"
+                raise LongctxError(f"the {split} split of task {self.name!r} is empty ({where}); give it examples")
+        self.tokenizer = self.make_tokenizer()
+
+    def load_splits(self) -> dict[str, list[dict]]:
+        raise NotImplementedError
+
+    def tokenizer_texts(self) -> list[str]:
+        """Training texts a tokenizer to train (``data.tokenizer: {train: bpe}``) learns from."""
+        raise NotImplementedError
+
+    def make_tokenizer(self):
+        """The saved model's own tokenizer with ``init_from``; else ``data.tokenizer`` (trained on the
+        training texts when it is a training spec, cached)."""
+        from longctx.paths import cache_root
+        from longctx.data.tokenizer import load_tokenizer
+
+        init = self.cfg.get("init_from")
+        if init and (Path(init) / "tokenizer.json").exists():
+            return load_tokenizer(str(init))
+        spec = self.cfg["data"]["tokenizer"]
+        docs = None
+        if isinstance(spec, dict):
+            docs = [{"id": str(i), "text": t} for i, t in enumerate(self.tokenizer_texts())]
+        return load_tokenizer(spec, documents=docs, cache_dir=cache_root() / "tokenizers")
+
+    def featurize(self, records: list[dict], seq_len: int, train: bool) -> list[dict]:
+        raise NotImplementedError
+
+    def train_examples(self, seq_len: int):
+        key = ("train", seq_len)
+        if key not in self._features:
+            self._features[key] = self.featurize(self.splits["train"], seq_len, train=True)
+            if not self._features[key]:
+                raise LongctxError(f"no training example of task {self.name!r} fits data.seq_len={seq_len}; "
+                                   "use a longer sequence")
+        return self._features[key]
+
+    def eval_records(self, split: str) -> list[dict]:
+        if split not in self.splits:
+            raise LongctxError(f"task {self.name!r} has no split {split!r}; use dev or test")
+        n = self.opts["eval_examples"]
+        return self.splits[split][:n] if n else self.splits[split]
+
+    def eval_examples(self, split: str, seq_len: int):
+        key = (split, seq_len)
+        if key not in self._features:
+            self._features[key] = self.featurize(self.eval_records(split), seq_len, train=False)
+        return self._features[key]
+
+    # ---- model ----
+    def head_config(self) -> dict:
+        return {}
+
+    def build_model(self, init_from: str | None = None):
+        from longctx.models import LongctxConfig
+
+        tok = self.tokenizer
+        if init_from:
+            from longctx.models.loading import load_longctx_model
+
+            path = Path(init_from)  # refused unless a longctx model; never runs code from the folder
+            model = load_longctx_model(path, self.model_class, "init_from", **self.head_config())
+            if model.config.vocab_size < tok.vocab_size:
+                raise LongctxError(f"init_from model has {model.config.vocab_size} tokens but the tokenizer "
+                                   f"{tok.vocab_size}; use the model's own tokenizer (data.tokenizer={path})")
+            if model.config.sep_token_id is None:
+                model.config.sep_token_id = tok.sep_id
+            return model
+        fields = dict(self.cfg["model"])
+        fields.update(vocab_size=tok.vocab_size, pad_token_id=tok.pad_id, sep_token_id=tok.sep_id,
+                      bos_token_id=getattr(tok, "bos_id", None), eos_token_id=getattr(tok, "eos_id", None),
+                      causal=False, **self.head_config())
+        return self.model_class(LongctxConfig(**fields))
+
+    # ---- batches and evaluation ----
+    def collate(self, examples, batch_index: int = 0, rank: int = 0) -> dict:
+        batch = pad_batch(examples, self.tokenizer.pad_id, self.global_tokens)
+        batch.update(self.label_tensors(examples))
+        return batch
+
+    def label_tensors(self, examples) -> dict:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def forward_all(self, model, feats, batch_size: int, device=None) -> list:
+        """The model's outputs for every feature, in order (eval mode, labels left out)."""
+        was_training = model.training
+        model.eval()
+        outs = []
+        for i in range(0, len(feats), batch_size):
+            batch = pad_batch(feats[i:i + batch_size], self.tokenizer.pad_id, self.global_tokens)
+            if device is not None:
+                batch = {k: v.to(device) for k, v in batch.items()}
+            outs.extend(self.unbatch(model(**batch), batch))
+        model.train(was_training)
+        return outs
+
+    def unbatch(self, output, batch) -> list:
+        raise NotImplementedError
+
+    def evaluate(self, model, split: str = "dev", *, seq_len: int | None = None, batch_size: int | None = None,
+                 device=None, **_) -> dict:
+        seq_len = seq_len or self.cfg["data"]["seq_len"]
+        feats = self.eval_examples(split, seq_len)
+        outs = self.forward_all(model, feats, batch_size or self.cfg["train"]["batch_size"], device)
+        return {"split": split, **self.score(split, feats, outs)}
+
+    def score(self, split: str, feats, outs) -> dict:
+        raise NotImplementedError
+
+
+def split_by_document(items: list, key, seed: int, fractions=(0.8, 0.1, 0.1)) -> dict[str, list]:
+    """train / dev / test by document: an item goes where ``sha256(seed, key(item))`` falls, so every
+    example of a document lands in the same split and adding documents never moves others."""
+    from longctx.data.corpus import _unit_hash
+
+    out = {s: [] for s in SPLITS}
+    for item in items:
+        h = _unit_hash(seed, str(key(item)))
+        split = "train" if h < fractions[0] else "dev" if h < fractions[0] + fractions[1] else "test"
+        out[split].append(item)
+    return out

@@ -1,0 +1,178 @@
+"""Extractive question answering over long documents (SQuAD format; TriviaQA / HotpotQA converted to it).
+
+Input: ``<cls> question <sep> context <sep>``; the question tokens (with ``<cls>``) are global
+(Longformer's QA preset, ``task.global_tokens: question``). A context longer than the sequence is cut
+into overlapping chunks (``task.doc_stride`` tokens of overlap); training keeps the chunks that hold
+the answer, evaluation scores every span of every chunk and keeps the best: start logit + end logit,
+start <= end < start + ``task.max_answer_length`` tokens, inside the context. Judged by the official
+SQuAD v1.1 exact match and F1 (best over the gold answers), each with a bootstrap 95% interval.
+
+Data: ``task.train_file`` / ``dev_file`` / ``test_file`` with rows ``{id, question, context, answers:
+{text: [...], answer_start: [...]}}`` (or answers as a list of ``{text, answer_start}``, or the
+official nested SQuAD JSON). Without files: the built-in long-document QA task from the default
+corpus (``longctx.tasks.builtin.qa_records``).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from longctx.errors import LongctxError
+from longctx.tasks import metrics
+from longctx.tasks.base import register
+from longctx.tasks.common import SPLITS, FinetuneTask
+
+
+def _answers(row: dict, where: str) -> tuple[list[str], list[int]]:
+    ans = row["answers"]
+    if isinstance(ans, dict) and "text" in ans and "answer_start" in ans:
+        texts, starts = list(ans["text"]), list(ans["answer_start"])
+    elif isinstance(ans, list) and all(isinstance(a, dict) and "text" in a and "answer_start" in a for a in ans):
+        texts, starts = [a["text"] for a in ans], [a["answer_start"] for a in ans]
+    else:
+        raise LongctxError(f"{where}: 'answers' must be {{text: [...], answer_start: [...]}} or a list of "
+                           f"{{text, answer_start}}, got {ans!r:.80}")
+    if not texts or len(texts) != len(starts):
+        raise LongctxError(f"{where}: 'answers' needs at least one answer and as many answer_start as text")
+    return [str(t) for t in texts], [int(s) for s in starts]
+
+
+def check_record(row: dict, where: str) -> dict:
+    """One QA row, checked: fields present, every answer_start pointing at its answer text."""
+    for field in ("question", "context", "answers"):
+        if row.get(field) is None:
+            raise LongctxError(f"{where} has no field '{field}'; QA rows need question, context and answers "
+                               "{text, answer_start}")
+    texts, starts = _answers(row, where)
+    context = str(row["context"])
+    for t, s in zip(texts, starts):
+        if context[s:s + len(t)] != t:
+            raise LongctxError(f"{where}: answer_start {s} does not point at the answer {t!r} (the context there "
+                               f"reads {context[s:s + len(t)]!r}); fix answer_start or the answer text")
+    return {"id": str(row.get("id") if row.get("id") is not None else where), "question": str(row["question"]),
+            "context": context, "answers": {"text": texts, "answer_start": starts}}
+
+
+@register
+class QATask(FinetuneTask):
+    name = "qa"
+    primary_metric = "f1"
+    default_global = "question"
+    OPTIONS = {"max_answer_length": 30, "doc_stride": 128, "max_question_tokens": 64,
+               # the built-in task (no files)
+               "context_chars": 6000, "far_fraction": 0.5, "questions_per_context": 2}
+    CONFIG = {"data": {"seq_len": 1024}, "model": {"max_position_embeddings": 4096},
+              "train": {"steps": 200, "batch_size": 4, "lr": 1e-3, "warmup_steps": 20, "eval_batches": 1}}
+
+    @property
+    def model_class(self):
+        from longctx.models import LongctxForQuestionAnswering
+        return LongctxForQuestionAnswering
+
+    def load_splits(self):
+        o = self.opts
+        if any(o[f"{s}_file"] for s in SPLITS):
+            from longctx.tasks.files import read_records
+            out = {}
+            for s in SPLITS:
+                if not o[f"{s}_file"]:
+                    raise LongctxError(f"task.{s}_file is missing: with your own data give train_file, dev_file "
+                                       "and test_file")
+                rows = read_records(o[f"{s}_file"], f"QA {s}")
+                out[s] = [check_record(r, f"{o[f'{s}_file']} row {i + 1}") for i, r in enumerate(rows)]
+            return out
+        from longctx.tasks.builtin import corpus_splits, qa_records
+        docs = corpus_splits(self.cfg["seed"])
+        self._docs = docs
+        return {s: qa_records(docs[s], o["context_chars"], o["far_fraction"], o["questions_per_context"],
+                              self.cfg["seed"] + i) for i, s in enumerate(SPLITS)}
+
+    def tokenizer_texts(self):
+        if getattr(self, "_docs", None):
+            return [d["text"] for d in self._docs["train"]]
+        return sorted({r["context"] for r in self.splits["train"]}) + [r["question"] for r in self.splits["train"]]
+
+    # ---- features ----
+    def featurize(self, records, seq_len: int, train: bool) -> list[dict]:
+        tok = self.tokenizer
+        if tok.sep_id is None or tok.cls_id is None:
+            raise LongctxError("QA needs a tokenizer with a <cls> and a <sep> token")
+        o = self.opts
+        questions = tok.encode_batch([r["question"] for r in records]) if records else []
+        contexts = tok.encode_batch([r["context"] for r in records]) if records else []
+        feats = []
+        for ri, (r, (q, _), (c, offs)) in enumerate(zip(records, questions, contexts)):
+            q = q[:o["max_question_tokens"]]
+            head = [tok.cls_id, *q, tok.sep_id]
+            room = seq_len - len(head) - 1
+            if room < 1:
+                raise LongctxError(f"data.seq_len={seq_len} leaves no room for the context after a question of "
+                                   f"{len(q)} tokens; use a longer sequence or a smaller task.max_question_tokens")
+            stride = max(1, room - o["doc_stride"])
+            a_char = r["answers"]["answer_start"][0]
+            b_char = a_char + len(r["answers"]["text"][0])
+            # the answer's first and last context tokens (offsets may include a leading space)
+            a_tok = next((i for i, (s, e) in enumerate(offs) if e > a_char), None)
+            b_tok = next((i for i in range(len(offs) - 1, -1, -1) if offs[i][0] < b_char), None)
+            for cs in range(0, max(1, len(c)), stride):
+                ce = min(len(c), cs + room)
+                has = a_tok is not None and b_tok is not None and cs <= a_tok and b_tok < ce
+                if train and not has:
+                    if ce >= len(c):
+                        break
+                    continue
+                f = {"input_ids": head + c[cs:ce] + [tok.sep_id], "n_global": len(head), "record": ri,
+                     "ctx_start": len(head), "chunk": cs, "offsets": offs[cs:ce]}
+                if train:
+                    f["start"], f["end"] = a_tok - cs + len(head), b_tok - cs + len(head)
+                elif has:
+                    f["distance"] = a_tok - cs  # tokens from the question's end to the answer
+                feats.append(f)
+                if ce >= len(c):
+                    break
+        return feats
+
+    def label_tensors(self, examples) -> dict:
+        return {"start_positions": torch.tensor([e["start"] for e in examples]),
+                "end_positions": torch.tensor([e["end"] for e in examples])}
+
+    def unbatch(self, output, batch) -> list:
+        return list(zip(output.start_logits.float().cpu(), output.end_logits.float().cpu()))
+
+    # ---- decoding and metrics ----
+    def best_span(self, start_logits, end_logits, f) -> tuple[float, int, int]:
+        """(score, first, last) of the best span inside the feature's context, in context-token indices."""
+        a, n = f["ctx_start"], len(f["offsets"])
+        s, e = start_logits[a:a + n], end_logits[a:a + n]
+        L = min(self.opts["max_answer_length"], n)
+        # scores[i, l] = s[i] + e[i + l]: every span of up to L tokens starting at i
+        e_pad = torch.cat([e, torch.full((L,), float("-inf"))])
+        scores = s[:, None] + e_pad.unfold(0, L, 1)[:n]  # (n, L)
+        k = int(scores.argmax())
+        i, length = divmod(k, L)
+        return float(scores.view(-1)[k]), i, i + length
+
+    def predictions(self, split: str, feats, outs) -> list[str]:
+        records = self.eval_records(split)
+        best: dict[int, tuple[float, str]] = {}
+        for f, (s, e) in zip(feats, outs):
+            score, i, j = self.best_span(s, e, f)
+            r = records[f["record"]]
+            text = r["context"][f["offsets"][i][0]:f["offsets"][j][1]]
+            if f["record"] not in best or score > best[f["record"]][0]:
+                best[f["record"]] = (score, text)
+        return [best.get(i, (0.0, ""))[1] for i in range(len(records))]
+
+    def score(self, split: str, feats, outs) -> dict:
+        records = self.eval_records(split)
+        preds = self.predictions(split, feats, outs)
+        em, f1 = metrics.squad_scores(preds, [r["answers"]["text"] for r in records])
+        B, seed = self.opts["bootstrap"], self.cfg["seed"]
+        out = {"exact_match": float(em.mean()), "exact_match_ci": metrics.bootstrap_ci(lambda i: em[i].mean(), len(em), B, seed),
+               "f1": float(f1.mean()), "f1_ci": metrics.bootstrap_ci(lambda i: f1[i].mean(), len(f1), B, seed),
+               "examples": len(records)}
+        dist = np.array([f["distance"] for f in feats if "distance" in f])
+        if len(dist):
+            out["evidence_distance"] = {"median": float(np.median(dist)), "p10": float(np.quantile(dist, 0.1)),
+                                        "p90": float(np.quantile(dist, 0.9))}
+        return out
