@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "longctx.experiments.cli",
     "longctx.train.cli",
     "longctx.eval.cli",
+    "longctx.tasks.cli",
     "longctx.data.corpus_cli",
     "longctx.bench.cli",
     "longctx.convert.cli",
