@@ -11,10 +11,10 @@ import signal
 import pytest
 
 from longctx.cli import main as cli_main
-from longctx.data import corpus_cli
-from longctx.data.arxiv import Limits, convert_source
-from longctx.data.corpus_cli import build_arxiv_corpus
-from longctx.data.latex import convert
+from longctx.corpora import cli as corpus_cli
+from longctx.corpora.arxiv import Limits, convert_source
+from longctx.corpora.cli import build_arxiv_corpus
+from longctx.corpora.latex import convert
 
 PAPER = r"""\documentclass{article}
 \title{A Small Paper}

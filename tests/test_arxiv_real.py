@@ -14,7 +14,7 @@ import tarfile
 
 import pytest
 
-from longctx.data.corpus_cli import build_arxiv_corpus
+from longctx.corpora.cli import build_arxiv_corpus
 
 DOC_ROOT = "/usr/share/doc/texlive-doc"
 MAX_BYTES = 60_000      # keeps the whole module under a minute on 2 cores

@@ -11,8 +11,8 @@ import tarfile
 import pytest
 
 from longctx.cli import main as cli_main
-from longctx.data.arxiv import Limits
-from longctx.data.corpus_cli import build_arxiv_corpus
+from longctx.corpora.arxiv import Limits
+from longctx.corpora.cli import build_arxiv_corpus
 from longctx.errors import LongctxError
 
 PAPER = r"""\documentclass{article}

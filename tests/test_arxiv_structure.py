@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from longctx.data.latex import convert
+from longctx.corpora.latex import convert
 from longctx.data.structure import HEADING_KINDS, heading_global_mask, heading_spans
 
 PAPER = r"""\documentclass{article}

@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from longctx.data import default_corpus
+from longctx.corpora import default_corpus
 from longctx.data.corpus import corpus_fingerprint, load_documents, split_documents
 from longctx.errors import LongctxError
 

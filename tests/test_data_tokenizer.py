@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, strategies as st
 from transformers import AutoTokenizer
 
-from longctx.data.default_corpus import clean_pydoc
+from longctx.corpora.default_corpus import clean_pydoc
 from longctx.data.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer, train_tokenizer
 from longctx.errors import LongctxError
 

@@ -7,7 +7,7 @@ import tarfile
 import torch
 
 from longctx.data.collate import MLMCollator
-from longctx.data.corpus_cli import build_arxiv_corpus
+from longctx.corpora.cli import build_arxiv_corpus
 from longctx.data.packing import PackedDataset, prepare_data
 from longctx.train.config import resolve
 from longctx.train.loop import pretrain

@@ -18,7 +18,7 @@ COMMAND_MODULES = [
     "longctx.train.cli",
     "longctx.eval.cli",
     "longctx.tasks.cli",
-    "longctx.data.corpus_cli",
+    "longctx.corpora.cli",
     "longctx.bench.cli",
     "longctx.convert.cli",
 ]

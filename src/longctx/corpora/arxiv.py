@@ -19,7 +19,7 @@ import tarfile
 import zlib
 from dataclasses import dataclass
 
-from longctx.data.latex import Rejected, convert, find_main_file
+from longctx.corpora.latex import Rejected, convert, find_main_file
 
 # file names (lower case) whose text a paper can \input; everything else (figures, .bbl, .sty) is
 # skipped, though its bytes still count toward the unpacked-size cap

@@ -21,7 +21,7 @@ import sys
 import time
 from collections import Counter
 
-from longctx.data.arxiv import Limits, Rejected, convert_source, discover, doc_id
+from longctx.corpora.arxiv import Limits, Rejected, convert_source, discover, doc_id
 from longctx.errors import LongctxError
 
 STATE_DIR = ".state"

@@ -36,18 +36,15 @@ N_CHUNKS = 4  # fixed, so the result does not depend on the number of cores
 _HEADING = re.compile(r"^[A-Z][A-Z ]*[A-Z]$")
 
 
-def cache_root() -> Path:
-    """``$LONGCTX_CACHE`` or ``~/.cache/longctx``: where longctx keeps everything it can rebuild."""
-    env = os.environ.get("LONGCTX_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "longctx"
-
-
 def module_names() -> list[str]:
     """The sorted public top-level standard-library modules that are rendered (some may still fail)."""
     return sorted(n for n in sys.stdlib_module_names if not n.startswith("_") and n not in EXCLUDED)
 
 
 def cache_path() -> Path:
+    # imported here: the render children run this file as a script and must import nothing of longctx
+    from longctx.paths import cache_root
+
     v = sys.version_info
     return cache_root() / "default_corpus" / f"pydoc-{sys.implementation.name}{v.major}.{v.minor}.{v.micro}-v{FORMAT_VERSION}.jsonl"
 
@@ -181,7 +178,7 @@ def clean_pydoc(text: str, prefixes: dict[str, list[str]] | None = None) -> tupl
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--render"]:  # child process of build_default_corpus
     _render_chunk(sys.argv[2], sys.argv[3:])
-elif __name__ == "__main__":  # python -m longctx.data.default_corpus [--rebuild]: build and print the size
+elif __name__ == "__main__":  # python -m longctx.corpora.default_corpus [--rebuild]: build and print the size
     import time
 
     t0 = time.perf_counter()

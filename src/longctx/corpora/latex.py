@@ -559,7 +559,7 @@ def _extract_spans(marked: str) -> tuple[str, list[dict]]:
 
 
 # Peak memory of parsing and rendering, measured with pylatexenc on 400 KB inputs (VmHWM): `\\x` repeated
-# 122 MB (305 B per byte), `$a$` 117 MB, `{a}` 86 MB, prose with a macro, a group and math per sentence
+# 122 MB (320 B per byte), `$a$` 117 MB, `{a}` 86 MB, prose with a macro, a group and math per sentence
 # 25 MB. Every parse node (one per backslash, brace or dollar) costs up to ~600 bytes, the characters
 # between them ~50 bytes each; the constants below are rounded up so the estimate stays an upper bound.
 _PARSE_BYTES_PER_NODE = 640

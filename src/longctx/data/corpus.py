@@ -5,7 +5,7 @@
 ``"title"`` when the source has them. ``source`` is one of:
 
 - ``"default"``: the embedded corpus (Python standard library documentation rendered by pydoc,
-  see ``longctx.data.default_corpus``), built and cached on first use;
+  see ``longctx.corpora.default_corpus``), built and cached on first use;
 - a folder: every ``.txt`` / ``.md`` file in it, recursively, sorted by relative path (id = that
   path); a folder with no text files but ``.parquet`` / ``.arrow`` / ``.jsonl`` files loads those;
 - a ``.jsonl`` file (one JSON object per line) or ``.json`` file (a JSON array of objects, or JSON
@@ -51,7 +51,7 @@ JSON_SUFFIXES = (".jsonl", ".json")
 def load_documents(source: str | Path, text_field: str = "text") -> list[dict]:
     """Load a corpus as ``[{"id", "text", ["structure", "title"]}, ...]`` in a fixed order."""
     if str(source) == "default":
-        from longctx.data.default_corpus import load_default_corpus
+        from longctx.corpora.default_corpus import load_default_corpus
 
         docs = load_default_corpus()
     else:

@@ -45,6 +45,7 @@ from longctx.data.corpus import corpus_fingerprint, load_documents, split_corpus
 from longctx.data.structure import HEADING_KINDS, heading_spans
 from longctx.data.tokenizer import ByteTokenizer, load_tokenizer
 from longctx.errors import LongctxError
+from longctx.paths import cache_root
 
 CACHE_VERSION = 1
 
@@ -197,8 +198,6 @@ def prepare_data(source="default", tokenizer="bytes", valid_fraction: float = 0.
     trained tokenizers to ``tokenizers/``. ``test_fraction``: see ``split_corpus`` (None: a single
     text gets a test part as large as the valid one, several documents get none).
     """
-    from longctx.data.default_corpus import cache_root
-
     root = Path(cache_dir) if cache_dir is not None else cache_root()
     docs = load_documents(source, text_field=text_field)
     train_docs, valid_docs, test_docs = split_corpus(docs, valid_fraction, seed, test_fraction)
