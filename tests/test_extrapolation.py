@@ -137,3 +137,35 @@ def test_bad_arguments_get_one_sentence_and_exit_2(saved, tmp_path, capsys, argv
     assert main(["eval", str(model), *_data(saved), *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert words in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_comparison_with_an_extrapolation_section_reports_positions_by_lengths(saved, tmp_path):
+    import yaml
+    base = {"objective": "clm", "data": {"corpus": str(saved / "corpus"), "tokenizer": "bytes", "seq_len": 32,
+                                         "valid_fraction": 0.2},
+            "model": {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "attention": "full",
+                      "norm": "pre", "max_position_embeddings": 128},
+            "train": {"steps": 2, "batch_size": 2, "save_every": 0, "log_every": 1, "eval_batches": 1}}
+    cfg = tmp_path / "lex.yaml"
+    cfg.write_text(yaml.safe_dump({"name": "lex", "base": base, "variants": [
+        {"name": "learned", "set": {"model.position": "learned", "model.max_position_embeddings": 32}},
+        {"name": "xpos", "set": {"model.position": "xpos"}}],
+        "extrapolation": {"multiples": [1, 2], "tokens": 64, "max_docs": 4}}))
+    assert main(["compare", "--config", str(cfg), "--out", str(tmp_path / "runs"), "--quiet"]) == 0
+    run = tmp_path / "runs" / "lex"
+    variants = {v["variant"]: v["extrapolation"] for v in json.loads((run / "results.json").read_text())["variants"]}
+    assert set(variants["learned"]["runs"]) == {"plain"}  # blockwise applies to relative positions only
+    assert variants["xpos"]["runs"]["blockwise"]["blockwise"] == 16  # half the training length
+    learned = {r["length"]: r for r in variants["learned"]["runs"]["plain"]["rows"]}
+    assert "skipped" in learned[64] and learned[32]["scored_tokens"] == 4 * 64
+    for run_ in variants["xpos"]["runs"].values():
+        assert [r["scored_tokens"] for r in run_["rows"]] == [4 * 64, 4 * 64]
+        assert all("attention_resolution" in r for r in run_["rows"])
+    report = (run / "report.md").read_text()
+    assert "| learned | causal |" in report and "| n/a |" in report and "blockwise causal, block 16" in report
+    assert (run / "perplexity_vs_length.png").exists()
+    with pytest.raises(Exception, match="unknown keys"):
+        from longctx.experiments.compare import load_comparison
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(yaml.safe_dump({"base": base, "variants": [{"name": "a"}], "extrapolation": {"lenghts": [1]}}))
+        load_comparison(bad, [])

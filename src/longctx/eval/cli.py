@@ -97,21 +97,11 @@ def _model_config(model_dir: Path) -> dict:
     return cfg
 
 
-def _load(model_dir: Path):
-    """The saved model, in eval mode; never runs code from the folder."""
-    try:
-        from longctx.models.loading import load_longctx_model
-    except ImportError:
-        from longctx.models import LongctxForCausalLM, LongctxForMaskedLM
-        cls = LongctxForCausalLM if _model_config(model_dir).get("causal") else LongctxForMaskedLM
-        return cls.from_pretrained(model_dir, trust_remote_code=False, local_files_only=True).eval()
-    return load_longctx_model(model_dir)
-
-
 def run_eval(args) -> int:
     import longctx  # noqa: F401
     from longctx.data.packing import prepare_data
     from longctx.data.tokenizer import ByteTokenizer
+    from longctx.eval.extrapolation import load_model
     from longctx.models import LongctxForCausalLM
     from longctx.train.config import load_yaml, resolve
 
@@ -134,7 +124,7 @@ def run_eval(args) -> int:
             raise LongctxError(f"{flag} {value} must be a positive integer")
     if args.resolution and lengths and max(lengths) > 4096:
         raise LongctxError("--resolution builds n x n scores: use lengths up to 4096")
-    model = _load(model_dir)
+    model = load_model(model_dir)  # never runs code from the folder
     assert isinstance(model, LongctxForCausalLM) == causal
     d = cfg["data"]
     tokenizer = args.tokenizer or (str(model_dir) if (model_dir / "tokenizer.json").exists() else d["tokenizer"])

@@ -86,6 +86,22 @@ def set_blockwise(model, block: int | None) -> None:
         blk.attention.set_attention({"type": "blockwise_causal", "block": int(block)})
 
 
+def load_model(model_dir):
+    """A saved longctx model in eval mode, never running code from its folder (the safe loader, which
+    also refuses non-longctx folders, when present)."""
+    try:
+        from longctx.models.loading import load_longctx_model
+    except ImportError:
+        import json
+        from pathlib import Path
+
+        from longctx.models import LongctxForCausalLM, LongctxForMaskedLM
+        causal = json.loads((Path(model_dir) / "config.json").read_text()).get("causal")
+        cls = LongctxForCausalLM if causal else LongctxForMaskedLM
+        return cls.from_pretrained(model_dir, trust_remote_code=False, local_files_only=True).eval()
+    return load_longctx_model(model_dir)
+
+
 def evaluation_documents(stream, T: int, max_docs: int | None = None) -> tuple[np.ndarray, str]:
     """(D, T+1) token ids: the first T+1 tokens of each document of ``stream`` (a TokenStream) with at
     least that many, or consecutive pieces of the stream when fewer than two documents are that long;
@@ -209,3 +225,75 @@ def format_row(row: dict) -> str:
     if "attention_resolution" in row:
         text += f"  resolution {row['attention_resolution']:.4f}"
     return text
+
+
+# -- in a comparison (`extrapolation:` section of a comparison config) -------------------------------
+RELATIVE_POSITIONS = ("rope", "alibi", "xpos")  # blockwise causal attention applies to these (LeX)
+SPEC_KEYS = {"multiples": None, "lengths": None, "tokens": None, "stride": None, "blockwise": True,
+             "resolution": True, "max_docs": 64, "batch_size": 8}
+
+
+def check_spec(spec) -> dict:
+    """The ``extrapolation:`` section of a comparison config, with defaults: lengths as ``multiples`` of
+    the training length (default 1, 2, 4, 8) or absolute ``lengths``; ``blockwise`` (also evaluate with
+    blocks of half the training length, for relative positions); ``resolution``; ``tokens`` (T),
+    ``stride``, ``max_docs``, ``batch_size``."""
+    if not isinstance(spec, dict):
+        raise LongctxError("extrapolation: must be a mapping, e.g. {multiples: [1, 2, 4, 8], blockwise: true}")
+    unknown = set(spec) - set(SPEC_KEYS)
+    if unknown:
+        raise LongctxError(f"extrapolation has unknown keys {sorted(unknown)}; use {', '.join(SPEC_KEYS)}")
+    out = {**SPEC_KEYS, **spec}
+    if out["multiples"] is not None and out["lengths"] is not None:
+        raise LongctxError("extrapolation: give either multiples (of the training length) or lengths, not both")
+    for key in ("multiples", "lengths"):
+        v = out[key]
+        if v is not None and (not isinstance(v, list) or not v or not all(isinstance(x, int) and x > 0 for x in v)):
+            raise LongctxError(f"extrapolation.{key} must be a list of positive integers, got {v!r}")
+    if out["multiples"] is None and out["lengths"] is None:
+        out["multiples"] = [1, 2, 4, 8]
+    return out
+
+
+def evaluate_variant(cfg: dict, vdir, spec: dict, progress: bool = False) -> dict:
+    """Extrapolation results of a comparison variant trained in ``vdir`` (written to
+    ``vdir/extrapolation.json``, reused by a rerun): {training_length, tokens, ..., runs: {"plain":
+    rows, "blockwise": rows (relative positions only)}}."""
+    import json
+    import os
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from longctx.data.packing import prepare_data
+    from longctx.data.tokenizer import ByteTokenizer
+
+    vdir = Path(vdir)
+    done = vdir / "extrapolation.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    if cfg["objective"] != "clm":
+        raise LongctxError("the extrapolation section needs causal LMs (objective: clm)")
+    L = json.loads((vdir / "results.json").read_text()).get("seq_len") or cfg["data"]["seq_len"]
+    lengths = spec["lengths"] or [m * L for m in spec["multiples"]]
+    d = cfg["data"]
+    tokenizer = str(vdir / "model") if (vdir / "model" / "tokenizer.json").exists() else d["tokenizer"]
+    data = prepare_data(d["corpus"], tokenizer, d["valid_fraction"], cfg["seed"], d["text_field"])
+    settings = {"plain": None}
+    if spec["blockwise"] and cfg["model"].get("position") in RELATIVE_POSITIONS:
+        settings["blockwise"] = blockwise_block(L)
+    out = {"training_length": L, "position": cfg["model"].get("position"), "runs": {}}
+    for name, block in settings.items():
+        model = load_model(vdir / "model")
+        show = (lambda row, name=name: print(f"  {name:>9} {format_row(row)}", file=sys.stderr)) if progress else None
+        res = extrapolation(model, data.valid, lengths, tokens=spec["tokens"], stride=spec["stride"],
+                            blockwise=block, resolution=spec["resolution"],
+                            bits_per_char=isinstance(data.tokenizer, ByteTokenizer), max_docs=spec["max_docs"],
+                            batch_size=spec["batch_size"], progress=show)
+        out.update({k: res[k] for k in ("tokens", "units", "documents", "stride")})
+        out["runs"][name] = {"blockwise": block, "rows": res["rows"]}
+    fd, tmp = tempfile.mkstemp(dir=vdir, prefix=".extrapolation.")
+    with os.fdopen(fd, "w") as f:
+        json.dump(out, f, indent=1)
+    os.replace(tmp, done)
+    return out
