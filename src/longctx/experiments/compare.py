@@ -36,7 +36,7 @@ def default_config_path() -> Path:
 def load_comparison(path: str | Path | None, overrides: list[str] | None) -> dict:
     """{name, base (resolved config), variants: [{name, config}]}; overrides apply to the base."""
     raw = load_yaml(path or default_config_path())
-    unknown = set(raw) - {"name", "base", "variants", "extrapolation"}
+    unknown = set(raw) - {"name", "base", "variants", "extrapolation", "finetune"}
     if unknown:
         raise LongctxError(f"comparison config has unknown keys {sorted(unknown)}; use name, base, variants "
                            "(and extrapolation)")
@@ -56,14 +56,19 @@ def load_comparison(path: str | Path | None, overrides: list[str] | None) -> dic
         sets = v.get("set") or {}
         if not isinstance(sets, dict):
             raise LongctxError(f"variant {name!r}: 'set' must map dotted keys to values")
+        from longctx.tasks.downstream import split_variant_sets
+        all_sets, (sets, task_sets) = sets, split_variant_sets(name, sets)  # task.*: finetuning only
         for key in sets:
             if any(key == f or key.startswith(f + ".") for f in FIXED):
                 raise LongctxError(f"variant {name!r} changes '{key}': a comparison keeps data, seed and "
                                    "token budget identical; change it in 'base' for all variants")
         cfg = resolve(copy.deepcopy(base_raw), [f"{k}={json.dumps(val)}" for k, val in sets.items()])
         cfg["name"] = name
-        out.append({"name": name, "set": sets, "config": cfg})
+        out.append({"name": name, "set": all_sets, "config": cfg, "task_sets": task_sets})
     comp = {"name": str(raw.get("name") or "compare"), "base": base, "variants": out}
+    if raw.get("finetune") is not None:  # finetune every variant on downstream tasks (the study)
+        from longctx.tasks.downstream import check_spec
+        comp["finetune"] = check_spec(raw["finetune"])
     if raw.get("extrapolation") is not None:  # evaluate every variant at longer lengths (LeX)
         from longctx.eval.extrapolation import check_spec
         comp["extrapolation"] = check_spec(raw["extrapolation"])
@@ -107,6 +112,9 @@ def run_comparison(comp: dict, out_root: str | Path, progress: bool = True) -> d
             if progress:
                 print(f"[{i + 1}/{len(comp['variants'])}] {v['name']}: extrapolation", file=sys.stderr)
             r["extrapolation"] = evaluate_variant(v["config"], vdir, comp["extrapolation"], progress)
+        if comp.get("finetune"):
+            from longctx.tasks.downstream import finetune_variant
+            r["finetune"] = finetune_variant(v, vdir, comp["finetune"], v.get("task_sets", {}), progress)
         results.append(r)
     from longctx.experiments.report import write_report
     return write_report(comp, results, out)
