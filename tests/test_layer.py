@@ -71,3 +71,18 @@ def test_any_length_in_any_length_out():
     for n in (1, 2, 63, 64, 65, 129):
         x = torch.randn(1, n, 16)
         assert layer(x).shape == (1, n, 16)
+
+
+def test_scores_are_the_mechanisms_pre_softmax_scores_with_bias_and_mask():
+    """The public analysis method: softmax of ``scores`` over v gives the layer's own attention."""
+    from longctx.attention.reference import masked_softmax
+    torch.manual_seed(0)
+    layer = SelfAttention(16, 2, AttentionPattern("sliding", window=3, causal=True), position="alibi").double()
+    x = torch.randn(2, 20, 16, dtype=torch.float64)
+    s = layer.scores(x)
+    assert s.shape == (2, 2, 20, 20) and torch.isinf(s[:, :, 0, 1:]).all() and torch.isinf(s[:, :, 10, :6]).all()
+    _, _, v = layer.project(x, torch.arange(20))
+    ctx = masked_softmax(s, ~torch.isinf(s)) @ v
+    with torch.no_grad():
+        want = layer(x)
+    torch.testing.assert_close(layer.out(ctx.transpose(1, 2).reshape(2, 20, 16)), want)

@@ -2,7 +2,6 @@
 the per-layer pattern it trained, configs select mechanisms by one key."""
 import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import torch
