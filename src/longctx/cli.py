@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "longctx.corpora.cli",
     "longctx.bench.cli",
     "longctx.convert.cli",
+    "longctx.config_cli",
 ]
 
 
