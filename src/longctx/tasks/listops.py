@@ -134,7 +134,7 @@ class ListOpsTask(FinetuneTask):
 
     def featurize(self, records, seq_len: int, train: bool) -> list[dict]:
         tok = self.tokenizer
-        if self.opts["max_length"] + 1 > seq_len:
+        if self.opts["max_length"] > seq_len:  # up to max_length - 1 symbols, plus <cls>
             raise LongctxError(f"ListOps expressions of up to {self.opts['max_length'] - 1} symbols do not fit "
                                f"data.seq_len={seq_len}; use data.seq_len >= {self.opts['max_length']}")
         return [{"input_ids": [tok.cls_id, *tok.encode_tokens(r["tokens"])], "n_global": 1, "label": r["label"]}
