@@ -104,13 +104,21 @@ class SelfAttention(nn.Module):
         return q, k, v
 
     def forward(self, hidden: torch.Tensor, key_padding_mask=None, global_mask=None, positions=None,
-                cache: LayerCache | None = None):
+                cache: LayerCache | None = None, output_attentions: bool = False):
         """hidden (B, n, hidden) -> (B, n, hidden). Masks are (B, n) bool: True = real / global token.
         ``positions``: (n,) or (B, n) integer positions (for the position encoding).
 
         With ``cache`` (causal mechanisms with a cache rule, for generation), the new tokens at
         ``positions`` attend to the cached keys too, and the cache keeps what they can still reach.
+        With ``output_attentions``, returns (output, attention probabilities (B, H, n, n)) where the
+        probabilities come from ``attention_probs``: an extra pass only when asked, so training pays nothing.
         """
+        out = self._forward(hidden, key_padding_mask, global_mask, positions, cache)
+        if not output_attentions:
+            return out
+        return out, self.attention_probs(hidden, key_padding_mask, global_mask, positions)
+
+    def _forward(self, hidden, key_padding_mask, global_mask, positions, cache):
         B, n, _ = hidden.shape
         if positions is None:
             positions = torch.arange(n, device=hidden.device)
@@ -128,6 +136,34 @@ class SelfAttention(nn.Module):
         return self.dropout(self.out(ctx.transpose(1, 2).reshape(B, n, -1)))
 
     # -- analysis -------------------------------------------------------------------------------------
+    def attention_probs(self, hidden: torch.Tensor, key_padding_mask=None, global_mask=None, positions=None):
+        """The attention matrix (B, H, n, n) this layer applies to ``hidden``: row i is how query i spreads
+        its mass over the keys, each row summing to one (zero for a row with no allowed key). It is the
+        mechanism's ``attention_map`` (exact probabilities for the mask family, the effective matrix of the
+        approximate families); with Longformer's global projections the rows of global tokens are
+        softmax(q_g k_g^T) over every real key, as ``forward`` computes them (their values are v_g)."""
+        B, n, _ = hidden.shape
+        if positions is None:
+            positions = torch.arange(n, device=hidden.device)
+        q, k, v = self.project(hidden, positions)
+        A = self.mechanism.attention_map(q, k, v, key_padding=key_padding_mask, global_mask=global_mask,
+                                         positions=positions, bias=self.positions.bias)
+        if self.global_projections and global_mask is not None:
+            from longctx.attention.patterns import full_mask
+            from longctx.attention.reference import masked_softmax
+
+            qg, kg, _ = self.project(hidden, positions, glob=True)
+            # a global query sees every real key (causally in a decoder): the full pattern's rows
+            rows = AttentionPattern("full", causal=self.mechanism.ctx.causal)
+            s = (qg * self.head_dim ** -0.5) @ kg.transpose(-1, -2)
+            bias = self.positions.bias
+            if bias is not None:
+                pos = torch.arange(n, device=hidden.device)
+                s = s + bias(pos, pos).to(s.dtype)
+            Ag = masked_softmax(s, full_mask(rows, n, self.num_heads, key_padding_mask, None, device=hidden.device))
+            A = torch.where(global_mask.bool()[:, None, :, None], Ag.to(A.dtype), A)
+        return A
+
     @torch.no_grad()
     def scores(self, hidden: torch.Tensor, positions=None, *, masked: bool = True, dtype=None) -> torch.Tensor:
         """Pre-softmax scores (B, H, n, n): q . k / sqrt(d) plus the position encoding's bias, and, with

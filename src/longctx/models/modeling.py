@@ -70,15 +70,25 @@ class Block(GradientCheckpointingLayer):
         self.output_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, x, key_padding_mask=None, global_mask=None, positions=None, cache=None):
+    def forward(self, x, key_padding_mask=None, global_mask=None, positions=None, cache=None,
+                output_attentions: bool = False):
+        """(B, n, hidden) -> (B, n, hidden); with ``output_attentions``, (that, probabilities (B, H, n, n))."""
         def ffn(h):
             return self.dropout(self.output(self.act(self.intermediate(h))))
 
+        def attend(h):
+            out = self.attention(h, key_padding_mask, global_mask, positions, cache, output_attentions)
+            return out if output_attentions else (out, None)
+
         if self.pre:
-            x = x + self.attention(self.attention_norm(x), key_padding_mask, global_mask, positions, cache)
-            return x + ffn(self.output_norm(x))
-        x = self.attention_norm(x + self.attention(x, key_padding_mask, global_mask, positions, cache))
-        return self.output_norm(x + ffn(x))
+            a, probs = attend(self.attention_norm(x))
+            x = x + a
+            x = x + ffn(self.output_norm(x))
+        else:
+            a, probs = attend(x)
+            x = self.attention_norm(x + a)
+            x = self.output_norm(x + ffn(x))
+        return (x, probs) if output_attentions else x
 
 
 class LongctxPreTrainedModel(PreTrainedModel):
@@ -127,12 +137,15 @@ class LongctxModel(LongctxPreTrainedModel):
         self.embeddings.word_embeddings = value
 
     def forward(self, input_ids, attention_mask=None, global_attention_mask=None, position_ids=None,
-                past_key_values: list[LayerCache] | None = None, use_cache: bool = False, **kwargs):
+                past_key_values: list[LayerCache] | None = None, use_cache: bool = False,
+                output_attentions: bool = False, **kwargs):
         """input_ids (B, n). attention_mask (B, n): 1 for real tokens, 0 for padding.
         global_attention_mask (B, n): 1 for global tokens. position_ids (n,) or (B, n), one row per
         sequence: defaults to 0..n-1 counted over the real tokens of each row (a left-padded row starts
         at 0 at its first real token, as Hugging Face's RoBERTa and Longformer number them), or to the
-        positions after the cache when decoding with ``past_key_values``."""
+        positions after the cache when decoding with ``past_key_values``. With ``output_attentions``
+        (Hugging Face's flag), ``attentions`` holds one (B, H, n, n) probability matrix per layer (what
+        ``longctx analyze`` reads; computed only when asked)."""
         B, n = input_ids.shape
         if n == 0:
             raise LongctxError("input_ids is empty: give at least one token")
@@ -150,11 +163,17 @@ class LongctxModel(LongctxPreTrainedModel):
             raise LongctxError("decoding with a key-value cache takes unpadded inputs without global tokens")
         position_ids = self._positions(input_ids, attention_mask, position_ids, past_key_values)
         x = self.embeddings(input_ids, position_ids)
+        attentions = [] if output_attentions else None
         for i, layer in enumerate(self.layers):
             cache = None if past_key_values is None else past_key_values[i]
-            x = layer(x, kpm, gm, position_ids, cache)
+            if output_attentions:
+                x, probs = layer(x, kpm, gm, position_ids, cache, output_attentions=True)
+                attentions.append(probs)
+            else:
+                x = layer(x, kpm, gm, position_ids, cache)
         return BaseModelOutputWithPast(last_hidden_state=self.final_norm(x),
-                                       past_key_values=past_key_values if use_cache else None)
+                                       past_key_values=past_key_values if use_cache else None,
+                                       attentions=None if attentions is None else tuple(attentions))
 
     @staticmethod
     def _positions(input_ids, attention_mask, position_ids, past_key_values):
@@ -214,17 +233,19 @@ class LongctxForMaskedLM(LongctxPreTrainedModel):
         self.lm_head.decoder = new
 
     def forward(self, input_ids, attention_mask=None, global_attention_mask=None, position_ids=None,
-                labels=None, **kwargs):
+                labels=None, output_attentions: bool = False, **kwargs):
         """With ``labels`` (-100 = not predicted), the head runs on the labelled positions only (the
         vocabulary projection is most of an MLM step's FLOPs at small sizes) and ``logits`` holds just
         those rows, in order; without labels, logits for every position."""
-        h = self.longctx(input_ids, attention_mask, global_attention_mask, position_ids).last_hidden_state
+        base = self.longctx(input_ids, attention_mask, global_attention_mask, position_ids,
+                            output_attentions=output_attentions)
+        h = base.last_hidden_state
         if labels is None:
-            return MaskedLMOutput(logits=self.lm_head(h))
+            return MaskedLMOutput(logits=self.lm_head(h), attentions=base.attentions)
         sel = labels != -100
         logits = self.lm_head(h[sel])
         loss = F.cross_entropy(logits.float(), labels[sel]) if logits.shape[0] else logits.sum() * 0.0
-        return MaskedLMOutput(loss=loss, logits=logits)
+        return MaskedLMOutput(loss=loss, logits=logits, attentions=base.attentions)
 
 
 class LongctxForSequenceClassification(LongctxPreTrainedModel):
@@ -241,11 +262,13 @@ class LongctxForSequenceClassification(LongctxPreTrainedModel):
         self.post_init()
 
     def forward(self, input_ids, attention_mask=None, global_attention_mask=None, position_ids=None,
-                labels=None, **kwargs):
+                labels=None, output_attentions: bool = False, **kwargs):
         if global_attention_mask is None:
             global_attention_mask = torch.zeros_like(input_ids, dtype=torch.bool)
             global_attention_mask[:, 0] = True
-        h = self.longctx(input_ids, attention_mask, global_attention_mask, position_ids).last_hidden_state
+        base = self.longctx(input_ids, attention_mask, global_attention_mask, position_ids,
+                            output_attentions=output_attentions)
+        h = base.last_hidden_state
         logits = self.classifier(self.dropout(torch.tanh(self.dense(self.dropout(h[:, 0])))))
         loss = None
         if labels is not None:
@@ -255,7 +278,7 @@ class LongctxForSequenceClassification(LongctxPreTrainedModel):
                 loss = F.cross_entropy(logits.float(), labels)
             else:
                 loss = F.binary_cross_entropy_with_logits(logits.float(), labels.float())
-        return SequenceClassifierOutput(loss=loss, logits=logits)
+        return SequenceClassifierOutput(loss=loss, logits=logits, attentions=base.attentions)
 
 
 def question_global_mask(input_ids: torch.Tensor, sep_token_id: int | None) -> torch.Tensor:
@@ -263,7 +286,7 @@ def question_global_mask(input_ids: torch.Tensor, sep_token_id: int | None) -> t
     if sep_token_id is None:
         raise LongctxError("QA needs config.sep_token_id to find the question, or an explicit global_attention_mask")
     is_sep = input_ids == sep_token_id
-    if not bool(is_sep.any(-1).all()):
+    if not torch.compiler.is_compiling() and not bool(is_sep.any(-1).all()):  # checked eagerly only
         raise LongctxError(f"every QA input needs a separator token (id {sep_token_id}) after the question")
     end = is_sep.int().argmax(-1)
     return torch.arange(input_ids.shape[1], device=input_ids.device)[None, :] < end[:, None]
@@ -279,17 +302,20 @@ class LongctxForQuestionAnswering(LongctxPreTrainedModel):
         self.post_init()
 
     def forward(self, input_ids, attention_mask=None, global_attention_mask=None, position_ids=None,
-                start_positions=None, end_positions=None, **kwargs):
+                start_positions=None, end_positions=None, output_attentions: bool = False, **kwargs):
         if global_attention_mask is None:
             global_attention_mask = question_global_mask(input_ids, self.config.sep_token_id)
-        h = self.longctx(input_ids, attention_mask, global_attention_mask, position_ids).last_hidden_state
+        base = self.longctx(input_ids, attention_mask, global_attention_mask, position_ids,
+                            output_attentions=output_attentions)
+        h = base.last_hidden_state
         start, end = self.qa_outputs(h).float().unbind(-1)
         loss = None
         if start_positions is not None and end_positions is not None:
             n = input_ids.shape[1]
             loss = (F.cross_entropy(start, start_positions.clamp(0, n), ignore_index=n)
                     + F.cross_entropy(end, end_positions.clamp(0, n), ignore_index=n)) / 2
-        return QuestionAnsweringModelOutput(loss=loss, start_logits=start, end_logits=end)
+        return QuestionAnsweringModelOutput(loss=loss, start_logits=start, end_logits=end,
+                                            attentions=base.attentions)
 
 
 class LongctxForCausalLM(LongctxPreTrainedModel):
@@ -314,14 +340,15 @@ class LongctxForCausalLM(LongctxPreTrainedModel):
         self.lm_head = new
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, labels=None, past_key_values=None,
-                use_cache=False, global_attention_mask=None, **kwargs):
+                use_cache=False, global_attention_mask=None, output_attentions: bool = False, **kwargs):
         out = self.longctx(input_ids, attention_mask, global_attention_mask, position_ids,
-                           past_key_values=past_key_values, use_cache=use_cache)
+                           past_key_values=past_key_values, use_cache=use_cache, output_attentions=output_attentions)
         logits = self.lm_head(out.last_hidden_state)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
+                                      attentions=out.attentions)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20, do_sample: bool = False,

@@ -1,0 +1,371 @@
+"""Where attention puts its mass (``longctx analyze attention``): StructFormer's question, asked of any model.
+
+For every layer and head, over every real query token of the analysed documents, the mean of:
+
+- ``global_share``: attention mass on the tokens that are global in this run (its global-attention mask);
+- ``heading_share``: mass on heading tokens (title and section headings, from the corpus's structure
+  spans; ``heading_fraction`` is the share a uniform row would give them, the baseline to read it against);
+- ``sentence_share``: mass on the query's own sentence;
+- ``mean_distance``: the expected |i - j| under the row;
+- ``beyond_window``: mass on keys farther than the layer's window (sliding layers; the analysis
+  ``window`` otherwise), which only global tokens or a non-local mechanism can carry;
+- ``entropy``: the row's entropy in nats (log n for a uniform row, 0 for one key; negative entries of an
+  effective matrix are left out);
+- ``row_sum_min`` / ``row_sum_max``: every row is a probability distribution; these say so.
+
+plus the distance profile: the share of mass at each distance bin (0, 1, 2-3, 4-7, ...), per layer and
+head. The matrices come from the models' ``output_attentions`` (each mechanism's ``attention_map``: the
+exact probabilities of the mask family, the effective matrix of the approximate ones), so what is shown
+is what the model computed. Results go to ``analysis.json``, ``analysis.md`` and PNG plots (layer x head
+heatmaps and distance curves), for one model or two side by side.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from longctx.errors import LongctxError
+
+METRICS = ("global_share", "heading_share", "sentence_share", "mean_distance", "beyond_window", "entropy")
+LABELS = {"global_share": "mass on global tokens", "heading_share": "mass on heading tokens",
+          "sentence_share": "mass on own sentence", "mean_distance": "mean distance (tokens)",
+          "beyond_window": "mass beyond the window", "entropy": "row entropy (nats)"}
+# sentence ends: ., ! or ? followed by white space, or a line break (headings stand on their own line)
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
+
+
+def distance_bins(n: int) -> list[int]:
+    """Bin edges 0, 1, 2, 4, 8, ... up to n: bin b holds distances in [edges[b], edges[b+1])."""
+    edges = [0, 1]
+    while edges[-1] < n:
+        edges.append(edges[-1] * 2)
+    return edges
+
+
+# ---- inputs ------------------------------------------------------------------------------------------
+def sentence_ids(text: str, offsets) -> np.ndarray:
+    """One sentence number per token (from its first character); -1 for tokens without characters."""
+    ends = [m.end() for m in _SENTENCE_END.finditer(text)]
+    offs = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    sid = np.searchsorted(np.asarray(ends, dtype=np.int64), offs[:, 0], side="right")
+    return np.where(offs[:, 1] > offs[:, 0], sid, -1)
+
+
+def document_windows(docs: list[dict], tokenizer, seq_len: int, max_docs: int = 0) -> list[dict]:
+    """The first ``seq_len`` tokens of each document (the title and first sections, where the heading
+    tokens are): {input_ids, heading, sentence} as (n,) tensors, documents of fewer than 8 tokens skipped."""
+    from longctx.data.packing import heading_flags
+
+    out = []
+    for doc in docs:
+        if max_docs and len(out) >= max_docs:
+            break
+        ids, offsets = tokenizer.encode(doc["text"])
+        ids, offsets = ids[:seq_len], np.asarray(offsets, dtype=np.int64).reshape(-1, 2)[:seq_len]
+        if len(ids) < 8:
+            continue
+        out.append({"id": doc.get("id", str(len(out))), "input_ids": torch.as_tensor(ids, dtype=torch.long),
+                    "heading": torch.from_numpy(heading_flags(doc.get("structure"), offsets)),
+                    "sentence": torch.from_numpy(sentence_ids(doc["text"], offsets))})
+    if not out:
+        raise LongctxError("no document to analyse has 8 tokens or more; give longer documents with --data")
+    return out
+
+
+def global_mask_for(window: dict, preset: str) -> torch.Tensor:
+    """The run's global-attention preset on one window: none, first (token 0) or headings."""
+    n = len(window["input_ids"])
+    if preset == "headings":
+        return window["heading"].clone()
+    g = torch.zeros(n, dtype=torch.bool)
+    if preset == "first":
+        g[0] = True
+    elif preset != "none":
+        raise LongctxError(f"global tokens {preset!r} are unknown; use none, first or headings")
+    return g
+
+
+# ---- the statistics ------------------------------------------------------------------------------------
+class AttentionStats:
+    """Sums over query rows, per layer and head, of each metric; ``result()`` divides by the row count."""
+
+    def __init__(self, num_layers: int, num_heads: int, windows: list[int | None], max_len: int):
+        self.L, self.H, self.windows = num_layers, num_heads, windows
+        self.edges = distance_bins(max_len)
+        self.sums = {m: torch.zeros(num_layers, num_heads, dtype=torch.float64) for m in METRICS}
+        self.profile = torch.zeros(num_layers, num_heads, len(self.edges) - 1, dtype=torch.float64)
+        self.row_min = torch.full((num_layers, num_heads), math.inf, dtype=torch.float64)
+        self.row_max = torch.full((num_layers, num_heads), -math.inf, dtype=torch.float64)
+        self.entry_min = torch.full((num_layers, num_heads), math.inf, dtype=torch.float64)
+        self.rows = 0
+        self.tokens = self.heading_tokens = self.global_tokens = 0
+
+    @torch.no_grad()
+    def add(self, attentions, real, global_mask, heading, sentence) -> None:
+        """attentions: per layer (B, H, n, n); real, global_mask, heading: (B, n) bool; sentence (B, n) long."""
+        B, n = real.shape
+        pos = torch.arange(n)
+        dist = (pos[:, None] - pos[None, :]).abs().double()                               # (n, n)
+        same = (sentence[:, :, None] == sentence[:, None, :]) & (sentence[:, :, None] >= 0)  # (B, n, n)
+        keys = {"global_share": global_mask, "heading_share": heading}
+        rows = real[:, None, :].double()                                                  # (B, 1, n) queries
+        bins = [((dist >= a) & (dist < b)).double() for a, b in zip(self.edges[:-1], self.edges[1:])]
+        for layer, A in enumerate(attentions):
+            A = A.double()                                                                # (B, H, n, n)
+            per_row = {name: A @ k.double()[:, None, :, None] for name, k in keys.items()}  # (B, H, n, 1)
+            per_row["sentence_share"] = (A * same[:, None].double()).sum(-1, keepdim=True)
+            per_row["mean_distance"] = (A * dist).sum(-1, keepdim=True)
+            w = self.windows[layer]
+            per_row["beyond_window"] = (A * (dist > w).double()).sum(-1, keepdim=True) if w is not None \
+                else torch.full_like(per_row["mean_distance"], math.nan)
+            P = A.clamp_min(0.0)
+            per_row["entropy"] = -(P * torch.log(P.clamp_min(1e-300))).sum(-1, keepdim=True)
+            for name, v in per_row.items():
+                self.sums[name][layer] += (v.squeeze(-1) * rows).sum((0, 2))
+            for b, m in enumerate(bins):
+                self.profile[layer, :, b] += ((A * m).sum(-1) * rows).sum((0, 2))
+            s = A.sum(-1).masked_fill(~real[:, None, :], math.nan)                        # (B, H, n)
+            self.row_min[layer] = torch.minimum(self.row_min[layer], s.nan_to_num(math.inf).amin((0, 2)))
+            self.row_max[layer] = torch.maximum(self.row_max[layer], s.nan_to_num(-math.inf).amax((0, 2)))
+            e = A.masked_fill(~real[:, None, :, None], math.inf).amin((0, 2, 3))
+            self.entry_min[layer] = torch.minimum(self.entry_min[layer], e)
+        self.rows += int(real.sum())
+        self.tokens += int(real.sum())
+        self.heading_tokens += int((heading & real).sum())
+        self.global_tokens += int((global_mask & real).sum())
+
+    def result(self) -> dict:
+        if not self.rows:
+            raise LongctxError("no token was analysed; give documents with text")
+        mean = {m: (s / self.rows) for m, s in self.sums.items()}
+        prof = self.profile / self.rows
+        layers = []
+        for layer in range(self.L):
+            heads = [{"head": h, **{m: _num(mean[m][layer, h]) for m in METRICS},
+                      "row_sum_min": _num(self.row_min[layer, h]), "row_sum_max": _num(self.row_max[layer, h]),
+                      "distance_profile": [_num(x) for x in prof[layer, h]]} for h in range(self.H)]
+            avg = {m: _num(mean[m][layer].mean()) for m in METRICS}
+            # Linformer's and Nystromformer's effective matrices are not distributions (rows need not sum
+            # to one, entries may be negative): their shares are of that matrix, and the report says so
+            stochastic = bool((self.row_min[layer] > 1 - 1e-4).all() and (self.row_max[layer] < 1 + 1e-4).all()
+                              and (self.entry_min[layer] > -1e-9).all())
+            layers.append({"layer": layer, "window": self.windows[layer], "stochastic": stochastic, "mean": avg,
+                           "heads": heads})
+        return {"tokens": self.tokens, "heading_fraction": self.heading_tokens / self.tokens,
+                "global_fraction": self.global_tokens / self.tokens, "distance_bins": self.edges,
+                "layers": layers}
+
+
+def _num(x) -> float | None:
+    x = float(x)
+    return None if math.isnan(x) else x
+
+
+def layer_windows(model, window: int | None = None) -> list[int | None]:
+    """Each layer's one-sided window (its sliding pattern's), else ``window`` (None: not reported)."""
+    out = []
+    for layer in _base(model).layers:
+        p = layer.attention.pattern
+        out.append(p.window if p is not None and p.kind == "sliding" else window)
+    return out
+
+
+def _base(model):
+    return getattr(model, "longctx", model)
+
+
+@torch.no_grad()
+def analyze_model(model, windows: list[dict], global_tokens: str = "none", batch_size: int = 1,
+                  window: int | None = None) -> dict:
+    """The statistics of ``model`` (a longctx model, any head) over the document ``windows``."""
+    base = _base(model)
+    was_training = base.training
+    base.eval()
+    cfg = base.config
+    stats = AttentionStats(cfg.num_hidden_layers, cfg.num_attention_heads, layer_windows(model, window),
+                           max(len(w["input_ids"]) for w in windows))
+    for i in range(0, len(windows), batch_size):
+        batch = windows[i:i + batch_size]
+        n = max(len(w["input_ids"]) for w in batch)
+        ids = torch.full((len(batch), n), cfg.pad_token_id, dtype=torch.long)
+        real = torch.zeros(len(batch), n, dtype=torch.bool)
+        glob, head = torch.zeros_like(real), torch.zeros_like(real)
+        sent = torch.full((len(batch), n), -1, dtype=torch.long)
+        for r, w in enumerate(batch):
+            k = len(w["input_ids"])
+            ids[r, :k], real[r, :k], head[r, :k], sent[r, :k] = w["input_ids"], True, w["heading"], w["sentence"]
+            glob[r, :k] = global_mask_for(w, global_tokens)
+        dev = next(base.parameters()).device
+        out = base(ids.to(dev), attention_mask=real.long().to(dev), global_attention_mask=glob.to(dev),
+                   output_attentions=True)
+        stats.add([a.cpu() for a in out.attentions], real, glob, head, sent)
+    base.train(was_training)
+    res = stats.result()
+    res["documents"] = len(windows)
+    res["global_tokens"] = global_tokens
+    res["mechanisms"] = [layer.attention.mechanism.describe() for layer in base.layers]
+    return res
+
+
+# ---- a saved model -------------------------------------------------------------------------------------
+def run_settings(model_dir: str | Path) -> dict:
+    """What the model's training run recorded (``run_config.json`` beside or above the model folder)."""
+    p = Path(model_dir)
+    for cand in (p / "run_config.json", p.parent / "run_config.json"):
+        if cand.is_file():
+            return json.loads(cand.read_text())
+    return {}
+
+
+def analysis_documents(data: str | None, run: dict, max_docs: int) -> tuple[list[dict], str]:
+    """The documents to analyse and a phrase saying which: ``data`` when given, else the held-out
+    documents of the corpus the model was trained on."""
+    from longctx.data.corpus import load_documents, split_documents
+
+    if data:
+        return load_documents(data), str(data)
+    d = run.get("data") or {}
+    if not d.get("corpus"):
+        raise LongctxError("the model folder records no training corpus; give the documents to analyse with --data")
+    docs = load_documents(d["corpus"], d.get("text_field", "text"))
+    train, valid = split_documents(docs, d.get("valid_fraction", 0.05), run.get("seed", 0))
+    # held-out documents first; the training documents only if there are too few
+    pool = valid + train if max_docs and len(valid) < max_docs else valid or train
+    return pool, f"held-out documents of {d['corpus']}"
+
+
+def analyze_saved(model_dir: str | Path, data: str | None = None, max_docs: int = 8, seq_len: int | None = None,
+                  global_tokens: str = "auto", window: int | None = None) -> dict:
+    """Load the model and its tokenizer from ``model_dir`` and analyse it (see ``analyze_model``)."""
+    from longctx.data.tokenizer import load_tokenizer
+    from longctx.models.loading import load_longctx_model
+
+    model = load_longctx_model(model_dir, what="model")
+    run = run_settings(model_dir)
+    tok = load_tokenizer(str(model_dir))
+    if global_tokens == "auto":
+        global_tokens = (run.get("data") or {}).get("global_tokens", "none")
+    seq_len = seq_len or (run.get("data") or {}).get("seq_len") or model.config.max_position_embeddings
+    seq_len = min(seq_len, model.config.max_position_embeddings)
+    docs, source = analysis_documents(data, run, max_docs)
+    windows = document_windows(docs, tok, seq_len, max_docs)
+    res = analyze_model(model, windows, global_tokens, window=window)
+    res.update(model=str(model_dir), data=source, seq_len=seq_len)
+    return res
+
+
+# ---- reports -------------------------------------------------------------------------------------------
+def write_analysis(results: dict[str, dict], out_dir: str | Path) -> dict[str, Path]:
+    """``analysis.json``, ``analysis.md`` and the plots for one or more named analyses (side by side)."""
+    from longctx.train.checkpoint import write_atomic
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "analysis.json", "md": out / "analysis.md"}
+    write_atomic(paths["json"], json.dumps(results, indent=1))
+    paths.update(plot_analysis(results, out))
+    write_atomic(paths["md"], markdown(results, {k: p.name for k, p in paths.items() if p.suffix == ".png"}))
+    return paths
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None else f"{x:.3f}" if abs(x) < 100 else f"{x:.1f}"
+
+
+def summary_rows(results: dict[str, dict]) -> list[list[str]]:
+    """One row per model and layer: the head-averaged metrics."""
+    rows = []
+    for name, res in results.items():
+        for layer in res["layers"]:
+            rows.append([name, str(layer["layer"]), *(_fmt(layer["mean"][m]) for m in METRICS)])
+    return rows
+
+
+def markdown(results: dict[str, dict], plots: dict[str, str] | None = None) -> str:
+    names = list(results)
+    lines = ["# Attention analysis", ""]
+    for name, res in results.items():
+        lines.append(f"- **{name}**: {res.get('model', '')}: {res['documents']} documents, {res['tokens']:,} tokens "
+                     f"({res.get('data', '')}); global tokens: {res['global_tokens']} "
+                     f"({100 * res['global_fraction']:.1f}% of tokens); heading tokens {100 * res['heading_fraction']:.1f}% "
+                     f"of tokens (what a uniform row would give them); attention: {', '.join(res['mechanisms'])}")
+    lines += ["", "Per layer, averaged over heads and over every real query token:", "",
+              "| model | layer | " + " | ".join(LABELS[m] for m in METRICS) + " |",
+              "|---" * (2 + len(METRICS)) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in summary_rows(results)]
+    lines += ["", "Per head:", "", "| model | layer | head | " + " | ".join(LABELS[m] for m in METRICS)
+              + " | row sums |", "|---" * (4 + len(METRICS)) + "|"]
+    for name, res in results.items():
+        for layer in res["layers"]:
+            for h in layer["heads"]:
+                lines.append(f"| {name} | {layer['layer']} | {h['head']} | "
+                             + " | ".join(_fmt(h[m]) for m in METRICS)
+                             + f" | {h['row_sum_min']:.4f}-{h['row_sum_max']:.4f} |")
+    lines += ["", "Mass on own sentence counts tokens in the same sentence (split at . ! ? and line breaks); "
+              "mean distance is in tokens; mass beyond the window is n/a for layers without one; "
+              "the distance profile (the plot, and `distance_profile` in analysis.json) bins distances as "
+              f"{', '.join(_bin_names(results[names[0]]['distance_bins']))}."]
+    for key, file in (plots or {}).items():
+        lines += ["", f"![{key}]({file})"]
+    return "\n".join(lines) + "\n"
+
+
+def _bin_names(edges: list[int]) -> list[str]:
+    return [str(a) if b - a == 1 else f"{a}-{b - 1}" for a, b in zip(edges[:-1], edges[1:])]
+
+
+def plot_analysis(results: dict[str, dict], out: Path) -> dict[str, Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names, paths = list(results), {}
+    shown = [m for m in METRICS if any(h[m] is not None for r in results.values() for l in r["layers"] for h in l["heads"])]
+    fig, axes = plt.subplots(len(names), len(shown), figsize=(2.6 * len(shown), 2.4 * len(names)), squeeze=False)
+    for r, name in enumerate(names):
+        for c, m in enumerate(shown):
+            grid = np.array([[np.nan if h[m] is None else h[m] for h in l["heads"]] for l in results[name]["layers"]])
+            # one colour scale per metric across models, so the two rows compare directly
+            allv = np.array([h[m] for res in results.values() for l in res["layers"] for h in l["heads"]
+                             if h[m] is not None] or [0.0])
+            im = axes[r, c].imshow(grid, aspect="auto", cmap="viridis", vmin=allv.min(), vmax=max(allv.max(), allv.min() + 1e-9))
+            axes[r, c].set_title(f"{name}\n{LABELS[m]}" if c == 0 else LABELS[m], fontsize=8)
+            axes[r, c].set_xlabel("head", fontsize=7)
+            axes[r, c].set_ylabel("layer", fontsize=7)
+            fig.colorbar(im, ax=axes[r, c])
+    fig.tight_layout()
+    paths["heatmaps"] = _save(fig, out / "attention_heatmaps.png")
+    fig, ax = plt.subplots(1, len(results[names[0]]["layers"]), figsize=(3.2 * len(results[names[0]]["layers"]), 2.8),
+                           squeeze=False)
+    for li in range(len(results[names[0]]["layers"])):
+        for name in names:
+            res = results[name]
+            if li >= len(res["layers"]):
+                continue
+            prof = np.mean([h["distance_profile"] for h in res["layers"][li]["heads"]], axis=0)
+            ax[0, li].plot(range(len(prof)), prof, marker="o", label=name)
+        labels = _bin_names(results[names[0]]["distance_bins"])
+        ax[0, li].set_xticks(range(len(labels)), labels, rotation=60, fontsize=6)
+        ax[0, li].set_title(f"layer {li}", fontsize=8)
+        ax[0, li].set_xlabel("distance |i - j| (tokens)", fontsize=7)
+        ax[0, li].set_ylabel("share of attention mass", fontsize=7)
+        ax[0, li].legend(fontsize=6)
+    fig.tight_layout()
+    paths["distance"] = _save(fig, out / "attention_distance.png")
+    return paths
+
+
+def _save(fig, path: Path) -> Path:
+    import os
+
+    import matplotlib.pyplot as plt
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)  # a reader never sees half a plot
+    return path
