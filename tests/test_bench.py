@@ -16,7 +16,7 @@ def _load(out):
 
 def test_bench_attention_smoke(tmp_path):
     out = tmp_path / "att"
-    rc = main(["bench", "attention", "--lengths", "128", "256", "--hidden", "32", "--heads", "2", "--window", "64",
+    rc = main(["bench", "attention", "--lengths", "128", "256", "--hidden", "32", "--heads", "2", "--attention-window", "64",
                "--impl", "longctx-sliding", "core-sliding", "hf-longformer", "--repeats", "2", "--warmup", "1",
                "--time-cap", "1e-9", "--out", str(out)])
     assert rc == 0
@@ -41,7 +41,7 @@ def test_bench_attention_smoke(tmp_path):
 def test_bench_train_smoke(tmp_path):
     out = tmp_path / "train"
     rc = main(["bench", "train", "--lengths", "128", "--layers", "1", "--hidden", "32", "--heads", "2",
-               "--window", "64", "--models", "longctx", "hf-longformer", "--repeats", "1", "--warmup", "1",
+               "--attention-window", "64", "--models", "longctx", "hf-longformer", "--repeats", "1", "--warmup", "1",
                "--out", str(out)])
     assert rc == 0
     r = _load(out)

@@ -238,3 +238,20 @@ def test_packaged_and_example_configs_resolve():
         else:
             C.resolve(raw)
     assert default_config_path().is_file()
+
+
+def test_bench_takes_attention_window_and_refuses_the_old_window(tmp_path, capsys):
+    """One meaning of `window` (one-sided): the benchmarks' two-sided size is `attention_window`; the
+    old key and flag are refused with a hint, before anything runs."""
+    old = tmp_path / "old.yaml"
+    old.write_text("window: 512\n")
+    for argv in (["bench", "attention", "--config", str(old)], ["bench", "train", "--window", "64"],
+                 ["bench", "attention", "--window", "64"]):
+        capsys.readouterr()
+        assert main([*argv, "--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "attention_window" in err.replace("-", "_"), err
+    assert not (tmp_path / "out").exists()
+    from longctx.bench import attention, train
+    assert "attention_window" in attention.DEFAULTS and "window" not in attention.DEFAULTS
+    assert "attention_window" in train.DEFAULTS and "window" not in train.DEFAULTS

@@ -44,7 +44,7 @@ DEFAULTS = {
     "name": "attention",
     "hidden": 768,
     "heads": 12,
-    "window": 512,  # two-sided, as Hugging Face's attention_window; longctx's one-sided window is half
+    "attention_window": 512,  # two-sided, named as Hugging Face's; longctx's one-sided window is half
     "global_tokens": 16,
     "batch": 1,
     "lengths": [1024, 2048, 4096, 8192, 16384, 32768, 65536],
@@ -84,7 +84,7 @@ def _mechanism(impl: str, n: int, cfg: dict):
 # -- building one case (in the child) -----------------------------------------------------------------------
 def _pattern(impl: str, cfg: dict):
     from longctx.attention import AttentionPattern
-    w, H = cfg["window"], cfg["heads"]
+    w, H = cfg["attention_window"], cfg["heads"]
     if impl in ("longctx-sliding", "core-sliding", "longctx-global16", "sdpa-masked", "hf-longformer"):
         return AttentionPattern("sliding", window=w // 2)
     if impl in ("longctx-sliding-half", "core-sliding-half"):
@@ -102,7 +102,7 @@ def _pattern(impl: str, cfg: dict):
 
 def attended_pairs(impl: str, n: int, cfg: dict) -> float:
     """Allowed (query, key) pairs per head: the useful work of the attention core."""
-    H, w = cfg["heads"], cfg["window"]
+    H, w = cfg["heads"], cfg["attention_window"]
     if impl == "sdpa-dense":
         return float(n) * n
     if impl == "local-attention":
@@ -176,7 +176,7 @@ def build(impl: str, n: int, cfg: dict, dtype: torch.dtype):
     """(module or None, inputs, forward function): forward(inputs) -> the output tensor."""
     from longctx.attention import SelfAttention, attention
     from longctx.attention.patterns import full_mask
-    B, D, H, w = cfg["batch"], cfg["hidden"], cfg["heads"], cfg["window"]
+    B, D, H, w = cfg["batch"], cfg["hidden"], cfg["heads"], cfg["attention_window"]
     pattern = _pattern(impl, cfg)
     if impl.startswith("core-"):
         qkv = [torch.randn(B, H, n, D // H, dtype=dtype, requires_grad=True) for _ in range(3)]
@@ -358,7 +358,7 @@ def markdown(result: dict) -> str:
              f"{m['torch_threads']} threads), {result['created']}.", "",
              "Matrix-product reference: " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in result["matmul_gflops"].items()),
              "", f"One layer, batch {result['config']['batch']}, hidden {result['config']['hidden']}, "
-             f"{result['config']['heads']} heads, window {result['config']['window']} (two-sided). "
+             f"{result['config']['heads']} heads, attention_window {result['config']['attention_window']} (two-sided). "
              f"Times are medians of {result['config']['repeats']} runs after {result['config']['warmup']} warm-up; "
              "peak = resident memory the case added. `% mm` = useful FLOP/s of fwd+bwd / matrix product.", "",
              "| implementation | n | dtype | fwd s | fwd+bwd s | fwd peak | fwd+bwd peak | useful GFLOP/s | % mm |",

@@ -6,6 +6,7 @@ Configurations live in benchmarks/*.yaml; any setting can also be given on the c
 """
 from __future__ import annotations
 
+import argparse
 import shlex
 from pathlib import Path
 
@@ -23,7 +24,9 @@ def register(subparsers) -> None:
     a.add_argument("--lengths", type=int, nargs="+", help="sequence lengths (default 1024 .. 65536)")
     a.add_argument("--impl", nargs="+", dest="implementations", help="implementations to run")
     a.add_argument("--dtypes", nargs="+", help="float32 and/or bfloat16")
-    a.add_argument("--window", type=int, help="two-sided window (Hugging Face attention_window)")
+    a.add_argument("--attention-window", type=int, help="two-sided window, as Hugging Face's attention_window "
+                                                        "(longctx's one-sided window is half of it)")
+    a.add_argument("--window", type=int, help=argparse.SUPPRESS)  # the old spelling: refused with a hint
     a.add_argument("--hidden", type=int)
     a.add_argument("--heads", type=int)
     a.set_defaults(func=_run_attention)
@@ -36,7 +39,8 @@ def register(subparsers) -> None:
     t.add_argument("--layers", type=int)
     t.add_argument("--hidden", type=int)
     t.add_argument("--heads", type=int)
-    t.add_argument("--window", type=int, help="two-sided window")
+    t.add_argument("--attention-window", type=int, help="two-sided window, as Hugging Face's attention_window")
+    t.add_argument("--window", type=int, help=argparse.SUPPRESS)  # the old spelling: refused with a hint
     t.set_defaults(func=_run_train)
 
 
@@ -51,6 +55,10 @@ def _common(p) -> None:
 
 
 def _overrides(args, keys) -> dict:
+    if getattr(args, "window", None) is not None:  # one meaning of window (one-sided) everywhere
+        from longctx.errors import LongctxError
+        raise LongctxError(f"--window is now --attention-window (two-sided, as Hugging Face's; longctx's window is "
+                           f"one-sided, half of it): give --attention-window {args.window}")
     return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
 
 
@@ -85,7 +93,7 @@ def _run_attention(args) -> int:
     from longctx.bench import attention, common
     cfg = common.load_config(args.config, attention.DEFAULTS, "attention")
     over = _overrides(args, ["name", "repeats", "warmup", "time_cap_s", "memory_cap_gb", "lengths",
-                             "implementations", "dtypes", "window", "hidden", "heads"])
+                             "implementations", "dtypes", "attention_window", "hidden", "heads"])
     cfg.update(over)
     _check(cfg)
     attention.run(cfg, _out_dir(args, cfg), _command("attention", args, over))
@@ -96,7 +104,7 @@ def _run_train(args) -> int:
     from longctx.bench import common, train
     cfg = common.load_config(args.config, train.DEFAULTS, "train")
     over = _overrides(args, ["name", "repeats", "warmup", "time_cap_s", "memory_cap_gb", "lengths",
-                             "models", "layers", "hidden", "heads", "window"])
+                             "models", "layers", "hidden", "heads", "attention_window"])
     cfg.update(over)
     _check(cfg)
     train.run(cfg, _out_dir(args, cfg), _command("train", args, over))

@@ -147,6 +147,9 @@ def load_config(path: str | None, default: dict, name: str) -> dict:
         if not isinstance(data, dict):
             raise LongctxError(f"benchmark config {path} must be a mapping of settings")
         unknown = sorted(set(data) - set(default))
+        if "window" in unknown and "attention_window" in default:  # one meaning of window: one-sided
+            raise LongctxError(f"benchmark config {path}: 'window' is now 'attention_window' (two-sided, as Hugging "
+                               f"Face's; longctx's window is one-sided, half of it); rename the key")
         if unknown:
             raise LongctxError(f"benchmark config {path} has unknown keys {', '.join(unknown)}; "
                                f"known: {', '.join(sorted(default))}")
@@ -184,8 +187,8 @@ def skip_reason(prev: dict | None, name: str, n: int, pred_t, pred_m, cfg: dict)
     memory over the caps), or None to run it."""
     if prev is not None and prev["status"] != "ok":
         return f"{prev['status']} at a shorter length"
-    if name == "hf-longformer" and n % cfg["window"]:
-        return f"n is not a multiple of attention_window {cfg['window']}"
+    if name == "hf-longformer" and n % cfg["attention_window"]:
+        return f"n is not a multiple of attention_window {cfg['attention_window']}"
     if pred_t is not None and pred_t > cfg["time_cap_s"]:
         return f"predicted {pred_t:.0f} s > time cap {cfg['time_cap_s']:.0f} s"
     if pred_m is not None and pred_m > cfg["memory_cap_gb"] * 2**30:

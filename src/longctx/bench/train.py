@@ -31,7 +31,7 @@ DEFAULTS = {
     "hidden": 256,
     "heads": 4,
     "vocab": 30522,
-    "window": 512,  # two-sided
+    "attention_window": 512,  # two-sided, named as Hugging Face's (longctx window = half)
     "batch": 1,
     "lengths": [4096, 65536],
     "models": ["longctx", "hf-longformer", "hf-roberta-sdpa"],
@@ -47,7 +47,7 @@ SCALING = {"hf-roberta-sdpa": (2, 1)}  # time and memory grow as n^p
 
 
 def build(name: str, n: int, cfg: dict):
-    L, D, H, V, w = cfg["layers"], cfg["hidden"], cfg["heads"], cfg["vocab"], cfg["window"]
+    L, D, H, V, w = cfg["layers"], cfg["hidden"], cfg["heads"], cfg["vocab"], cfg["attention_window"]
     if name == "longctx":
         from longctx.models import LongctxConfig, LongctxForMaskedLM
         mc = LongctxConfig(vocab_size=V, hidden_size=D, num_hidden_layers=L, num_attention_heads=H,
@@ -174,7 +174,7 @@ def markdown(result: dict) -> str:
     lines = [f"# Training-step benchmark: {result['name']}", "",
              f"`{result['command']}` on {m['cpu']} ({m['cores']} cores, torch {m['torch']}), {result['created']}.",
              "", f"Masked-LM step (forward, loss, backward, AdamW), {c['layers']} layers, hidden {c['hidden']}, "
-             f"{c['heads']} heads, vocabulary {c['vocab']}, window {c['window']} (two-sided), batch {c['batch']}; "
+             f"{c['heads']} heads, vocabulary {c['vocab']}, attention_window {c['attention_window']} (two-sided), batch {c['batch']}; "
              f"median of {c['repeats']} steps after {c['warmup']} warm-up.", "",
              "| model | n | tokens/s | step s | peak memory | loss first -> last |", "|---|---:|---:|---:|---:|---|"]
     for x in result["cases"]:
