@@ -13,6 +13,14 @@ process, CPU, same seed), wherever it was killed, checkpoint writes included.
 The run folder (``out_dir``) holds ``checkpoints/``, ``metrics.jsonl``, ``tb/``, ``run_config.json`` (the
 config of the latest start), and at the end ``model/``, ``loss.png`` and ``results.json`` (written
 last: a run is finished when it exists).
+
+What the trainer asks of a task (``longctx.tasks.base``): ``prepare()``; ``build_model(init_from)``;
+``train_examples(seq_len)`` (indexable); ``collate(examples, batch_index, rank)`` returning the model's
+inputs with ``input_ids`` and ``labels`` (the model returns ``.loss``); ``evaluate(model, split, *,
+seq_len, batches, batch_size, device, allow_empty)`` returning a dict of metrics (``allow_empty``: no
+examples gives ``None`` metrics instead of an error); ``tokenizer`` (saved with the model when it has
+``save``). A task may list ``final_splits`` (default ``("dev",)``): each is evaluated at the end,
+the first under ``eval``, the others under ``eval_<split>``.
 """
 from __future__ import annotations
 
@@ -126,8 +134,10 @@ class Trainer:
         self.last_loss = float("nan")
 
     # ---- setup ----
-    def say(self, text: str) -> None:
-        if self.main and self.progress:
+    def say(self, text: str, warning: bool = False) -> None:
+        """A line on stderr from the main process; warnings (damaged checkpoints, config changes) even
+        with progress off."""
+        if self.main and (self.progress or warning):
             print(text, file=sys.stderr, flush=True)
 
     def setup(self) -> None:
@@ -166,6 +176,7 @@ class Trainer:
         self.step_no = self.state["step"]
         self.phase, self.train_data = None, None
         self.show = Progress(self.total_steps, self.main and self.progress)
+        self._window_tokens = 0
         if self.main:
             from torch.utils.tensorboard import SummaryWriter
             write_atomic(self.out / "run_config.json", json.dumps(plain(self.cfg), indent=1))
@@ -194,7 +205,7 @@ class Trainer:
                                "the run cannot continue, start it again with another --out")
         if damaged:
             self.say(f"skipping damaged checkpoint(s) {'; '.join(damaged)}: resuming from {intact[0].name}, the "
-                     "newest intact one")
+                     "newest intact one", warning=True)
         saved = read_json(intact[0] / "run_config.json") or read_json(self.out / "run_config.json")
         if saved is not None:
             unsafe, safe = config_changes(saved, self.cfg)
@@ -205,7 +216,7 @@ class Trainer:
                     f"the saved values (in {intact[0] / 'run_config.json'}) or start a new run with another --out")
             if safe:
                 self.say(f"resuming with changed {', '.join(safe)}: allowed, they change neither the model nor "
-                         "the data")
+                         "the data", warning=True)
         return [(p, saved) for p in intact]
 
     def _finished(self, newest: Path) -> bool:
@@ -215,7 +226,7 @@ class Trainer:
         if state.get("step") == self.total_steps and result is not None and result.get("steps") == self.total_steps \
                 and (self.out / "model").is_dir():
             self.say(f"{self.out} finished earlier ({self.total_steps} of {self.total_steps} steps); its model is in "
-                     f"{self.out / 'model'}")
+                     f"{self.out / 'model'}", warning=True)
             self.finished_result = result
             return True
         return False
@@ -228,7 +239,7 @@ class Trainer:
                 if i + 1 == len(self.candidates):
                     raise LongctxError(f"{e}; no older intact checkpoint is left, start the run again with "
                                        "another --out") from None
-                self.say(f"{e}; falling back to {self.candidates[i + 1][0].name}")
+                self.say(f"{e}; falling back to {self.candidates[i + 1][0].name}", warning=True)
                 continue
             if state.get("world_size", 1) != self.world:
                 raise LongctxError(f"checkpoint {path} was written by {state['world_size']} processes, this run has "
@@ -360,10 +371,12 @@ class Trainer:
             self.save()
         if self.phase is None:  # resumed from the last checkpoint: no step ran
             self._enter_phase_for_eval()
-        ev = self.evaluate()
+        splits = tuple(getattr(self.task, "final_splits", None) or ("dev",))
+        ev = self.evaluate(splits[0])
         self.log({"type": "eval", "step": self.step_no, **ev, "train_time": self.state["train_time"]})
         result = {
-            "name": self.cfg["name"], "task": self.task.name, "objective": self.cfg.get("objective"),
+            "name": self.cfg["name"], "task": self.task.name, "primary_metric": self.task.primary_metric,
+            "objective": self.cfg.get("objective"),
             "steps": self.step_no, "tokens": self.state["tokens"], "parameters": self.n_params,
             "train_time_s": self.state["train_time"],
             "tokens_per_s": self.state["tokens"] / max(self.state["train_time"], 1e-9),
@@ -371,6 +384,8 @@ class Trainer:
             "attention": self.unwrapped.config.describe_attention(), "seq_len": self.stages[-1]["seq_len"],
             "world_size": self.world,
         }
+        for split in splits[1:]:
+            result[f"eval_{split}"] = self.evaluate(split)
         if self.main:
             fault_point("finish.start")
             tmp = Path(tempfile.mkdtemp(dir=self.out, prefix=".tmp-model-"))
