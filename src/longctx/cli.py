@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "longctx.experiments.cli",
     "longctx.train.cli",
     "longctx.eval.cli",
+    "longctx.eval.analyze_cli",
     "longctx.tasks.cli",
     "longctx.corpora.cli",
     "longctx.bench.cli",

@@ -54,6 +54,10 @@ def load_documents(source: str | Path, text_field: str = "text") -> list[dict]:
         from longctx.corpora.default_corpus import load_default_corpus
 
         docs = load_default_corpus()
+    elif str(source) == "texdoc":  # StructFormer's corpus without arXiv sources: the installed LaTeX docs
+        from longctx.corpora.texdoc import texdoc_corpus
+
+        docs = _load_file(texdoc_corpus(), text_field, name="texdoc")
     else:
         path = Path(source).expanduser()
         if not path.exists():

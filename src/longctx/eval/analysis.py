@@ -369,3 +369,80 @@ def _save(fig, path: Path) -> Path:
     plt.close(fig)
     os.replace(tmp, path)  # a reader never sees half a plot
     return path
+
+
+# ---- the `analysis:` section of a comparison (`longctx compare`) ----------------------------------------
+SPEC_KEYS = {"data": None, "max_docs": 8, "seq_len": None, "window": None}
+
+
+def check_spec(spec) -> dict:
+    """``analysis: {max_docs: 8}`` (also ``data``, ``seq_len``, ``window``; ``true`` for the defaults)."""
+    if spec is True:
+        spec = {}
+    if not isinstance(spec, dict):
+        raise LongctxError(f"the analysis section takes {', '.join(SPEC_KEYS)} (or true), got {spec!r}")
+    unknown = set(spec) - set(SPEC_KEYS)
+    if unknown:
+        raise LongctxError(f"analysis has unknown keys {sorted(unknown)}; use {', '.join(SPEC_KEYS)}")
+    return {**SPEC_KEYS, **spec}
+
+
+def analyze_variant(name: str, vdir: Path, spec: dict, progress: bool = True) -> dict:
+    """Analyse a variant's final model on the held-out documents of its corpus (all variants of a
+    comparison share corpus and seed, so the same documents), as it was trained (its global tokens)."""
+    import sys
+    if progress:
+        print(f"  {name}: attention analysis", file=sys.stderr)
+    res = analyze_saved(Path(vdir) / "model", data=spec["data"], max_docs=spec["max_docs"], seq_len=spec["seq_len"],
+                        window=spec["window"])
+    write_analysis({name: res}, Path(vdir) / "analysis")
+    return res
+
+
+def _overall(res: dict, metric: str) -> float | None:
+    vals = [layer["mean"][metric] for layer in res["layers"] if layer["mean"][metric] is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def compare_lines(results: list[dict], out: Path) -> list[str]:
+    """The report's section: each variant's pretraining loss, downstream scores and where its attention
+    goes, side by side, with the joint plots in ``out/analysis``."""
+    done = [r for r in results if r.get("analysis")]
+    if not done:
+        return []
+    paths = write_analysis({r["variant"]: r["analysis"] for r in done}, Path(out) / "analysis")
+    tasks = list(dict.fromkeys(t for r in done for t in (r.get("finetune") or {})))
+    head = ["variant", "held-out MLM loss", "bits/token"] + [f"{t} {done[0]['finetune'][t]['metric']} (test, 95% CI)"
+                                                            for t in tasks if t in (done[0].get("finetune") or {})] \
+        + ["mass on headings", "mass on global", "mass beyond window", "mean distance", "entropy"]
+    lines = ["## Attention analysis (where the mass goes)", "",
+             f"Final models on {done[0]['analysis']['documents']} documents ({done[0]['analysis'].get('data', '')}), "
+             f"the first {done[0]['analysis'].get('seq_len')} tokens of each; heading tokens are "
+             f"{100 * done[0]['analysis']['heading_fraction']:.1f}% of the tokens. Means over layers, heads and "
+             "query tokens; per layer and head in `analysis/analysis.md`.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in done:
+        a, ev = r["analysis"], r.get("eval") or {}
+        loss = ev.get("loss")
+        cells = [r["variant"], _fmt(loss), _fmt(None if loss is None else loss / math.log(2))]
+        for t in tasks:
+            ft = (r.get("finetune") or {}).get(t)
+            if ft is None:
+                cells.append("n/a")
+                continue
+            m, te = ft["metric"], ft["test"]
+            lo, hi = te.get(f"{m}_ci", [None, None])
+            cells.append(f"{te[m]:.3f} [{lo:.3f}, {hi:.3f}]" if lo is not None else f"{te[m]:.3f}")
+        cells += [_fmt(_overall(a, m)) for m in ("heading_share", "global_share", "beyond_window", "mean_distance",
+                                                 "entropy")]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Per layer (mass on headings / mass beyond the window):", "",
+              "| variant | " + " | ".join(f"layer {layer['layer']}" for layer in done[0]["analysis"]["layers"]) + " |",
+              "|" + "---|" * (1 + len(done[0]["analysis"]["layers"]))]
+    for r in done:
+        lines.append(f"| {r['variant']} | " + " | ".join(
+            f"{_fmt(layer['mean']['heading_share'])} / {_fmt(layer['mean']['beyond_window'])}"
+            for layer in r["analysis"]["layers"]) + " |")
+    lines += ["", f"![attention heatmaps](analysis/{paths['heatmaps'].name})",
+              f"![attention distance](analysis/{paths['distance'].name})"]
+    return lines

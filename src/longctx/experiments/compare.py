@@ -36,10 +36,10 @@ def default_config_path() -> Path:
 def load_comparison(path: str | Path | None, overrides: list[str] | None) -> dict:
     """{name, base (resolved config), variants: [{name, config}]}; overrides apply to the base."""
     raw = load_yaml(path or default_config_path())
-    unknown = set(raw) - {"name", "base", "variants", "extrapolation", "finetune"}
+    unknown = set(raw) - {"name", "base", "variants", "extrapolation", "finetune", "analysis"}
     if unknown:
         raise LongctxError(f"comparison config has unknown keys {sorted(unknown)}; use name, base, variants "
-                           "(and extrapolation)")
+                           "(and extrapolation, finetune, analysis)")
     variants = raw.get("variants") or []
     if not isinstance(variants, list) or not variants:
         raise LongctxError("comparison config needs a non-empty list 'variants'")
@@ -69,6 +69,9 @@ def load_comparison(path: str | Path | None, overrides: list[str] | None) -> dic
     if raw.get("finetune") is not None:  # finetune every variant on downstream tasks (the study)
         from longctx.tasks.downstream import check_spec
         comp["finetune"] = check_spec(raw["finetune"])
+    if raw.get("analysis") is not None:  # where each variant's attention goes (StructFormer)
+        from longctx.eval.analysis import check_spec as check_analysis
+        comp["analysis"] = check_analysis(raw["analysis"])
     if raw.get("extrapolation") is not None:  # evaluate every variant at longer lengths (LeX)
         from longctx.eval.extrapolation import check_spec
         comp["extrapolation"] = check_spec(raw["extrapolation"])
@@ -115,6 +118,9 @@ def run_comparison(comp: dict, out_root: str | Path, progress: bool = True) -> d
         if comp.get("finetune"):
             from longctx.tasks.downstream import finetune_variant
             r["finetune"] = finetune_variant(v, vdir, comp["finetune"], v.get("task_sets", {}), progress)
+        if comp.get("analysis"):
+            from longctx.eval.analysis import analyze_variant
+            r["analysis"] = analyze_variant(v["name"], vdir, comp["analysis"], progress)
         results.append(r)
     from longctx.experiments.report import write_report
     return write_report(comp, results, out)

@@ -136,6 +136,9 @@ def write_report(comp: dict, results: list[dict], out: Path) -> dict:
     if summary.get("ranking"):
         from longctx.tasks.downstream import report_lines
         md += [""] + report_lines(results, summary["ranking"])
+    if any(r.get("analysis") for r in results):  # StructFormer: where each variant's attention goes
+        from longctx.eval.analysis import compare_lines
+        md += [""] + compare_lines(results, out)
     md += ["", f"Machine: {summary['machine']['platform']}, {summary['machine']['cpus']} CPUs.", ""]
     _atomic_write(out / "report.md", "\n".join(md))
     return summary
