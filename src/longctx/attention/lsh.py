@@ -102,7 +102,8 @@ class LSH(Mechanism):
         if causal:
             allowed = allowed & (qpos[..., :, None] >= kpos[..., None, :])
         s = torch.where(allowed, s, torch.full((), MASK_VALUE, dtype=s.dtype, device=s.device))
-        return torch.where(qpos[..., :, None] == kpos[..., None, :], torch.full((), SELF_VALUE, dtype=s.dtype, device=s.device), s)
+        own = qpos[..., :, None] == kpos[..., None, :]
+        return torch.where(own, torch.full((), SELF_VALUE, dtype=s.dtype, device=s.device), s)
 
     # -- fast path: sort, chunk, attend to neighbouring chunks, unsort, combine rounds --------------------
     def forward(self, q, k, v, *, key_padding=None, global_mask=None, positions=None, bias=None, cache=None):
@@ -137,7 +138,8 @@ class LSH(Mechanism):
         C, R = self.spec.chunk_length, self.spec.n_hashes
         N = R * n_pad // C
         slots = self.sorted_slots(q, real)
-        chunk = torch.empty_like(slots).scatter_(2, slots, torch.arange(R * n_pad, device=q.device).expand_as(slots) // C)
+        rank = torch.arange(R * n_pad, device=q.device).expand_as(slots)   # place in the sorted order
+        chunk = torch.empty_like(slots).scatter_(2, slots, rank // C)
         chunk = chunk.view(B, H, R, n_pad)                            # chunk of token t in round r
         M = torch.zeros(B, H, n_pad, n_pad, dtype=q.dtype, device=q.device)
         for r in range(R):          # query i sits in chunk[r, i] ...

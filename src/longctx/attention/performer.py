@@ -34,7 +34,7 @@ EPS = 1e-4  # google-research's and performer-pytorch's kernel epsilon
 @dataclass(frozen=True)
 class Spec:
     nb_features: int = 256        # m; the paper uses m = 256 for d = 64 (error falls as 1/sqrt(m))
-    redraw_interval: int = 1000   # training forward calls between feature redraws (performer-pytorch's default); 0 = never
+    redraw_interval: int = 1000   # training forward calls between redraws (performer-pytorch's default); 0 = never
     chunk: int = 128              # causal prefix-sum chunk: memory n/chunk states vs chunk^2 m products
 
     def __post_init__(self):
@@ -152,7 +152,8 @@ class Performer(Mechanism):
             kv = kf.transpose(-1, -2) @ v                                             # (B, H, m, d)
             return (qf @ kv) / nonzero(qf @ kf.sum(-2)[..., None])                    # (B, H, n, d)
         if cache is None:
-            kf, _ = features(k, W, is_query=False, key_padding=key_padding, stab=first_key_stabiliser(k, W, key_padding))
+            stab = first_key_stabiliser(k, W, key_padding)
+            kf, _ = features(k, W, is_query=False, key_padding=key_padding, stab=stab)
             return causal_linear(qf, kf, v, self.spec.chunk)[0]
         if cache.stab is None:
             cache.stab = first_key_stabiliser(k, W, key_padding)
