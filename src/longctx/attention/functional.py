@@ -2,7 +2,11 @@
 
 Backends (all compute the same function; the tests hold each to the dense reference):
 - "dense":   the reference (n x n mask), for tests and tiny inputs;
-- "blocked": the band kernel of ``blocked.py``, the CPU path for training and inference;
+- "blocked": the band kernel, the CPU path for training and inference: the fused C++ kernel of
+             ``fused.py`` where a compiler is present (built once, cached), else the pure-PyTorch kernel
+             of ``blocked.py`` (announced once in the log);
+- "fused":   the fused C++ kernel, or an error if it cannot be built;
+- "blocked-torch": the pure-PyTorch band kernel, always;
 - "sdpa":    PyTorch's scaled_dot_product_attention, the fast path for the "full" pattern;
 - "flex":    FlexAttention with the pattern's predicate as ``mask_mod`` (CUDA; CPU forward only);
 - "auto":    flex on CUDA, sdpa for "full", blocked otherwise.
@@ -21,25 +25,31 @@ import os
 import torch
 import torch.nn.functional as F
 
+from longctx.attention import fused as fused_kernel
 from longctx.attention.blocked import band_attention, dilation_permutation
 from longctx.attention.patterns import AttentionPattern, compose
 from longctx.attention.reference import alibi_bias, dense_attention, masked_softmax
 from longctx.errors import LongctxError
 
 log = logging.getLogger(__name__)
-BACKENDS = ("auto", "dense", "blocked", "sdpa", "flex")
+BACKENDS = ("auto", "dense", "blocked", "fused", "blocked-torch", "sdpa", "flex")
+BAND_BACKENDS = ("blocked", "fused", "blocked-torch")
 
 
 def resolve_backend(backend: str, q: torch.Tensor, pattern: AttentionPattern) -> str:
     if backend not in BACKENDS:
         raise LongctxError(f"attention backend {backend!r} is unknown; use one of {', '.join(BACKENDS)}")
+    if backend == "fused":
+        fused_kernel.require()
+    if backend == "blocked":  # the fused kernel where it builds, the pure-PyTorch one otherwise
+        return "fused" if fused_kernel.use_fused(q) else "blocked-torch"
     if backend != "auto":
         return backend
     if q.is_cuda:
         if _flex_available():
             return "flex"
         _warn_once("FlexAttention is not available in this PyTorch: CUDA inputs use the blocked kernel")
-    return "sdpa" if pattern.kind == "full" else "blocked"
+    return "sdpa" if pattern.kind == "full" else resolve_backend("blocked", q, pattern)
 
 
 _warned: set[str] = set()
@@ -88,9 +98,10 @@ def attention(q, k, v, pattern: AttentionPattern, *, key_padding_mask=None, glob
             raise LongctxError(f"backend 'sdpa' runs the full pattern only, not {pattern.kind!r}; use 'blocked'")
         out = _sdpa(q, k, v, pattern, key_padding_mask, alibi_slopes)
     else:
-        out = _blocked(q, k, v, pattern, key_padding_mask, global_mask, alibi_slopes, chunk)
+        out = _blocked(q, k, v, pattern, key_padding_mask, global_mask, alibi_slopes, chunk,
+                       fused=backend == "fused")
 
-    needs_rows = global_mask is not None and (backend == "blocked" or global_qkv is not None)
+    needs_rows = global_mask is not None and (backend in BAND_BACKENDS or global_qkv is not None)
     if needs_rows:
         if global_qkv is not None:
             qg, kg, vg = global_qkv
@@ -164,13 +175,16 @@ def _gather_seq(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 2, idx[:, None, :, None].expand(B, H, idx.shape[1], d))
 
 
-def _blocked(q, k, v, pattern, key_padding_mask, global_mask, alibi_slopes, chunk):
+def _blocked(q, k, v, pattern, key_padding_mask, global_mask, alibi_slopes, chunk, fused: bool = False):
     """The band kernel, per group of heads with the same dilation. Half-precision inputs run in fp32
-    (the kernel's own buffers and softmax are fp32; the result is cast back)."""
-    if q.element_size() < 4:
+    (the kernel's own buffers and softmax are fp32; the result is cast back), except bf16 on the fused
+    kernel, whose products run in bf16 with fp32 softmax statistics."""
+    fused = fused and q.dtype in fused_kernel.DTYPES
+    band = fused_kernel.fused_band_attention if fused else band_attention
+    if q.element_size() < 4 and not fused:
         with torch.autocast(q.device.type, enabled=False):
             out = _blocked(q.float(), k.float(), v.float(), pattern, key_padding_mask, global_mask,
-                           None if alibi_slopes is None else alibi_slopes.float(), chunk)
+                           None if alibi_slopes is None else alibi_slopes.float(), chunk, fused=fused)
         return out.to(q.dtype)
     B, H, n, d = q.shape
     key_valid = key_padding_mask
@@ -193,12 +207,12 @@ def _blocked(q, k, v, pattern, key_padding_mask, global_mask, alibi_slopes, chun
         kgh, vgh = (None, None) if kg is None else (sel(kg), sel(vg))
         if dil == 1:
             pos, kv = torch.arange(n, device=q.device), key_valid
-            o = band_attention(qh, kh, vh, pattern, pos, key_valid=kv, kg=kgh, vg=vgh, g_pos=g_pos,
+            o = band(qh, kh, vh, pattern, pos, key_valid=kv, kg=kgh, vg=vgh, g_pos=g_pos,
                                g_valid=g_valid, alibi_slopes=slopes, chunk=chunk)
         else:
             perm = dilation_permutation(n, dil, q.device)
             kv = None if key_valid is None else key_valid[:, perm]
-            o = band_attention(qh[:, :, perm], kh[:, :, perm], vh[:, :, perm], pattern, perm, dilation=dil,
+            o = band(qh[:, :, perm], kh[:, :, perm], vh[:, :, perm], pattern, perm, dilation=dil,
                                key_valid=kv, kg=kgh, vg=vgh, g_pos=g_pos, g_valid=g_valid,
                                alibi_slopes=slopes, chunk=chunk)
             o = o[:, :, torch.argsort(perm)]

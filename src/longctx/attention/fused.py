@@ -1,0 +1,226 @@
+"""The fused CPU band kernel: ``blocked.py``'s band geometry, one C++/OpenMP tile per (query chunk, head).
+
+The pure-PyTorch kernel (``blocked.band_attention``) runs each group of chunks as a chain of operators
+(scores, mask, softmax, PV; in backward recompute, dP, dS and three products), each a pass over the
+score block in memory, plus Python dispatch per head and group. Here one tile's scores stay in a
+per-thread buffer from Q K^T through mask and softmax to P V, and in backward from the recompute through
+dS to the gradient products (``longctx/csrc/band_attention.cpp``); the products go to the MKL that ships
+inside PyTorch's CPU build, in fp32, or in bf16 with fp32 accumulation and fp32 softmax statistics.
+
+The extension is compiled on first use with ``torch.utils.cpp_extension.load`` (about a minute) and
+cached under ``longctx.paths.cache_root()/ext``, keyed by the source, the PyTorch version and the CPU's
+flags (it is built with ``-march=native``). Without a C++ compiler (or ninja), or if the build fails,
+``attention(backend="blocked")`` runs the pure-PyTorch kernel and says so once in the log;
+``backend="fused"`` asks for this kernel and raises instead.
+
+Masks are what ``blocked.BandGeometry`` already builds from the pattern's predicate and ``compose``:
+the pattern on one chunk (or per chunk for a permuted, dilated sequence) and the key validity; the C++
+side only ANDs them, so every pattern of the family runs here unchanged.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from longctx.attention.blocked import BandGeometry, band_attention
+from longctx.attention.patterns import AttentionPattern
+from longctx.errors import LongctxError
+from longctx.paths import cache_root
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "band_attention.cpp"
+CFLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17"]
+# dtypes the kernel takes; others (fp16, fp64) run the pure-PyTorch kernel
+DTYPES = (torch.float32, torch.bfloat16)
+
+_state: dict = {"loaded": False, "why_not": None}
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    import platform
+    return platform.processor()
+
+
+def build_dir() -> Path:
+    """Cache folder of the build: a new key for a new source, PyTorch or CPU (``-march=native``)."""
+    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + _cpu_flags().encode()
+                         + " ".join(CFLAGS).encode()).hexdigest()[:16]
+    return cache_root() / "ext" / f"band_attention-{key}"
+
+
+def compiler_missing() -> str | None:
+    """Why the extension cannot be built here, or None: a C++ compiler and ninja must be on PATH."""
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        return f"no C++ compiler ({cxx!r}) on PATH"
+    if shutil.which("ninja") is None and shutil.which("ninja", path=str(Path(sys.executable).parent)) is None:
+        return "ninja is not installed (pip install ninja)"
+    return None
+
+
+def is_built() -> bool:
+    """The extension is loaded in this process, or a build of the current source is in the cache."""
+    return _state["loaded"] or any(build_dir().glob("*.so"))
+
+
+def load(build: bool = True) -> bool:
+    """Load the extension (compiling it once if ``build``); False, logged once, where it cannot be."""
+    if _state["loaded"]:
+        return True
+    if _state["why_not"] is not None:
+        return False
+    why = compiler_missing()
+    if why is None and not build and not is_built():
+        return False  # not built yet, and the caller would rather not wait for it now
+    if why is None:
+        try:
+            _compile()
+            _state["loaded"] = True
+            return True
+        except Exception as e:  # a failed build leaves the pure-PyTorch kernel, which is always correct
+            why = f"building it failed ({type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''})"
+    _state["why_not"] = why
+    log.warning("fused CPU attention kernel unavailable: %s; using the pure-PyTorch blocked kernel", why)
+    return False
+
+
+def _compile() -> None:
+    from torch.utils.cpp_extension import load as load_extension
+
+    out = build_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    venv_bin = str(Path(sys.executable).parent)  # ninja from pip lives next to the interpreter
+    if venv_bin not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = os.environ.get("PATH", "") + os.pathsep + venv_bin
+    if not is_built():
+        log.warning("compiling the fused CPU attention kernel (once, about a minute; cached in %s)", out)
+    load_extension(name="longctx_band_attention", sources=[str(SOURCE)], extra_cflags=CFLAGS,
+                   extra_ldflags=["-fopenmp"], build_directory=str(out), is_python_module=False,
+                   verbose=False)
+
+
+def available(build: bool = True) -> bool:
+    return load(build)
+
+
+def _wants_build() -> bool:
+    """``LONGCTX_FUSED``: "0" never uses the extension, "1" builds it wherever needed; by default it is
+    built on first use, except inside a test run, where only an already-built copy is used (a test of
+    something else should not wait a minute for a compiler; tests/test_fused.py builds it)."""
+    mode = os.environ.get("LONGCTX_FUSED", "auto")
+    if mode == "1":
+        return True
+    return "PYTEST_CURRENT_TEST" not in os.environ
+
+
+def use_fused(q: torch.Tensor) -> bool:
+    """The choice of backend "blocked": the fused kernel for fp32/bf16 CPU tensors when it is available."""
+    if os.environ.get("LONGCTX_FUSED") == "0" or q.device.type != "cpu" or q.dtype not in DTYPES:
+        return False
+    return load(build=_wants_build())
+
+
+def require() -> None:
+    """For backend "fused": build or raise one sentence."""
+    if os.environ.get("LONGCTX_FUSED") == "0":
+        raise LongctxError("backend 'fused' was asked for but LONGCTX_FUSED=0 turns the fused kernel off")
+    if not load(build=True):
+        raise LongctxError(f"backend 'fused' is unavailable: {_state['why_not']}; use backend 'blocked'")
+
+
+class _Masks:
+    """The tensors the C++ tile reads to decide which pairs are allowed (see band_attention.cpp)."""
+
+    def __init__(self, geo: BandGeometry, pattern: AttentionPattern, dilation: int, pos, key_valid, g_pos,
+                 g_valid, B: int):
+        c, dev = geo.c, pos.device
+        if geo.base is not None:  # shift-invariant: one chunk's predicate serves every chunk
+            local = geo.base.unsqueeze(0)
+        else:
+            local = pattern.local_allowed(geo.q_pos, geo.k_pos, dilation)  # (nc, c, span)
+        self.local = local.expand(-1, c, geo.span).to(torch.uint8).contiguous()
+        kv = torch.ones(1, geo.n, dtype=torch.bool, device=dev) if key_valid is None else key_valid.bool()
+        self.kvalid = F.pad(kv, (geo.left, geo.right), value=False).to(torch.uint8).contiguous()  # (Bk, nk*c)
+        p32 = pos.to(torch.int32)
+        self.q_pos = F.pad(p32, (0, geo.nc * c - geo.n)).contiguous()
+        self.k_pos = F.pad(p32, (geo.left, geo.right)).contiguous()
+        empty_i, empty_u = torch.zeros(0, dtype=torch.int32), torch.zeros(0, dtype=torch.uint8)
+        self.g_pos = empty_i if g_pos is None else g_pos.to(torch.int32).reshape(B, -1).contiguous()
+        self.g_valid = empty_u if g_valid is None else g_valid.to(torch.uint8).reshape(B, -1).contiguous()
+        self.causal = bool(pattern.causal)
+
+    def args(self, slopes: torch.Tensor, B: int, H: int):
+        return (self.local, self.kvalid, self.q_pos, self.k_pos, self.g_pos, self.g_valid, slopes, B, H,
+                self.causal)
+
+
+def _flat(x: torch.Tensor, before: int, total: int) -> torch.Tensor:
+    """(B, H, n, d) -> zero-padded, contiguous (B * H, total, d)."""
+    B, H, n, d = x.shape
+    return F.pad(x, (0, 0, before, total - before - n)).reshape(B * H, total, d).contiguous()
+
+
+class _FusedBand(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, kg, vg, slopes, geo: BandGeometry, masks: _Masks):
+        B, H, n, d = q.shape
+        c = geo.c
+        empty = q.new_zeros(0)
+        qp, kp, vp = _flat(q, 0, geo.nc * c), _flat(k, geo.left, geo.nk * c), _flat(v, geo.left, geo.nk * c)
+        kg_ = empty if kg is None else kg.to(q.dtype).contiguous()
+        vg_ = empty if vg is None else vg.to(q.dtype).contiguous()
+        sl = torch.zeros(0) if slopes is None else slopes.detach().float().contiguous()
+        out, lse = torch.ops.longctx_fused.band_forward(qp, kp, vp, kg_, vg_, *masks.args(sl, B, H))
+        ctx.save_for_backward(qp, kp, vp, kg_, vg_, out, lse, sl)
+        ctx.geo, ctx.masks, ctx.shape = geo, masks, (B, H, n, d)
+        ctx.dtypes = (q.dtype, None if kg is None else kg.dtype, None if slopes is None else slopes.dtype)
+        return out.view(B, H, geo.nc * c, d)[:, :, :n]
+
+    @staticmethod
+    def backward(ctx, dout):
+        qp, kp, vp, kg_, vg_, out, lse, sl = ctx.saved_tensors
+        geo, masks = ctx.geo, ctx.masks
+        B, H, n, d = ctx.shape
+        q_dt, g_dt, s_dt = ctx.dtypes
+        dop = _flat(dout.to(q_dt), 0, geo.nc * geo.c)
+        dq, dk, dv, dkg, dvg, dsl = torch.ops.longctx_fused.band_backward(
+            qp, kp, vp, kg_, vg_, out, dop, lse, *masks.args(sl, B, H))
+        left = geo.left
+        dq = dq.view(B, H, -1, d)[:, :, :n].to(q_dt)
+        dk = dk.view(B, H, -1, d)[:, :, left:left + n].to(q_dt)
+        dv = dv.view(B, H, -1, d)[:, :, left:left + n].to(q_dt)
+        G = kg_.shape[2] if g_dt is not None else 0
+        dkg = None if g_dt is None else dkg.view(B, H, G, d).to(g_dt)
+        dvg = None if g_dt is None else dvg.view(B, H, G, d).to(g_dt)
+        dslopes = None if s_dt is None or not ctx.needs_input_grad[5] else dsl.view(B, H).sum(0).to(s_dt)
+        return dq, dk, dv, dkg, dvg, dslopes, None, None
+
+
+def fused_band_attention(q, k, v, pattern: AttentionPattern, pos, *, dilation: int = 1, key_valid=None,
+                         kg=None, vg=None, g_pos=None, g_valid=None, alibi_slopes=None, chunk=None):
+    """``blocked.band_attention`` on the fused kernel (same arguments, same result). fp32 and bf16 run
+    here (bf16 products, fp32 softmax statistics); other dtypes, tracing, or no extension: the
+    pure-PyTorch kernel."""
+    if torch.compiler.is_compiling() or q.dtype not in DTYPES or not load(build=False):
+        return band_attention(q, k, v, pattern, pos, dilation=dilation, key_valid=key_valid, kg=kg, vg=vg,
+                              g_pos=g_pos, g_valid=g_valid, alibi_slopes=alibi_slopes, chunk=chunk)
+    B, H = q.shape[:2]
+    geo = BandGeometry(pattern, dilation, pos, key_valid, g_pos, g_valid, alibi_slopes, B, H, chunk,
+                       torch.float32)
+    masks = _Masks(geo, pattern, dilation, pos, key_valid, g_pos, g_valid, B)
+    with torch.autocast(q.device.type, enabled=False):
+        return _FusedBand.apply(q, k, v, kg, vg, alibi_slopes, geo, masks)

@@ -1,0 +1,171 @@
+"""The fused C++ band kernel equals the dense reference (outputs and gradients, fp32 and bf16), on every
+pattern of the mask family with padding, global tokens, ALiBi and separate global projections; and
+without a compiler ``attention()`` falls back to the pure-PyTorch kernel and still gives the reference.
+
+The extension is built once for this module (about a minute the first time on a 2-core machine, then
+loaded from longctx's cache); the property cases themselves are small.
+"""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from longctx.attention import AttentionPattern, attention
+from longctx.attention import fused
+from longctx.attention.functional import resolve_backend
+from longctx.positions import alibi_slopes
+from test_attention_equivalence import _grads, flags, patterns
+
+TOL = dict(atol=1e-5, rtol=1e-5)
+# bf16 keeps 8 significant bits: unit roundoff u = 2^-8. In the bf16 path every product has exact bf16
+# operands and fp32 accumulation; each output or gradient element passes through at most three bf16
+# roundings (the operand the tile computed in fp32, P or dS; the upstream gradient; the result), each a
+# relative error <= u/2 on terms whose absolute sum is at most a few times the largest result (softmax
+# weights sum to 1; dS's terms cancel). 8u of the largest reference value bounds that with room for the
+# cancellation; a wrong mask or a wrong statistic is off by O(1).
+BF16_U = 2.0 ** -8
+BF16_REL = 8 * BF16_U
+
+
+@pytest.fixture(scope="module", autouse=True)
+def extension():
+    why = fused.compiler_missing()
+    if why is not None:
+        pytest.skip(f"fused kernel needs a compiler: {why} (the fallback is tested below in a subprocess)")
+    assert fused.load(build=True), fused._state["why_not"]
+
+
+def _case(data, dtype=torch.float32):
+    B, H = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 4))
+    d = data.draw(st.sampled_from([8, 16, 64]))
+    n = data.draw(st.integers(1, 400))
+    pattern = data.draw(patterns(H))
+    kpm, gm = data.draw(flags(B, n))
+    use_alibi = data.draw(st.booleans())
+    separate = gm is not None and data.draw(st.booleans())
+    seed = data.draw(st.integers(0, 2**31))
+    g = torch.Generator().manual_seed(seed)
+    inputs = [torch.randn(B, H, n, d, generator=g).to(dtype).requires_grad_() for _ in range(6 if separate else 3)]
+    kw = dict(key_padding_mask=kpm, global_mask=gm, alibi_slopes=alibi_slopes(H) if use_alibi else None)
+    return pattern, inputs, kw, seed, kpm
+
+
+def _reference(pattern, inputs, kw, seed, kpm):
+    """Dense attention in float64 on the same (possibly bf16-rounded) values: the oracle's own rounding
+    is negligible, so what is measured is the fused kernel's."""
+    x64 = [t.detach().double().requires_grad_() for t in inputs]
+    kw64 = dict(kw, global_qkv=tuple(x64[3:]) if len(x64) == 6 else None,
+                alibi_slopes=None if kw["alibi_slopes"] is None else kw["alibi_slopes"].double())
+    out = attention(*x64[:3], pattern, backend="dense", **kw64)
+    return out, _grads(out, x64, seed, kpm)
+
+
+def _fused(pattern, inputs, kw, seed, kpm):
+    kw = dict(kw, global_qkv=tuple(inputs[3:]) if len(inputs) == 6 else None)
+    if kw["alibi_slopes"] is not None:
+        kw["alibi_slopes"] = kw["alibi_slopes"].to(inputs[0].dtype)
+    out = attention(*inputs[:3], pattern, backend="fused", **kw)
+    return out, _grads(out, inputs, seed, kpm)
+
+
+def _rows(kpm):  # padding queries' outputs are discarded by every model (and get no upstream gradient)
+    return torch.ones(1, 1, 1, 1, dtype=torch.bool) if kpm is None else kpm[:, None, :, None]
+
+
+@settings(max_examples=200)
+@given(data=st.data())
+def test_fused_equals_dense_reference_fp32(data):
+    pattern, inputs, kw, seed, kpm = _case(data)
+    ref, ref_grads = _reference(pattern, inputs, kw, seed, kpm)
+    out, grads = _fused(pattern, inputs, kw, seed, kpm)
+    rows = _rows(kpm)
+    torch.testing.assert_close(torch.where(rows, out, 0), torch.where(rows, ref.float(), 0), **TOL)
+    for name, a, b, x in zip(["q", "k", "v", "qg", "kg", "vg"], grads, ref_grads, inputs):
+        a = torch.zeros_like(x) if a is None else a
+        b = torch.zeros_like(x) if b is None else b.float()
+        torch.testing.assert_close(a, b, **TOL, msg=lambda m: f"grad {name}, {pattern}: {m}")
+
+
+@settings(max_examples=80)
+@given(data=st.data())
+def test_fused_bf16_within_bf16_precision(data):
+    pattern, inputs, kw, seed, kpm = _case(data, torch.bfloat16)
+    ref, ref_grads = _reference(pattern, inputs, kw, seed, kpm)
+    out, grads = _fused(pattern, inputs, kw, seed, kpm)
+    assert out.dtype == torch.bfloat16
+    rows = _rows(kpm)
+    pairs = [("out", torch.where(rows, out, 0), torch.where(rows, ref, 0))]
+    pairs += [(name, a, b) for name, a, b in zip(["q", "k", "v", "qg", "kg", "vg"], grads, ref_grads)
+              if a is not None or b is not None]
+    for name, a, b in pairs:
+        a = torch.zeros_like(b) if a is None else a.double()
+        b = torch.zeros_like(a) if b is None else b
+        scale = b.abs().max().item()
+        err = (a - b).abs().max().item()
+        assert err <= BF16_REL * scale + 1e-6, f"{name}, {pattern}: error {err:.3g} > {BF16_REL:.3g} x {scale:.3g}"
+
+
+@pytest.mark.parametrize("pattern", [AttentionPattern("sliding", window=7, dilation=(1, 2)),
+                                     AttentionPattern("blockwise_causal", block=9)])
+def test_alibi_slope_gradient(pattern):
+    """Slope gradients sum O(n w) terms with cancellation: in fp32 to a tolerance relative to that sum."""
+    g = torch.Generator().manual_seed(3)
+    B, H, n, d = 2, 2, 70, 8
+    q, k, v = (torch.randn(B, H, n, d, generator=g).requires_grad_() for _ in range(3))
+    slopes = torch.rand(H, generator=g).requires_grad_()
+    kw = dict(key_padding_mask=torch.rand(B, n, generator=g) < 0.9, global_mask=torch.rand(B, n, generator=g) < 0.05)
+    x64 = [t.detach().double().requires_grad_() for t in (q, k, v, slopes)]
+    ref = _grads(attention(*x64[:3], pattern, backend="dense", alibi_slopes=x64[3], **kw), x64, 0)
+    got = _grads(attention(q, k, v, pattern, backend="fused", alibi_slopes=slopes, **kw), [q, k, v, slopes], 0)
+    torch.testing.assert_close(got[3].double(), ref[3], atol=1e-3, rtol=1e-4)
+
+
+def test_blocked_chooses_fused_when_built():
+    q = torch.zeros(1, 1, 4, 8)
+    assert resolve_backend("blocked", q, AttentionPattern("sliding", window=2)) == "fused"
+    assert resolve_backend("auto", q, AttentionPattern("blocks", block=2)) == "fused"
+    assert resolve_backend("blocked", q.half(), AttentionPattern("sliding", window=2)) == "blocked-torch"
+
+
+FALLBACK = textwrap.dedent("""
+    import logging, torch
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    from longctx.attention import AttentionPattern, attention
+    from longctx.attention import fused
+    from longctx.errors import LongctxError
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 50, 8, generator=g, requires_grad=True) for _ in range(3))
+    p = AttentionPattern("sliding", window=5)
+    kw = dict(key_padding_mask=torch.rand(2, 50, generator=g) < 0.8, global_mask=torch.rand(2, 50, generator=g) < 0.1)
+    out = attention(q, k, v, p, backend="blocked", **kw)
+    out2 = attention(q, k, v, p, backend="blocked", **kw)  # announced once, not per call
+    ref = attention(q, k, v, p, backend="dense", **kw)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    gq = torch.autograd.grad(out.sum(), q)[0]
+    torch.testing.assert_close(gq, torch.autograd.grad(ref.sum(), q)[0], atol=1e-5, rtol=1e-5)
+    assert not fused._state["loaded"]
+    try:
+        attention(q, k, v, p, backend="fused")
+        raise SystemExit("backend fused did not raise")
+    except LongctxError as e:
+        print("ERROR:", e)
+""")
+
+
+def test_fallback_without_compiler(tmp_path):
+    """A machine with no C++ compiler on PATH (and an empty cache): the pure-PyTorch kernel, announced
+    once, equal to the reference; backend "fused" is one sentence."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    os.symlink(sys.executable, bindir / "python")  # PATH holds only the interpreter: no c++, no g++
+    env = {k: v for k, v in os.environ.items() if k not in ("CXX", "PYTEST_CURRENT_TEST", "LONGCTX_FUSED")}
+    env.update(PATH=str(bindir), LONGCTX_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-c", FALLBACK], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stderr.count("fused CPU attention kernel unavailable: no C++ compiler") == 1, r.stderr
+    assert "ERROR: backend 'fused' is unavailable: no C++ compiler" in r.stdout
