@@ -169,3 +169,29 @@ def test_comparison_with_an_extrapolation_section_reports_positions_by_lengths(s
         bad = tmp_path / "bad.yaml"
         bad.write_text(yaml.safe_dump({"base": base, "variants": [{"name": "a"}], "extrapolation": {"lenghts": [1]}}))
         load_comparison(bad, [])
+
+
+def test_longformer_charlm_ablations_run_on_a_text8_style_file_and_report_dev_bpc(tmp_path):
+    """A tiny version of a recipe (dilation on/off) on a text8-format file (one line of lowercase letters
+    and spaces): the file is split by position and every variant reports dev bits per character. The
+    windows recipe is checked to load (its variants are the same kind of run)."""
+    from pathlib import Path
+
+    from longctx.experiments.compare import load_comparison, run_comparison
+    rng = np.random.default_rng(0)
+    words = ["anarchism", "originated", "as", "a", "term", "of", "abuse", "first", "used", "against"]
+    text8 = tmp_path / "text8"
+    text8.write_text(" ".join(rng.choice(words, 6000)))  # no newline, like text8
+    tiny = [f"data.corpus={text8}", "data.seq_len=300", "model.hidden_size=16", "model.num_attention_heads=4",
+            "model.max_position_embeddings=300", "train.steps=2", "train.batch_size=2", "train.eval_batches=2",
+            "train.save_every=0"]
+    configs = Path(__file__).parents[1] / "configs"
+    windows = load_comparison(configs / "longformer-charlm-windows.yaml", tiny)
+    assert [v["config"]["model"]["window"] for v in windows["variants"]] == [
+        [16, 32, 64, 128], [128, 64, 32, 16], [60, 60, 60, 60]]
+    comp = load_comparison(configs / "longformer-charlm-dilation.yaml", tiny)
+    summary = run_comparison(comp, tmp_path / "runs", progress=False)
+    assert len(summary["variants"]) == len(comp["variants"]) >= 2
+    for v in summary["variants"]:
+        assert 0 < v["eval"]["bits_per_char"] < 20
+    assert "bits/char" in (tmp_path / "runs" / comp["name"] / "report.md").read_text()

@@ -46,6 +46,17 @@ def training_length(model_dir: Path) -> int:
                        "give the block size with --blockwise B")
 
 
+def _training_data(model_dir: Path) -> dict:
+    """With no --config: the data section the model was trained with (its run folder's run_config.json),
+    so that its held-out documents and tokenizer are the defaults; {} when there is none."""
+    f = model_dir.parent / "run_config.json"
+    try:
+        data = json.loads(f.read_text()).get("data") if f.is_file() else None
+    except (ValueError, AttributeError):
+        data = None
+    return {"data": data} if isinstance(data, dict) else {}
+
+
 def block_size(arg, model_dir: Path) -> int | None:
     """--blockwise: None (off), HALF (half the training length) or a positive integer."""
     if arg is None:
@@ -108,7 +119,7 @@ def run_eval(args) -> int:
     model_dir = Path(args.model)
     lengths = parse_lengths(args.lengths)
     json_path = _json_target(args.json)
-    raw = load_yaml(args.config) if args.config else {}
+    raw = load_yaml(args.config) if args.config else _training_data(model_dir)
     # the model comes from its folder: the config's model section is not used, so its default sliding
     # window must not refuse a short data.seq_len
     raw = {**raw, "model": {**(raw.get("model") or {}), "attention": "full"}}
@@ -130,6 +141,9 @@ def run_eval(args) -> int:
     tokenizer = args.tokenizer or (str(model_dir) if (model_dir / "tokenizer.json").exists() else d["tokenizer"])
     data = prepare_data(d["corpus"], tokenizer, d["valid_fraction"], cfg["seed"], d["text_field"])
     lengths = lengths or [d["seq_len"]]
+    if data.tokenizer.vocab_size > model.config.vocab_size:
+        raise LongctxError(f"the tokenizer ({data.tokenizer.vocab_size} tokens) is not the model's (vocabulary of "
+                           f"{model.config.vocab_size}); give the one it was trained with (data.tokenizer= or --config)")
     if not causal:
         rows = _masked_lm_rows(model, data, cfg, lengths)
     else:
