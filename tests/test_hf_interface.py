@@ -15,7 +15,7 @@ from transformers import (Gemma2Config, Gemma2ForCausalLM, MistralConfig, Mistra
                           ModernBertModel, Qwen2Config, Qwen2ForCausalLM)
 
 import longctx  # noqa: F401  (registers "longctx")
-import longctx.attention.blocked as blocked
+import longctx.hf.attention_interface as interface
 from longctx.errors import LongctxError
 from longctx.hf import LongctxMask, longctx_mask
 
@@ -70,17 +70,16 @@ def _last_hidden(model, ids, mask):
 
 @pytest.fixture
 def kernel_calls(monkeypatch):
-    """Counts calls of the blocked kernel, to show the sliding layers really run on it."""
+    """Records the patterns the integration hands to longctx's attention() on the blocked backend, to
+    show the sliding layers really run there (the kernel itself is held to the dense reference elsewhere)."""
     calls = []
-    real = blocked.band_attention
+    real = interface.attention
 
-    def spy(*args, **kwargs):
-        calls.append(args[3])  # the pattern
-        return real(*args, **kwargs)
+    def spy(q, k, v, pattern, **kwargs):
+        calls.append((pattern, kwargs.get("backend")))
+        return real(q, k, v, pattern, **kwargs)
 
-    monkeypatch.setattr(blocked, "band_attention", spy)
-    import longctx.attention.functional as functional
-    monkeypatch.setattr(functional, "band_attention", spy)
+    monkeypatch.setattr(interface, "attention", spy)
     return calls
 
 
@@ -95,7 +94,8 @@ def test_hidden_states_equal_eager(name, side, kernel_calls):
     real = mask.bool()  # padded positions are garbage under every implementation
     assert (he - hl)[real].abs().max().item() < 1e-5
     # the sliding layers ran on the blocked kernel with the one-sided window the model means
-    assert any(p.kind == "sliding" and p.window == WINDOW - (name != "modernbert") for p in kernel_calls)
+    assert any(p.kind == "sliding" and p.window == WINDOW - (name != "modernbert") and backend == "blocked"
+               for p, backend in kernel_calls)
 
     # the window cuts at this length: without it the same weights give other outputs
     cls, cfg = _configs()[name]

@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "longctx.corpora.cli",
     "longctx.bench.cli",
     "longctx.convert.cli",
+    "longctx.export_cli",
     "longctx.config_cli",
 ]
 

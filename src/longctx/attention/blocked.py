@@ -258,10 +258,68 @@ def band_attention(q, k, v, pattern: AttentionPattern, pos, *, dilation: int = 1
     key_valid (B, n): real, non-global keys of the band (global keys come only through kg/vg).
     kg, vg (B, H, G, d), g_pos (B, G), g_valid (B, G): the global keys every query may also attend.
     """
+    if torch.compiler.is_compiling():  # torch.compile / torch.export trace the same function as tensor ops
+        return traceable_band_attention(q, k, v, pattern, pos, dilation=dilation, key_valid=key_valid, kg=kg,
+                                        vg=vg, g_pos=g_pos, g_valid=g_valid, alibi_slopes=alibi_slopes,
+                                        chunk=chunk)
     B, H = q.shape[:2]
     geo = BandGeometry(pattern, dilation, pos, key_valid, g_pos, g_valid, alibi_slopes, B, H, chunk,
                        _work_dtype(q))
     return _BandAttention.apply(q, k, v, kg, vg, alibi_slopes, geo)
+
+
+def traceable_band_attention(q, k, v, pattern: AttentionPattern, pos, *, dilation: int = 1, key_valid=None,
+                             kg=None, vg=None, g_pos=None, g_valid=None, alibi_slopes=None, chunk=None):
+    """``band_attention`` written for tracers (torch.compile fullgraph, torch.export, ONNX): the same band
+    of chunks and the same composed predicate, but one batched product over every chunk, no Python
+    branch on tensor values and only ops that take a symbolic length (pad, gather, view). Memory is
+    still O(n * w): the band's scores (B, H, nc, c, span + G) are what autograd keeps."""
+    B, H, n, d = q.shape
+    c, nL, nR = pattern.band(n, chunk)
+    nc = (n + c - 1) // c
+    span = (nL + 1 + nR) * c
+    left, right = nL * c, (-n) % c + nR * c  # pads as a remainder: a tracer can prove them >= 0
+    wdt = _work_dtype(q)
+    # chunk i's queries are padded positions i*c .. i*c+c-1, its keys i*c .. i*c+span-1 (after ``left``
+    # more padding): gathered by index, so no reshape of a symbolic length needs proving divisible
+    starts = torch.arange(nc, device=q.device).view(nc, 1) * c
+    q_idx = (starts + torch.arange(c, device=q.device)).view(-1)  # (nc * c,)
+    k_idx = (starts + torch.arange(span, device=q.device)).view(-1)  # (nc * span,)
+
+    def gather(x, dim, before, after, idx, size):  # pad the sequence dim, take idx, split it per chunk
+        x = F.pad(x, [0, 0] * (x.dim() - 1 - dim) + [before, after]).index_select(dim, idx)
+        return x.view(*x.shape[:dim], nc, size, *x.shape[dim + 1:])
+
+    qc = gather(q.to(wdt), 2, 0, right, q_idx, c)  # (B, H, nc, c, d)
+    kb = gather(k.to(wdt), 2, left, right, k_idx, span)  # (B, H, nc, span, d)
+    vb = gather(v.to(wdt), 2, left, right, k_idx, span)
+    q_pos = gather(pos, 0, 0, right, q_idx, c).unsqueeze(-1)  # (nc, c, 1)
+    k_pos = gather(pos, 0, left, right, k_idx, span).unsqueeze(1)  # (nc, 1, span)
+    # padded key slots are never valid (padded as floats: ONNX runtimes pad no booleans)
+    valid = torch.ones(1, n, dtype=wdt, device=q.device) if key_valid is None else key_valid.to(wdt)
+    k_valid = gather(valid, 1, left, right, k_idx, span) > 0.5  # (Bk, nc, span)
+    allowed = compose(pattern.local_allowed(q_pos, k_pos, dilation), q_pos, k_pos, causal=pattern.causal,
+                      key_valid=k_valid[:, None, :, None, :])  # (Bk, 1, nc, c, span)
+    S = qc @ kb.transpose(-1, -2)  # (B, H, nc, c, span)
+    if alibi_slopes is not None:
+        S = S - alibi_slopes.to(wdt).view(1, H, 1, 1, 1) * (q_pos - k_pos).abs().to(wdt)
+    if kg is not None:  # the global keys, after the band
+        gp, gv = g_pos.view(B, 1, 1, 1, -1), g_valid.bool().view(B, 1, 1, 1, -1)
+        # as (B, H, nc * c, d) products: no broadcast over chunks, which a tracer would guard on
+        Sg = (qc.reshape(B, H, nc * c, d) @ kg.to(wdt).transpose(-1, -2)).view(B, H, nc, c, -1)  # (..., G)
+        if alibi_slopes is not None:
+            Sg = Sg - alibi_slopes.to(wdt).view(1, H, 1, 1, 1) * (q_pos - gp).abs().to(wdt)
+        g_ok = compose(False, q_pos, gp, causal=pattern.causal, key_valid=gv, k_global=gv)
+        S = torch.cat([S, Sg], -1)
+        allowed = torch.cat([allowed.expand(B, 1, nc, c, -1), g_ok.expand(B, 1, nc, c, -1)], -1)
+    # a finite fill, not -inf: a row with no allowed key stays finite (then zeroed), in forward and backward
+    S = S.masked_fill(~allowed, torch.finfo(wdt).min)
+    P = torch.softmax(S, dim=-1) * allowed.any(-1, keepdim=True).to(wdt)
+    out = P[..., :span] @ vb  # (B, H, nc, c, d)
+    if kg is not None:
+        out = out + (P[..., span:].reshape(B, H, nc * c, -1) @ vg.to(wdt)).view(B, H, nc, c, d)
+    # the first n rows, taken by index: exactly n for a tracer too
+    return out.reshape(B, H, nc * c, d).index_select(2, torch.arange(n, device=q.device)).to(q.dtype)
 
 
 def dilation_permutation(n: int, d: int, device=None) -> torch.Tensor:

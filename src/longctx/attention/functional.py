@@ -84,7 +84,7 @@ def attention(q, k, v, pattern: AttentionPattern, *, key_padding_mask=None, glob
     q = q * scale
     if global_mask is not None:
         global_mask = global_mask.bool()
-        if not bool(global_mask.any()):
+        if not torch.compiler.is_compiling() and not bool(global_mask.any()):  # a traced graph may not branch
             global_mask = None
     if global_mask is None:
         global_qkv = None
@@ -160,9 +160,20 @@ def attention_at(q, k, v, q_pos, k_pos, pattern: AttentionPattern, *, key_valid=
     return masked_softmax(scores, mask) @ v
 
 
+# Global slots a traced graph reserves (set by ``longctx.export``): an exported graph cannot size them by
+# the data, so it takes the first ``traced_max_global`` global tokens of each row (None: size by the data).
+traced_max_global: int | None = None
+
+
 def global_index(global_mask: torch.Tensor):
     """Positions of the global tokens per batch row, padded to the largest count: (idx, valid), (B, G)."""
     counts = global_mask.sum(-1)
+    if traced_max_global is not None and torch.compiler.is_compiling():
+        n, G = global_mask.shape[-1], traced_max_global  # the exported length is at least G
+        # globals first, each group in position order: a top-k with no ties (ONNX has TopK, not stable sort)
+        pos = torch.arange(n, device=global_mask.device)
+        order = torch.topk(global_mask.long() * (2 * n) + (n - pos), G, dim=-1).indices
+        return order, torch.arange(G, device=global_mask.device)[None, :] < counts[:, None]
     G = int(counts.max())
     order = torch.argsort((~global_mask).to(torch.int8), dim=-1, stable=True)[:, :G]
     valid = torch.arange(G, device=global_mask.device)[None, :] < counts[:, None]
@@ -235,6 +246,9 @@ def _global_rows(out, qg, kg, vg, pattern, key_padding_mask, global_mask, alibi_
                    key_valid=None if key_padding_mask is None else key_padding_mask[:, None, None, :],
                    q_global=torch.ones(B, 1, idx.shape[1], 1, dtype=torch.bool, device=out.device))
     rows = masked_softmax(scores, mask) @ vg  # (B, H, G, d)
+    if torch.compiler.is_compiling():  # no data-dependent shape: unused slots write their rows back unchanged
+        rows = torch.where(valid[:, None, :, None], rows, _gather_seq(out, idx))
+        return out.scatter(2, idx[:, None, :, None].expand(rows.shape), rows)
     b_idx, g_idx = valid.nonzero(as_tuple=True)
     out_t = out.transpose(1, 2).index_put((b_idx, idx[b_idx, g_idx]), rows.transpose(1, 2)[b_idx, g_idx])
     return out_t.transpose(1, 2)

@@ -150,10 +150,11 @@ class LongctxModel(LongctxPreTrainedModel):
         if n == 0:
             raise LongctxError("input_ids is empty: give at least one token")
         kpm = _bool_mask(attention_mask)
-        if kpm is not None and bool(kpm.all()):
+        tracing = torch.compiler.is_compiling()  # no branch on tensor values in a traced graph
+        if kpm is not None and not tracing and bool(kpm.all()):
             kpm = None
         gm = _bool_mask(global_attention_mask)
-        if gm is not None and not bool(gm.any()):
+        if gm is not None and not tracing and not bool(gm.any()):
             gm = None
         if use_cache and not self.config.causal:
             raise LongctxError("use_cache needs a causal (decoder) model")

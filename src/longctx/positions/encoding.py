@@ -46,7 +46,8 @@ class AbsoluteTable(PositionEncoding):
             self.register_buffer("weight", sinusoidal_table(max_positions + offset, dim), persistent=False)
 
     def embed(self, x, positions):
-        if positions.numel() and int(positions.max()) >= self.max_positions:
+        # the bound is checked eagerly only: a traced graph (compile, export) may not branch on values
+        if positions.numel() and not torch.compiler.is_compiling() and int(positions.max()) >= self.max_positions:
             raise LongctxError(
                 f"input of {int(positions.max()) + 1} positions exceeds max_position_embeddings="
                 f"{self.max_positions}; use a longer model (longctx convert extend) or relative positions "

@@ -1,0 +1,30 @@
+"""`longctx export MODEL OUT --format onnx|pt2`: an encoder for inference, dynamic in the sequence length."""
+from __future__ import annotations
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "export", help="export an encoder to ONNX or a torch.export program (.pt2)",
+        description="Export a saved longctx encoder (masked LM, sequence classification or question answering) "
+                    "for inference: inputs input_ids and attention_mask (int64, batch x seq), any batch size and "
+                    "any length up to max_position_embeddings. ONNX runs in onnxruntime; .pt2 loads with "
+                    "torch.export.load. Decoders (generation with a key-value cache) cannot be exported.")
+    p.add_argument("model", metavar="MODEL", help="longctx model folder (config.json + weights)")
+    p.add_argument("out", metavar="OUT", help="file to write, e.g. model.onnx or model.pt2")
+    p.add_argument("--format", choices=("onnx", "pt2"), default=None,
+                   help="output format (default: from OUT's suffix, else onnx)")
+    p.add_argument("--max-global", type=int, default=None,
+                   help="global-token slots in the exported graph (default 1 for classification, 64 for QA); "
+                        "each row's first N global tokens are global, and inputs must have at least N tokens")
+    p.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    from pathlib import Path
+
+    from longctx.export import export_model
+
+    fmt = args.format or ("pt2" if Path(args.out).suffix == ".pt2" else "onnx")
+    out = export_model(args.model, args.out, fmt, max_global=args.max_global)
+    print(f"wrote {out} ({fmt}, {out.stat().st_size / 2**20:.1f} MiB)")
+    return 0
