@@ -93,7 +93,8 @@ def test_second_writer_is_refused_and_a_dead_writer_leaves_no_lock(corpus, tmp_p
     finally:
         held.close()
     # a writer killed with SIGKILL: the kernel drops its lock, the next run proceeds
-    code = f"from longctx.train.checkpoint import lock_run; import time; f = lock_run({str(out)!r}); print(1, flush=True); time.sleep(60)"
+    code = (f"from longctx.train.checkpoint import lock_run; import time; f = lock_run({str(out)!r}); "
+            "print(1, flush=True); time.sleep(60)")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "1"
     assert main(tiny(corpus, out, steps=2)) == 2  # still held
@@ -243,7 +244,9 @@ def test_no_held_out_tokens_is_never_a_loss_of_zero(finished, corpus, tmp_path, 
     capsys.readouterr()
     assert main(tiny(corpus, tmp_path / "zero", extra=["train.eval_batches=0"])) == 2
     err = capsys.readouterr().err
-    assert "evaluates nothing" in err and not (tmp_path / "zero" / "checkpoints").exists()
+    # refused before anything is trained (by the config check or the trainer), naming the key
+    assert len(err.strip().splitlines()) == 1 and "train.eval_batches" in err
+    assert not (tmp_path / "zero" / "checkpoints").exists()
     # a masking rate that picks no held-out token: refused by eval, reported as such by training
     res = main(["eval", str(finished / "model"), f"data.corpus={corpus}", "data.seq_len=64", "model.window=8",
                 "data.mlm_probability=0.000001", "train.eval_batches=1"])

@@ -438,8 +438,10 @@ def task_for(cfg: dict, task_name: str | None = None):
     name = task_name or cfg.get("objective") or "mlm"
     try:
         importlib.import_module(f"longctx.tasks.{name}")
-    except ModuleNotFoundError:
-        pass  # registered by another module, or unknown: get_task says which exist
+    except ModuleNotFoundError as e:
+        if e.name != f"longctx.tasks.{name}":
+            raise
+        # registered by another module, or unknown: get_task says which exist
     return get_task(name)(cfg)
 
 
