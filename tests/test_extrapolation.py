@@ -195,3 +195,13 @@ def test_longformer_charlm_ablations_run_on_a_text8_style_file_and_report_dev_bp
     for v in summary["variants"]:
         assert 0 < v["eval"]["bits_per_char"] < 20
     assert "bits/char" in (tmp_path / "runs" / comp["name"] / "report.md").read_text()
+
+
+def test_a_saved_sinusoidal_model_evaluates_as_it_was_trained(tmp_path):
+    """from_pretrained leaves the non-persistent sinusoidal table uninitialised; load_model refills it."""
+    from longctx.eval.extrapolation import load_model
+    model = _decoder("sinusoidal")
+    model.save_pretrained(tmp_path / "m")
+    x = torch.randint(0, 256, (1, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(tmp_path / "m")(x).logits, model(x).logits)

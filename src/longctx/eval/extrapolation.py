@@ -98,8 +98,21 @@ def load_model(model_dir):
         from longctx.models import LongctxForCausalLM, LongctxForMaskedLM
         causal = json.loads((Path(model_dir) / "config.json").read_text()).get("causal")
         cls = LongctxForCausalLM if causal else LongctxForMaskedLM
-        return cls.from_pretrained(model_dir, trust_remote_code=False, local_files_only=True).eval()
-    return load_longctx_model(model_dir)
+        model = cls.from_pretrained(model_dir, trust_remote_code=False, local_files_only=True).eval()
+    else:
+        model = load_longctx_model(model_dir)
+    return _refill_sinusoidal(model)
+
+
+@torch.no_grad()
+def _refill_sinusoidal(model):
+    """from_pretrained leaves the sinusoidal table (a non-persistent buffer, not in the weights file)
+    uninitialised memory (seen: 5e17 and NaN): compute it again."""
+    from longctx.positions.encoding import AbsoluteTable, sinusoidal_table
+    for m in model.modules():
+        if isinstance(m, AbsoluteTable) and m.kind == "sinusoidal":
+            m.weight.copy_(sinusoidal_table(m.weight.shape[0], m.weight.shape[1]).to(m.weight))
+    return model
 
 
 def evaluation_documents(stream, T: int, max_docs: int | None = None) -> tuple[np.ndarray, str]:
