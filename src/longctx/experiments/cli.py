@@ -14,6 +14,10 @@ def run_compare(args) -> int:
     summary = run_comparison(comp, args.out, progress=not args.quiet)
     out = Path(args.out) / comp["name"]
     print(table(summary["variants"]))
+    from longctx.experiments.report import extrapolation_table
+    ext = extrapolation_table(summary["variants"])
+    if ext:  # LeX: perplexity at each evaluation length (same tokens), positions x lengths
+        print("\nperplexity by evaluation length (95% interval over documents):\n" + ext)
     print(f"\nreport: {out / 'report.md'}  (results.json, loss_vs_steps.png, loss_vs_time.png, speed_memory.png)")
     return 0
 
