@@ -159,3 +159,16 @@ def test_from_pretrained_and_clear_errors(tmp_path):
     model.set_attn_implementation("longctx")
     with pytest.raises(LongctxError, match="soft-capping"):
         model(ids)
+
+
+def test_bench_hf_case_runs(tmp_path):
+    """`longctx bench hf` (the memory comparison lives there, not in a timed test) runs a case end to end."""
+    import json
+
+    from longctx.cli import main
+    out = tmp_path / "bench"
+    assert main(["bench", "hf", "--lengths", "64", "--models", "modernbert", "--impl", "longctx", "--layers", "1",
+                 "--repeats", "1", "--warmup", "0", "--out", str(out)]) == 0
+    result = json.loads((out / "results.json").read_text())
+    assert [c["status"] for c in result["cases"]] == ["ok"] and result["cases"][0]["peak_bytes"] >= 0
+    assert "modernbert" in (out / "results.md").read_text()

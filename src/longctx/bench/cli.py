@@ -1,4 +1,4 @@
-"""`longctx bench attention|train`: speed and memory against the peers, written as JSON, Markdown and PNG.
+"""`longctx bench attention|train|hf`: speed and memory against the peers, written as JSON, Markdown and PNG.
 
 Configurations live in benchmarks/*.yaml; any setting can also be given on the command line
 (``--lengths 1024 4096``, ``--impl longctx-sliding hf-longformer``, ``--repeats 5``). Results go to
@@ -42,6 +42,16 @@ def register(subparsers) -> None:
     t.add_argument("--attention-window", type=int, help="two-sided window, as Hugging Face's attention_window")
     t.add_argument("--window", type=int, help=argparse.SUPPRESS)  # the old spelling: refused with a hint
     t.set_defaults(func=_run_train)
+
+    h = sub.add_parser("hf", help="Hugging Face ModernBERT/Mistral forward: attn_implementation longctx vs "
+                                  "sdpa vs eager", description="Time and peak memory of a forward pass of "
+                                  "ModernBERT- and Mistral-shaped models per attention implementation and length.")
+    _common(h)
+    h.add_argument("--lengths", type=int, nargs="+", help="sequence lengths (default 4096 16384)")
+    h.add_argument("--models", nargs="+", help="modernbert and/or mistral")
+    h.add_argument("--impl", nargs="+", dest="implementations", help="longctx, sdpa and/or eager")
+    h.add_argument("--layers", type=int, help="layers per model (default: ModernBERT 3, Mistral 2)")
+    h.set_defaults(func=_run_hf)
 
 
 def _common(p) -> None:
@@ -108,4 +118,15 @@ def _run_train(args) -> int:
     cfg.update(over)
     _check(cfg)
     train.run(cfg, _out_dir(args, cfg), _command("train", args, over))
+    return 0
+
+
+def _run_hf(args) -> int:
+    from longctx.bench import common, hf
+    cfg = common.load_config(args.config, hf.DEFAULTS, "hf")
+    over = _overrides(args, ["name", "repeats", "warmup", "time_cap_s", "memory_cap_gb", "lengths", "models",
+                             "implementations", "layers"])
+    cfg.update(over)
+    _check(cfg)
+    hf.run(cfg, _out_dir(args, cfg), _command("hf", args, over))
     return 0

@@ -123,6 +123,8 @@ def longctx_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
 
 def _self_attention(q, k, v, pattern: AttentionPattern, key_valid, scale: float) -> torch.Tensor:
     """Queries and keys are the same positions (an encoder, a prefill): (B, H, n, d)."""
+    if pattern.kind == "sliding" and q.shape[2] - 1 <= pattern.window:  # the window spans the input: it is full
+        pattern = AttentionPattern("full", causal=pattern.causal)
     if pattern.kind == "sliding":
         return attention(q, k, v, pattern, key_padding_mask=key_valid, scale=scale, backend=_backend(q))
     if key_valid is None:
