@@ -16,6 +16,8 @@ Implementations ("impl" in the results):
   longctx-blockwise-causal LeX blockwise causal, block `window`
   longctx-causal           causal sliding window of window/2 (the local-attention comparison)
   core-sliding, core-sliding-half   the attention core alone (q, k, v given): kernel throughput
+  ...-torch                the same case on the pure-PyTorch blocked kernel (backend "blocked-torch"):
+                           without the suffix, backend "blocked" runs the fused C++ kernel where it builds
   sdpa-dense               the same layer with full attention through PyTorch SDPA, no mask
   sdpa-masked              SDPA with the sliding pattern's n x n boolean mask
   hf-longformer            transformers' LongformerSelfAttention (attention_window = window) + output proj.
@@ -51,7 +53,8 @@ DEFAULTS = {
     "implementations": ["longctx-sliding", "longctx-sliding-half", "longctx-dilated", "longctx-blocks",
                         "longctx-global16", "longctx-blockwise-causal", "longctx-causal", "core-sliding",
                         "core-sliding-half", "sdpa-dense", "sdpa-masked", "hf-longformer", "local-attention",
-                        "longctx-linformer", "longctx-performer", "longctx-nystrom", "longctx-lsh"],
+                        "longctx-linformer", "longctx-performer", "longctx-nystrom", "longctx-lsh",
+                        "longctx-sliding-torch", "core-sliding-torch", "core-sliding-half-torch"],
     "dtypes": ["float32"],
     "repeats": 5,
     "warmup": 1,
@@ -63,6 +66,11 @@ DEFAULTS = {
 # time and memory grow as n^p: used to predict the next length from the last measured one
 SCALING = {"sdpa-dense": (2, 1), "sdpa-masked": (2, 2)}
 IMPLS = DEFAULTS["implementations"]
+TORCH_KERNEL = "-torch"  # suffix: the case on the pure-PyTorch blocked kernel, beside the fused one
+
+
+def _base(impl: str) -> str:
+    return impl[:-len(TORCH_KERNEL)] if impl.endswith(TORCH_KERNEL) else impl
 
 # the approximate families: implementation -> (mechanism, its config keys); the papers' usual settings
 FAMILIES = {
@@ -84,6 +92,7 @@ def _mechanism(impl: str, n: int, cfg: dict):
 # -- building one case (in the child) -----------------------------------------------------------------------
 def _pattern(impl: str, cfg: dict):
     from longctx.attention import AttentionPattern
+    impl = _base(impl)
     w, H = cfg["attention_window"], cfg["heads"]
     if impl in ("longctx-sliding", "core-sliding", "longctx-global16", "sdpa-masked", "hf-longformer"):
         return AttentionPattern("sliding", window=w // 2)
@@ -103,6 +112,7 @@ def _pattern(impl: str, cfg: dict):
 def attended_pairs(impl: str, n: int, cfg: dict) -> float:
     """Allowed (query, key) pairs per head: the useful work of the attention core."""
     H, w = cfg["heads"], cfg["attention_window"]
+    impl = _base(impl)
     if impl == "sdpa-dense":
         return float(n) * n
     if impl == "local-attention":
@@ -178,13 +188,15 @@ def build(impl: str, n: int, cfg: dict, dtype: torch.dtype):
     from longctx.attention.patterns import full_mask
     B, D, H, w = cfg["batch"], cfg["hidden"], cfg["heads"], cfg["attention_window"]
     pattern = _pattern(impl, cfg)
+    backend = "blocked-torch" if impl.endswith(TORCH_KERNEL) else "blocked"
+    impl = _base(impl)
     if impl.startswith("core-"):
         qkv = [torch.randn(B, H, n, D // H, dtype=dtype, requires_grad=True) for _ in range(3)]
-        return None, qkv, lambda q, k, v: attention(q, k, v, pattern, backend="blocked")
+        return None, qkv, lambda q, k, v: attention(q, k, v, pattern, backend=backend)
     x = torch.randn(B, n, D, dtype=dtype, requires_grad=True)
     if impl.startswith("longctx-"):
         glob = impl == "longctx-global16"
-        layer = SelfAttention(D, H, pattern, global_projections=glob, backend="blocked")
+        layer = SelfAttention(D, H, pattern, global_projections=glob, backend=backend)
         if glob:
             gm = torch.zeros(B, n, dtype=torch.bool)
             gm[:, :cfg["global_tokens"]] = True
@@ -261,6 +273,9 @@ def run(cfg: dict, out_dir: Path, command: str, log=print) -> dict:
             raise LongctxError(f"benchmark implementation {impl!r} is unknown; use one of {', '.join(IMPLS)}")
     out_dir.mkdir(parents=True, exist_ok=True)
     log(f"longctx bench attention -> {out_dir}")
+    from longctx.attention import fused  # built here, once, so no case's time or memory includes the build
+    if any(i.startswith(("longctx-", "core-")) and not i.endswith(TORCH_KERNEL) for i in cfg["implementations"]):
+        log("fused CPU kernel: " + ("ready" if fused.load() else f"unavailable ({fused._state['why_not']})"))
     mm = {}
     for dt in cfg["dtypes"]:
         r = common.run_child(__name__, {"matmul": dt}, timeout=300)
@@ -345,6 +360,9 @@ def targets(result: dict) -> list[dict]:
     for impl in FAMILIES:
         a, b = g(impl, 4096), g(impl, 32768)
         add(f"{impl} time(32768) / time(4096)", None if None in (a, b) else b / a, "<= 9", lambda v: v <= 9)
+    fused, plain = g("core-sliding", 4096), g("core-sliding-torch", 4096)
+    add("fused core fwd+bwd speed-up over the pure-PyTorch kernel (4096)",
+        None if None in (fused, plain) else plain / fused, "> 1", lambda v: v > 1)
     fr = g("core-sliding", 4096, "train_fraction_of_matmul")
     add("attention core fwd+bwd useful FLOP/s / matmul (4096)", fr, ">= 0.6", lambda v: v >= 0.6)
     return out

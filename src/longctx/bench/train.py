@@ -2,6 +2,9 @@
 
 Models, all of the same shape (layers, hidden, heads, FFN 4 x hidden, vocabulary 30,522), batch 1:
   longctx                 LongctxForMaskedLM, sliding window (one-sided window/2), blocked kernel
+  longctx-bf16            the same under CPU autocast to bf16 (train.bf16=true): projections, FFN and the
+                          attention products in bf16, softmax statistics and master weights in fp32; skipped
+                          on a CPU without bf16 matrix units (avx512_bf16 / amx_bf16 in /proc/cpuinfo)
   hf-longformer           transformers' LongformerForMaskedLM, attention_window = window
   hf-roberta-sdpa         transformers' RobertaForMaskedLM, full attention, attn_implementation="sdpa"
 15% of the positions are labelled (the rest -100), as in BERT pretraining. Note the heads differ in
@@ -13,6 +16,7 @@ Each case runs in its own process; tokens/s = tokens per step / median step time
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -34,7 +38,8 @@ DEFAULTS = {
     "attention_window": 512,  # two-sided, named as Hugging Face's (longctx window = half)
     "batch": 1,
     "lengths": [4096, 65536],
-    "models": ["longctx", "hf-longformer", "hf-roberta-sdpa"],
+    "models": ["longctx", "longctx-bf16", "hf-longformer", "hf-roberta-sdpa"],
+    "heldout_steps": 40,  # the short run whose held-out loss compares bf16 with fp32 (longctx models only)
     "mask_fraction": 0.15,
     "repeats": 3,
     "warmup": 1,
@@ -48,7 +53,7 @@ SCALING = {"hf-roberta-sdpa": (2, 1)}  # time and memory grow as n^p
 
 def build(name: str, n: int, cfg: dict):
     L, D, H, V, w = cfg["layers"], cfg["hidden"], cfg["heads"], cfg["vocab"], cfg["attention_window"]
-    if name == "longctx":
+    if name in ("longctx", "longctx-bf16"):
         from longctx.models import LongctxConfig, LongctxForMaskedLM
         mc = LongctxConfig(vocab_size=V, hidden_size=D, num_hidden_layers=L, num_attention_heads=H,
                            intermediate_size=4 * D, window=w // 2, max_position_embeddings=n,
@@ -75,8 +80,67 @@ def build(name: str, n: int, cfg: dict):
     raise LongctxError(f"benchmark model {name!r} is unknown; use one of {', '.join(MODELS)}")
 
 
+def bf16_units() -> bool:
+    """The CPU multiplies bf16 in hardware (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slower."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def _precision(name: str):
+    """The autocast of a model's forward: bf16 on CPU for the -bf16 model (weights stay fp32)."""
+    if name.endswith("-bf16"):
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _chain_batch(g: torch.Generator, n: int, perm: torch.Tensor, mask_fraction: float):
+    """A learnable sequence: token t+1 = perm[token t] (90%) or a random one of 64 ids; BERT-style labels."""
+    ids = torch.empty(1, n, dtype=torch.long)
+    ids[0, 0] = int(torch.randint(64, (1,), generator=g))
+    noise = torch.rand(n, generator=g) < 0.1
+    rand = torch.randint(64, (n,), generator=g)
+    for t in range(1, n):
+        ids[0, t] = rand[t] if noise[t] else perm[ids[0, t - 1]]
+    ids = ids + 5
+    labels = torch.full_like(ids, -100)
+    chosen = torch.rand(1, n, generator=g) < mask_fraction
+    labels[chosen] = ids[chosen]
+    inputs = ids.masked_fill(chosen, 4)  # 4: the mask token
+    return inputs, labels
+
+
+def heldout_loss(name: str, cfg: dict, n: int = 1024) -> float:
+    """Train ``heldout_steps`` steps on a learnable synthetic chain, then the fp32 loss on held-out
+    sequences: bf16 and fp32 start from the same weights and see the same batches."""
+    torch.manual_seed(cfg["seed"])
+    model, _ = build(name, n, cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    g = torch.Generator().manual_seed(cfg["seed"])
+    perm = torch.randperm(64, generator=g)
+    model.train()
+    for _ in range(cfg["heldout_steps"]):
+        ids, labels = _chain_batch(g, n, perm, cfg["mask_fraction"])
+        opt.zero_grad(set_to_none=True)
+        with _precision(name):
+            loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        opt.step()
+    model.eval()
+    held = torch.Generator().manual_seed(cfg["seed"] + 1)
+    with torch.no_grad():
+        return sum(float(model(input_ids=i, labels=lab).loss) for i, lab in
+                   (_chain_batch(held, n, perm, cfg["mask_fraction"]) for _ in range(4))) / 4
+
+
 def run_case(spec: dict) -> dict:
+    if "matmul" in spec:
+        return {"status": "ok", "gflops": common.matmul_gflops(getattr(torch, spec["matmul"]))}
     cfg, name, n = spec["config"], spec["model"], spec["n"]
+    if name.endswith("-bf16") and not bf16_units():
+        return {"status": "skipped", "reason": "this CPU has no bf16 matrix units (avx512_bf16 / amx_bf16)"}
     torch.manual_seed(cfg["seed"])
     B = cfg["batch"]
     with common.PeakMemory() as mem:
@@ -92,12 +156,16 @@ def run_case(spec: dict) -> dict:
 
         def step():
             opt.zero_grad(set_to_none=True)
-            loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
+            with _precision(name):
+                loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
             loss.backward()
             opt.step()
             losses.append(float(loss))
         times = common.timed(step, cfg["repeats"], cfg["warmup"])
-    return {"status": "ok", "step_times": times, "peak_bytes": mem.bytes, "peak_reset": mem.reset_ok,
+    extra = {}
+    if name.startswith("longctx") and n == min(cfg["lengths"]) and cfg.get("heldout_steps", 0) > 0:
+        extra["heldout_loss"] = heldout_loss(name, cfg)
+    return {"status": "ok", **extra, "step_times": times, "peak_bytes": mem.bytes, "peak_reset": mem.reset_ok,
             "loss_first": losses[0], "loss_last": losses[-1], "finite": all(math.isfinite(x) for x in losses),
             "parameters": sum(p.numel() for p in model.parameters())}
 
@@ -116,6 +184,15 @@ def run(cfg: dict, out_dir: Path, command: str, log=print) -> dict:
             raise LongctxError(f"benchmark model {name!r} is unknown; use one of {', '.join(MODELS)}")
     out_dir.mkdir(parents=True, exist_ok=True)
     log(f"longctx bench train -> {out_dir}")
+    mm = {}
+    if "longctx-bf16" in cfg["models"]:  # the bf16 target is relative to this machine's own matmul ratio
+        from longctx.attention import fused
+        log("fused CPU kernel: " + ("ready" if fused.load() else f"unavailable ({fused._state['why_not']})"))
+        for dt in ("float32", "bfloat16"):
+            r = common.run_child(__name__, {"matmul": dt}, timeout=300)
+            if r.get("status") == "ok":
+                mm[dt] = r["gflops"]
+                log(f"matrix product reference ({dt}): {mm[dt]:.1f} GFLOP/s")
     todo = [(n, m) for n in sorted(cfg["lengths"]) for m in cfg["models"]]
     cases, last, t0 = [], {}, time.time()
     for i, (n, name) in enumerate(todo, 1):
@@ -141,7 +218,7 @@ def run(cfg: dict, out_dir: Path, command: str, log=print) -> dict:
         log(f"[{i}/{len(todo)}] {name} n={n}: {msg}  (elapsed {el:.0f} s, ETA {el / i * (len(todo) - i):.0f} s)")
     result = {"schema": common.SCHEMA_VERSION, "benchmark": "train", "name": cfg["name"],
               "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": command,
-              "config": cfg, "machine": common.machine_info(), "cases": cases}
+              "config": cfg, "machine": common.machine_info(), "matmul_gflops": mm, "cases": cases}
     result["targets"] = targets(result)
     common.write_atomic(out_dir / "results.json", json.dumps(result, indent=1))
     common.write_atomic(out_dir / "results.md", markdown(result))
@@ -153,7 +230,7 @@ def run(cfg: dict, out_dir: Path, command: str, log=print) -> dict:
 def _get(result, name, n, field):
     for c in result["cases"]:
         if c["model"] == name and c["n"] == n and c["status"] == "ok":
-            return c[field]
+            return c.get(field)
     return None
 
 
@@ -166,6 +243,18 @@ def targets(result: dict) -> list[dict]:
     peak = _get(result, "longctx", 65536, "peak_bytes")
     out.append({"target": "training step at 65536 tokens: peak GB", "value": None if peak is None else peak / 2**30,
                 "goal": "<= 24", "met": None if peak is None else peak < 24 * 2**30})
+    mm = result.get("matmul_gflops", {})
+    bf, fp = _get(result, "longctx-bf16", 4096, "tokens_per_s"), _get(result, "longctx", 4096, "tokens_per_s")
+    if "bfloat16" in mm and "float32" in mm:
+        goal = 0.5 * mm["bfloat16"] / mm["float32"]
+        v = None if None in (bf, fp) else bf / fp
+        out.append({"target": "bf16 training tokens/s / fp32 at 4096", "value": v,
+                    "goal": f">= {goal:.2f} (half the bf16/fp32 matmul ratio)", "met": None if v is None else v >= goal})
+    n0 = min(result["config"]["lengths"])
+    hb, hf32 = _get(result, "longctx-bf16", n0, "heldout_loss"), _get(result, "longctx", n0, "heldout_loss")
+    v = None if None in (hb, hf32) else abs(hb / hf32 - 1)
+    out.append({"target": "bf16 held-out loss vs fp32 after the short run (relative difference)", "value": v,
+                "goal": "<= 0.02", "met": None if v is None else v <= 0.02})
     return out
 
 
