@@ -197,10 +197,12 @@ def test_longformer_charlm_ablations_run_on_a_text8_style_file_and_report_dev_bp
     assert "bits/char" in (tmp_path / "runs" / comp["name"] / "report.md").read_text()
 
 
-def test_a_saved_sinusoidal_model_evaluates_as_it_was_trained(tmp_path):
-    """from_pretrained leaves the non-persistent sinusoidal table uninitialised; load_model refills it."""
+@pytest.mark.parametrize("position", ["sinusoidal", "alibi"])
+def test_a_saved_model_with_fixed_position_tables_evaluates_as_it_was_trained(position, tmp_path):
+    """from_pretrained leaves the non-persistent sinusoidal table and ALiBi slopes uninitialised;
+    load_model refills them."""
     from longctx.eval.extrapolation import load_model
-    model = _decoder("sinusoidal")
+    model = _decoder(position)
     model.save_pretrained(tmp_path / "m")
     x = torch.randint(0, 256, (1, 40))
     with torch.no_grad():
