@@ -1,6 +1,6 @@
 """attn_implementation="longctx" inside Hugging Face models, against the same models' eager attention.
 
-Tiny random configs of ModernBERT, Mistral, Qwen2 and Gemma 2 are built here (nothing is downloaded),
+Tiny random configs of ModernBERT, Mistral, Qwen2, Gemma 2 and Gemma 3 are built here (nothing is downloaded),
 with windows small enough that the window cuts at the test length (sliding_window 8 at 40 tokens); the
 oracle is Hugging Face's own eager attention, which builds the full n x n mask.
 """
@@ -11,8 +11,8 @@ import copy
 import pytest
 import torch
 import transformers
-from transformers import (Gemma2Config, Gemma2ForCausalLM, MistralConfig, MistralForCausalLM, ModernBertConfig,
-                          ModernBertModel, Qwen2Config, Qwen2ForCausalLM)
+from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, MistralConfig,
+                          MistralForCausalLM, ModernBertConfig, ModernBertModel, Qwen2Config, Qwen2ForCausalLM)
 
 import longctx  # noqa: F401  (registers "longctx")
 import longctx.hf.attention_interface as interface
@@ -34,6 +34,10 @@ def _configs():
         # Gemma 2: sliding and global layers interleaved; soft-capping is not a longctx feature
         "gemma2": (Gemma2ForCausalLM, Gemma2Config(**SMALL, num_hidden_layers=2, num_key_value_heads=2, head_dim=8,
                                                    sliding_window=WINDOW, attn_logit_softcapping=None)),
+        # Gemma 3: sliding and global layers, query-key norms, no soft-capping
+        "gemma3": (Gemma3ForCausalLM, Gemma3TextConfig(**SMALL, num_hidden_layers=2, num_key_value_heads=2, head_dim=8,
+                                                       sliding_window=WINDOW,
+                                                       layer_types=["sliding_attention", "full_attention"])),
         # ModernBERT: global every third layer, local_attention 2 * WINDOW (one-sided window WINDOW)
         "modernbert": (ModernBertModel, ModernBertConfig(**SMALL, num_hidden_layers=3, local_attention=2 * WINDOW,
                                                          global_attn_every_n_layers=3, pad_token_id=0,
@@ -84,7 +88,7 @@ def kernel_calls(monkeypatch):
 
 
 @pytest.mark.parametrize("side", ["none", "right", "left"])
-@pytest.mark.parametrize("name", ["modernbert", "mistral", "qwen2", "gemma2"])
+@pytest.mark.parametrize("name", ["modernbert", "mistral", "qwen2", "gemma2", "gemma3"])
 def test_hidden_states_equal_eager(name, side, kernel_calls):
     eager, ours = _pair(name)
     torch.manual_seed(1)
@@ -106,7 +110,7 @@ def test_hidden_states_equal_eager(name, side, kernel_calls):
     assert (_last_hidden(wide, ids, mask) - he)[real].abs().max().item() > 1e-3
 
 
-@pytest.mark.parametrize("name", ["mistral", "qwen2", "gemma2"])
+@pytest.mark.parametrize("name", ["mistral", "qwen2", "gemma2", "gemma3"])
 def test_greedy_generation_equals_eager(name):
     eager, ours = _pair(name)
     torch.manual_seed(2)

@@ -122,7 +122,8 @@ def run(cfg: dict, out_dir: Path, command: str, log=print) -> dict:
     common.write_atomic(out_dir / "results.json", json.dumps(result, indent=1))
     common.write_atomic(out_dir / "results.md", markdown(result))
     for t in result["targets"]:
-        log(f"target: {t['target']}: {t['measured']} -> {'met' if t['met'] else 'MISSED' if t['met'] is False else 'not measured'}")
+        verdict = {True: "met", False: "MISSED", None: "not measured"}[t["met"]]
+        log(f"target: {t['target']}: {t['measured']} -> {verdict}")
     log(f"wrote {out_dir / 'results.json'}, {out_dir / 'results.md'}")
     return result
 
@@ -150,7 +151,8 @@ def markdown(result: dict) -> str:
              f"Forward, fp32, batch 1, {result['machine']['cpu']} ({result['machine']['cores']} cores), "
              f"{cfg['repeats']} timed runs (median) after {cfg['warmup']} warm-up; peak = resident memory the "
              "forward adds over the loaded model.", "",
-             "| model | n | impl | forward | peak memory | time vs sdpa | memory vs sdpa |", "|---|---|---|---|---|---|---|"]
+             "| model | n | impl | forward | peak memory | time vs sdpa | memory vs sdpa |",
+             "|---|---|---|---|---|---|---|"]
     for c in result["cases"]:
         if c["status"] != "ok":
             lines.append(f"| {c['model']} | {c['n']:,} | {c['impl']} | {c['status']}: {c['reason']} | | | |")
