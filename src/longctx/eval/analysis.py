@@ -235,8 +235,9 @@ def analysis_documents(data: str | None, run: dict, max_docs: int) -> tuple[list
     docs = load_documents(d["corpus"], d.get("text_field", "text"))
     train, valid = split_documents(docs, d.get("valid_fraction", 0.05), run.get("seed", 0))
     # held-out documents first; the training documents only if there are too few
-    pool = valid + train if max_docs and len(valid) < max_docs else valid or train
-    return pool, f"held-out documents of {d['corpus']}"
+    if max_docs and len(valid) < max_docs:
+        return valid + train, f"the {len(valid)} held-out documents of {d['corpus']}, then training documents"
+    return valid or train, f"held-out documents of {d['corpus']}"
 
 
 def analyze_saved(model_dir: str | Path, data: str | None = None, max_docs: int = 8, seq_len: int | None = None,
@@ -262,8 +263,6 @@ def analyze_saved(model_dir: str | Path, data: str | None = None, max_docs: int 
 # ---- reports -------------------------------------------------------------------------------------------
 def write_analysis(results: dict[str, dict], out_dir: str | Path) -> dict[str, Path]:
     """``analysis.json``, ``analysis.md`` and the plots for one or more named analyses (side by side)."""
-    from longctx.train.checkpoint import write_atomic
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "analysis.json", "md": out / "analysis.md"}
@@ -271,6 +270,14 @@ def write_analysis(results: dict[str, dict], out_dir: str | Path) -> dict[str, P
     paths.update(plot_analysis(results, out))
     write_atomic(paths["md"], markdown(results, {k: p.name for k, p in paths.items() if p.suffix == ".png"}))
     return paths
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write to a temporary file and rename: a reader never sees half a file."""
+    import os
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _fmt(x) -> str:
