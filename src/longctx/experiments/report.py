@@ -62,7 +62,7 @@ def extrapolation_table(results: list[dict], metric: str = "perplexity") -> str 
                 lo, hi = row["perplexity_ci95"]
                 cells.append(f"{row['perplexity']:.2f} ({lo:.2f}-{hi:.2f})")
             else:
-                cells.append(f"{row[metric]:.3f}" if metric != "perplexity" else f"{row[metric]:.2f}")
+                cells.append(f"{row[metric]:.4f}" if metric != "perplexity" else f"{row[metric]:.2f}")
         setting = f"blockwise causal, block {run['blockwise']}" if run["blockwise"] else "causal"
         rows.append("| " + " | ".join([variant, setting, *cells]) + " |")
     return "\n".join(rows)
