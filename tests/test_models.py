@@ -258,3 +258,22 @@ def test_left_padded_batch_equals_hugging_face_longformer():
             ours(ids, attention_mask=mask).last_hidden_state
     real = mask.bool()
     torch.testing.assert_close(out[real], ref[real], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("position", ["sinusoidal", "alibi"])
+def test_fixed_position_tables_survive_save_and_load(tmp_path, position):
+    """The sinusoidal table and ALiBi's slopes are not in the weights file; every loading path (here
+    AutoModel, as users load) must rebuild them, not hand over uninitialised memory."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = LongctxConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        attention="sliding", window=4, position=position, causal=True, norm="pre",
+                        max_position_embeddings=64, hidden_dropout_prob=0.0)
+    model = LongctxForCausalLM(cfg).eval()
+    ids = torch.randint(0, 40, (2, 30))
+    want = model(ids).logits
+    model.save_pretrained(tmp_path)
+    for _ in range(2):  # uninitialised memory differs between loads; both must be right
+        got = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()(ids).logits
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)

@@ -101,21 +101,6 @@ def load_model(model_dir):
         model = cls.from_pretrained(model_dir, trust_remote_code=False, local_files_only=True).eval()
     else:
         model = load_longctx_model(model_dir)
-    return _refill_position_buffers(model)
-
-
-@torch.no_grad()
-def _refill_position_buffers(model):
-    """from_pretrained leaves the position encodings' fixed tables (non-persistent buffers, not in the
-    weights file) as uninitialised memory (seen: 5e17 and NaN, different at every load): the sinusoidal
-    table and ALiBi's slopes. Compute them again."""
-    from longctx.positions.alibi import alibi_slopes
-    from longctx.positions.encoding import ALiBi, AbsoluteTable, sinusoidal_table
-    for m in model.modules():
-        if isinstance(m, AbsoluteTable) and m.kind == "sinusoidal":
-            m.weight.copy_(sinusoidal_table(m.weight.shape[0], m.weight.shape[1]).to(m.weight))
-        elif isinstance(m, ALiBi):
-            m.slopes.copy_(alibi_slopes(m.slopes.shape[0]).to(m.slopes))
     return model
 
 

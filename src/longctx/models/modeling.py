@@ -24,7 +24,7 @@ from transformers.modeling_outputs import (
 from longctx.attention.layer import LayerCache, SelfAttention
 from longctx.errors import LongctxError
 from longctx.models.config import LongctxConfig
-from longctx.positions import AbsoluteTable, PositionEncoding
+from longctx.positions import ALiBi, AbsoluteTable, PositionEncoding, alibi_slopes, sinusoidal_table
 
 
 class Embeddings(nn.Module):
@@ -109,8 +109,13 @@ class LongctxPreTrainedModel(PreTrainedModel):
             module.weight.normal_(0.0, std)
             if module.padding_idx is not None:
                 module.weight[module.padding_idx].zero_()
-        elif isinstance(module, AbsoluteTable) and module.kind == "learned":
-            module.weight.normal_(0.0, std)
+        elif isinstance(module, AbsoluteTable):
+            if module.kind == "learned":
+                module.weight.normal_(0.0, std)
+            else:  # a fixed table, not in the weights file: from_pretrained hands it over uninitialised
+                module.weight.copy_(sinusoidal_table(*module.weight.shape).to(module.weight))
+        elif isinstance(module, ALiBi):  # likewise the slopes (non-persistent buffer)
+            module.slopes.copy_(alibi_slopes(module.slopes.shape[0]).to(module.slopes))
         elif isinstance(module, nn.LayerNorm):
             module.weight.fill_(1.0)
             module.bias.zero_()
