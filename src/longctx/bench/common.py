@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from longctx import io
 from longctx.errors import LongctxError
 
 SCHEMA_VERSION = 1
@@ -136,16 +137,7 @@ def load_config(path: str | None, default: dict, name: str) -> dict:
     """The benchmark's YAML configuration merged over its defaults; unknown keys are an error."""
     cfg = dict(default)
     if path:
-        import yaml
-        p = Path(path)
-        if not p.is_file():
-            raise LongctxError(f"benchmark config {path} does not exist; give a YAML file such as benchmarks/{name}.yaml")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise LongctxError(f"benchmark config {path} is not valid YAML ({str(e).splitlines()[0]}); fix it") from None
-        if not isinstance(data, dict):
-            raise LongctxError(f"benchmark config {path} must be a mapping of settings")
+        data = io.load_yaml(path, "benchmark config", f"; give a YAML file such as benchmarks/{name}.yaml")
         unknown = sorted(set(data) - set(default))
         if "window" in unknown and "attention_window" in default:  # one meaning of window: one-sided
             raise LongctxError(f"benchmark config {path}: 'window' is now 'attention_window' (two-sided, as Hugging "
@@ -158,12 +150,7 @@ def load_config(path: str | None, default: dict, name: str) -> dict:
 
 
 def write_atomic(path: Path, text: str | bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    if isinstance(text, bytes):
-        tmp.write_bytes(text)
-    else:
-        tmp.write_text(text)
-    os.replace(tmp, path)
+    (io.write_bytes if isinstance(text, bytes) else io.write_text)(path, text)
 
 
 def fmt_bytes(b) -> str:

@@ -28,6 +28,8 @@ import tempfile
 import warnings
 from pathlib import Path
 
+from longctx.io import write_jsonl
+
 FORMAT_VERSION = 1
 # GUI, side effects on import, or nothing to read.
 EXCLUDED = frozenset({"antigravity", "this", "tkinter", "turtle", "turtledemo", "idlelib"})
@@ -66,15 +68,7 @@ def load_default_corpus(rebuild: bool = False) -> list[dict]:
 
 def _write_cache(path: Path, docs: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for d in docs:
-                f.write(json.dumps(d, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_jsonl(path, docs)
 
 
 def build_default_corpus() -> list[dict]:

@@ -12,12 +12,12 @@ import gzip
 import hashlib
 import os
 import re
-import shutil
 import sys
 import tempfile
 from pathlib import Path
 
 from longctx.errors import LongctxError
+from longctx.io import publish_dir
 
 DOC_ROOTS = ("/usr/share/doc/texlive-doc",)
 MAX_CHARS = 200_000  # a manual of a whole package is not an article
@@ -77,21 +77,15 @@ def texdoc_corpus(roots=DOC_ROOTS, progress: bool = True) -> Path:
         print(f"corpus: no arXiv sources given; building a structure-aware corpus from the {len(sources)} LaTeX "
               f"documents installed under {', '.join(roots)} (once; cached in {out})", file=sys.stderr)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-texdoc-"))
-    try:
-        inp = tmp / "in"
-        inp.mkdir()
+    # the corpus is published whole; one another process built first is kept
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".tmp-texdoc-in-") as inp, \
+            publish_dir(out, replace=False, prefix=".tmp-texdoc-") as tmp:
+        inp = Path(inp)
         for i, (p, s) in enumerate(sources):
             # flat, unique names (many packages ship a guide.tex): the id says where it came from
             name = f"{i:04d}-" + re.sub(r"[^A-Za-z0-9]+", "_", os.path.relpath(p, os.path.commonpath(roots)))
             (inp / f"{name.removesuffix('_gz').removesuffix('_tex')}.tex").write_text(s, encoding="utf-8")
-        build_arxiv_corpus([str(inp)], str(tmp / "corpus"), workers=min(2, os.cpu_count() or 1), progress=False)
-        try:
-            os.replace(tmp / "corpus", out)
-        except OSError:  # another process built it first
-            pass
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        build_arxiv_corpus([str(inp)], str(tmp), workers=min(2, os.cpu_count() or 1), progress=False)
     if not (out / "structured.jsonl").exists():
         raise LongctxError(f"building the corpus from the installed LaTeX documentation failed (nothing in {out}); "
                            "build one with longctx corpus arxiv and pass data.corpus=...")

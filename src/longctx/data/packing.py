@@ -31,9 +31,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +42,7 @@ from longctx.data.corpus import corpus_fingerprint, load_documents, split_corpus
 from longctx.data.structure import HEADING_KINDS, heading_spans
 from longctx.data.tokenizer import ByteTokenizer, load_tokenizer
 from longctx.errors import LongctxError
+from longctx.io import publish_dir
 from longctx.paths import cache_root
 
 CACHE_VERSION = 1
@@ -116,20 +114,13 @@ def tokenize_documents(docs: list[dict], tokenizer, cache_dir: str | Path | None
                          np.concatenate(parts_head) if parts_head else np.zeros(0, bool),
                          np.asarray(starts, dtype=np.int64))
     if folder is not None:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
-        try:
+        with publish_dir(folder, replace=False) as tmp:  # kept if another process wrote the same key first
             np.save(tmp / "ids.npy", stream.ids)
             np.save(tmp / "heading.npy", stream.heading)
             np.save(tmp / "doc_starts.npy", stream.doc_starts)
             (tmp / "meta.json").write_text(json.dumps({
                 "documents": len(docs), "tokens": int(len(stream)), "heading_tokens": int(stream.heading.sum()),
                 "tokenizer": tokenizer.fingerprint(), "heading_kinds": list(heading_kinds)}, indent=1))
-            os.replace(tmp, folder)
-        except OSError:
-            pass  # another process wrote the same key first (rename onto a non-empty folder fails)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     return stream
 
 

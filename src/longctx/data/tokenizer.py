@@ -38,14 +38,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from longctx.errors import LongctxError
+from longctx.io import publish_dir, write_text
 
 _ROLE_NAMES = {  # recognised special-token spellings, most specific first
     "pad": ("[PAD]", "<pad>", "<|pad|>"),
@@ -193,10 +191,7 @@ def _save_hf(tok, roles: dict[str, str], folder: str | Path, extra: dict | None 
     files = {"tokenizer.json": tok.to_str(pretty=True), "tokenizer_config.json": json.dumps(config, indent=2),
              "special_tokens_map.json": json.dumps(special_map, indent=2)}
     for name, content in files.items():
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=name, suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(content)
-        os.replace(tmp, folder / name)
+        write_text(folder / name, content)
 
 
 def _roles_from_config(folder: Path) -> dict[str, str]:
@@ -281,13 +276,8 @@ def load_tokenizer(spec, documents: list[dict] | None = None, cache_dir: str | P
         if (folder / "tokenizer_config.json").exists():
             return load_tokenizer(folder)
         tok = train_tokenizer(documents, kind, size, minf)
-        Path(cache_dir).mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".tok-"))
-        tok.save(tmp)
-        try:
-            os.replace(tmp, folder)
-        except OSError:  # another process saved it first
-            shutil.rmtree(tmp, ignore_errors=True)
+        with publish_dir(folder, replace=False, prefix=".tok-") as tmp:  # kept if another process saved it first
+            tok.save(tmp)
         return tok
     if str(spec) == "bytes":
         return ByteTokenizer()

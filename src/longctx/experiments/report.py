@@ -4,17 +4,9 @@ from __future__ import annotations
 import json
 import os
 import platform
-import tempfile
 from pathlib import Path
 
-from longctx.train.loop import read_metrics
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+from longctx.io import read_jsonl, write_text
 
 
 def table(results: list[dict]) -> str:
@@ -69,29 +61,18 @@ def extrapolation_table(results: list[dict], metric: str = "perplexity") -> str 
 
 
 def _extrapolation_plot(results: list[dict], out: Path) -> Path | None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from longctx.plots import line_figure
 
     lines, lengths = _extrapolation_lines(results)
     if not lines:
         return None
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    series = []
     for variant, name, run in lines:
         pts = [(row["length"], row["perplexity"]) for row in run["rows"] if "perplexity" in row]
-        ax.plot(*zip(*pts), "o--" if run["blockwise"] else "o-",
-                label=variant + (" + blockwise" if run["blockwise"] else ""))
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xticks(lengths, [str(n) for n in lengths])
-    ax.set_xlabel("evaluation length (tokens)")
-    ax.set_ylabel("perplexity (same tokens at every length)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "perplexity_vs_length.png", dpi=100)
-    plt.close(fig)
-    return out / "perplexity_vs_length.png"
+        series.append({"x": [x for x, _ in pts], "y": [y for _, y in pts], "style": "o--" if run["blockwise"] else "o-",
+                       "label": variant + (" + blockwise" if run["blockwise"] else "")})
+    return line_figure(out / "perplexity_vs_length.png", series, "evaluation length (tokens)",
+                       "perplexity (same tokens at every length)", log_x=2, log_y=True, xticks=lengths)
 
 
 def write_report(comp: dict, results: list[dict], out: Path) -> dict:
@@ -108,7 +89,7 @@ def write_report(comp: dict, results: list[dict], out: Path) -> dict:
     if any(r.get("finetune") for r in results):  # downstream scores and the rankings they give
         from longctx.tasks.downstream import ranking
         summary["ranking"] = ranking(results)
-    _atomic_write(out / "results.json", json.dumps(summary, indent=1))
+    write_text(out / "results.json", json.dumps(summary, indent=1))
     plots = _plots(results, out)
     c = summary["controlled"]
     md = [f"# Comparison: {comp['name']}", "",
@@ -118,7 +99,9 @@ def write_report(comp: dict, results: list[dict], out: Path) -> dict:
           table(results), "",
           "Tokens/s: training tokens per second of training-step time (evaluation and checkpoints excluded). "
           "Peak memory: the variant process's peak resident memory (CPU) or peak allocated GPU memory. "
-          "Attention GFLOP/token: forward QK^T and PV over the pairs the pattern allows.", ""]
+          "Attention GFLOP/token: forward QK^T and PV over the pairs the pattern allows. "
+          "Loss plots: the training loss smoothed (EMA, beta 0.9) and the held-out loss at each evaluation (points).",
+          ""]
     md += [f"![{p.stem}]({p.name})" for p in plots]
     if extrapolation_table(results):
         ex = next(r for r in results if r.get("extrapolation"))["extrapolation"]
@@ -140,41 +123,38 @@ def write_report(comp: dict, results: list[dict], out: Path) -> dict:
         from longctx.eval.analysis import compare_lines
         md += [""] + compare_lines(results, out)
     md += ["", f"Machine: {summary['machine']['platform']}, {summary['machine']['cpus']} CPUs.", ""]
-    _atomic_write(out / "report.md", "\n".join(md))
+    write_text(out / "report.md", "\n".join(md))
     return summary
 
 
 def _plots(results: list[dict], out: Path) -> list[Path]:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from longctx.plots import bar_figure, line_figure
 
-    curves = {r["variant"]: [m for m in read_metrics(out / r["variant"] / "metrics.jsonl") if m["type"] == "train"]
-              for r in results}
+    rows = {r["variant"]: read_jsonl(out / r["variant"] / "metrics.jsonl") for r in results}
     paths = []
     for key, label, name in [("step", "step", "loss_vs_steps.png"), ("train_time", "training time (s)", "loss_vs_time.png")]:
-        fig, ax = plt.subplots(figsize=(6.5, 4))
-        for variant, rows in curves.items():
-            ax.plot([m[key] for m in rows], [m["loss"] for m in rows], label=variant)
-        ax.set_xlabel(label)
-        ax.set_ylabel("training loss")
-        ax.legend()
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=100)
-        plt.close(fig)
-        paths.append(out / name)
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+        paths.append(line_figure(out / name, _loss_series(rows, key), label, "loss"))
     names = [r["variant"] for r in results]
-    axes[0].bar(names, [r["tokens_per_s"] for r in results], color="tab:blue")
-    axes[0].set_ylabel("training tokens/s")
-    axes[1].bar(names, [r["peak_memory_bytes"] / 2**30 for r in results], color="tab:orange")
-    axes[1].set_ylabel("peak memory (GiB)")
-    for ax in axes:
-        ax.tick_params(axis="x", rotation=30)
-    fig.tight_layout()
-    fig.savefig(out / "speed_memory.png", dpi=100)
-    plt.close(fig)
-    paths.append(out / "speed_memory.png")
+    paths.append(bar_figure(out / "speed_memory.png", names, [
+        ([r["tokens_per_s"] for r in results], "training tokens/s", "tab:blue"),
+        ([r["peak_memory_bytes"] / 2**30 for r in results], "peak memory (GiB)", "tab:orange")], figsize=(9, 3.5)))
     _extrapolation_plot(results, out)  # linked from its own section
     return paths
+
+
+def _loss_series(rows: dict[str, list[dict]], key: str) -> list[dict]:
+    """Per variant, in its own colour: the training loss smoothed (EMA: per-step losses of one batch are
+    noisy, and every variant sees the same batches, so raw curves coincide and jump together) and the
+    held-out loss at each evaluation (points)."""
+    from longctx.plots import ema
+
+    series = []
+    for i, (variant, rs) in enumerate(rows.items()):
+        tr = [m for m in rs if m.get("type") == "train" and m.get("loss") is not None and key in m]
+        ev = [m for m in rs if m.get("type") == "eval" and m.get("loss") is not None and key in m]
+        series.append({"x": [m[key] for m in tr], "y": ema([m["loss"] for m in tr]), "color": f"C{i}",
+                       "label": f"{variant} train (EMA)"})
+        if ev:
+            series.append({"x": [m[key] for m in ev], "y": [m["loss"] for m in ev], "style": "o--", "color": f"C{i}",
+                           "label": f"{variant} held-out"})
+    return series

@@ -21,7 +21,6 @@ import os
 import random
 import shutil
 import signal
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +28,7 @@ import torch
 from safetensors.torch import load_file
 
 from longctx.errors import LongctxError
+from longctx.io import publish_dir
 
 MANIFEST = "manifest.json"
 STATE_KEYS = ("step", "tokens", "train_time")
@@ -92,25 +92,6 @@ def clean_temporaries(out_dir: Path) -> list[Path]:
     return removed
 
 
-def write_atomic(path: Path, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Move a finished ``.tmp-*`` folder to ``final``; an old ``final`` is moved aside first (a kill in
-    between leaves a ``.tmp-*`` folder, cleaned at the next start) and then removed."""
-    old = None
-    if final.exists():
-        old = final.with_name(f".tmp-old-{final.name}-{os.getpid()}")
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 # --- checkpoints ---
 def checkpoint_dirs(out_dir: Path) -> list[Path]:
     root = Path(out_dir) / "checkpoints"
@@ -132,8 +113,7 @@ def save_checkpoint(out_dir: Path, model, optimizer, scheduler, state: dict, kee
     root = Path(out_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{state['step']:06d}"
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
-    try:
+    with publish_dir(final, prefix=".tmp-") as tmp:
         fault_point("save.start")
         model.save_pretrained(tmp)
         fault_point("save.model")
@@ -147,11 +127,7 @@ def save_checkpoint(out_dir: Path, model, optimizer, scheduler, state: dict, kee
         files = {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in sorted(tmp.iterdir()) if p.is_file()}
         (tmp / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
         fault_point("save.manifest")
-        replace_dir(tmp, final)
-        fault_point("save.renamed")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    fault_point("save.renamed")
     for old in checkpoint_dirs(out_dir)[:-max(1, keep_last)]:
         # renamed first, so a kill during the removal never leaves a half-deleted step-* folder
         gone = old.with_name(f".tmp-del-{old.name}")

@@ -26,6 +26,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 
+from longctx import io
 from longctx.errors import LongctxError
 
 
@@ -389,20 +390,8 @@ def parse_overrides(items: list[str]) -> dict:
 
 
 def load_yaml(path: str | Path) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise LongctxError(f"config file {p} does not exist")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as e:
-        raise LongctxError(f"config file {p} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
-    except yaml.YAMLError as e:
-        raise LongctxError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise LongctxError(f"config file {p} must hold a mapping of keys, got {type(data).__name__}")
-    return data
+    """A config file's mapping (``longctx.io.load_yaml``: one-sentence errors)."""
+    return io.load_yaml(path, "config file")
 
 
 def resolve(config: dict | None = None, overrides: list[str] | None = None) -> dict:

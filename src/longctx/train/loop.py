@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from longctx.tasks.mlm import EVAL_BATCH_OFFSET, lm_loss  # noqa: F401  (re-exported)
-from longctx.train.trainer import Progress, peak_memory_bytes, read_metrics, task_for, train  # noqa: F401
+from longctx.train.trainer import peak_memory_bytes, plot_losses, read_metrics, task_for, train  # noqa: F401
 
 
 def build_model(cfg: dict, tokenizer):
@@ -57,23 +57,3 @@ def evaluate(model, dataset, collator, batches: int, batch_size: int, accelerato
 def pretrain(cfg: dict, out_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:
     """Train as configured; write checkpoints, logs, the final model and results.json into ``out_dir``."""
     return train(cfg, task_for(cfg), out_dir, resume=resume, progress=progress)
-
-
-def plot_losses(metrics_path: Path, png: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = read_metrics(metrics_path)
-    tr = [r for r in rows if r.get("type") == "train"]
-    ev = [r for r in rows if r.get("type") == "eval" and r.get("loss") is not None]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([r["step"] for r in tr], [r["loss"] for r in tr], label="train")
-    if ev:
-        ax.plot([r["step"] for r in ev], [r["loss"] for r in ev], "o-", label="held-out")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)

@@ -26,33 +26,32 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import resource
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 from longctx.errors import LongctxError
+from longctx.io import publish_dir, read_jsonl, write_json, write_text
+from longctx.progress import Progress
 from longctx.train.checkpoint import (CorruptCheckpoint, checkpoint_dirs, clean_temporaries, config_changes,
-                                      fault_point, load_checkpoint, lock_run, plain, read_json, replace_dir,
-                                      save_checkpoint, verify_checkpoint, write_atomic)
+                                      fault_point, load_checkpoint, lock_run, plain, read_json, save_checkpoint,
+                                      verify_checkpoint)
 from longctx.train.config import stage_list
+
+# The rows of a metrics.jsonl; a line cut by a kill is skipped (kept under the trainer's name for callers).
+read_metrics = read_jsonl
 
 
 def lr_schedule(cfg: dict, stages: list[dict]):
     """LR multiplier per step: linear warm-up, then the phase's LR (relative to train.lr) decayed as
     configured over the whole run."""
     t = cfg["train"]
-    total = sum(s["steps"] for s in stages)
-    bounds = []
-    acc = 0
-    for s in stages:
-        acc += s["steps"]
-        bounds.append((acc, s["lr"] / t["lr"]))
+    ends = stage_ends(stages)
+    total = ends[-1]
+    bounds = [(end, s["lr"] / t["lr"]) for end, s in zip(ends, stages)]
 
     def factor(step: int) -> float:
         phase = next(f for end, f in bounds if step < end) if step < total else bounds[-1][1]
@@ -63,6 +62,15 @@ def lr_schedule(cfg: dict, stages: list[dict]):
         return phase * warm * max(decay, 0.0)
 
     return factor
+
+
+def stage_ends(stages: list[dict]) -> list[int]:
+    """The step at which each stage ends (cumulative steps): stage i runs steps [ends[i-1], ends[i])."""
+    ends, acc = [], 0
+    for s in stages:
+        acc += s["steps"]
+        ends.append(acc)
+    return ends
 
 
 def make_optimizer(model, cfg):
@@ -83,40 +91,12 @@ def peak_memory_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-class Progress:
-    """One line per log step: loss, learning rate, tokens/s and ETA."""
-
-    def __init__(self, total_steps: int, enabled: bool, stream=sys.stderr):
-        self.total, self.enabled, self.stream = total_steps, enabled, stream
-
-    def __call__(self, step: int, loss: float, lr: float, tok_s: float, remaining_s: float, extra: str = ""):
-        if self.enabled:
-            eta = f"{int(remaining_s // 60)}m{int(remaining_s % 60):02d}s"
-            print(f"step {step:>6}/{self.total} | loss {loss:.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s | ETA {eta}{extra}",
-                  file=self.stream, flush=True)
-
-
-def read_metrics(path: Path) -> list[dict]:
-    """The rows of a metrics.jsonl; a line cut by a kill (or any unreadable line) is skipped."""
-    rows = []
-    if not Path(path).exists():
-        return rows
-    for line in Path(path).read_text(errors="replace").splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
-
-
 def _rewind_metrics(path: Path, step: int) -> None:
     """Keep the rows up to ``step`` (the resumed checkpoint): the rows a killed run logged after it are
     logged again by the resumed run, and a torn last line would glue itself to the next row."""
     if path.exists():
         rows = [r for r in read_metrics(path) if isinstance(r.get("step"), int) and r["step"] <= step]
-        write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
+        write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 class Trainer:
@@ -126,7 +106,8 @@ class Trainer:
         self.t = cfg["train"]
         self.stages = stage_list(cfg) or [{"steps": self.t["steps"], "seq_len": cfg["data"]["seq_len"],
                                            "window": cfg["model"].get("window"), "lr": self.t["lr"]}]
-        self.total_steps = sum(s["steps"] for s in self.stages)
+        self.stage_ends = stage_ends(self.stages)  # computed once: the schedule and the phases share it
+        self.total_steps = self.stage_ends[-1]
         self.state = {"step": 0, "tokens": 0, "train_time": 0.0, "world_size": 1}
         self.finished_result = None
         self._lock = None
@@ -175,11 +156,12 @@ class Trainer:
         self.unwrapped = acc.unwrap_model(self.model)
         self.step_no = self.state["step"]
         self.phase, self.train_data = None, None
-        self.show = Progress(self.total_steps, self.main and self.progress)
+        self.show = Progress(self.total_steps, "train", "step", enabled=self.main and self.progress, interval=None,
+                             initial=self.step_no)
         self._window_tokens = 0
         if self.main:
             from torch.utils.tensorboard import SummaryWriter
-            write_atomic(self.out / "run_config.json", json.dumps(plain(self.cfg), indent=1))
+            write_json(self.out / "run_config.json", plain(self.cfg))
             _rewind_metrics(self.out / "metrics.jsonl", self.step_no)
             # events after the resumed step are the killed run's: TensorBoard drops them
             self.writer = SummaryWriter(str(self.out / "tb"), purge_step=self.step_no + 1 if self.step_no else None)
@@ -256,8 +238,7 @@ class Trainer:
     def _enter_phase(self) -> None:
         from longctx.train.loop import set_windows
 
-        bounds = [sum(s["steps"] for s in self.stages[:i + 1]) for i in range(len(self.stages))]
-        phase = next(i for i, end in enumerate(bounds) if self.step_no < end)
+        phase = next(i for i, end in enumerate(self.stage_ends) if self.step_no < end)
         if phase != self.phase:
             self.phase = phase
             s = self.stages[phase]
@@ -329,6 +310,8 @@ class Trainer:
                 return self.finished_result
             return self._train()
         finally:
+            if getattr(self, "show", None) is not None:
+                self.show.close()
             if self.writer is not None:
                 self.writer.close()
             if self._lock is not None:
@@ -342,12 +325,13 @@ class Trainer:
             while self.step_no < self.total_steps:
                 self.step()
                 step = self.step_no
-                if step % t["log_every"] == 0 or step == self.total_steps:
+                if not (step % t["log_every"] == 0 or step == self.total_steps):
+                    self.show.update(1)
+                else:
                     elapsed = time.perf_counter() - window_start
                     tok_s = self._window_tokens / max(elapsed, 1e-9)
                     lr = self.scheduler.get_last_lr()[0]
-                    rate = self.state["train_time"] / step
-                    self.show(step, self.last_loss, lr, tok_s, rate * (self.total_steps - step))
+                    self.show.update(1, log=True, loss=f"{self.last_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
                     self.log({"type": "train", "step": step, "loss": self.last_loss, "lr": lr, "tokens_per_s": tok_s,
                               "tokens": self.state["tokens"], "train_time": self.state["train_time"]})
                     self._window_tokens, window_start = 0, time.perf_counter()
@@ -388,22 +372,14 @@ class Trainer:
             result[f"eval_{split}"] = self.evaluate(split)
         if self.main:
             fault_point("finish.start")
-            tmp = Path(tempfile.mkdtemp(dir=self.out, prefix=".tmp-model-"))
-            try:
+            with publish_dir(self.out / "model", prefix=".tmp-model-") as tmp:
                 self.unwrapped.save_pretrained(tmp)
                 if self.task.tokenizer is not None and hasattr(self.task.tokenizer, "save"):
                     self.task.tokenizer.save(tmp)
                 fault_point("finish.model")
-                replace_dir(tmp, self.out / "model")
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-            from longctx.train.loop import plot_losses
-            png = self.out / f".tmp-loss-{os.getpid()}.png"
-            plot_losses(self.out / "metrics.jsonl", png)
-            os.replace(png, self.out / "loss.png")
+            plot_losses(read_jsonl(self.out / "metrics.jsonl"), self.out / "loss.png")
             fault_point("finish.plot")
-            write_atomic(self.out / "results.json", json.dumps(result, indent=1))
+            write_json(self.out / "results.json", result)
         self.accelerator.wait_for_everyone()
         return result
 
@@ -420,6 +396,22 @@ class Trainer:
     def _last_logged_loss(self) -> float:
         rows = [r for r in read_metrics(self.out / "metrics.jsonl") if r.get("type") == "train"]
         return rows[-1]["loss"] if rows else float("nan")
+
+
+def plot_losses(rows: list[dict], png: Path) -> Path:
+    """loss.png of one run: the training loss per logged step (faint), its EMA, and the held-out loss at
+    each evaluation."""
+    from longctx.plots import ema, line_figure
+
+    tr = [r for r in rows if r.get("type") == "train" and r.get("loss") is not None]
+    ev = [r for r in rows if r.get("type") == "eval" and r.get("loss") is not None]
+    steps, losses = [r["step"] for r in tr], [r["loss"] for r in tr]
+    series = [{"x": steps, "y": losses, "label": "train", "color": "C0", "alpha": 0.3},
+              {"x": steps, "y": ema(losses), "label": "train (EMA)", "color": "C0"}]
+    if ev:
+        series.append({"x": [r["step"] for r in ev], "y": [r["loss"] for r in ev], "style": "o-",
+                       "label": "held-out", "color": "C1"})
+    return line_figure(png, series, "step", "loss", figsize=(6, 4))
 
 
 def train(cfg: dict, task, out_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:

@@ -1,0 +1,80 @@
+"""Figures: matplotlib on its Agg backend (no display; safe in worker processes) and the two kinds
+of figure the reports draw, lines over a shared x axis and bar panels. Every figure is saved
+atomically (a reader never sees half a PNG) and closed."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+
+def pyplot():
+    """``matplotlib.pyplot`` on the Agg backend, imported on first use (a CLI without plots never pays
+    for matplotlib)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save(fig, path: str | os.PathLike, dpi: int = 100) -> Path:
+    """Lay out, write ``path`` atomically (a ``.tmp-`` file renamed onto it) and close ``fig``."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    try:
+        fig.tight_layout()
+        fig.savefig(tmp, format="png", dpi=dpi)
+        os.replace(tmp, path)
+    finally:
+        pyplot().close(fig)
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def line_figure(path: str | os.PathLike, series: Sequence[dict], xlabel: str, ylabel: str, *,
+                title: str | None = None, log_x: int | None = None, log_y: bool = False,
+                xticks: Sequence[int] | None = None, figsize=(6.5, 4), legend_size: int = 8, dpi: int = 100) -> Path:
+    """One line per entry of ``series``: ``{"x", "y", "label"}`` and optionally ``"style"`` (a format
+    string such as ``"o--"``), ``"alpha"``, ``"color"``. ``log_x``: the base of a log x axis."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=figsize)
+    for s in series:
+        kw = {k: s[k] for k in ("alpha", "color", "linewidth") if k in s}
+        ax.plot(s["x"], s["y"], *([s["style"]] if s.get("style") else []), label=s.get("label"), **kw)
+    if log_x:
+        ax.set_xscale("log", base=log_x)
+    if log_y:
+        ax.set_yscale("log")
+    if xticks is not None:
+        ax.set_xticks(list(xticks), [str(n) for n in xticks])
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    if any(s.get("label") for s in series):
+        ax.legend(fontsize=legend_size)
+    ax.grid(True, which="both" if log_x or log_y else "major", alpha=0.3)
+    return save(fig, path, dpi)
+
+
+def bar_figure(path: str | os.PathLike, names: Sequence[str], panels: Sequence[tuple[Sequence[float], str, str]], *,
+               figsize=None, dpi: int = 100) -> Path:
+    """One bar panel per ``(values, ylabel, color)``, side by side, all over the same ``names``."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=figsize or (4.5 * len(panels), 3.5), squeeze=False)
+    for ax, (values, ylabel, color) in zip(axes[0], panels):
+        ax.bar(list(names), list(values), color=color)
+        ax.set_ylabel(ylabel)
+        ax.tick_params(axis="x", rotation=30)
+    return save(fig, path, dpi)
+
+
+def ema(values: Sequence[float], beta: float = 0.9) -> list[float]:
+    """Exponential moving average with bias correction (as Adam's moments, and TensorBoard's smoothing
+    without the warm start): point t is sum_k (1-beta) beta^(t-k) v_k / (1 - beta^(t+1)), so the first
+    point is the first value and early points are not pulled toward zero."""
+    out, m = [], 0.0
+    for t, v in enumerate(values):
+        m = beta * m + (1 - beta) * v
+        out.append(m / (1 - beta ** (t + 1)))
+    return out

@@ -1,0 +1,182 @@
+"""The shared helpers: atomic writes (longctx.io), progress (longctx.progress), figures (longctx.plots)."""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import pty
+import select
+import struct
+import subprocess
+import sys
+import termios
+from pathlib import Path
+
+import pytest
+
+from longctx import io
+from longctx.errors import LongctxError
+from longctx.plots import ema
+
+# --- io ----------------------------------------------------------------------------------------------
+
+
+def test_write_text_replaces_whole_or_not_at_all(tmp_path, monkeypatch):
+    p = tmp_path / "a.json"
+    io.write_json(p, {"x": 1})
+    assert json.loads(p.read_text()) == {"x": 1}
+
+    def broken(src, dst):
+        raise OSError("disk full")
+    monkeypatch.setattr(os, "replace", broken)
+    with pytest.raises(OSError):
+        io.write_text(p, "new")
+    assert json.loads(p.read_text()) == {"x": 1}  # the old content, whole
+    assert [q.name for q in tmp_path.iterdir()] == ["a.json"]  # no temporary left
+
+
+def test_publish_dir(tmp_path):
+    final = tmp_path / "out"
+    with io.publish_dir(final) as tmp:
+        (tmp / "f").write_text("1")
+        assert not final.exists()  # invisible until the block ends
+    assert (final / "f").read_text() == "1"
+    with pytest.raises(RuntimeError), io.publish_dir(final) as tmp:  # an error: the old folder stays
+        (tmp / "f").write_text("2")
+        raise RuntimeError
+    assert (final / "f").read_text() == "1"
+    with io.publish_dir(final) as tmp:  # success: replaced
+        (tmp / "g").write_text("3")
+    assert sorted(p.name for p in final.iterdir()) == ["g"]
+    with io.publish_dir(final, replace=False) as tmp:  # a cache key published first is kept
+        (tmp / "h").write_text("4")
+    assert sorted(p.name for p in final.iterdir()) == ["g"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_read_jsonl_skips_torn_lines(tmp_path):
+    p = tmp_path / "m.jsonl"
+    p.write_text('{"step": 1}\n[1, 2]\n{"step": 2}\n{"step": 3, "lo')
+    assert io.read_jsonl(p) == [{"step": 1}, {"step": 2}]
+    assert io.read_jsonl(tmp_path / "missing.jsonl") == []
+
+
+@pytest.mark.parametrize("text,why", [("a: [1\n", "not valid YAML"), ("- 1\n- 2\n", "mapping of keys"),
+                                      (b"\xff\xfe", "not UTF-8")])
+def test_load_yaml_errors_are_one_sentence(tmp_path, text, why):
+    p = tmp_path / "c.yaml"
+    (p.write_bytes if isinstance(text, bytes) else p.write_text)(text)
+    with pytest.raises(LongctxError, match=why) as e:
+        io.load_yaml(p, "benchmark config")
+    assert "\n" not in str(e.value) and str(e.value).startswith("benchmark config")
+    with pytest.raises(LongctxError, match="does not exist"):
+        io.load_yaml(tmp_path / "none.yaml")
+    (tmp_path / "empty.yaml").write_text("")
+    assert io.load_yaml(tmp_path / "empty.yaml") == {}
+
+
+def test_ema_is_the_bias_corrected_average():
+    v = [4.0, 2.0, 7.0, 1.0]
+    beta = 0.8
+    for t, got in enumerate(ema(v, beta)):
+        w = [(1 - beta) * beta ** (t - k) for k in range(t + 1)]
+        assert got == pytest.approx(sum(wk * vk for wk, vk in zip(w, v)) / sum(w))
+    assert ema(v, beta)[0] == v[0]
+
+
+# --- progress ----------------------------------------------------------------------------------------
+JOB = """
+import time
+from longctx.progress import Progress
+with Progress(total=8, desc="work", unit="doc", interval=0) as bar:
+    for i in range(8):
+        time.sleep(0.01)
+        bar.update(1, loss=f"{i:.1f}")
+"""
+
+
+def _run_job_on_pty() -> str:
+    parent, child = pty.openpty()
+    fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a terminal has a size
+    proc = subprocess.Popen([sys.executable, "-c", JOB], stdin=subprocess.DEVNULL, stdout=child, stderr=child)
+    os.close(child)
+    out = b""
+    while True:
+        r, _, _ = select.select([parent], [], [], 30)
+        if not r:
+            break
+        try:
+            chunk = os.read(parent, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        out += chunk
+    proc.wait(timeout=30)
+    os.close(parent)
+    return out.decode(errors="replace")
+
+
+def test_progress_on_a_terminal_is_a_bar_with_rate_and_eta():
+    out = _run_job_on_pty()
+    assert "\r" in out  # redrawn in place
+    last = [part for part in out.replace("\r\n", "\n").split("\r") if part.strip()][-1]  # the final redraw
+    assert "work: 100%" in last and "8/8" in last
+    assert "doc/s" in last  # the rate
+    assert "<00:00" in last  # elapsed<remaining: tqdm's ETA
+    assert "loss 7.0" in last
+
+
+def test_progress_into_a_pipe_is_plain_lines():
+    res = subprocess.run([sys.executable, "-c", JOB], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    lines = res.stderr.splitlines()
+    assert "\r" not in res.stderr and len(lines) == 8  # interval=0: a line per update
+    for i, line in enumerate(lines, 1):
+        fields = line.split(" | ")
+        assert fields[0] == f"work: {i}/8 doc"
+        rate = float(fields[1].removesuffix(" doc/s").replace(",", ""))
+        assert 0 < rate < 1000  # 10 ms a doc: at most 100/s
+        assert fields[3].startswith("ETA ") and fields[4] == f"loss {i - 1:.1f}"
+    assert lines[-1].split(" | ")[3] == "ETA 0s"
+
+
+def test_progress_without_interval_prints_only_when_asked_and_at_the_end(capsys):
+    from longctx.progress import Progress
+
+    with Progress(total=5, desc="train", unit="step", interval=None, stream=sys.stdout) as bar:
+        for i in range(5):
+            bar.update(1, log=(i == 1))
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(" | ")[0] for line in lines] == ["train: 2/5 step", "train: 5/5 step"]
+    with Progress(total=5, enabled=False, stream=sys.stdout) as bar:
+        bar.update(5)
+    assert capsys.readouterr().out == ""
+
+
+# --- plots -------------------------------------------------------------------------------------------
+
+
+def test_compare_loss_plot_smooths_training_and_marks_held_out(tmp_path):
+    """The default compare's loss plot: per variant an EMA of the training loss and the held-out points,
+    in one colour; raw per-step losses (which coincide across variants) are not drawn."""
+    from longctx.experiments.report import _loss_series
+    from longctx.train.trainer import plot_losses
+
+    rows = {}
+    for v, off in (("a", 0.0), ("b", 0.5)):
+        rows[v] = [{"type": "train", "step": s, "loss": 5.0 - s / 10 + off + (0.3 if s % 2 else -0.3), "train_time": s}
+                   for s in range(1, 11)] + [{"type": "eval", "step": 5, "loss": 4.6 + off, "train_time": 5.5},
+                                             {"type": "eval", "step": 10, "loss": 4.1 + off, "train_time": 10.5}]
+    series = _loss_series(rows, "step")
+    assert [s["label"] for s in series] == ["a train (EMA)", "a held-out", "b train (EMA)", "b held-out"]
+    raw = [r["loss"] for r in rows["a"] if r["type"] == "train"]
+    assert series[0]["y"] == ema(raw) and series[0]["x"] == list(range(1, 11))
+    jumps = lambda ys: max(abs(a - b) for a, b in zip(ys, ys[1:]))  # noqa: E731
+    assert jumps(series[0]["y"][3:]) < jumps(raw[3:]) / 2  # smoothed (past the first points)
+    assert series[1]["x"] == [5, 10] and series[1]["y"] == [4.6, 4.1]
+    assert series[0]["color"] == series[1]["color"] != series[2]["color"]
+    assert _loss_series(rows, "train_time")[1]["x"] == [5.5, 10.5]
+    png = plot_losses(rows["a"], tmp_path / "loss.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loss.png"]  # no temporary left
