@@ -60,7 +60,7 @@ class QATask(FinetuneTask):
     default_global = "question"
     OPTIONS = {"max_answer_length": 30, "doc_stride": 128, "max_question_tokens": 64,
                # the built-in task (no files)
-               "context_chars": 6000, "far_fraction": 0.5, "questions_per_context": 2}
+               "context_chars": 6000, "far_fraction": 0.5, "questions_per_context": 2, "answer_offset": 0}
     CONFIG = {"data": {"seq_len": 1024}, "model": {"max_position_embeddings": 4096},
               "train": {"steps": 200, "batch_size": 4, "lr": 1e-3, "warmup_steps": 20, "eval_batches": 1}}
 
@@ -85,7 +85,7 @@ class QATask(FinetuneTask):
         docs = corpus_splits(self.cfg["seed"])
         self._docs = docs
         return {s: qa_records(docs[s], o["context_chars"], o["far_fraction"], o["questions_per_context"],
-                              self.cfg["seed"] + i) for i, s in enumerate(SPLITS)}
+                              self.cfg["seed"] + i, answer_offset=o["answer_offset"]) for i, s in enumerate(SPLITS)}
 
     def tokenizer_texts(self):
         if getattr(self, "_docs", None):
@@ -98,7 +98,9 @@ class QATask(FinetuneTask):
         if tok.sep_id is None or tok.cls_id is None:
             raise LongctxError("QA needs a tokenizer with a <cls> and a <sep> token")
         o = self.opts
-        questions = tok.encode_batch([r["question"] for r in records]) if records else []
+        # the question after a space: a byte-level BPE then spells its first word as inside a sentence of
+        # the context (" word", not "word"), so the model can match the two by token identity
+        questions = tok.encode_batch([" " + r["question"].lstrip() for r in records]) if records else []
         contexts = tok.encode_batch([r["context"] for r in records]) if records else []
         feats = []
         for ri, (r, (q, _), (c, offs)) in enumerate(zip(records, questions, contexts)):
