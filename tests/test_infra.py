@@ -180,3 +180,11 @@ def test_compare_loss_plot_smooths_training_and_marks_held_out(tmp_path):
     png = plot_losses(rows["a"], tmp_path / "loss.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["loss.png"]  # no temporary left
+
+
+def test_progress_delay_keeps_short_jobs_silent(capsys):
+    from longctx.progress import Progress
+
+    with Progress(total=3, desc="tokenising", stream=sys.stdout, interval=0, delay=60) as bar:
+        bar.update(3)
+    assert capsys.readouterr().out == ""

@@ -31,13 +31,13 @@ class Progress:
     only when asked with ``update(..., log=True)``), and one at the end:
     ``desc: n/total unit | rate unit/s | elapsed | ETA | postfix``. ``enabled=False`` shows nothing.
     ``initial``: work done before this process started (a resumed run); the rate counts only this
-    process's work."""
+    process's work. ``delay``: seconds before anything is shown (a job that ends sooner stays silent)."""
 
     def __init__(self, total: int | None = None, desc: str = "", unit: str = "it", *, enabled: bool = True,
-                 stream=None, interval: float | None = 10.0, initial: int = 0):
+                 stream=None, interval: float | None = 10.0, initial: int = 0, delay: float = 0.0):
         self.total, self.desc, self.unit, self.enabled = total, desc, unit, enabled
         self.stream = stream if stream is not None else sys.stderr
-        self.interval, self.n, self.initial = interval, initial, initial
+        self.interval, self.n, self.initial, self.delay = interval, initial, initial, delay
         self.postfix: dict = {}
         self.start = self.last_line = time.monotonic()
         self.bar = None
@@ -45,7 +45,7 @@ class Progress:
         if enabled and _isatty(self.stream):
             from tqdm import tqdm
             self.bar = tqdm(total=total, desc=desc, unit=unit, initial=initial, file=self.stream, dynamic_ncols=True,
-                            unit_scale=unit not in ("step", "case", "doc", "file"), smoothing=0.1)
+                            smoothing=0.1, delay=delay)
 
     # ---- counting ----
     def update(self, n: int = 1, log: bool = False, **postfix) -> None:
@@ -62,6 +62,8 @@ class Progress:
             self.bar.update(n)
             return
         now = time.monotonic()
+        if now - self.start < self.delay:
+            return
         due = self.interval is not None and now - self.last_line >= self.interval
         if log or due or (self.total is not None and self.n >= self.total):
             self._line(now)
@@ -81,7 +83,8 @@ class Progress:
         self.closed = True
         if self.bar is not None:
             self.bar.close()
-        elif self.enabled and self.last_line < self.start + 1e-9 and self.n > self.initial:
+        elif (self.enabled and self.last_line < self.start + 1e-9 and self.n > self.initial
+              and time.monotonic() - self.start >= self.delay):
             self._line(time.monotonic())  # a job too short for a timed line still says what it did
 
     def __enter__(self):

@@ -38,6 +38,7 @@ from longctx.convert.longformer import (
     weight_names,
 )
 from longctx.errors import LongctxError
+from longctx.progress import Progress
 from longctx.models import LongctxConfig, LongctxForMaskedLM
 from longctx.positions.absolute import extend_learned_positions
 
@@ -173,7 +174,7 @@ def _source_class(src: Path, hf_cfg):
 
 
 def extend_dir(src: str | os.PathLike, out: str | os.PathLike, max_length: int, attention_window: int,
-               force: bool = False) -> dict:
+               force: bool = False, progress: bool = True) -> dict:
     """``longctx convert extend``: short checkpoint directory ``src`` -> long longctx masked-LM
     directory ``out`` (weights, config, tokenizer with ``model_max_length = max_length``)."""
     src = Path(src)
@@ -188,12 +189,15 @@ def extend_dir(src: str | os.PathLike, out: str | os.PathLike, max_length: int, 
     # checked before loading: a table of 10^8 positions would be killed by the OOM killer, not refused
     check_max_length(max_length, learned, hf_cfg.hidden_size, _dtype_bytes(hf_cfg))
     cls, _ = _source_class(src, hf_cfg)
+    bar = Progress(3, "convert extend", "stages", enabled=progress)  # load, extend, save
     hf_model = load_hf_model(cls, src)
+    bar.update(1, stage="loaded")
     tokenizer, tok_note = _load_tokenizer(src)
     overrides = {}
     if tokenizer is not None and getattr(tokenizer, "sep_token_id", None) is not None:
         overrides["sep_token_id"] = tokenizer.sep_token_id
     model = extend_model(hf_model, max_length, attention_window, **overrides)
+    bar.update(1, stage="extended")
     with atomic_output_dir(out, force) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
@@ -201,6 +205,8 @@ def extend_dir(src: str | os.PathLike, out: str | os.PathLike, max_length: int, 
             tokenizer.save_pretrained(str(tmp))
         elif tok_note:
             copy_tokenizer_files(src, tmp)
+    bar.update(1, stage="saved")
+    bar.close()
     return {"source_class": cls.__name__, "longctx_class": type(model).__name__, "out": str(out),
             "max_position_embeddings": max_length, "attention_window": attention_window,
             "window": model.config.window, "fresh_head": model.fresh_head,

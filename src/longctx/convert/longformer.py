@@ -20,13 +20,14 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from longctx.errors import LongctxError
+from longctx.io import publish_dir
+from longctx.progress import Progress
 from longctx.models import (
     LongctxConfig,
     LongctxForMaskedLM,
@@ -283,7 +284,8 @@ def detect_longformer_class(src: Path, hf_cfg) -> str:
                        "architectures; add e.g. \"architectures\": [\"LongformerForMaskedLM\"]")
 
 
-def convert_longformer_dir(src: str | os.PathLike, out: str | os.PathLike, force: bool = False) -> dict:
+def convert_longformer_dir(src: str | os.PathLike, out: str | os.PathLike, force: bool = False,
+                           progress: bool = True) -> dict:
     """``longctx convert longformer``: checkpoint directory ``src`` -> longctx directory ``out``
     (weights, config, tokenizer files). Returns a summary."""
     import transformers
@@ -296,11 +298,15 @@ def convert_longformer_dir(src: str | os.PathLike, out: str | os.PathLike, force
     check_has_weights(src)
     prepare_output(out, force)
     arch = detect_longformer_class(src, hf_cfg)
-    hf_model = load_hf_model(getattr(transformers, arch), src)
-    model = convert_longformer(hf_model)
-    with atomic_output_dir(out, force) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        copied = copy_tokenizer_files(src, tmp)
+    with Progress(3, "convert longformer", "stages", enabled=progress) as bar:  # load, convert, save
+        hf_model = load_hf_model(getattr(transformers, arch), src)
+        bar.update(1, stage="loaded")
+        model = convert_longformer(hf_model)
+        bar.update(1, stage="converted")
+        with atomic_output_dir(out, force) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            copied = copy_tokenizer_files(src, tmp)
+        bar.update(1, stage="saved")
     return {"source_class": arch, "longctx_class": type(model).__name__, "out": str(out),
             "window": model.config.window, "max_position_embeddings": model.config.max_position_embeddings,
             "tokenizer_files": copied}
@@ -326,25 +332,8 @@ def atomic_output_dir(out: str | os.PathLike, force: bool = False):
     """Yield a temporary directory beside ``out``; on success it replaces ``out`` by a rename, on any
     error it is removed and ``out`` is left as it was."""
     out = prepare_output(out, force).absolute()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with publish_dir(out, prefix=f".{out.name}.tmp-") as tmp:
         yield tmp
-        old = None
-        if out.exists():  # an empty directory, or --force: move it aside, put it back on failure
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.rename(out, old / out.name)
-        try:
-            os.rename(tmp, out)
-        except BaseException:
-            if old is not None:
-                os.rename(old / out.name, out)
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:

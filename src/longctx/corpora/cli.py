@@ -17,12 +17,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sys
 import time
 from collections import Counter
 
 from longctx.corpora.arxiv import Limits, Rejected, convert_source, discover, doc_id
 from longctx.errors import LongctxError
+from longctx.progress import Progress
 
 STATE_DIR = ".state"
 JOURNAL = "journal.jsonl"
@@ -155,29 +155,6 @@ def _load_journal(path: str) -> dict[str, tuple[int, list]]:
     return index
 
 
-class _Progress:
-    def __init__(self, total: int, skipped: int, enabled: bool):
-        self.total, self.skipped, self.enabled = total, skipped, enabled
-        self.done = 0
-        self.t0 = self.last = time.monotonic()
-        self.every = 1.0 if sys.stderr.isatty() else 10.0
-
-    def step(self, force: bool = False) -> None:
-        self.done += 1
-        now = time.monotonic()
-        if not self.enabled or (not force and now - self.last < self.every):
-            return
-        self.last = now
-        rate = self.done / max(now - self.t0, 1e-9)
-        left = self.total - self.skipped - self.done
-        eta = left / rate if rate > 0 else float("inf")
-        eta_s = f"{int(eta // 60)}m{int(eta % 60):02d}s" if eta != float("inf") else "?"
-        end = "\r" if sys.stderr.isatty() and left else "\n"
-        print(f"corpus arxiv: {self.done + self.skipped}/{self.total} inputs "
-              f"({self.skipped} already done), {rate:.2f} docs/s, ETA {eta_s}   ",
-              end=end, file=sys.stderr, flush=True)
-
-
 def _check_paths(inputs: list[str], out: str) -> None:
     if not inputs:
         raise LongctxError("no input given; name a folder of arXiv source archives or .tex files.")
@@ -227,13 +204,13 @@ def build_arxiv_corpus(inputs: list[str], out: str, workers: int = 1, limits: Li
             continue
         todo.append((key, path, sig, limits, timeout))
     skipped = len(jobs_all) - len(todo)
-    prog = _Progress(len(jobs_all), skipped, progress)
-
     if todo:
-        try:
-            _convert_all(todo, journal_path, workers, converter, limits, prog)
-        except OSError as e:  # the journal could not be appended (a full disk): its lines so far count
-            raise _write_error(out, e) from None
+        # the rate counts this run's papers; those already in the journal start the count
+        with Progress(len(jobs_all), "corpus arxiv", "docs", enabled=progress, initial=skipped) as prog:
+            try:
+                _convert_all(todo, journal_path, workers, converter, limits, prog)
+            except OSError as e:  # the journal could not be appended (a full disk): its lines so far count
+                raise _write_error(out, e) from None
         index = _load_journal(journal_path)
 
     elapsed = time.monotonic() - t0
@@ -257,7 +234,7 @@ def _convert_all(todo: list, journal_path: str, workers: int, converter, limits:
             line = (json.dumps(entry, ensure_ascii=False, sort_keys=True) + "\n").encode("utf-8")
             jf.write(line)
             jf.flush()
-            prog.step(force=prog.done + 1 == len(todo))
+            prog.update(1)
 
 
 def _write_error(out: str, e: OSError) -> LongctxError:

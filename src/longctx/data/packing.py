@@ -43,6 +43,7 @@ from longctx.data.structure import HEADING_KINDS, heading_spans
 from longctx.data.tokenizer import ByteTokenizer, load_tokenizer
 from longctx.errors import LongctxError
 from longctx.io import publish_dir
+from longctx.progress import Progress
 from longctx.paths import cache_root
 
 CACHE_VERSION = 1
@@ -104,12 +105,15 @@ def tokenize_documents(docs: list[dict], tokenizer, cache_dir: str | Path | None
     dtype = np.uint16 if tokenizer.vocab_size <= 65536 else np.int32
     parts_ids, parts_head, starts, pos = [], [], [], 0
     sep = np.array([tokenizer.sep_id], dtype=np.int64)
+    bar = Progress(len(docs), "tokenising", "docs", delay=2.0)  # shown only when it takes a while
     for doc, (ids, offsets) in zip(docs, _encode_all(docs, tokenizer)):
+        bar.update(1)
         starts.append(pos)
         parts_ids += [ids, sep]
         head = np.zeros(len(ids), bool) if offsets is None else heading_flags(doc.get("structure"), offsets, heading_kinds)
         parts_head += [head, np.zeros(1, dtype=bool)]
         pos += len(ids) + 1
+    bar.close()
     stream = TokenStream(np.concatenate(parts_ids, dtype=dtype, casting="unsafe") if parts_ids else np.zeros(0, dtype),
                          np.concatenate(parts_head) if parts_head else np.zeros(0, bool),
                          np.asarray(starts, dtype=np.int64))
