@@ -296,6 +296,38 @@ def collect_macros(src: str) -> tuple[dict[str, tuple[int, str | None, str]], st
     return macros, "".join(out)
 
 
+def _macro_args(src: str, i: int, nargs: int, default: str | None) -> tuple[list[str], int] | None:
+    """The ``nargs`` arguments of a macro call whose name ends at ``i`` (the first optional in brackets
+    when the macro has a ``default``; the others in braces or one token), and where the call ends;
+    None for an unfinished call (a missing bracket or brace, or the end of the text)."""
+    args = []
+    for a in range(nargs):
+        i2 = _skip_ws(src, i)
+        if a == 0 and default is not None:
+            if i2 < len(src) and src[i2] == "[":
+                k = src.find("]", i2)
+                if k < 0:
+                    return None
+                args.append(src[i2 + 1:k])
+                i = k + 1
+            else:
+                args.append(default)
+            continue
+        if i2 < len(src) and src[i2] == "{":
+            k = _match_brace(src, i2)
+            if k < 0:
+                return None
+            args.append(src[i2 + 1:k - 1])
+            i = k
+        elif i2 < len(src):
+            mm = re.match(r"\\[a-zA-Z@]+|\\.|.", src[i2:], re.S)
+            args.append(mm.group(0))
+            i = i2 + mm.end()
+        else:
+            return None
+    return args, i
+
+
 def expand_macros(src: str, macros: dict, max_passes: int = 8, max_chars: int = 20_000_000) -> str:
     """Expand user macros in ``src`` (arguments in braces, or one token), repeating while anything
     changed, at most ``max_passes`` times and never beyond ``max_chars``."""
@@ -321,37 +353,10 @@ def expand_macros(src: str, macros: dict, max_passes: int = 8, max_chars: int = 
             if (m.start() - b) % 2:
                 continue
             nargs, default, body = macros[m.group(1)]
-            i, args = m.end(), []
-            ok = True
-            for a in range(nargs):
-                i2 = _skip_ws(src, i)
-                if a == 0 and default is not None:
-                    if i2 < len(src) and src[i2] == "[":
-                        k = src.find("]", i2)
-                        if k < 0:
-                            ok = False
-                            break
-                        args.append(src[i2 + 1:k])
-                        i = k + 1
-                    else:
-                        args.append(default)
-                    continue
-                if i2 < len(src) and src[i2] == "{":
-                    k = _match_brace(src, i2)
-                    if k < 0:
-                        ok = False
-                        break
-                    args.append(src[i2 + 1:k - 1])
-                    i = k
-                elif i2 < len(src):
-                    mm = re.match(r"\\[a-zA-Z@]+|\\.|.", src[i2:], re.S)
-                    args.append(mm.group(0))
-                    i = i2 + mm.end()
-                else:
-                    ok = False
-                    break
-            if not ok:
+            read = _macro_args(src, m.end(), nargs, default)
+            if read is None:
                 continue
+            args, i = read
             rep = re.sub(r"#(\d)", lambda g: args[int(g.group(1)) - 1]
                          if 0 < int(g.group(1)) <= len(args) else "", body)
             out.append(src[last:m.start()])
