@@ -263,21 +263,15 @@ def analyze_saved(model_dir: str | Path, data: str | None = None, max_docs: int 
 # ---- reports -------------------------------------------------------------------------------------------
 def write_analysis(results: dict[str, dict], out_dir: str | Path) -> dict[str, Path]:
     """``analysis.json``, ``analysis.md`` and the plots for one or more named analyses (side by side)."""
+    from longctx.io import write_json, write_text
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "analysis.json", "md": out / "analysis.md"}
-    write_atomic(paths["json"], json.dumps(results, indent=1))
+    write_json(paths["json"], results)
     paths.update(plot_analysis(results, out))
-    write_atomic(paths["md"], markdown(results, {k: p.name for k, p in paths.items() if p.suffix == ".png"}))
+    write_text(paths["md"], markdown(results, {k: p.name for k, p in paths.items() if p.suffix == ".png"}))
     return paths
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file and rename: a reader never sees half a file."""
-    import os
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _fmt(x) -> str:
@@ -327,9 +321,9 @@ def _bin_names(edges: list[int]) -> list[str]:
 
 
 def plot_analysis(results: dict[str, dict], out: Path) -> dict[str, Path]:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from longctx.plots import pyplot, save
+
+    plt = pyplot()
 
     names, paths = list(results), {}
     shown = [m for m in METRICS if any(h[m] is not None for r in results.values() for l in r["layers"] for h in l["heads"])]
@@ -345,8 +339,7 @@ def plot_analysis(results: dict[str, dict], out: Path) -> dict[str, Path]:
             axes[r, c].set_xlabel("head", fontsize=7)
             axes[r, c].set_ylabel("layer", fontsize=7)
             fig.colorbar(im, ax=axes[r, c])
-    fig.tight_layout()
-    paths["heatmaps"] = _save(fig, out / "attention_heatmaps.png")
+    paths["heatmaps"] = save(fig, out / "attention_heatmaps.png", dpi=110)
     fig, ax = plt.subplots(1, len(results[names[0]]["layers"]), figsize=(3.2 * len(results[names[0]]["layers"]), 2.8),
                            squeeze=False)
     for li in range(len(results[names[0]]["layers"])):
@@ -362,20 +355,8 @@ def plot_analysis(results: dict[str, dict], out: Path) -> dict[str, Path]:
         ax[0, li].set_xlabel("distance |i - j| (tokens)", fontsize=7)
         ax[0, li].set_ylabel("share of attention mass", fontsize=7)
         ax[0, li].legend(fontsize=6)
-    fig.tight_layout()
-    paths["distance"] = _save(fig, out / "attention_distance.png")
+    paths["distance"] = save(fig, out / "attention_distance.png", dpi=110)
     return paths
-
-
-def _save(fig, path: Path) -> Path:
-    import os
-
-    import matplotlib.pyplot as plt
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)  # a reader never sees half a plot
-    return path
 
 
 # ---- the `analysis:` section of a comparison (`longctx compare`) ----------------------------------------

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from longctx.errors import LongctxError
+from longctx.io import write_json
 
 HALF = "half"  # --blockwise with no value: half the training length (LeX)
 
@@ -84,13 +83,6 @@ def _json_target(path: str | None) -> Path | None:
     return p
 
 
-def _write_json(path: Path, obj) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-
-
 def _model_config(model_dir: Path) -> dict:
     """config.json of a longctx model folder (read as JSON), refusing a folder that is not one."""
     try:
@@ -157,7 +149,7 @@ def run_eval(args) -> int:
         rows = [{**row, **{k: res[k] for k in ("tokens", "units", "documents", "stride", "blockwise")}}
                 for row in res["rows"]]
     if json_path:
-        _write_json(json_path, rows)
+        write_json(json_path, rows)
     return 0
 
 

@@ -262,12 +262,11 @@ def evaluate_variant(cfg: dict, vdir, spec: dict, progress: bool = False) -> dic
     ``vdir/extrapolation.json``, reused by a rerun): {training_length, tokens, ..., runs: {"plain":
     rows, "blockwise": rows (relative positions only)}}."""
     import json
-    import os
     import sys
-    import tempfile
     from pathlib import Path
 
     from longctx.data.packing import prepare_data
+    from longctx.io import write_json
     from longctx.data.tokenizer import ByteTokenizer
 
     vdir = Path(vdir)
@@ -294,8 +293,5 @@ def evaluate_variant(cfg: dict, vdir, spec: dict, progress: bool = False) -> dic
                             batch_size=spec["batch_size"], progress=show)
         out.update({k: res[k] for k in ("tokens", "units", "documents", "stride")})
         out["runs"][name] = {"blockwise": block, "rows": res["rows"]}
-    fd, tmp = tempfile.mkstemp(dir=vdir, prefix=".extrapolation.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(out, f, indent=1)
-    os.replace(tmp, done)
+    write_json(done, out)
     return out

@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import importlib
 import json
-import os
 from pathlib import Path
 
 from longctx.errors import LongctxError
@@ -69,6 +68,7 @@ def finetune_config(task_name: str, config: dict | None = None, overrides: list[
 
 def run_finetune(cfg: dict, task_name: str, out_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:
     """Train, then evaluate the final model on the test split; returns results.json's content."""
+    from longctx.io import write_json
     from longctx.train.trainer import train
 
     task = task_class(task_name)(cfg)
@@ -81,15 +81,8 @@ def run_finetune(cfg: dict, task_name: str, out_dir: str | Path, resume: bool = 
         result["test"] = task.evaluate(model, "test", seq_len=cfg["data"]["seq_len"])
         result["primary_metric"] = task.primary_metric
         result["from_scratch"] = not cfg.get("init_from")
-        _write_atomic(out / "results.json", json.dumps(result, indent=1))
+        write_json(out / "results.json", result)
     return result
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write beside, then rename: a kill leaves the old file or the new one, never half of one."""
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def summary_line(result: dict) -> str:
