@@ -42,7 +42,16 @@ def saved_model_fields(path: str | Path) -> dict:
     if not p.exists():
         raise LongctxError(f"init_from {path} is not a saved model folder (no config.json)")
     saved = json.loads(p.read_text())
-    return {k: saved[k] for k in DEFAULTS["model"] if k in saved}
+    out = {k: saved[k] for k in DEFAULTS["model"] if k in saved}
+    if saved.get("model_type") == "longctx":
+        # the attention in its explicit per-layer form: flat keys the config section may not declare
+        # (``block`` of a blocks model) would otherwise be lost and fall back to their defaults
+        from longctx.models import LongctxConfig
+        mc = LongctxConfig.from_pretrained(str(path))
+        out["attention"] = [{"type": name, **fields} for name, fields, _ in mc.layer_attention()]
+        if "layers" in out:
+            out["layers"] = None
+    return out
 
 
 def finetune_config(task_name: str, config: dict | None = None, overrides: list[str] | None = None,
