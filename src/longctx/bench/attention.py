@@ -3,9 +3,11 @@
 Each case is one implementation at one length and dtype, run in its own process (see ``common``):
 forward (inference, no autograd graph) and forward+backward (a training step of the layer: output
 projection included, gradient of a random upstream) wall times, median of ``repeats`` runs after
-``warmup``, and the peak resident memory each phase added. Useful FLOPs count the projections and only
-the query-key pairs the pattern allows (``AttentionPattern.attended_pairs``): 4 * pairs * head_dim per
-head forward (QK^T and PV), three times that for forward+backward; recomputation is not useful work.
+``warmup``, and the peak resident memory each phase added. Useful FLOPs are the projections plus the
+attention core's own count, asked of its registry mechanism (``Mechanism.flops``: for a mask pattern,
+4 * attended pairs * head_dim per head, QK^T and PV); three times the forward for forward+backward;
+recomputation is not useful work. Peers are counted as the mechanism they compute (HF's Longformer as
+the sliding window, local-attention as LeX's blockwise causal with block window/2).
 
 Implementations ("impl" in the results):
   longctx-sliding          SelfAttention, sliding window (one-sided window/2), blocked kernel
@@ -26,14 +28,13 @@ Implementations ("impl" in the results):
   longctx-performer        Performer FAVOR+ (256 orthogonal random features)
   longctx-nystrom          Nystromformer (64 landmarks, conv skip 33)
   longctx-lsh              Reformer LSH attention (chunk 64, 64 buckets, 2 hashes; shared QK projection)
-  The families' useful FLOPs are their mechanisms' own ``flops(n)`` plus the projections.
+The acceptance targets are the config's ``targets:`` section (see benchmarks/attention.yaml, common.py).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -61,6 +62,7 @@ DEFAULTS = {
     "time_cap_s": 300.0,  # skip a case whose predicted total run time exceeds this
     "memory_cap_gb": 12.0,  # skip a case whose predicted peak exceeds this
     "seed": 0,
+    "targets": [],  # acceptance targets (common.check_targets); the YAML configs in benchmarks/ carry them
 }
 
 # time and memory grow as n^p: used to predict the next length from the last measured one
@@ -81,67 +83,52 @@ FAMILIES = {
 }
 
 
-def _mechanism(impl: str, n: int, cfg: dict):
-    import longctx.attention  # noqa: F401  (registers the families)
-    from longctx.attention.mechanism import LayerContext, build as build_mechanism
-    name, fields = FAMILIES[impl]
-    ctx = LayerContext(num_heads=cfg["heads"], head_dim=cfg["hidden"] // cfg["heads"], max_len=n, seed=cfg["seed"])
-    return build_mechanism(name, fields, ctx)
-
-
-# -- building one case (in the child) -----------------------------------------------------------------------
-def _pattern(impl: str, cfg: dict):
-    from longctx.attention import AttentionPattern
-    impl = _base(impl)
-    w, H = cfg["attention_window"], cfg["heads"]
+def _attention_spec(impl: str, cfg: dict) -> tuple[str, dict, bool]:
+    """The registry mechanism a case computes: (type, its config keys, causal). ``attention_window`` is
+    two-sided, the mechanisms' ``window`` one-sided (half of it)."""
+    impl, w, H = _base(impl), cfg["attention_window"], cfg["heads"]
+    if impl in FAMILIES:
+        return (*FAMILIES[impl], False)
     if impl in ("longctx-sliding", "core-sliding", "longctx-global16", "sdpa-masked", "hf-longformer"):
-        return AttentionPattern("sliding", window=w // 2)
+        return "sliding", {"window": w // 2}, False
     if impl in ("longctx-sliding-half", "core-sliding-half"):
-        return AttentionPattern("sliding", window=w // 4)
+        return "sliding", {"window": w // 4}, False
     if impl == "longctx-dilated":
-        return AttentionPattern("sliding", window=w // 2, dilation=(1,) * (H - 2) + (2, 2))
+        return "sliding", {"window": w // 2, "dilation": (1,) * (H - 2) + (2, 2)}, False
     if impl == "longctx-blocks":
-        return AttentionPattern("blocks", block=w)
+        return "blocks", {"block": w}, False
     if impl == "longctx-blockwise-causal":
-        return AttentionPattern("blockwise_causal", block=w)
-    if impl in ("longctx-causal", "local-attention"):
-        return AttentionPattern("sliding", window=w // 2, causal=True)
-    return AttentionPattern("full")
-
-
-def attended_pairs(impl: str, n: int, cfg: dict) -> float:
-    """Allowed (query, key) pairs per head: the useful work of the attention core."""
-    H, w = cfg["heads"], cfg["attention_window"]
-    impl = _base(impl)
-    if impl == "sdpa-dense":
-        return float(n) * n
+        return "blockwise_causal", {"block": w}, True
+    if impl == "longctx-causal":
+        return "sliding", {"window": w // 2}, True
     if impl == "local-attention":
-        # buckets of W: a query sees its own bucket causally and the whole previous bucket
-        W = w // 2
-        i = torch.arange(n, dtype=torch.float64)
-        return float(((i % W) + 1 + torch.where(i >= W, W, 0)).sum())
-    pattern = _pattern(impl, cfg)
-    if impl == "longctx-global16":
-        G, half = min(cfg["global_tokens"], n), w // 2
-        i = torch.arange(G, n, dtype=torch.float64)
-        local = (torch.minimum(i + half, torch.tensor(n - 1.0)) - torch.maximum(i - half, torch.tensor(float(G))) + 1)
-        return float(G * n + (local + G).sum())
-    return pattern.attended_pairs(n, H)
+        # buckets of w/2: a query sees its own bucket causally and the whole previous one, which is
+        # exactly LeX's blockwise causal attention with block w/2
+        return "blockwise_causal", {"block": w // 2}, True
+    return "full", {}, False  # sdpa-dense
+
+
+def _mechanism(impl: str, n: int, cfg: dict):
+    """The case's attention as a registry mechanism (the families run it; every case counts its FLOPs)."""
+    import longctx.attention  # noqa: F401  (registers every mechanism)
+    from longctx.attention.mechanism import LayerContext, build as build_mechanism
+    name, fields, causal = _attention_spec(impl, cfg)
+    ctx = LayerContext(num_heads=cfg["heads"], head_dim=cfg["hidden"] // cfg["heads"], max_len=n, causal=causal,
+                       seed=cfg["seed"])
+    return build_mechanism(name, fields, ctx, where=f"benchmark implementation {impl!r}")
 
 
 def useful_flops(impl: str, n: int, cfg: dict) -> tuple[float, float]:
-    """(forward, forward+backward) useful FLOPs of the case."""
-    B, D, H = cfg["batch"], cfg["hidden"], cfg["heads"]
-    d = D // H
-    if impl in FAMILIES:
-        attn = _mechanism(impl, n, cfg).flops(n) * B
-    else:
-        attn = 4.0 * attended_pairs(impl, n, cfg) * d * H * B
+    """(forward, forward+backward) useful FLOPs of the case: the mechanism's own count plus projections."""
+    B, D = cfg["batch"], cfg["hidden"]
+    num_global = min(cfg["global_tokens"], n) if _base(impl) == "longctx-global16" else 0
+    attn = _mechanism(impl, n, cfg).flops(n, num_global) * B
     n_proj = 0 if impl.startswith("core-") else (7 if impl == "longctx-global16" else 3 if impl == "longctx-lsh" else 4)
     proj = 2.0 * B * n * D * D * n_proj
     return attn + proj, 3 * (attn + proj)
 
 
+# -- building one case (in the child) -----------------------------------------------------------------------
 class _ProjectedLayer(torch.nn.Module):
     """q, k, v projections -> an attention core (B, H, n, d) -> output projection: the layer shape every
     peer runs in, so their times compare with longctx's SelfAttention."""
@@ -187,13 +174,17 @@ def build(impl: str, n: int, cfg: dict, dtype: torch.dtype):
     from longctx.attention import SelfAttention, attention
     from longctx.attention.patterns import full_mask
     B, D, H, w = cfg["batch"], cfg["hidden"], cfg["heads"], cfg["attention_window"]
-    pattern = _pattern(impl, cfg)
+    mech = _mechanism(impl, n, cfg)
+    pattern = getattr(mech, "pattern", None)  # the mask family's predicate; None for the approximate families
     backend = "blocked-torch" if impl.endswith(TORCH_KERNEL) else "blocked"
     impl = _base(impl)
     if impl.startswith("core-"):
         qkv = [torch.randn(B, H, n, D // H, dtype=dtype, requires_grad=True) for _ in range(3)]
         return None, qkv, lambda q, k, v: attention(q, k, v, pattern, backend=backend)
     x = torch.randn(B, n, D, dtype=dtype, requires_grad=True)
+    if impl in FAMILIES:  # before the mask family's "longctx-" cases: these names start so too
+        layer = _ProjectedLayer(D, H, mech, shared_qk=impl == "longctx-lsh")
+        return layer.to(dtype), [x], layer
     if impl.startswith("longctx-"):
         glob = impl == "longctx-global16"
         layer = SelfAttention(D, H, pattern, global_projections=glob, backend=backend)
@@ -216,10 +207,6 @@ def build(impl: str, n: int, cfg: dict, dtype: torch.dtype):
         if n % w:
             raise LongctxError(f"Hugging Face's Longformer needs n to be a multiple of {w}")
         layer = _HFLayer(D, H, w)
-        return layer.to(dtype), [x], layer
-    if impl in FAMILIES:
-        mech = _mechanism(impl, n, cfg)
-        layer = _ProjectedLayer(D, H, mech, shared_qk=impl == "longctx-lsh")
         return layer.to(dtype), [x], layer
     if impl == "local-attention":
         from local_attention import LocalAttention
@@ -271,6 +258,7 @@ def run(cfg: dict, out_dir: Path, command: str, log=print) -> dict:
     for impl in cfg["implementations"]:
         if impl not in IMPLS:
             raise LongctxError(f"benchmark implementation {impl!r} is unknown; use one of {', '.join(IMPLS)}")
+    common.check_targets(cfg["targets"], "impl", IMPLS)
     out_dir.mkdir(parents=True, exist_ok=True)
     log(f"longctx bench attention -> {out_dir}")
     from longctx.attention import fused  # built here, once, so no case's time or memory includes the build
@@ -285,87 +273,49 @@ def run(cfg: dict, out_dir: Path, command: str, log=print) -> dict:
         log(f"matrix product reference ({dt}): {mm[dt]:.1f} GFLOP/s")
     cases, last = [], {}
     todo = [(n, dt, impl) for n in sorted(cfg["lengths"]) for dt in cfg["dtypes"] for impl in cfg["implementations"]]
-    t_start = time.time()
-    for i, (n, dt, impl) in enumerate(todo, 1):
-        key = (impl, dt)
-        case = {"impl": impl, "n": n, "dtype": dt, "batch": cfg["batch"], "status": "ok", "reason": None}
-        prev = last.get(key)
-        pred_t, pred_m = _predict(prev, impl, n, cfg)
-        reason = common.skip_reason(prev, impl, n, pred_t, pred_m, cfg)
-        if reason:
-            case.update(status="skipped", reason=reason)
-        else:
-            # generous: a shared machine can be several times slower than the prediction
-            timeout = max(600.0, 5 * (pred_t or cfg["time_cap_s"]))
-            r = common.run_child(__name__, {"impl": impl, "n": n, "dtype": dt, "config": cfg}, timeout)
-            case.update(r)
-        if case["status"] == "ok":
-            f_fl, t_fl = useful_flops(impl, n, cfg)
-            case["fwd_s"], case["train_s"] = common.median(case["fwd_times"]), common.median(case["train_times"])
-            case["useful_flops_fwd"], case["useful_flops_train"] = f_fl, t_fl
-            case["fwd_gflops"] = f_fl / case["fwd_s"] / 1e9
-            case["train_gflops"] = t_fl / case["train_s"] / 1e9
-            case["fwd_fraction_of_matmul"] = case["fwd_gflops"] / mm[dt]
-            case["train_fraction_of_matmul"] = case["train_gflops"] / mm[dt]
-        cases.append(case)
-        if case["status"] != "skipped" or key not in last:
-            last[key] = case
-        elapsed = time.time() - t_start
-        eta = elapsed / i * (len(todo) - i)
-        if case["status"] == "ok":
-            msg = (f"fwd {common.fmt_s(case['fwd_s'])} s, fwd+bwd {common.fmt_s(case['train_s'])} s, "
-                   f"peak {common.fmt_bytes(case['train_peak_bytes'])}, "
-                   f"{case['train_fraction_of_matmul']:.0%} of matmul")
-        else:
-            msg = f"{case['status']}: {case['reason']}"
-        log(f"[{i}/{len(todo)}] {impl} n={n} {dt}: {msg}  (elapsed {elapsed:.0f} s, ETA {eta:.0f} s)")
+    with common.progress(len(todo), "attention") as bar:
+        for i, (n, dt, impl) in enumerate(todo, 1):
+            case = _case(impl, n, dt, last.get((impl, dt)), cfg, mm)
+            cases.append(case)
+            if case["status"] != "skipped" or (impl, dt) not in last:
+                last[(impl, dt)] = case
+            bar.write(f"[{i}/{len(todo)}] {impl} n={n} {dt}: {_summary(case)}")
+            bar.update(1)
     result = {"schema": common.SCHEMA_VERSION, "benchmark": "attention", "name": cfg["name"],
               "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": command,
               "config": cfg, "machine": common.machine_info(), "matmul_gflops": mm, "cases": cases}
-    result["targets"] = targets(result)
+    result["targets"] = common.evaluate_targets(result, "impl")
     write_outputs(result, out_dir)
     log(f"wrote {out_dir / 'results.json'}, {out_dir / 'results.md'}, {out_dir / 'time.png'}, {out_dir / 'memory.png'}")
     return result
 
 
-def _get(result, impl, n, field="train_s", dtype="float32"):
-    for c in result["cases"]:
-        if c["impl"] == impl and c["n"] == n and c["dtype"] == dtype and c["status"] == "ok":
-            return c[field]
-    return None
+def _case(impl: str, n: int, dt: str, prev: dict | None, cfg: dict, mm: dict) -> dict:
+    """Run one case in its own process (or say why not) and derive its rates."""
+    case = {"impl": impl, "n": n, "dtype": dt, "batch": cfg["batch"], "status": "ok", "reason": None}
+    pred_t, pred_m = _predict(prev, impl, n, cfg)
+    reason = common.skip_reason(prev, impl, n, pred_t, pred_m, cfg)
+    if reason:
+        return {**case, "status": "skipped", "reason": reason}
+    # generous: a shared machine can be several times slower than the prediction
+    timeout = max(600.0, 5 * (pred_t or cfg["time_cap_s"]))
+    case.update(common.run_child(__name__, {"impl": impl, "n": n, "dtype": dt, "config": cfg}, timeout))
+    if case["status"] == "ok":
+        f_fl, t_fl = useful_flops(impl, n, cfg)
+        case["fwd_s"], case["train_s"] = common.median(case["fwd_times"]), common.median(case["train_times"])
+        case["useful_flops_fwd"], case["useful_flops_train"] = f_fl, t_fl
+        case["fwd_gflops"] = f_fl / case["fwd_s"] / 1e9
+        case["train_gflops"] = t_fl / case["train_s"] / 1e9
+        case["fwd_fraction_of_matmul"] = case["fwd_gflops"] / mm[dt]
+        case["train_fraction_of_matmul"] = case["train_gflops"] / mm[dt]
+    return case
 
 
-def targets(result: dict) -> list[dict]:
-    """The issue's targets, checked on this run's numbers (missing cases give met = None)."""
-    g = lambda *a, **k: _get(result, *a, **k)  # noqa: E731
-    out = []
-
-    def add(name, value, goal, ok):
-        out.append({"target": name, "value": value, "goal": goal, "met": None if value is None else bool(ok(value))})
-
-    for n, speed in ((16384, 5.0), (4096, 3.0)):
-        ours, hf = g("longctx-sliding", n), g("hf-longformer", n)
-        add(f"sliding fwd+bwd speed-up over HF at {n}", None if None in (ours, hf) else hf / ours, f">= {speed}",
-            lambda v, s=speed: v >= s)
-    ours, hf = g("longctx-sliding", 16384, "train_peak_bytes"), g("hf-longformer", 16384, "train_peak_bytes")
-    add("sliding peak memory / HF at 16384", None if None in (ours, hf) else ours / hf, "<= 0.333", lambda v: v <= 1 / 3)
-    ours, sd = g("longctx-sliding", 4096), g("sdpa-dense", 4096)
-    add("sliding fwd+bwd speed-up over dense SDPA at 4096", None if None in (ours, sd) else sd / ours, "> 1",
-        lambda v: v > 1)
-    full, half = g("core-sliding", 4096), g("core-sliding-half", 4096)
-    add("attention core speed-up from halving the window (4096)", None if None in (full, half) else full / half,
-        ">= 1.7", lambda v: v >= 1.7)
-    a, b = g("longctx-sliding", 4096), g("longctx-sliding", 32768)
-    add("sliding time(32768) / time(4096)", None if None in (a, b) else b / a, "<= 9", lambda v: v <= 9)
-    for impl in FAMILIES:
-        a, b = g(impl, 4096), g(impl, 32768)
-        add(f"{impl} time(32768) / time(4096)", None if None in (a, b) else b / a, "<= 9", lambda v: v <= 9)
-    fused, plain = g("core-sliding", 4096), g("core-sliding-torch", 4096)
-    add("fused core fwd+bwd speed-up over the pure-PyTorch kernel (4096)",
-        None if None in (fused, plain) else plain / fused, "> 1", lambda v: v > 1)
-    fr = g("core-sliding", 4096, "train_fraction_of_matmul")
-    add("attention core fwd+bwd useful FLOP/s / matmul (4096)", fr, ">= 0.6", lambda v: v >= 0.6)
-    return out
+def _summary(case: dict) -> str:
+    if case["status"] != "ok":
+        return f"{case['status']}: {case['reason']}"
+    return (f"fwd {common.fmt_s(case['fwd_s'])} s, fwd+bwd {common.fmt_s(case['train_s'])} s, "
+            f"peak {common.fmt_bytes(case['train_peak_bytes'])}, {case['train_fraction_of_matmul']:.0%} of matmul")
 
 
 # -- reports -------------------------------------------------------------------------------------------------
@@ -389,47 +339,31 @@ def markdown(result: dict) -> str:
                          f"{100 * c['train_fraction_of_matmul']:.0f}% |")
         else:
             lines.append(f"| {c['impl']} | {c['n']} | {c['dtype']} | {c['status']}: {c['reason']} | | | | | |")
-    if result.get("targets"):
-        lines += ["", "| target | value | goal | met |", "|---|---:|---|---|"]
-        for t in result["targets"]:
-            v = "-" if t["value"] is None else f"{t['value']:.2f}"
-            met = "n/a" if t["met"] is None else ("yes" if t["met"] else "**no**")
-            lines.append(f"| {t['target']} | {v} | {t['goal']} | {met} |")
+    lines += common.targets_markdown(result["targets"])
     return "\n".join(lines) + "\n"
 
 
 def plots(result: dict, out_dir: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from longctx import plots as figures
     for field, label, fname in (("train_s", "fwd+bwd time (s)", "time.png"),
                                 ("train_peak_bytes", "fwd+bwd peak memory (GB)", "memory.png")):
-        fig, ax = plt.subplots(figsize=(8, 5.5))
-        series = {}
+        points = {}
         for c in result["cases"]:
             if c["status"] == "ok":
                 v = c[field] / 2**30 if field.endswith("bytes") else c[field]
-                series.setdefault(f"{c['impl']} ({c['dtype']})", []).append((c["n"], max(v, 1e-4)))
-        for name, pts in series.items():
+                points.setdefault(f"{c['impl']} ({c['dtype']})", []).append((c["n"], max(v, 1e-4)))
+        series = []
+        for name, pts in points.items():
             xs, ys = zip(*sorted(pts))
-            ax.plot(xs, ys, marker="o", label=name, linestyle="--" if "sdpa" in name or "hf" in name or "local" in name else "-")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("sequence length (tokens)")
-        ax.set_ylabel(label)
-        ax.set_title(f"{result['name']}: {label} vs length")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        tmp = out_dir / (fname + ".tmp.png")
-        fig.savefig(tmp, dpi=110)
-        plt.close(fig)
-        tmp.replace(out_dir / fname)
+            peer = "sdpa" in name or "hf" in name or "local" in name  # the peers dashed
+            series.append({"x": xs, "y": ys, "label": name, "style": "o--" if peer else "o-"})
+        figures.line_figure(out_dir / fname, series, "sequence length (tokens)", label,
+                            title=f"{result['name']}: {label} vs length", log_x=2, log_y=True, figsize=(8, 5.5),
+                            legend_size=7, dpi=110)
 
 
 def write_outputs(result: dict, out_dir: Path) -> None:
-    common.write_atomic(out_dir / "results.json", json.dumps(result, indent=1))
-    common.write_atomic(out_dir / "results.md", markdown(result))
+    common.write_reports(result, out_dir, markdown(result))
     plots(result, out_dir)
 
 

@@ -8,6 +8,7 @@ memory the case itself added. Where the reset is not allowed it falls back to ``
 from __future__ import annotations
 
 import json
+import operator
 import os
 import platform
 import resource
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from fractions import Fraction
 from pathlib import Path
 
 import torch
@@ -149,8 +151,123 @@ def load_config(path: str | None, default: dict, name: str) -> dict:
     return cfg
 
 
-def write_atomic(path: Path, text: str | bytes) -> None:
-    (io.write_bytes if isinstance(text, bytes) else io.write_text)(path, text)
+def write_reports(result: dict, out_dir: Path, markdown: str) -> None:
+    io.write_json(out_dir / "results.json", result)
+    io.write_text(out_dir / "results.md", markdown)
+
+
+def progress(total: int, kind: str):
+    """The benchmark's progress over its cases (longctx.progress: a bar on a terminal, plain lines with
+    rate and ETA otherwise); each case's result is a ``.write`` line, so it stays on screen."""
+    from longctx.progress import Progress
+    return Progress(total, f"bench {kind}", "cases", interval=60.0)
+
+
+# -- targets: the acceptance thresholds, read from the benchmark's YAML ------------------------------------
+# One target compares numbers of this run:
+#   {target: "sliding speed-up over HF at 4096", field: train_s, of: hf-longformer, over: longctx-sliding,
+#    n: 4096, goal: ">= 3"}
+# ``of`` / ``over`` select a case: a name (the benchmark's implementation or model), or a mapping of case
+# keys (impl, model, n, dtype); ``n`` at the top applies to both. The value is ``field`` of ``of``, divided
+# by ``over``'s where given (``compare: relative_difference``: |of / over - 1|), in ``unit`` (GiB) for
+# bytes. ``goal``: an operator and a number or fraction; ``goal_times_matmul: [bfloat16, float32]``
+# multiplies the number by this machine's matmul throughput ratio. A case not run gives met = None.
+TARGET_KEYS = ("target", "field", "of", "over", "n", "unit", "compare", "goal", "goal_times_matmul")
+SELECTOR_KEYS = ("impl", "model", "n", "dtype")
+GOAL_OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt}
+UNITS = {"GiB": 2**-30, "MiB": 2**-20}
+COMPARES = ("ratio", "relative_difference")
+
+
+def check_targets(targets, name_key: str, names) -> None:
+    """Refuse a malformed ``targets:`` section (one sentence) before anything runs."""
+    if not isinstance(targets, list):
+        raise LongctxError("benchmark config: 'targets' must be a list of targets (see benchmarks/attention.yaml)")
+    for t in targets:
+        label = t.get("target", t) if isinstance(t, dict) else t
+        if not isinstance(t, dict) or not {"target", "field", "of", "goal"} <= set(t):
+            raise LongctxError(f"benchmark target {label!r} needs the keys target, field, of and goal")
+        unknown = sorted(set(t) - set(TARGET_KEYS))
+        if unknown:
+            raise LongctxError(f"benchmark target {label!r} has unknown keys {', '.join(unknown)}; "
+                               f"known: {', '.join(TARGET_KEYS)}")
+        _goal(t["goal"], label)
+        if t.get("unit") not in (None, *UNITS) or t.get("compare", "ratio") not in COMPARES:
+            raise LongctxError(f"benchmark target {label!r}: unit must be one of {', '.join(UNITS)} and compare "
+                               f"one of {', '.join(COMPARES)}")
+        for role in ("of", "over"):
+            if role in t:
+                for k, v in _selector(t, role, name_key).items():
+                    if k not in SELECTOR_KEYS:
+                        raise LongctxError(f"benchmark target {label!r}: {role} has unknown key {k!r}; "
+                                           f"known: {', '.join(SELECTOR_KEYS)}")
+                    if k == name_key and v not in names:
+                        raise LongctxError(f"benchmark target {label!r}: {name_key} {v!r} is unknown; "
+                                           f"use one of {', '.join(names)}")
+
+
+def _goal(goal, label) -> tuple[str, float]:
+    """("<=", 0.25) from "<= 1/4"."""
+    op, _, num = str(goal).strip().partition(" ")
+    try:
+        if op not in GOAL_OPS:
+            raise ValueError(op)
+        return op, float(Fraction(num.strip()))
+    except (ValueError, ZeroDivisionError):
+        raise LongctxError(f"benchmark target {label!r}: goal {goal!r} must be an operator "
+                           f"({', '.join(GOAL_OPS)}) and a number, such as \">= 3\" or \"<= 1/3\"") from None
+
+
+def _selector(t: dict, role: str, name_key: str) -> dict:
+    sel = t[role] if isinstance(t[role], dict) else {name_key: t[role]}
+    return {**({"n": t["n"]} if "n" in t else {}), **sel}
+
+
+def case_field(result: dict, sel: dict, field: str):
+    """``field`` of the first case that ran and matches every key of ``sel``, or None."""
+    for c in result["cases"]:
+        if c["status"] == "ok" and all(c.get(k) == v for k, v in sel.items()) and c.get(field) is not None:
+            return c[field]
+    return None
+
+
+def evaluate_target(result: dict, t: dict, name_key: str) -> tuple[dict, float | None, float | None]:
+    """(the report's row {target, value, goal, met}, the ``of`` number, the ``over`` number)."""
+    op, bound = _goal(t["goal"], t["target"])
+    goal = t["goal"]
+    if "goal_times_matmul" in t:
+        num, den = t["goal_times_matmul"]
+        mm = result.get("matmul_gflops", {})
+        if num in mm and den in mm:
+            bound *= mm[num] / mm[den]
+            goal = f"{op} {bound:.2f} ({t['goal'].split(' ', 1)[1]} of the {num}/{den} matmul ratio)"
+        else:
+            bound = None
+    a = case_field(result, _selector(t, "of", name_key), t["field"])
+    b = case_field(result, _selector(t, "over", name_key), t["field"]) if "over" in t else 1.0
+    value = None
+    if a is not None and b:
+        value = a / b * UNITS.get(t.get("unit"), 1.0)
+        if t.get("compare") == "relative_difference":
+            value = abs(value - 1)
+    met = None if value is None or bound is None else bool(GOAL_OPS[op](value, bound))
+    return {"target": t["target"], "value": value, "goal": goal, "met": met}, a, (b if "over" in t else None)
+
+
+def evaluate_targets(result: dict, name_key: str) -> list[dict]:
+    return [evaluate_target(result, t, name_key)[0] for t in result["config"].get("targets", [])]
+
+
+def targets_markdown(targets: list[dict]) -> list[str]:
+    """The targets table (nothing when the config has no targets)."""
+    if not targets:
+        return []
+    lines = ["", "| target | value | goal | met |", "|---|---:|---|---|"]
+    for t in targets:
+        v = "-" if t["value"] is None else f"{t['value']:.2f}"
+        met = "n/a" if t["met"] is None else ("yes" if t["met"] else "**no**")
+        lines.append(f"| {t['target']} | {v} | {t['goal']} | {met} |")
+    return lines
 
 
 def fmt_bytes(b) -> str:

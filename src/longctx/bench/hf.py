@@ -9,14 +9,14 @@ nothing is downloaded. The models keep the shapes that matter for attention and 
 The base models (no LM head): a 50k-vocabulary projection at 16k tokens would hide attention's memory.
 Peak memory is the resident memory a forward adds over the loaded model, each case in its own process.
 Eager attention holds H x n x n scores per layer (12 x 16k^2 fp32 = 12 GB): cases predicted over the
-memory cap are skipped and say so.
+memory cap are skipped and say so. The acceptance targets are the config's ``targets:`` section (see
+benchmarks/hf.yaml).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -36,6 +36,7 @@ DEFAULTS = {
     "time_cap_s": 600.0,
     "memory_cap_gb": 16.0,
     "seed": 0,
+    "targets": [],  # acceptance targets (common.check_targets); benchmarks/hf.yaml carries them
 }
 MODELS = ("modernbert", "mistral")
 IMPLEMENTATIONS = ("longctx", "sdpa", "eager")
@@ -92,35 +93,26 @@ def run(cfg: dict, out_dir: Path, command: str, log=print) -> dict:
     for impl in cfg["implementations"]:
         if impl not in IMPLEMENTATIONS:
             raise LongctxError(f"attention implementation {impl!r} is unknown; use one of {', '.join(IMPLEMENTATIONS)}")
+    common.check_targets(cfg["targets"], "impl", IMPLEMENTATIONS)
     out_dir.mkdir(parents=True, exist_ok=True)
     log(f"longctx bench hf -> {out_dir}")
     todo = [(m, n, i) for m in cfg["models"] for n in sorted(cfg["lengths"]) for i in cfg["implementations"]]
-    cases, last, t0 = [], {}, time.time()
-    for k, (name, n, impl) in enumerate(todo, 1):
-        case = {"model": name, "impl": impl, "n": n, "status": "ok", "reason": None}
-        prev = last.get((name, impl))
-        pred_t, pred_m = _predict(prev, impl, n, cfg)
-        reason = common.skip_reason(prev, impl, n, pred_t, pred_m, cfg)
-        if reason:
-            case.update(status="skipped", reason=reason)
-        else:
-            timeout = max(300.0, 3 * (pred_t or cfg["time_cap_s"]))
-            case.update(common.run_child(__name__, {"model": name, "impl": impl, "n": n, "config": cfg}, timeout))
-        if case["status"] == "ok":
-            case["forward_s"] = common.median(case["times"])
-        cases.append(case)
-        if case["status"] != "skipped" or (name, impl) not in last:
-            last[(name, impl)] = case
-        el = time.time() - t0
-        msg = (f"forward {common.fmt_s(case['forward_s'])} s, peak {common.fmt_bytes(case['peak_bytes'])}"
-               if case["status"] == "ok" else f"{case['status']}: {case['reason']}")
-        log(f"[{k}/{len(todo)}] {name} {impl} n={n}: {msg}  (elapsed {el:.0f} s, ETA {el / k * (len(todo) - k):.0f} s)")
+    cases, last = [], {}
+    with common.progress(len(todo), "hf") as bar:
+        for k, (name, n, impl) in enumerate(todo, 1):
+            case = _case(name, impl, n, last.get((name, impl)), cfg)
+            cases.append(case)
+            if case["status"] != "skipped" or (name, impl) not in last:
+                last[(name, impl)] = case
+            msg = (f"forward {common.fmt_s(case['forward_s'])} s, peak {common.fmt_bytes(case['peak_bytes'])}"
+                   if case["status"] == "ok" else f"{case['status']}: {case['reason']}")
+            bar.write(f"[{k}/{len(todo)}] {name} {impl} n={n}: {msg}")
+            bar.update(1)
     result = {"schema": common.SCHEMA_VERSION, "benchmark": "hf", "name": cfg["name"],
               "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": command,
               "config": cfg, "machine": common.machine_info(), "cases": cases}
     result["targets"] = targets(result)
-    common.write_atomic(out_dir / "results.json", json.dumps(result, indent=1))
-    common.write_atomic(out_dir / "results.md", markdown(result))
+    common.write_reports(result, out_dir, markdown(result))
     for t in result["targets"]:
         verdict = {True: "met", False: "MISSED", None: "not measured"}[t["met"]]
         log(f"target: {t['target']}: {t['measured']} -> {verdict}")
@@ -128,21 +120,34 @@ def run(cfg: dict, out_dir: Path, command: str, log=print) -> dict:
     return result
 
 
-def _get(result, name, impl, n, field):
-    for c in result["cases"]:
-        if (c["model"], c["impl"], c["n"]) == (name, impl, n) and c["status"] == "ok":
-            return c.get(field)
-    return None
+def _case(name: str, impl: str, n: int, prev: dict | None, cfg: dict) -> dict:
+    """Run one case in its own process (or say why not)."""
+    case = {"model": name, "impl": impl, "n": n, "status": "ok", "reason": None}
+    pred_t, pred_m = _predict(prev, impl, n, cfg)
+    reason = common.skip_reason(prev, impl, n, pred_t, pred_m, cfg)
+    if reason:
+        return {**case, "status": "skipped", "reason": reason}
+    timeout = max(300.0, 3 * (pred_t or cfg["time_cap_s"]))
+    case.update(common.run_child(__name__, {"model": name, "impl": impl, "n": n, "config": cfg}, timeout))
+    if case["status"] == "ok":
+        case["forward_s"] = common.median(case["times"])
+    return case
 
 
 def targets(result: dict) -> list[dict]:
-    """Issue 16's memory target: a ModernBERT-shaped forward at 16,384 tokens with at most a quarter of
-    SDPA's peak memory, measured in this run."""
-    ours, sdpa = (_get(result, "modernbert", i, 16384, "peak_bytes") for i in ("longctx", "sdpa"))
-    met = None if ours is None or sdpa is None else ours <= sdpa / 4
-    measured = "-" if met is None else f"{common.fmt_bytes(ours)} vs {common.fmt_bytes(sdpa)} ({ours / sdpa:.3f}x)"
-    return [{"target": "modernbert n=16384 forward peak memory, longctx <= 1/4 of sdpa", "measured": measured,
-             "met": met}]
+    """The config's targets on this run's numbers, each also as the two numbers it compares ("measured")."""
+    out = []
+    for t in result["config"].get("targets", []):
+        row, a, b = common.evaluate_target(result, t, "impl")
+        fmt = common.fmt_bytes if t["field"].endswith("bytes") else common.fmt_s
+        if row["value"] is None:
+            row["measured"] = "-"
+        elif b is None:
+            row["measured"] = fmt(a)
+        else:
+            row["measured"] = f"{fmt(a)} vs {fmt(b)} ({row['value']:.3f}x)"
+        out.append(row)
+    return out
 
 
 def markdown(result: dict) -> str:
@@ -157,13 +162,15 @@ def markdown(result: dict) -> str:
         if c["status"] != "ok":
             lines.append(f"| {c['model']} | {c['n']:,} | {c['impl']} | {c['status']}: {c['reason']} | | | |")
             continue
-        st, sm = (_get(result, c["model"], "sdpa", c["n"], f) for f in ("forward_s", "peak_bytes"))
+        sdpa = {"model": c["model"], "impl": "sdpa", "n": c["n"]}
+        st, sm = (common.case_field(result, sdpa, f) for f in ("forward_s", "peak_bytes"))
         rt = f"{c['forward_s'] / st:.2f}x" if st else "-"
         rm = f"{c['peak_bytes'] / sm:.3f}x" if sm else "-"
         lines.append(f"| {c['model']} | {c['n']:,} | {c['impl']} | {common.fmt_s(c['forward_s'])} s | "
                      f"{common.fmt_bytes(c['peak_bytes'])} | {rt} | {rm} |")
-    lines += ["", "| target | measured | met |", "|---|---|---|"]
-    lines += [f"| {t['target']} | {t['measured']} | {t['met']} |" for t in result["targets"]]
+    if result["targets"]:
+        lines += ["", "| target | measured | met |", "|---|---|---|"]
+        lines += [f"| {t['target']} | {t['measured']} | {t['met']} |" for t in result["targets"]]
     return "\n".join(lines) + "\n"
 
 

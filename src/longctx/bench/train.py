@@ -11,7 +11,8 @@ Models, all of the same shape (layers, hidden, heads, FFN 4 x hidden, vocabulary
 design: longctx's MLM head projects only the labelled positions onto the vocabulary, Hugging Face's
 heads project every position, and at this size the vocabulary projection is most of the step's FLOPs.
 Hidden dropout is 0.1 everywhere; attention-probability dropout is off (longctx's kernel has none).
-Each case runs in its own process; tokens/s = tokens per step / median step time.
+Each case runs in its own process; tokens/s = tokens per step / median step time. The acceptance
+targets are the config's ``targets:`` section (see benchmarks/train.yaml).
 """
 from __future__ import annotations
 
@@ -20,7 +21,6 @@ import contextlib
 import json
 import math
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -46,6 +46,7 @@ DEFAULTS = {
     "time_cap_s": 600.0,
     "memory_cap_gb": 20.0,
     "seed": 0,
+    "targets": [],  # acceptance targets (common.check_targets); benchmarks/train.yaml carries them
 }
 MODELS = DEFAULTS["models"]
 SCALING = {"hf-roberta-sdpa": (2, 1)}  # time and memory grow as n^p
@@ -182,6 +183,7 @@ def run(cfg: dict, out_dir: Path, command: str, log=print) -> dict:
     for name in cfg["models"]:
         if name not in MODELS:
             raise LongctxError(f"benchmark model {name!r} is unknown; use one of {', '.join(MODELS)}")
+    common.check_targets(cfg["targets"], "model", MODELS)
     out_dir.mkdir(parents=True, exist_ok=True)
     log(f"longctx bench train -> {out_dir}")
     mm = {}
@@ -194,68 +196,41 @@ def run(cfg: dict, out_dir: Path, command: str, log=print) -> dict:
                 mm[dt] = r["gflops"]
                 log(f"matrix product reference ({dt}): {mm[dt]:.1f} GFLOP/s")
     todo = [(n, m) for n in sorted(cfg["lengths"]) for m in cfg["models"]]
-    cases, last, t0 = [], {}, time.time()
-    for i, (n, name) in enumerate(todo, 1):
-        case = {"model": name, "n": n, "batch": cfg["batch"], "status": "ok", "reason": None}
-        prev = last.get(name)
-        pred_t, pred_m = _predict(prev, name, n, cfg)
-        reason = common.skip_reason(prev, name, n, pred_t, pred_m, cfg)
-        if reason:
-            case.update(status="skipped", reason=reason)
-        else:
-            timeout = max(300.0, 3 * (pred_t or cfg["time_cap_s"]))
-            case.update(common.run_child(__name__, {"model": name, "n": n, "config": cfg}, timeout))
-        if case["status"] == "ok":
-            case["step_s"] = common.median(case["step_times"])
-            case["tokens_per_s"] = n * cfg["batch"] / case["step_s"]
-        cases.append(case)
-        if case["status"] != "skipped" or name not in last:
-            last[name] = case
-        el = time.time() - t0
-        msg = (f"{case['tokens_per_s']:.0f} tokens/s, step {common.fmt_s(case['step_s'])} s, "
-               f"peak {common.fmt_bytes(case['peak_bytes'])}" if case["status"] == "ok"
-               else f"{case['status']}: {case['reason']}")
-        log(f"[{i}/{len(todo)}] {name} n={n}: {msg}  (elapsed {el:.0f} s, ETA {el / i * (len(todo) - i):.0f} s)")
+    cases, last = [], {}
+    with common.progress(len(todo), "train") as bar:
+        for i, (n, name) in enumerate(todo, 1):
+            case = _case(name, n, last.get(name), cfg)
+            cases.append(case)
+            if case["status"] != "skipped" or name not in last:
+                last[name] = case
+            msg = (f"{case['tokens_per_s']:.0f} tokens/s, step {common.fmt_s(case['step_s'])} s, "
+                   f"peak {common.fmt_bytes(case['peak_bytes'])}" if case["status"] == "ok"
+                   else f"{case['status']}: {case['reason']}")
+            bar.write(f"[{i}/{len(todo)}] {name} n={n}: {msg}")
+            bar.update(1)
     result = {"schema": common.SCHEMA_VERSION, "benchmark": "train", "name": cfg["name"],
               "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": command,
               "config": cfg, "machine": common.machine_info(), "matmul_gflops": mm, "cases": cases}
-    result["targets"] = targets(result)
-    common.write_atomic(out_dir / "results.json", json.dumps(result, indent=1))
-    common.write_atomic(out_dir / "results.md", markdown(result))
+    result["targets"] = common.evaluate_targets(result, "model")
+    common.write_reports(result, out_dir, markdown(result))
     plot(result, out_dir)
     log(f"wrote {out_dir / 'results.json'}, {out_dir / 'results.md'}, {out_dir / 'tokens_per_s.png'}")
     return result
 
 
-def _get(result, name, n, field):
-    for c in result["cases"]:
-        if c["model"] == name and c["n"] == n and c["status"] == "ok":
-            return c.get(field)
-    return None
-
-
-def targets(result: dict) -> list[dict]:
-    out = []
-    ours, hf = _get(result, "longctx", 4096, "tokens_per_s"), _get(result, "hf-longformer", 4096, "tokens_per_s")
-    v = None if None in (ours, hf) else ours / hf
-    out.append({"target": "training tokens/s over HF Longformer at 4096", "value": v, "goal": ">= 3",
-                "met": None if v is None else v >= 3})
-    peak = _get(result, "longctx", 65536, "peak_bytes")
-    out.append({"target": "training step at 65536 tokens: peak GB", "value": None if peak is None else peak / 2**30,
-                "goal": "<= 24", "met": None if peak is None else peak < 24 * 2**30})
-    mm = result.get("matmul_gflops", {})
-    bf, fp = _get(result, "longctx-bf16", 4096, "tokens_per_s"), _get(result, "longctx", 4096, "tokens_per_s")
-    if "bfloat16" in mm and "float32" in mm:
-        goal = 0.5 * mm["bfloat16"] / mm["float32"]
-        v = None if None in (bf, fp) else bf / fp
-        out.append({"target": "bf16 training tokens/s / fp32 at 4096", "value": v,
-                    "goal": f">= {goal:.2f} (half the bf16/fp32 matmul ratio)", "met": None if v is None else v >= goal})
-    n0 = min(result["config"]["lengths"])
-    hb, hf32 = _get(result, "longctx-bf16", n0, "heldout_loss"), _get(result, "longctx", n0, "heldout_loss")
-    v = None if None in (hb, hf32) else abs(hb / hf32 - 1)
-    out.append({"target": "bf16 held-out loss vs fp32 after the short run (relative difference)", "value": v,
-                "goal": "<= 0.02", "met": None if v is None else v <= 0.02})
-    return out
+def _case(name: str, n: int, prev: dict | None, cfg: dict) -> dict:
+    """Run one case in its own process (or say why not) and derive its rate."""
+    case = {"model": name, "n": n, "batch": cfg["batch"], "status": "ok", "reason": None}
+    pred_t, pred_m = _predict(prev, name, n, cfg)
+    reason = common.skip_reason(prev, name, n, pred_t, pred_m, cfg)
+    if reason:
+        return {**case, "status": "skipped", "reason": reason}
+    timeout = max(300.0, 3 * (pred_t or cfg["time_cap_s"]))
+    case.update(common.run_child(__name__, {"model": name, "n": n, "config": cfg}, timeout))
+    if case["status"] == "ok":
+        case["step_s"] = common.median(case["step_times"])
+        case["tokens_per_s"] = n * cfg["batch"] / case["step_s"]
+    return case
 
 
 def markdown(result: dict) -> str:
@@ -272,19 +247,13 @@ def markdown(result: dict) -> str:
                          f"{common.fmt_bytes(x['peak_bytes'])} | {x['loss_first']:.2f} -> {x['loss_last']:.2f} |")
         else:
             lines.append(f"| {x['model']} | {x['n']} | {x['status']}: {x['reason']} | | | |")
-    lines += ["", "| target | value | goal | met |", "|---|---:|---|---|"]
-    for t in result["targets"]:
-        v = "-" if t["value"] is None else f"{t['value']:.2f}"
-        lines.append(f"| {t['target']} | {v} | {t['goal']} | "
-                     f"{'n/a' if t['met'] is None else ('yes' if t['met'] else '**no**')} |")
+    lines += common.targets_markdown(result["targets"])
     return "\n".join(lines) + "\n"
 
 
 def plot(result: dict, out_dir: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
+    from longctx import plots
+    fig, axes = plots.pyplot().subplots(1, 2, figsize=(10, 4.5))
     series = {}
     for x in result["cases"]:
         if x["status"] == "ok":
@@ -300,11 +269,7 @@ def plot(result: dict, out_dir: Path) -> None:
         ax.set_ylabel(lab)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    tmp = out_dir / "tokens_per_s.png.tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(out_dir / "tokens_per_s.png")
+    plots.save(fig, out_dir / "tokens_per_s.png", dpi=110)
 
 
 if __name__ == "__main__":
