@@ -141,5 +141,6 @@ def report_lines(results: list[dict], rank: dict) -> list[str]:
             lines.append(f"| {v} | " + " | ".join(str(rank["ranks"][n][i]) for n in names) + " |")
         if rank["kendall_tau"]:
             lines += ["", "Kendall's tau between rankings: " + "; ".join(
-                f"{k}: {v:+.2f}" for k, v in rank["kendall_tau"].items()) + " (+1 same order, -1 reversed)."]
+                f"{k}: {v:+.2f}" if v == v else f"{k}: undefined (one ranking is all ties)"
+                for k, v in rank["kendall_tau"].items()) + " (+1 same order, -1 reversed)."]
     return lines + [""]
