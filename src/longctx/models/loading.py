@@ -72,6 +72,9 @@ def load_longctx_model(path: str | os.PathLike, cls=None, what: str = "model fol
     if not any((p / w).is_file() for w in WEIGHT_FILES):
         raise LongctxError(f"{what} {str(p)!r} has a config but no weights (model.safetensors); give a "
                            "complete model folder")
+    from transformers.utils import logging as hf_logging
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report lists what _check_complete says in one line
     try:
         model, info = cls.from_pretrained(str(p), local_files_only=True, trust_remote_code=False,
                                           output_loading_info=True, **config_overrides)
@@ -83,6 +86,8 @@ def load_longctx_model(path: str | os.PathLike, cls=None, what: str = "model fol
         else:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise LongctxError(f"cannot load {what} {str(p)!r} as {cls.__name__} ({first})") from None
+    finally:
+        hf_logging.set_verbosity(level)
     _check_complete(model, info, p, what)
     return model.eval()
 
