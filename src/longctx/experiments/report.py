@@ -13,7 +13,7 @@ def table(results: list[dict]) -> str:
     base = results[0]
     clm = any(r["objective"] == "clm" for r in results)
     head = ["variant", "attention", "params", "held-out loss", "bits/char" if clm else "perplexity",
-            "tokens/s", "speed vs " + base["variant"], "peak memory", "train time", "attn GFLOP/token"]
+            "tokens/s", "speed vs " + base["variant"], "peak memory", "train time", "attn MFLOP/token"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         ev = r["eval"]
@@ -22,7 +22,7 @@ def table(results: list[dict]) -> str:
             r["variant"], r["attention"], f"{r['parameters'] / 1e6:.2f}M", f"{ev['loss']:.4f}", quality,
             f"{r['tokens_per_s']:,.0f}", f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x",
             f"{r['peak_memory_bytes'] / 2**30:.2f} GiB", f"{r['train_time_s']:.0f} s",
-            f"{r['attention_flops_per_token'] / 1e9:.4f}"]) + " |")
+            f"{r['attention_flops_per_token'] / 1e6:,.3f}"]) + " |")
     return "\n".join(rows)
 
 
@@ -99,7 +99,7 @@ def write_report(comp: dict, results: list[dict], out: Path) -> dict:
           table(results), "",
           "Tokens/s: training tokens per second of training-step time (evaluation and checkpoints excluded). "
           "Peak memory: the variant process's peak resident memory (CPU) or peak allocated GPU memory. "
-          "Attention GFLOP/token: forward QK^T and PV over the pairs the pattern allows. "
+          "Attention MFLOP/token: forward QK^T and PV over the pairs the pattern allows. "
           "Loss plots: the training loss smoothed (EMA, beta 0.9) and the held-out loss at each evaluation (points).",
           ""]
     md += [f"![{p.stem}]({p.name})" for p in plots]
