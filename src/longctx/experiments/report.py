@@ -9,6 +9,11 @@ from pathlib import Path
 from longctx.io import read_jsonl, write_text
 
 
+def _with_ci(value: float, ci) -> str:
+    """``5.5904 [5.55, 5.63]``: a figure and its 95% interval, when there is one."""
+    return f"{value:.4f}" if not ci else f"{value:.4f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
 def table(results: list[dict]) -> str:
     base = results[0]
     clm = any(r["objective"] == "clm" for r in results)
@@ -19,7 +24,7 @@ def table(results: list[dict]) -> str:
         ev = r["eval"]
         quality = f"{ev['bits_per_char']:.3f}" if clm else f"{ev['perplexity']:.1f}"
         rows.append("| " + " | ".join([
-            r["variant"], r["attention"], f"{r['parameters'] / 1e6:.2f}M", f"{ev['loss']:.4f}", quality,
+            r["variant"], r["attention"], f"{r['parameters'] / 1e6:.2f}M", _with_ci(ev["loss"], ev.get("loss_ci")), quality,
             f"{r['tokens_per_s']:,.0f}", f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x",
             f"{r['peak_memory_bytes'] / 2**30:.2f} GiB", f"{r['train_time_s']:.0f} s",
             f"{r['attention_flops_per_token'] / 1e6:,.3f}"]) + " |")
@@ -99,7 +104,7 @@ def write_report(comp: dict, results: list[dict], out: Path) -> dict:
           table(results), "",
           "Tokens/s: training tokens per second of training-step time (evaluation and checkpoints excluded). "
           "Peak memory: the variant process's peak resident memory (CPU) or peak allocated GPU memory. "
-          "Attention MFLOP/token: forward QK^T and PV over the pairs the pattern allows. "
+          "Held-out loss: 95% bootstrap interval over held-out sequences in brackets. Attention MFLOP/token: forward QK^T and PV over the pairs the pattern allows. "
           "Loss plots: the training loss smoothed (EMA, beta 0.9) and the held-out loss at each evaluation (points).",
           ""]
     md += [f"![{p.stem}]({p.name})" for p in plots]

@@ -24,7 +24,7 @@ def lm_loss(model, dataset, collator, batches: int, batch_size: int, device=None
     nothing would read as a perfect model), or, with ``allow_empty``, ``loss: None``."""
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    sums, counts = [], []  # per held-out sequence: summed token loss and predicted tokens
     from longctx.data.collate import batch_order
     n = min(batches, max(1, len(dataset) // batch_size))
     with torch.no_grad():
@@ -35,20 +35,42 @@ def lm_loss(model, dataset, collator, batches: int, batch_size: int, device=None
                 batch = {k: v.to(device) for k, v in batch.items()}
             labels = batch["labels"]
             # the model averages over the tokens it predicts: a causal model predicts from position 1 on
-            k = int((labels[:, 1:] != -100).sum()) if causal else int((labels != -100).sum())
-            if k == 0:
+            predicted = labels[:, 1:] != -100 if causal else labels != -100
+            if not bool(predicted.any()):
                 continue
-            loss = model(**batch).loss
-            total += float(loss) * k
-            count += k
+            s, c = _row_losses(model(**batch).logits, labels, predicted, causal)
+            sums.append(s)
+            counts.append(c)
     model.train(was_training)
+    count = int(sum(int(c.sum()) for c in counts))
     if count == 0:
         if allow_empty:
             return {"loss": None, "perplexity": None, "eval_tokens": 0}
         raise LongctxError(f"no held-out tokens were evaluated ({n} batch(es) of {batch_size} held no predicted "
                            "token); use more train.eval_batches or a larger held-out part of the corpus")
-    loss = total / count
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "eval_tokens": count}
+    s, c = torch.cat(sums).double().numpy(), torch.cat(counts).double().numpy()
+    keep = c > 0
+    s, c = s[keep], c[keep]
+    loss = float(s.sum() / c.sum())
+    # 95% bootstrap interval over held-out sequences (a ratio of sums: tokens weigh as in the mean)
+    from longctx.tasks.metrics import bootstrap_ci
+    ci = bootstrap_ci(lambda ix: float(s[ix].sum() / c[ix].sum()), len(s))
+    return {"loss": loss, "loss_ci": ci, "perplexity": math.exp(min(loss, 50.0)), "eval_tokens": count,
+            "eval_sequences": int(len(s))}
+
+
+def _row_losses(logits, labels, predicted, causal: bool):
+    """Summed cross-entropy and predicted-token count of each row of a batch. The masked LM's logits
+    hold the labelled positions only, row by row in order; the causal LM's predict position t + 1."""
+    import torch.nn.functional as F
+    B = labels.shape[0]
+    if causal:
+        tok = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100,
+                              reduction="none").view(B, -1)
+        return (tok * predicted).sum(1), predicted.sum(1)
+    tok = F.cross_entropy(logits.float(), labels[predicted], reduction="none")
+    rows = predicted.nonzero()[:, 0]
+    return torch.zeros(B, dtype=tok.dtype, device=tok.device).index_add_(0, rows, tok), predicted.sum(1)
 
 
 class LanguageModelTask(Task):

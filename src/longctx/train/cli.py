@@ -18,7 +18,8 @@ def run_pretrain(args) -> int:
     result = pretrain(cfg, out, resume=args.resume, progress=not args.quiet)
     ev = result["eval"]
     # a loss over no tokens is not a result: say so rather than print 0.0000
-    quality = (f"held-out loss {ev['loss']:.4f} (perplexity {ev['perplexity']:.2f})" if ev.get("loss") is not None
+    ci = f" [{ev['loss_ci'][0]:.3f}, {ev['loss_ci'][1]:.3f}]" if ev.get("loss_ci") else ""
+    quality = (f"held-out loss {ev['loss']:.4f}{ci} (perplexity {ev['perplexity']:.2f})" if ev.get("loss") is not None
                else "no held-out tokens were evaluated")
     print(f"{quality} after {result['steps']} steps, "
           f"{result['tokens_per_s']:,.0f} tokens/s; model in {out / 'model'}, results in {out / 'results.json'}")
