@@ -36,17 +36,9 @@ class ClassificationBase(FinetuneTask):
         return (self.opts["text_field"],)
 
     def load_splits(self):
-        o = self.opts
-        if any(o[f"{s}_file"] for s in SPLITS):
-            from longctx.tasks.files import read_records
-            out = {}
-            for s in SPLITS:
-                if not o[f"{s}_file"]:
-                    raise LongctxError(f"task.{s}_file is missing: with your own data give train_file, dev_file "
-                                       "and test_file")
-                rows = read_records(o[f"{s}_file"], f"{self.name} {s}")
-                out[s] = [self._check(r, f"{o[f'{s}_file']} row {i + 1}") for i, r in enumerate(rows)]
-        else:
+        from longctx.tasks.files import read_user_splits
+        out = read_user_splits(self.opts, self.name, self._check)
+        if out is None:
             out = self.builtin_splits()
         self._label_set(out)
         return out

@@ -60,3 +60,19 @@ def _squad_nested(p: Path) -> list[dict] | None:
                 rows.append({"id": qa.get("id"), "title": article.get("title"), "context": para.get("context"),
                              "question": qa.get("question"), "answers": qa.get("answers")})
     return rows
+
+
+def read_user_splits(opts: dict, what: str, check) -> dict | None:
+    """train / dev / test from the user's ``task.{split}_file`` options, each row passed through
+    ``check(row, where)``; None when no file is given (the task then uses its built-in data)."""
+    splits = ("train", "dev", "test")
+    if not any(opts[f"{s}_file"] for s in splits):
+        return None
+    out = {}
+    for s in splits:
+        if not opts[f"{s}_file"]:
+            raise LongctxError(f"task.{s}_file is missing: with your own data give train_file, dev_file "
+                               "and test_file")
+        rows = read_records(opts[f"{s}_file"], f"{what} {s}")
+        out[s] = [check(r, f"{opts[f'{s}_file']} row {i + 1}") for i, r in enumerate(rows)]
+    return out

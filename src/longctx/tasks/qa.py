@@ -70,19 +70,12 @@ class QATask(FinetuneTask):
         return LongctxForQuestionAnswering
 
     def load_splits(self):
-        o = self.opts
-        if any(o[f"{s}_file"] for s in SPLITS):
-            from longctx.tasks.files import read_records
-            out = {}
-            for s in SPLITS:
-                if not o[f"{s}_file"]:
-                    raise LongctxError(f"task.{s}_file is missing: with your own data give train_file, dev_file "
-                                       "and test_file")
-                rows = read_records(o[f"{s}_file"], f"QA {s}")
-                out[s] = [check_record(r, f"{o[f'{s}_file']} row {i + 1}") for i, r in enumerate(rows)]
+        from longctx.tasks.files import read_user_splits
+        out = read_user_splits(self.opts, "QA", check_record)
+        if out is not None:
             return out
         from longctx.tasks.builtin import corpus_splits, qa_records
-        docs = corpus_splits(self.cfg["seed"])
+        o, docs = self.opts, corpus_splits(self.cfg["seed"])
         self._docs = docs
         return {s: qa_records(docs[s], o["context_chars"], o["far_fraction"], o["questions_per_context"],
                               self.cfg["seed"] + i, answer_offset=o["answer_offset"]) for i, s in enumerate(SPLITS)}
