@@ -113,6 +113,17 @@ def _compile() -> None:
                    verbose=False)
 
 
+# the kernel's phases, in the order of band_attention.cpp's Phase
+PHASES = ("spans", "QK^T", "mask", "softmax", "PV", "dP", "dS", "dV dK", "dQ", "copy")
+
+
+def profile(reset: bool = True) -> dict[str, float]:
+    """Seconds per phase of the fused kernel since the last reset, summed over threads; all zero unless
+    ``LONGCTX_FUSED_PROFILE`` was set when the extension loaded (the timers are off otherwise)."""
+    require()
+    return dict(zip(PHASES, torch.ops.longctx_fused.band_profile(reset).tolist()))
+
+
 def available(build: bool = True) -> bool:
     return load(build)
 

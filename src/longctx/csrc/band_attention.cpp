@@ -17,7 +17,11 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -52,27 +56,142 @@ inline void gemm(bool ta, bool tb, int m, int n, int k, const bf16* A, int lda, 
                          beta, C, ldc);
 }
 
-// exp for the softmax (arguments <= 0): Cephes' expf polynomial, about 1 ulp, written so the compiler
-// vectorises it (glibc's vector expf needs -ffast-math, which would break the -inf of masked scores).
-inline float exp_le0(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+// Explicit SIMD through GCC/Clang vector extensions: one source for every x86 level (-march=native
+// picks AVX-512 or splits into AVX2 halves); the compiler left the softmax loops scalar when written
+// as plain loops (the exp's bit tricks and the max reduction), which made them a quarter of the time.
+constexpr int kW = 16;
+typedef float vf __attribute__((vector_size(kW * sizeof(float))));
+typedef int32_t vi __attribute__((vector_size(kW * sizeof(int32_t))));
+
+inline vf vload(const float* p) {
+  vf v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void vstore(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
+template <typename F>
+inline F bcast(float x) {
+  return F{} + x;  // a float stays a float; a vector gets x in every lane
+}
+
+inline float pow2i(float n) {  // 2^n for an integral n in [-126, 0]
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+inline vf pow2i(vf n) { return (vf)((__builtin_convertvector(n, vi) + 127) << 23); }
+
+// exp for the softmax (arguments <= 0): Cephes' expf polynomial, about 1 ulp. The reduction rounds
+// x log2(e) to the nearest integer by adding 1.5 * 2^23 (no floor call, so it vectorises); glibc's vector
+// expf needs -ffast-math, which would break the -inf of masked scores.
+template <typename F>
+inline F exp_le0(F x) {
+  const F lo = bcast<F>(-87.0f), shift = bcast<F>(12582912.0f);
+  x = x < lo ? lo : x;
+  const F n = (x * 1.44269504088896341f + shift) - shift;
   x = x - n * 0.693359375f + n * 2.12194440e-4f;
-  const float z = x * x;
-  float p = 1.9875691500e-4f;
+  const F z = x * x;
+  F p = bcast<F>(1.9875691500e-4f);
   p = p * x + 1.3981999507e-3f;
   p = p * x + 8.3334519073e-3f;
   p = p * x + 4.1665795894e-2f;
   p = p * x + 1.6666665459e-1f;
   p = p * x + 5.0000001201e-1f;
   p = p * z + x + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
+  return p * pow2i(n);
 }
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// max of s[lo, hi) (-inf when empty)
+inline float row_max(const float* s, int64_t lo, int64_t hi, float m) {
+  vf vm = bcast<vf>(m);
+  int64_t j = lo;
+  for (; j + kW <= hi; j += kW) {
+    const vf x = vload(s + j);
+    vm = x > vm ? x : vm;
+  }
+  for (int e = 0; e < kW; ++e) m = vm[e] > m ? vm[e] : m;
+  for (; j < hi; ++j) m = s[j] > m ? s[j] : m;
+  return m;
+}
+
+// s[j] = exp(s[j] - m) over [lo, hi), 0 where s[j] is -inf (a masked pair) if kMasked; returns the sum.
+template <bool kMasked>
+inline float row_exp(float* s, int64_t lo, int64_t hi, float m) {
+  const vf vm = bcast<vf>(m), ninf = bcast<vf>(kNegInf), zero = bcast<vf>(0.f);
+  vf vs = zero;
+  int64_t j = lo;
+  for (; j + kW <= hi; j += kW) {
+    const vf x = vload(s + j);
+    vf e = exp_le0(x - vm);
+    if (kMasked) e = x == ninf ? zero : e;
+    vstore(s + j, e);
+    vs += e;
+  }
+  float sum = 0.f;
+  for (int e = 0; e < kW; ++e) sum += vs[e];
+  for (; j < hi; ++j) {
+    const float e = exp_le0(s[j] - m);
+    s[j] = kMasked && s[j] == kNegInf ? 0.f : e;
+    sum += s[j];
+  }
+  return sum;
+}
+
+// backward over [lo, hi): s[j] = P = exp(s[j] - lse) (0 where masked if kMasked), dp[j] = dS = P (dP - D)
+template <bool kMasked>
+inline void row_ds(float* s, float* dp, int64_t lo, int64_t hi, float lse, float D) {
+  const vf vl = bcast<vf>(lse), vD = bcast<vf>(D), ninf = bcast<vf>(kNegInf), zero = bcast<vf>(0.f);
+  int64_t j = lo;
+  for (; j + kW <= hi; j += kW) {
+    const vf x = vload(s + j);
+    vf p = exp_le0(x - vl);
+    if (kMasked) p = x == ninf ? zero : p;
+    vstore(s + j, p);
+    vstore(dp + j, p * (vload(dp + j) - vD));
+  }
+  for (; j < hi; ++j) {
+    const float p = kMasked && s[j] == kNegInf ? 0.f : exp_le0(s[j] - lse);
+    s[j] = p;
+    dp[j] = p * (dp[j] - D);
+  }
+}
+
+inline void zero_cols(float* s, int64_t lo, int64_t hi) {
+  if (hi > lo) std::memset(s + lo, 0, (hi - lo) * sizeof(float));
+}
+
+// Phase timers for profiling (LONGCTX_FUSED_PROFILE=1): each thread adds the time since its previous lap
+// to the phase named; read and reset through the op band_profile. Off, a lap is one branch.
+enum Phase { kRows, kQK, kMask, kSoftmax, kPV, kDP, kDS, kDVDK, kDQ, kCopy, kNumPhases };
+const bool kProfiling = std::getenv("LONGCTX_FUSED_PROFILE") != nullptr;
+std::atomic<int64_t> phase_ns[kNumPhases];
+
+struct Lap {
+  std::chrono::steady_clock::time_point t0 = kProfiling ? std::chrono::steady_clock::now()
+                                                         : std::chrono::steady_clock::time_point{};
+  void operator()(Phase p) {
+    if (!kProfiling) return;
+    const auto t = std::chrono::steady_clock::now();
+    phase_ns[p].fetch_add(std::chrono::duration_cast<std::chrono::nanoseconds>(t - t0).count(),
+                          std::memory_order_relaxed);
+    t0 = t;
+  }
+};
+
+// The allowed band keys of one query row: columns [lo, hi) of its band hold every allowed key (lo = hi:
+// none), and dense says every column in between is allowed too, so the row needs no per-pair mask.
+// Sliding windows, blocks and causal blocks with end padding are dense; random padding or a permuted,
+// dilated chunk may not be.
+struct RowSpan {
+  int32_t lo, hi;
+  bool dense;
+};
+struct TileSpan {
+  int32_t lo, hi;  // union of the rows' [lo, hi): the band columns the tile's products cover
+};
 
 struct Geo {
   int64_t B, H, nc, c, nk, span, G, d, L, Ml, Bk;
@@ -80,6 +199,8 @@ struct Geo {
   const uint8_t *local, *kvalid, *g_valid;
   const int32_t *q_pos, *k_pos, *g_pos;
   const float* slopes;  // nullptr: no ALiBi
+  std::vector<RowSpan> rows;    // (Bk, nc, c)
+  std::vector<TileSpan> tiles;  // (Bk, nc)
 
   Geo(const at::Tensor& q, const at::Tensor& k, const at::Tensor& kg, const at::Tensor& local_,
       const at::Tensor& kvalid_, const at::Tensor& q_pos_, const at::Tensor& k_pos_, const at::Tensor& g_pos_,
@@ -96,34 +217,64 @@ struct Geo {
     g_pos = G ? g_pos_.data_ptr<int32_t>() : nullptr;
     g_valid = G ? g_valid_.data_ptr<uint8_t>() : nullptr;
     slopes = slopes_.numel() ? slopes_.data_ptr<float>() : nullptr;
+    find_spans();
   }
 
-  // S (c x L): scores of chunk i; masked pairs become -inf (overwritten, so a NaN in a key a query may
-  // not attend never reaches it), ALiBi subtracted from the allowed ones.
-  void mask(float* S, int64_t b, int64_t h, int64_t i) const {
-    const uint8_t* loc = local + (Ml > 1 ? i : 0) * c * span;
-    const uint8_t* kv = kvalid + (Bk > 1 ? b : 0) * nk * c + i * c;
-    const int32_t* kp = k_pos + i * c;
-    const float slope = slopes ? slopes[h] : 0.f;
-    for (int64_t r = 0; r < c; ++r) {
-      float* s = S + r * L;
-      const uint8_t* lr = loc + r * span;
-      const int32_t qp = q_pos[i * c + r];
-      if (slopes) {
-#pragma omp simd
-        for (int64_t j = 0; j < span; ++j) {
-          const float bias = slope * static_cast<float>(std::abs(qp - kp[j]));
-          s[j] = (lr[j] & kv[j]) ? s[j] - bias : kNegInf;
+  const uint8_t* local_of(int64_t i) const { return local + (Ml > 1 ? i : 0) * c * span; }
+  const uint8_t* kvalid_of(int64_t b, int64_t i) const { return kvalid + (Bk > 1 ? b : 0) * nk * c + i * c; }
+  const RowSpan* rows_of(int64_t b, int64_t i) const { return rows.data() + ((Bk > 1 ? b : 0) * nc + i) * c; }
+  TileSpan tile_of(int64_t b, int64_t i) const { return tiles[(Bk > 1 ? b : 0) * nc + i]; }
+
+  // One pass over the (uint8) masks per chunk, shared by all heads: the tiles then skip the masked
+  // corners of the band (no products, no exp there) and apply no per-pair mask to dense rows.
+  void find_spans() {
+    Lap lap;
+    rows.resize(Bk * nc * c), tiles.resize(Bk * nc);
+    at::parallel_for(0, Bk * nc, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t b = t / nc, i = t % nc;
+        const uint8_t *loc = local_of(i), *kv = kvalid_of(b, i);
+        TileSpan ts{static_cast<int32_t>(span), 0};
+        for (int64_t r = 0; r < c; ++r) {
+          int64_t lo = -1, hi = 0, count = 0;
+          for (int64_t j = 0; j < span; ++j) {
+            if (loc[r * span + j] & kv[j]) {
+              lo = lo < 0 ? j : lo;
+              hi = j + 1, ++count;
+            }
+          }
+          lo = lo < 0 ? 0 : lo;
+          rows[t * c + r] = {static_cast<int32_t>(lo), static_cast<int32_t>(hi), count == hi - lo};
+          if (hi > lo) ts = {std::min<int32_t>(ts.lo, lo), std::max<int32_t>(ts.hi, hi)};
         }
-      } else {
+        tiles[t] = ts.hi > ts.lo ? ts : TileSpan{0, 0};
+      }
+    });
+    lap(kRows);
+  }
+
+  // Row r of chunk i's scores s (L): the band part masked and ALiBi-biased over the row's [lo, hi) only
+  // (the rest is never read); masked pairs become -inf (overwritten, so a NaN in a key a query may not
+  // attend never reaches it), ALiBi subtracted from the allowed ones.
+  void mask_row(float* s, int64_t b, int64_t h, int64_t i, int64_t r, const RowSpan& rs) const {
+    const int32_t* kp = k_pos + i * c;
+    const int32_t qp = q_pos[i * c + r];
+    const float slope = slopes ? slopes[h] : 0.f;
+    if (!rs.dense) {
+      const uint8_t *lr = local_of(i) + r * span, *kv = kvalid_of(b, i);
 #pragma omp simd
-        for (int64_t j = 0; j < span; ++j) s[j] = (lr[j] & kv[j]) ? s[j] : kNegInf;
+      for (int64_t j = rs.lo; j < rs.hi; ++j) {
+        const float bias = slope * static_cast<float>(std::abs(qp - kp[j]));
+        s[j] = (lr[j] & kv[j]) ? s[j] - bias : kNegInf;
       }
-      for (int64_t t = 0; t < G; ++t) {
-        const int32_t gp = g_pos[b * G + t];
-        const bool ok = g_valid[b * G + t] && (!causal || gp <= qp);
-        s[span + t] = ok ? s[span + t] - slope * static_cast<float>(std::abs(qp - gp)) : kNegInf;
-      }
+    } else if (slopes) {
+#pragma omp simd
+      for (int64_t j = rs.lo; j < rs.hi; ++j) s[j] -= slope * static_cast<float>(std::abs(qp - kp[j]));
+    }
+    for (int64_t t = 0; t < G; ++t) {
+      const int32_t gp = g_pos[b * G + t];
+      const bool ok = g_valid[b * G + t] && (!causal || gp <= qp);
+      s[span + t] = ok ? s[span + t] - slope * static_cast<float>(std::abs(qp - gp)) : kNegInf;
     }
   }
 };
@@ -133,24 +284,99 @@ inline void to_input(const float* src, T* dst, int64_t n) {
   for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<T>(src[j]);
 }
 
-// The operand of a product that the tile computed in fp32 (P, dS): as is in fp32, rounded to bf16 else.
+// The operand of a product that the tile computed in fp32 (P, dS): as is in fp32, rounded to bf16 else
+// (only the columns the products read: the tile's band columns and the global ones).
 template <typename T>
-inline const T* operand(const float* src, T* buf, int64_t n) {
+inline const T* operand(const Geo& g, const float* src, T* buf, TileSpan ts) {
   if constexpr (std::is_same_v<T, float>) {
     return src;
   } else {
-    to_input(src, buf, n);
+    for (int64_t r = 0; r < g.c; ++r) {
+      to_input(src + r * g.L + ts.lo, buf + r * g.L + ts.lo, ts.hi - ts.lo);
+      to_input(src + r * g.L + g.span, buf + r * g.L + g.span, g.G);
+    }
     return buf;
   }
 }
 
-// scores of chunk i of head bh: S (c x L) = Q_i [K_band | K_g]^T, masked
+// scores of chunk i: S (c x L) = Q_i [K_band | K_g]^T over the tile's band columns [ts.lo, ts.hi) and
+// the global ones, then masked row by row
 template <typename T>
-void scores(const Geo& g, float* S, const T* Qi, const T* Kb, const T* Kg, int64_t b, int64_t h, int64_t i) {
+void scores(const Geo& g, float* S, const T* Qi, const T* Kb, const T* Kg, int64_t b, int64_t h, int64_t i,
+            Lap& lap) {
   const int c = g.c, d = g.d, L = g.L;
-  gemm(false, true, c, g.span, d, Qi, d, Kb, d, 0.f, S, L);
+  const TileSpan ts = g.tile_of(b, i);
+  if (ts.hi > ts.lo) gemm(false, true, c, ts.hi - ts.lo, d, Qi, d, Kb + ts.lo * d, d, 0.f, S + ts.lo, L);
   if (g.G) gemm(false, true, c, g.G, d, Qi, d, Kg, d, 0.f, S + g.span, L);
-  g.mask(S, b, h, i);
+  lap(kQK);
+  const RowSpan* rows = g.rows_of(b, i);
+  for (int64_t r = 0; r < c; ++r) g.mask_row(S + r * L, b, h, i, r, rows[r]);
+  lap(kMask);
+}
+
+// columns of the tile's band outside the row's own [lo, hi): zero in P and dS
+inline void zero_outside(float* s, TileSpan ts, const RowSpan& rs) {
+  if (rs.hi > rs.lo) {
+    zero_cols(s, ts.lo, rs.lo), zero_cols(s, rs.hi, ts.hi);
+  } else {
+    zero_cols(s, ts.lo, ts.hi);
+  }
+}
+
+// Softmax of the scores S in place, unnormalised: S = exp(S - rowmax); inv = 1 / row sum (0 for a row
+// with no allowed key, whose log-sum-exp is +inf). Normalising the c x d output instead of the c x L
+// probabilities saves a pass over the tile.
+inline void softmax_rows(const Geo& g, float* S, const RowSpan* rows, TileSpan ts, float* lse, float* inv) {
+  const int64_t span = g.span, L = g.L;
+  for (int64_t r = 0; r < g.c; ++r) {
+    float* s = S + r * L;
+    const RowSpan rs = rows[r];
+    const float m = row_max(s, span, L, row_max(s, rs.lo, rs.hi, kNegInf));
+    if (m == kNegInf) {
+      zero_cols(s, ts.lo, ts.hi), zero_cols(s, span, L);
+      lse[r] = std::numeric_limits<float>::infinity(), inv[r] = 0.f;
+      continue;
+    }
+    float sum = rs.dense ? row_exp<false>(s, rs.lo, rs.hi, m) : row_exp<true>(s, rs.lo, rs.hi, m);
+    sum += row_exp<true>(s, span, L, m);
+    zero_outside(s, ts, rs);
+    lse[r] = m + std::log(sum), inv[r] = 1.f / sum;
+  }
+}
+
+template <typename T>
+struct Buffers {  // one thread's tile buffers, reused across its tiles
+  std::vector<float> S, dP, O, row;
+  std::vector<T> P, dS;
+  Buffers(const Geo& g, bool backward)
+      : S(g.c * g.L), dP(backward ? g.c * g.L : 0), O(g.c * g.d), row(g.c),
+        P(std::is_same_v<T, float> ? 0 : g.c * g.L), dS(std::is_same_v<T, float> || !backward ? 0 : g.c * g.L) {}
+};
+
+// one (head bh, chunk i) tile of the forward: out rows (c x d) and their log-sum-exp
+template <typename T>
+void forward_tile(const Geo& g, Buffers<T>& buf, int64_t bh, int64_t i, const T* Qi, const T* Kb, const T* Vb,
+                  const T* Kg, const T* Vg, T* Oi, float* lse) {
+  Lap lap;
+  const int64_t b = bh / g.H, h = bh % g.H, c = g.c, d = g.d, L = g.L;
+  const TileSpan ts = g.tile_of(b, i);
+  scores<T>(g, buf.S.data(), Qi, Kb, Kg, b, h, i, lap);
+  softmax_rows(g, buf.S.data(), g.rows_of(b, i), ts, lse, buf.row.data());
+  lap(kSoftmax);
+  const T* P = operand<T>(g, buf.S.data(), buf.P.data(), ts);
+  float* O = buf.O.data();
+  if (ts.hi > ts.lo) {
+    gemm(false, false, c, d, ts.hi - ts.lo, P + ts.lo, L, Vb + ts.lo * d, d, 0.f, O, d);
+  } else {
+    std::fill(O, O + c * d, 0.f);
+  }
+  if (g.G) gemm(false, false, c, d, g.G, P + g.span, L, Vg, d, 1.f, O, d);
+  lap(kPV);
+  for (int64_t r = 0; r < c; ++r) {
+    const float inv = buf.row[r];
+    for (int64_t e = 0; e < d; ++e) Oi[r * d + e] = static_cast<T>(O[r * d + e] * inv);
+  }
+  lap(kCopy);
 }
 
 template <typename T>
@@ -163,44 +389,106 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, c
   const T *kgd = g.G ? kg.data_ptr<T>() : nullptr, *vgd = g.G ? vg.data_ptr<T>() : nullptr;
   T* od = out.data_ptr<T>();
   float* ld = lse.data_ptr<float>();
-  const int64_t c = g.c, d = g.d, L = g.L, span = g.span, G = g.G;
+  const int64_t c = g.c, d = g.d, G = g.G;
   at::parallel_for(0, BH * g.nc, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> S(c * L), O(c * d);
-    std::vector<T> Pbuf(std::is_same_v<T, float> ? 0 : c * L);
+    Buffers<T> buf(g, false);
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t bh = t / g.nc, i = t % g.nc, b = bh / g.H, h = bh % g.H;
-      const T* Qi = qd + (bh * nq + i * c) * d;
-      const T* Kb = kd + (bh * g.nk * c + i * c) * d;
-      const T* Vb = vd + (bh * g.nk * c + i * c) * d;
-      scores<T>(g, S.data(), Qi, Kb, kgd ? kgd + bh * G * d : nullptr, b, h, i);
-      for (int64_t r = 0; r < c; ++r) {  // softmax per row, fp32
-        float* s = S.data() + r * L;
-        float m = kNegInf;
-        for (int64_t j = 0; j < L; ++j) m = s[j] > m ? s[j] : m;
-        if (m == kNegInf) {  // no allowed key: the row is zero (and its log-sum-exp +inf)
-          std::fill(s, s + L, 0.f);
-          ld[bh * nq + i * c + r] = std::numeric_limits<float>::infinity();
-          continue;
-        }
-        float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t j = 0; j < L; ++j) {
-          const float e = exp_le0(s[j] - m);
-          s[j] = s[j] == kNegInf ? 0.f : e;
-          sum += s[j];
-        }
-        const float inv = 1.f / sum;
-#pragma omp simd
-        for (int64_t j = 0; j < L; ++j) s[j] *= inv;
-        ld[bh * nq + i * c + r] = m + std::log(sum);
-      }
-      const T* P = operand<T>(S.data(), Pbuf.data(), c * L);
-      gemm(false, false, c, d, span, P, L, Vb, d, 0.f, O.data(), d);
-      if (G) gemm(false, false, c, d, G, P + span, L, vgd + bh * G * d, d, 1.f, O.data(), d);
-      to_input(O.data(), od + (bh * nq + i * c) * d, c * d);
+      const int64_t bh = t / g.nc, i = t % g.nc, row0 = bh * nq + i * c, key0 = bh * g.nk * c + i * c;
+      forward_tile<T>(g, buf, bh, i, qd + row0 * d, kd + key0 * d, vd + key0 * d,
+                      G ? kgd + bh * G * d : nullptr, G ? vgd + bh * G * d : nullptr, od + row0 * d, ld + row0);
     }
   });
   return {out, lse};
+}
+
+// Backward's elementwise part of a tile, in place: S -> P (recomputed from the saved log-sum-exp),
+// dP -> dS = P (dP - D) with D_r = rowsum(dP * P) = dO_r . O_r; zero outside each row's allowed keys.
+template <typename T>
+void ds_rows(const Geo& g, float* S, float* dP, float* D, const RowSpan* rows, TileSpan ts, const T* dOi,
+             const T* Oi, const float* lse) {
+  const int64_t span = g.span, L = g.L, d = g.d;
+  for (int64_t r = 0; r < g.c; ++r) {
+    float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t e = 0; e < d; ++e) acc += static_cast<float>(dOi[r * d + e]) * static_cast<float>(Oi[r * d + e]);
+    D[r] = acc;
+  }
+  for (int64_t r = 0; r < g.c; ++r) {
+    float *s = S + r * L, *dp = dP + r * L;
+    const RowSpan rs = rows[r];
+    const float l = lse[r];
+    if (l == std::numeric_limits<float>::infinity()) {  // no allowed key
+      zero_cols(s, ts.lo, ts.hi), zero_cols(s, span, L), zero_cols(dp, ts.lo, ts.hi), zero_cols(dp, span, L);
+      continue;
+    }
+    if (rs.dense) {
+      row_ds<false>(s, dp, rs.lo, rs.hi, l, D[r]);
+    } else {
+      row_ds<true>(s, dp, rs.lo, rs.hi, l, D[r]);
+    }
+    row_ds<true>(s, dp, span, L, l, D[r]);
+    zero_outside(s, ts, rs), zero_outside(dp, ts, rs);
+  }
+}
+
+// d loss / d slope of head h from chunk i's dS: d score / d slope = -|q - k|
+inline double slope_grad(const Geo& g, const float* dS, const RowSpan* rows, int64_t b, int64_t i) {
+  double dslope = 0.0;
+  const int32_t* kp = g.k_pos + i * g.c;
+  for (int64_t r = 0; r < g.c; ++r) {
+    const int32_t qp = g.q_pos[i * g.c + r];
+    const float* dp = dS + r * g.L;
+    for (int64_t j = rows[r].lo; j < rows[r].hi; ++j) dslope -= dp[j] * std::abs(qp - kp[j]);
+    for (int64_t t = 0; t < g.G; ++t) dslope -= dp[g.span + t] * std::abs(qp - g.g_pos[b * g.G + t]);
+  }
+  return dslope;
+}
+
+struct Grads {  // fp32 gradient outputs of one head
+  float *dq, *dk, *dv, *dkg, *dvg;
+};
+
+// one (head bh, chunk i) tile of the backward; dK, dV of the band and of the global keys accumulate
+template <typename T>
+double backward_tile(const Geo& g, Buffers<T>& buf, int64_t bh, int64_t i, const T* Qi, const T* Kb,
+                     const T* Vb, const T* Kg, const T* Vg, const T* Oi, const T* dOi, const float* lse,
+                     Grads gr) {
+  Lap lap;
+  const int64_t b = bh / g.H, h = bh % g.H, c = g.c, d = g.d, L = g.L, span = g.span, G = g.G;
+  const TileSpan ts = g.tile_of(b, i);
+  const int nb = ts.hi - ts.lo;
+  float *S = buf.S.data(), *dP = buf.dP.data();
+  scores<T>(g, S, Qi, Kb, Kg, b, h, i, lap);
+  // dP (c x L) = dO_i [V_band | V_g]^T
+  if (nb) gemm(false, true, c, nb, d, dOi, d, Vb + ts.lo * d, d, 0.f, dP + ts.lo, L);
+  if (G) gemm(false, true, c, G, d, dOi, d, Vg, d, 0.f, dP + span, L);
+  lap(kDP);
+  const RowSpan* rows = g.rows_of(b, i);
+  ds_rows<T>(g, S, dP, buf.row.data(), rows, ts, dOi, Oi, lse);
+  const double dslope = g.slopes ? slope_grad(g, dP, rows, b, i) : 0.0;
+  lap(kDS);
+  const T* P = operand<T>(g, S, buf.P.data(), ts);
+  const T* dS = operand<T>(g, dP, buf.dS.data(), ts);
+  lap(kCopy);
+  // dV_band += P^T dO_i, dK_band += dS^T Q_i (the band's key rows are contiguous in the padded keys)
+  if (nb) {
+    gemm(true, false, nb, d, c, P + ts.lo, L, dOi, d, 1.f, gr.dv + ts.lo * d, d);
+    gemm(true, false, nb, d, c, dS + ts.lo, L, Qi, d, 1.f, gr.dk + ts.lo * d, d);
+  }
+  if (G) {
+    gemm(true, false, G, d, c, P + span, L, dOi, d, 1.f, gr.dvg, d);
+    gemm(true, false, G, d, c, dS + span, L, Qi, d, 1.f, gr.dkg, d);
+  }
+  lap(kDVDK);
+  // dQ_i = dS [K_band | K_g]
+  if (nb) {
+    gemm(false, false, c, d, nb, dS + ts.lo, L, Kb + ts.lo * d, d, 0.f, gr.dq, d);
+  } else {
+    std::fill(gr.dq, gr.dq + c * d, 0.f);
+  }
+  if (G) gemm(false, false, c, d, G, dS + span, L, Kg, d, 1.f, gr.dq, d);
+  lap(kDQ);
+  return dslope;
 }
 
 template <typename T>
@@ -208,7 +496,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
                                       const at::Tensor& kg, const at::Tensor& vg, const at::Tensor& out,
                                       const at::Tensor& dout, const at::Tensor& lse, const Geo& g) {
   const int64_t BH = q.size(0), nq = q.size(1), nkc = k.size(1);
-  const int64_t c = g.c, d = g.d, L = g.L, span = g.span, G = g.G;
+  const int64_t c = g.c, d = g.d, G = g.G;
   auto f32 = q.options().dtype(at::kFloat);
   auto dq = at::empty({BH, nq, d}, f32);
   auto dk = at::zeros({BH, nkc, d}, f32), dv = at::zeros({BH, nkc, d}, f32);
@@ -224,63 +512,31 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
   // one head per task: the bands of neighbouring chunks overlap, so dK and dV of a head are accumulated
   // by one thread, in chunk order (deterministic)
   at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> S(c * L), dP(c * L), D(c);
-    constexpr bool lowp = !std::is_same_v<T, float>;
-    std::vector<T> Pbuf(lowp ? c * L : 0), dSbuf(lowp ? c * L : 0);
+    Buffers<T> buf(g, true);
     for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / g.H, h = bh % g.H;
       const T* Kg = G ? kgd + bh * G * d : nullptr;
       const T* Vg = G ? vgd + bh * G * d : nullptr;
       double dslope = 0.0;
       for (int64_t i = 0; i < g.nc; ++i) {
         const int64_t row0 = bh * nq + i * c, key0 = bh * nkc + i * c;
-        const T *Qi = qd + row0 * d, *dOi = dod + row0 * d, *Oi = od + row0 * d;
-        const T *Kb = kd + key0 * d, *Vb = vd + key0 * d;
-        scores<T>(g, S.data(), Qi, Kb, Kg, b, h, i);
-        // dP (c x L) = dO_i [V_band | V_g]^T
-        gemm(false, true, c, span, d, dOi, d, Vb, d, 0.f, dP.data(), L);
-        if (G) gemm(false, true, c, G, d, dOi, d, Vg, d, 0.f, dP.data() + span, L);
-        for (int64_t r = 0; r < c; ++r) {
-          float acc = 0.f;  // D_r = rowsum(dP * P) = dO_r . O_r
-          for (int64_t e = 0; e < d; ++e) acc += static_cast<float>(dOi[r * d + e]) * static_cast<float>(Oi[r * d + e]);
-          D[r] = acc;
-        }
-        for (int64_t r = 0; r < c; ++r) {  // P recomputed from the saved log-sum-exp; dS = P (dP - D)
-          float *s = S.data() + r * L, *dp = dP.data() + r * L;
-          const float l = ld[row0 + r], Dr = D[r];
-#pragma omp simd
-          for (int64_t j = 0; j < L; ++j) {
-            const float p = s[j] == kNegInf ? 0.f : exp_le0(s[j] - l);
-            s[j] = p;
-            dp[j] = p * (dp[j] - Dr);
-          }
-        }
-        if (g.slopes) {  // d score / d slope = -|q - k|
-          const int32_t* kp = g.k_pos + i * c;
-          for (int64_t r = 0; r < c; ++r) {
-            const int32_t qp = g.q_pos[i * c + r];
-            const float* dp = dP.data() + r * L;
-            for (int64_t j = 0; j < span; ++j) dslope -= dp[j] * std::abs(qp - kp[j]);
-            for (int64_t t = 0; t < G; ++t) dslope -= dp[span + t] * std::abs(qp - g.g_pos[b * G + t]);
-          }
-        }
-        const T* P = operand<T>(S.data(), Pbuf.data(), c * L);
-        const T* dS = operand<T>(dP.data(), dSbuf.data(), c * L);
-        // dV_band += P^T dO_i, dK_band += dS^T Q_i (the band's key rows are contiguous in the padded keys)
-        gemm(true, false, span, d, c, P, L, dOi, d, 1.f, dvd + key0 * d, d);
-        gemm(true, false, span, d, c, dS, L, Qi, d, 1.f, dkd + key0 * d, d);
-        // dQ_i = dS [K_band | K_g]
-        gemm(false, false, c, d, span, dS, L, Kb, d, 0.f, dqd + row0 * d, d);
-        if (G) {
-          gemm(false, false, c, d, G, dS + span, L, Kg, d, 1.f, dqd + row0 * d, d);
-          gemm(true, false, G, d, c, P + span, L, dOi, d, 1.f, dvgd + bh * G * d, d);
-          gemm(true, false, G, d, c, dS + span, L, Qi, d, 1.f, dkgd + bh * G * d, d);
-        }
+        Grads gr{dqd + row0 * d, dkd + key0 * d, dvd + key0 * d, dkgd + bh * G * d, dvgd + bh * G * d};
+        dslope += backward_tile<T>(g, buf, bh, i, qd + row0 * d, kd + key0 * d, vd + key0 * d, Kg, Vg,
+                                   od + row0 * d, dod + row0 * d, ld + row0, gr);
       }
       dsd[bh] = dslope;
     }
   });
   return {dq, dk, dv, dkg, dvg, dslopes};
+}
+
+// Seconds spent per phase since the last reset, summed over threads (all zero unless the library was
+// loaded with LONGCTX_FUSED_PROFILE set): rows, QK, mask, softmax, PV, dP, dS, dV/dK, dQ, copy.
+at::Tensor band_profile(bool reset) {
+  auto out = at::empty({kNumPhases}, at::TensorOptions().dtype(at::kDouble));
+  for (int p = 0; p < kNumPhases; ++p) {
+    out.data_ptr<double>()[p] = 1e-9 * static_cast<double>(reset ? phase_ns[p].exchange(0) : phase_ns[p].load());
+  }
+  return out;
 }
 
 Geo make_geo(const at::Tensor& q, const at::Tensor& k, const at::Tensor& kg, const at::Tensor& local,
@@ -321,6 +577,7 @@ TORCH_LIBRARY(longctx_fused, m) {
   m.def("band_backward(Tensor q, Tensor k, Tensor v, Tensor kg, Tensor vg, Tensor out, Tensor dout, "
         "Tensor lse, Tensor local, Tensor kvalid, Tensor q_pos, Tensor k_pos, Tensor g_pos, Tensor g_valid, "
         "Tensor slopes, int B, int H, bool causal) -> Tensor[]");
+  m.def("band_profile(bool reset) -> Tensor", band_profile);
 }
 
 TORCH_LIBRARY_IMPL(longctx_fused, CPU, m) {
