@@ -35,12 +35,16 @@ def line_figure(path: str | os.PathLike, series: Sequence[dict], xlabel: str, yl
                 title: str | None = None, log_x: int | None = None, log_y: bool = False,
                 xticks: Sequence[int] | None = None, figsize=(6.5, 4), legend_size: int = 8, dpi: int = 100) -> Path:
     """One line per entry of ``series``: ``{"x", "y", "label"}`` and optionally ``"style"`` (a format
-    string such as ``"o--"``), ``"alpha"``, ``"color"``. ``log_x``: the base of a log x axis."""
+    string such as ``"o--"``), ``"alpha"``, ``"color"``, ``"yerr"`` (error bars: one list of half-widths,
+    or (below, above) lists). ``log_x``: the base of a log x axis."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=figsize)
     for s in series:
         kw = {k: s[k] for k in ("alpha", "color", "linewidth") if k in s}
-        ax.plot(s["x"], s["y"], *([s["style"]] if s.get("style") else []), label=s.get("label"), **kw)
+        if s.get("yerr") is not None:
+            ax.errorbar(s["x"], s["y"], yerr=s["yerr"], fmt=s.get("style") or "-", capsize=3, label=s.get("label"), **kw)
+        else:
+            ax.plot(s["x"], s["y"], *([s["style"]] if s.get("style") else []), label=s.get("label"), **kw)
     if log_x:
         ax.set_xscale("log", base=log_x)
     if log_y:

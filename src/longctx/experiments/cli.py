@@ -18,6 +18,9 @@ def run_compare(args) -> int:
     ext = extrapolation_table(summary["variants"])
     if ext:  # LeX: perplexity at each evaluation length (same tokens), positions x lengths
         print("\nperplexity by evaluation length (95% interval over documents):\n" + ext)
+    if comp.get("compute"):  # every variant at each pretraining budget
+        from longctx.experiments.compute import table as compute_table
+        print("\nscore against pretraining compute (95% intervals):\n" + compute_table(summary["variants"], comp["compute"]))
     print(f"\nreport: {out / 'report.md'}  (results.json, loss_vs_steps.png, loss_vs_time.png, speed_memory.png)")
     return 0
 

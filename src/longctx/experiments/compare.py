@@ -2,9 +2,13 @@
 
 A comparison is a base experiment config plus a list of variants, each a name and a few dotted keys
 that differ (``{name: sliding, set: {model.attention: sliding, model.window: 128}}``). Every variant
-trains on the same data in the same order with the same seed and the same token budget: a variant may
+trains on the same data in the same order with the same seed and the same budget: a variant may
 not change ``seed``, ``data.corpus``, ``data.tokenizer``, ``data.seq_len``, ``train.steps``,
-``train.batch_size``, ``train.grad_accum`` or ``stages``.
+``train.budget``, ``train.batch_size``, ``train.grad_accum`` or ``stages``. The budget is the same
+tokens (``train.steps``), or, with ``train.budget: {flops: F}`` / ``{seconds: S}`` in base, the same
+training FLOPs (each counted for the variant's own model and attention) or wall-clock time: each
+variant then takes the steps its budget buys (longctx.train.budget). A ``compute:`` section pretrains
+every variant at several budgets (longctx.experiments.compute).
 
 Each variant runs in its own process, so its peak memory is its own, and writes
 ``runs/<name>/<variant>/`` (checkpoints, metrics, TensorBoard logs, final model, results.json). A rerun
@@ -26,7 +30,7 @@ from longctx.errors import LongctxError
 from longctx.train.config import load_yaml, merge, parse_overrides, resolve
 
 FIXED = ("seed", "data.corpus", "data.tokenizer", "data.seq_len", "data.text_field", "data.valid_fraction",
-         "train.steps", "train.batch_size", "train.grad_accum", "stages")
+         "train.steps", "train.budget", "train.batch_size", "train.grad_accum", "stages")
 
 
 def default_config_path() -> Path:
@@ -36,10 +40,10 @@ def default_config_path() -> Path:
 def load_comparison(path: str | Path | None, overrides: list[str] | None) -> dict:
     """{name, base (resolved config), variants: [{name, config}]}; overrides apply to the base."""
     raw = load_yaml(path or default_config_path())
-    unknown = set(raw) - {"name", "base", "variants", "extrapolation", "finetune", "analysis"}
+    unknown = set(raw) - {"name", "base", "variants", "extrapolation", "finetune", "analysis", "compute"}
     if unknown:
         raise LongctxError(f"comparison config has unknown keys {sorted(unknown)}; use name, base, variants "
-                           "(and extrapolation, finetune, analysis)")
+                           "(and extrapolation, finetune, analysis, compute)")
     variants = raw.get("variants") or []
     if not isinstance(variants, list) or not variants:
         raise LongctxError("comparison config needs a non-empty list 'variants'")
@@ -61,7 +65,8 @@ def load_comparison(path: str | Path | None, overrides: list[str] | None) -> dic
         for key in sets:
             if any(key == f or key.startswith(f + ".") for f in FIXED):
                 raise LongctxError(f"variant {name!r} changes '{key}': a comparison keeps data, seed and "
-                                   "token budget identical; change it in 'base' for all variants")
+                                   "budget identical; change it in 'base' for all variants (or use a compute "
+                                   "section for several budgets)")
         cfg = resolve(copy.deepcopy(base_raw), [f"{k}={json.dumps(val)}" for k, val in sets.items()])
         cfg["name"] = name
         out.append({"name": name, "set": all_sets, "config": cfg, "task_sets": task_sets})
@@ -69,6 +74,10 @@ def load_comparison(path: str | Path | None, overrides: list[str] | None) -> dic
     if raw.get("finetune") is not None:  # finetune every variant on downstream tasks (the study)
         from longctx.tasks.downstream import check_spec
         comp["finetune"] = check_spec(raw["finetune"])
+    if raw.get("compute") is not None:  # every variant at several pretraining budgets
+        from longctx.experiments import compute
+        comp["compute"] = compute.check_spec(raw["compute"], base, comp.get("finetune"))
+        comp["variants"] = compute.expand(out, comp["compute"])
     if raw.get("analysis") is not None:  # where each variant's attention goes (StructFormer)
         from longctx.eval.analysis import check_spec as check_analysis
         comp["analysis"] = check_analysis(raw["analysis"])
@@ -109,6 +118,8 @@ def run_comparison(comp: dict, out_root: str | Path, progress: bool = True) -> d
         r = json.loads(done.read_text())
         r["variant"] = v["name"]
         r["set"] = v["set"]
+        if v.get("compute"):
+            r["compute"] = v["compute"]
         r["attention_flops_per_token"] = attention_flops_per_token(v["config"])
         if comp.get("extrapolation"):
             from longctx.eval.extrapolation import evaluate_variant

@@ -17,8 +17,11 @@ def _with_ci(value: float, ci) -> str:
 def table(results: list[dict]) -> str:
     base = results[0]
     clm = any(r["objective"] == "clm" for r in results)
+    # under a FLOPs or time budget the steps differ between variants: show what each one spent
+    budgeted = any(r.get("budget") for r in results)
     head = ["variant", "attention", "params", "held-out loss", "bits/char" if clm else "perplexity",
             "tokens/s", "speed vs " + base["variant"], "peak memory", "train time", "attn MFLOP/token"]
+    head += ["steps", "tokens", "train FLOPs"] if budgeted else []
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         ev = r["eval"]
@@ -27,8 +30,13 @@ def table(results: list[dict]) -> str:
             r["variant"], r["attention"], f"{r['parameters'] / 1e6:.2f}M", _with_ci(ev["loss"], ev.get("loss_ci")), quality,
             f"{r['tokens_per_s']:,.0f}", f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x",
             f"{r['peak_memory_bytes'] / 2**30:.2f} GiB", f"{r['train_time_s']:.0f} s",
-            f"{r['attention_flops_per_token'] / 1e6:,.3f}"]) + " |")
+            f"{r['attention_flops_per_token'] / 1e6:,.3f}"] + (_spent(r) if budgeted else [])) + " |")
     return "\n".join(rows)
+
+
+def _spent(r: dict) -> list[str]:
+    flops = r.get("train_flops")
+    return [f"{r['steps']:,}", f"{r['tokens']:,}", f"{flops:.3g}" if flops is not None else "n/a"]
 
 
 def _extrapolation_lines(results: list[dict]):
@@ -80,13 +88,39 @@ def _extrapolation_plot(results: list[dict], out: Path) -> Path | None:
                        "perplexity (same tokens at every length)", log_x=2, log_y=True, xticks=lengths)
 
 
+def _budget(comp: dict) -> dict | None:
+    """The comparison's budget when it is not tokens: base train.budget, or the compute section's."""
+    if comp.get("compute"):
+        return {comp["compute"]["unit"]: comp["compute"]["budgets"]}
+    return comp["base"]["train"].get("budget")
+
+
+def _budget_words(budget: dict) -> str:
+    """{'flops': 3e12} -> 'budget of 3e12 training FLOPs'; a list (compute section) -> 'budgets of ...'."""
+    from longctx.experiments.compute import short
+    unit, value = next(iter(budget.items()))
+    what = {"flops": "training FLOPs", "seconds": "seconds of training steps", "tokens": "training tokens"}[unit]
+    values = value if isinstance(value, list) else [value]
+    return f"budget{'s' if len(values) > 1 else ''} of {', '.join(map(short, values))} {what}"
+
+
+def _controlled_line(c: dict) -> str:
+    same = (f"{c['steps']} steps of batch {c['batch_size']} ({c['tokens_per_variant']:,} tokens)" if not c["budget"]
+            else f"batch {c['batch_size']}, the same {_budget_words(c['budget'])} (each variant takes the steps its "
+                 "budget buys: steps, tokens and FLOPs per variant below)")
+    return (f"Every variant: {c['objective'].upper()} on `{c['corpus']}`, sequence length {c['seq_len']}, {same}, "
+            f"seed {c['seed']}, same data in the same order. Held-out loss on documents never trained on.")
+
+
 def write_report(comp: dict, results: list[dict], out: Path) -> dict:
     base = comp["base"]
+    budget = _budget(comp)
     summary = {
         "name": comp["name"],
         "controlled": {"seed": base["seed"], "corpus": str(base["data"]["corpus"]), "seq_len": base["data"]["seq_len"],
-                       "steps": base["train"]["steps"], "batch_size": base["train"]["batch_size"],
-                       "tokens_per_variant": results[0]["tokens"], "objective": base["objective"]},
+                       "steps": None if budget else base["train"]["steps"], "batch_size": base["train"]["batch_size"],
+                       "tokens_per_variant": None if budget else results[0]["tokens"], "budget": budget,
+                       "objective": base["objective"]},
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpus": os.cpu_count()},
         "variants": results,
@@ -97,15 +131,15 @@ def write_report(comp: dict, results: list[dict], out: Path) -> dict:
     write_text(out / "results.json", json.dumps(summary, indent=1))
     plots = _plots(results, out)
     c = summary["controlled"]
-    md = [f"# Comparison: {comp['name']}", "",
-          f"Every variant: {c['objective'].upper()} on `{c['corpus']}`, sequence length {c['seq_len']}, "
-          f"{c['steps']} steps of batch {c['batch_size']} ({c['tokens_per_variant']:,} tokens), seed {c['seed']}, "
-          f"same data in the same order. Held-out loss on documents never trained on.", "",
+    md = [f"# Comparison: {comp['name']}", "", _controlled_line(c), "",
           table(results), "",
           "Tokens/s: training tokens per second of training-step time (evaluation and checkpoints excluded). "
           "Peak memory: the variant process's peak resident memory (CPU) or peak allocated GPU memory. "
           "Held-out loss: 95% bootstrap interval over held-out sequences in brackets. Attention MFLOP/token: forward QK^T and PV over the pairs the pattern allows. "
-          "Loss plots: the training loss smoothed (EMA, beta 0.9) and the held-out loss at each evaluation (points).",
+          "Loss plots: the training loss smoothed (EMA, beta 0.9) and the held-out loss at each evaluation (points)."
+          + (" Train FLOPs: steps x the FLOPs of a step (6 x matrix-product weights per position it runs on + 3 x the "
+             "attention mechanism's forward FLOPs, global tokens included; the mean of the first steps' batches)."
+             if budget else ""),
           ""]
     md += [f"![{p.stem}]({p.name})" for p in plots]
     if extrapolation_table(results):
@@ -124,6 +158,9 @@ def write_report(comp: dict, results: list[dict], out: Path) -> dict:
     if summary.get("ranking"):
         from longctx.tasks.downstream import report_lines
         md += [""] + report_lines(results, summary["ranking"])
+    if comp.get("compute"):  # score against pretraining compute, one line per variant
+        from longctx.experiments import compute
+        md += [""] + compute.report_lines(results, comp["compute"], out)
     if any(r.get("analysis") for r in results):  # StructFormer: where each variant's attention goes
         from longctx.eval.analysis import compare_lines
         md += [""] + compare_lines(results, out)

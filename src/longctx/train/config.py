@@ -65,8 +65,23 @@ class DataConfig:
 
 
 @dataclass
+class BudgetSpec:
+    """``train.budget``: what a run may spend, in one unit. The trainer turns it into ``train.steps``
+    before the first step (longctx.train.budget) and records the steps in run_config.json, so a resumed
+    run and its LR schedule keep them."""
+    flops: Optional[float] = key(None, "training FLOPs: per token 6 x matrix-product weights (embeddings "
+                                       "excluded) + 3 x the attention mechanism's forward FLOPs", gt=0)
+    seconds: Optional[float] = key(None, "training-step seconds, from the step time measured on this machine "
+                                         "(machine-dependent: not reproducible elsewhere)", gt=0)
+    tokens: Optional[int] = key(None, "training tokens (steps x batch x grad_accum x seq_len x processes)", ge=1)
+
+
+@dataclass
 class TrainConfig:
-    steps: int = key(100, "optimizer steps in all (all phases together when staged)", ge=1)
+    steps: int = key(100, "optimizer steps in all (all phases together when staged); decided by train.budget "
+                          "when one is set", ge=1)
+    budget: Optional[BudgetSpec] = key(None, "a budget that decides train.steps: {flops: F}, {seconds: S} or "
+                                             "{tokens: N}")
     batch_size: int = key(2, "sequences per step per process (before grad_accum)", ge=1)
     grad_accum: int = key(1, "micro-batches accumulated into one optimizer step", ge=1)
     lr: float = key(1e-3, "peak learning rate (AdamW)", gt=0)
@@ -420,9 +435,24 @@ def validate(cfg: dict) -> None:
             f"model.max_position_embeddings={m.get('max_position_embeddings')} is shorter than the longest "
             f"sequence ({_max_seq_len(cfg)}); raise it or use relative positions")
     _check_model_whole(cfg)
+    _check_budget(cfg)
     if cfg.get("init_from"):
         from longctx.models.loading import read_longctx_config
         read_longctx_config(cfg["init_from"], "init_from")
+
+
+def _check_budget(cfg: dict) -> None:
+    """A budget names one unit, and a staged run has no single step cost to divide it by."""
+    budget = cfg["train"].get("budget")
+    if budget is None:
+        return
+    units = [u for u in ("flops", "seconds", "tokens") if budget.get(u) is not None]
+    if len(units) != 1:
+        raise LongctxError(f"train.budget must name exactly one of flops, seconds, tokens, got "
+                           f"{', '.join(units) or 'none'}")
+    if cfg.get("stages"):
+        raise LongctxError("train.budget cannot be combined with stages (each phase costs differently per step); "
+                           "give the phases their steps instead")
 
 
 def _check_model_whole(cfg: dict) -> None:
@@ -481,6 +511,9 @@ def all_keys() -> list[Key]:
                 if sname == "tokenizer":
                     out += [dataclasses.replace(t, path=f"data.tokenizer.{tn}")
                             for tn, t in section_keys(TokenizerSpec).items()]
+                if sname == "budget":
+                    out += [dataclasses.replace(b, path=f"train.budget.{bn}")
+                            for bn, b in section_keys(BudgetSpec).items()]
         else:
             out.append(k)
             if name == "stages":

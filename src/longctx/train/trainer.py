@@ -148,6 +148,7 @@ class Trainer:
         if self.t["activation_checkpointing"]:
             model.gradient_checkpointing_enable()
         self.n_params = sum(p.numel() for p in model.parameters())
+        self._plan_compute(model)  # FLOPs per step; a train.budget decides the steps here, before the schedule
         optimizer = make_optimizer(model, self.cfg)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(self.cfg, self.stages))
         if self.candidates:
@@ -165,6 +166,25 @@ class Trainer:
             _rewind_metrics(self.out / "metrics.jsonl", self.step_no)
             # events after the resumed step are the killed run's: TensorBoard drops them
             self.writer = SummaryWriter(str(self.out / "tb"), purge_step=self.step_no + 1 if self.step_no else None)
+
+    def _plan_compute(self, model) -> None:
+        """``self.compute`` (results.json): FLOPs and tokens per step and the run's FLOPs; with
+        ``train.budget`` on a fresh start, the steps it buys become train.steps (run_config.json keeps
+        them, so a resume does not decide again)."""
+        from longctx.train.budget import describe, plan
+
+        self.compute = plan(model, self.task, self.cfg, self.accelerator, decide=not self.candidates)
+        if "steps" in self.compute:
+            self._set_total_steps(self.compute.pop("steps"))
+            self.say(describe(dict(self.compute, steps=self.total_steps)))
+        per_step = self.compute["flops_per_step"]
+        self.compute["train_flops"] = per_step * self.total_steps if per_step is not None else None
+
+    def _set_total_steps(self, steps: int) -> None:
+        self.t["steps"] = steps
+        self.stages[-1]["steps"] = steps  # one phase: a budget is refused with stages
+        self.stage_ends = stage_ends(self.stages)
+        self.total_steps = self.stage_ends[-1]
 
     def _resume_candidates(self) -> list[tuple[Path, dict]]:
         """The intact checkpoints, newest first, each with the config it was trained with; reports the
@@ -190,6 +210,9 @@ class Trainer:
                      "newest intact one", warning=True)
         saved = read_json(intact[0] / "run_config.json") or read_json(self.out / "run_config.json")
         if saved is not None:
+            from longctx.train.budget import adopt_saved_steps
+            if adopt_saved_steps(self.cfg, saved):  # the steps the first start's budget decided
+                self._set_total_steps(self.cfg["train"]["steps"])
             unsafe, safe = config_changes(saved, self.cfg)
             if unsafe:
                 raise LongctxError(
@@ -366,7 +389,7 @@ class Trainer:
             "tokens_per_s": self.state["tokens"] / max(self.state["train_time"], 1e-9),
             "peak_memory_bytes": peak_memory_bytes(), "final_train_loss": self.last_loss, "eval": ev,
             "attention": self.unwrapped.config.describe_attention(), "seq_len": self.stages[-1]["seq_len"],
-            "world_size": self.world,
+            "world_size": self.world, **self.compute,
         }
         for split in splits[1:]:
             result[f"eval_{split}"] = self.evaluate(split)
