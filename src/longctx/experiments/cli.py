@@ -27,8 +27,8 @@ def run_compare(args) -> int:
 
 def register(sub) -> None:
     p = sub.add_parser("compare", help="pretrain attention variants under identical conditions and report",
-                       description="Pretrain every variant of a comparison on the same data, seed and token "
-                                   "budget, then write runs/<name>/report.md, results.json and plots. With no "
+                       description="Pretrain every variant of a comparison on the same data, seed and budget "
+                                   "(tokens, or train.budget in FLOPs or seconds), then write runs/<name>/report.md, results.json and plots. With no "
                                    "--config it runs the built-in CPU-sized comparison.")
     p.add_argument("--config", help="comparison YAML (name, base, variants); default: the built-in one")
     p.add_argument("--out", default="runs", help="parent folder of the run (default runs/)")
