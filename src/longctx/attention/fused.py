@@ -174,15 +174,17 @@ class _Masks:
         self.g_valid = empty_u if g_valid is None else g_valid.to(torch.uint8).reshape(B, -1).contiguous()
         self.causal = bool(pattern.causal)
 
-    def args(self, slopes: torch.Tensor, B: int, H: int):
+    def args(self, slopes: torch.Tensor, B: int, H: int, left: int):
         return (self.local, self.kvalid, self.q_pos, self.k_pos, self.g_pos, self.g_valid, slopes, B, H,
-                self.causal)
+                self.causal, left)
 
 
-def _flat(x: torch.Tensor, before: int, total: int) -> torch.Tensor:
-    """(B, H, n, d) -> zero-padded, contiguous (B * H, total, d)."""
+def _flat(x: torch.Tensor, total: int) -> torch.Tensor:
+    """(B, H, n, d) -> contiguous (B * H, total, d), zero rows appended (a copy only where needed: the
+    queries of a last, partial chunk; keys and values go in unpadded)."""
     B, H, n, d = x.shape
-    return F.pad(x, (0, 0, before, total - before - n)).reshape(B * H, total, d).contiguous()
+    x = x if total == n else F.pad(x, (0, 0, 0, total - n))
+    return x.reshape(B * H, total, d).contiguous()
 
 
 class _FusedBand(torch.autograd.Function):
@@ -191,11 +193,11 @@ class _FusedBand(torch.autograd.Function):
         B, H, n, d = q.shape
         c = geo.c
         empty = q.new_zeros(0)
-        qp, kp, vp = _flat(q, 0, geo.nc * c), _flat(k, geo.left, geo.nk * c), _flat(v, geo.left, geo.nk * c)
+        qp, kp, vp = _flat(q, geo.nc * c), _flat(k, n), _flat(v, n)
         kg_ = empty if kg is None else kg.to(q.dtype).contiguous()
         vg_ = empty if vg is None else vg.to(q.dtype).contiguous()
         sl = torch.zeros(0) if slopes is None else slopes.detach().float().contiguous()
-        out, lse = torch.ops.longctx_fused.band_forward(qp, kp, vp, kg_, vg_, *masks.args(sl, B, H))
+        out, lse = torch.ops.longctx_fused.band_forward(qp, kp, vp, kg_, vg_, *masks.args(sl, B, H, geo.left))
         ctx.save_for_backward(qp, kp, vp, kg_, vg_, out, lse, sl)
         ctx.geo, ctx.masks, ctx.shape = geo, masks, (B, H, n, d)
         ctx.dtypes = (q.dtype, None if kg is None else kg.dtype, None if slopes is None else slopes.dtype)
@@ -207,13 +209,11 @@ class _FusedBand(torch.autograd.Function):
         geo, masks = ctx.geo, ctx.masks
         B, H, n, d = ctx.shape
         q_dt, g_dt, s_dt = ctx.dtypes
-        dop = _flat(dout.to(q_dt), 0, geo.nc * geo.c)
+        dop = _flat(dout.to(q_dt), geo.nc * geo.c)
         dq, dk, dv, dkg, dvg, dsl = torch.ops.longctx_fused.band_backward(
-            qp, kp, vp, kg_, vg_, out, dop, lse, *masks.args(sl, B, H))
-        left = geo.left
+            qp, kp, vp, kg_, vg_, out, dop, lse, *masks.args(sl, B, H, geo.left))
         dq = dq.view(B, H, -1, d)[:, :, :n].to(q_dt)
-        dk = dk.view(B, H, -1, d)[:, :, left:left + n].to(q_dt)
-        dv = dv.view(B, H, -1, d)[:, :, left:left + n].to(q_dt)
+        dk, dv = dk.view(B, H, n, d).to(q_dt), dv.view(B, H, n, d).to(q_dt)
         G = kg_.shape[2] if g_dt is not None else 0
         dkg = None if g_dt is None else dkg.view(B, H, G, d).to(g_dt)
         dvg = None if g_dt is None else dvg.view(B, H, G, d).to(g_dt)

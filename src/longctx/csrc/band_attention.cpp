@@ -8,6 +8,9 @@
 // Python, already composed from the pattern's predicate (longctx.attention.patterns.compose):
 //   local (Ml, c, span) uint8: the pattern on chunk i (Ml = nc) or on every chunk alike (Ml = 1);
 //   kvalid (Bk, nk * c) uint8: the padded key is a real, non-global token (Bk = B or 1);
+// keys and values come unpadded, (B H, n, d): padded key p is real key p - left, and no tile's products
+// reach a padded key (they are never valid), so neither the inputs nor dK, dV are copied into a padded
+// layout.
 //   g_valid (B, G) uint8, g_pos (B, G), q_pos (nc * c): global keys, causal test for them;
 //   slopes (H) or empty: ALiBi, score -= slope * |q_pos - k_pos|.
 // Products go to MKL (bundled with the PyTorch CPU build): sgemm in fp32, gemm_bf16bf16f32 in bf16
@@ -194,7 +197,7 @@ struct TileSpan {
 };
 
 struct Geo {
-  int64_t B, H, nc, c, nk, span, G, d, L, Ml, Bk;
+  int64_t B, H, nc, c, nk, span, G, d, L, Ml, Bk, nkeys, left;
   bool causal;
   const uint8_t *local, *kvalid, *g_valid;
   const int32_t *q_pos, *k_pos, *g_pos;
@@ -204,11 +207,12 @@ struct Geo {
 
   Geo(const at::Tensor& q, const at::Tensor& k, const at::Tensor& kg, const at::Tensor& local_,
       const at::Tensor& kvalid_, const at::Tensor& q_pos_, const at::Tensor& k_pos_, const at::Tensor& g_pos_,
-      const at::Tensor& g_valid_, const at::Tensor& slopes_, int64_t B_, int64_t H_, bool causal_) {
-    B = B_, H = H_, causal = causal_;
+      const at::Tensor& g_valid_, const at::Tensor& slopes_, int64_t B_, int64_t H_, bool causal_,
+      int64_t left_) {
+    B = B_, H = H_, causal = causal_, left = left_;
     d = q.size(2);
     c = local_.size(1), span = local_.size(2), Ml = local_.size(0);
-    nc = q.size(1) / c, nk = k.size(1) / c;
+    nc = q.size(1) / c, nk = kvalid_.size(1) / c, nkeys = k.size(1);
     G = kg.numel() ? kg.size(2) : 0;
     L = span + G;
     Bk = kvalid_.size(0);
@@ -218,7 +222,15 @@ struct Geo {
     g_valid = G ? g_valid_.data_ptr<uint8_t>() : nullptr;
     slopes = slopes_.numel() ? slopes_.data_ptr<float>() : nullptr;
     find_spans();
+    for (int64_t t = 0; t < Bk * nc; ++t) {  // the promise the unpadded key layout rests on
+      const int64_t first = (t % nc) * c + tiles[t].lo - left, last = (t % nc) * c + tiles[t].hi - left;
+      TORCH_CHECK(tiles[t].hi == tiles[t].lo || (first >= 0 && last <= nkeys),
+                  "longctx fused attention: a padded key is marked valid");
+    }
   }
+
+  // first key row (unpadded) of chunk i's band columns [ts.lo, ts.hi) (0 for an empty band)
+  int64_t band_row(int64_t i, TileSpan ts) const { return ts.hi > ts.lo ? i * c + ts.lo - left : 0; }
 
   const uint8_t* local_of(int64_t i) const { return local + (Ml > 1 ? i : 0) * c * span; }
   const uint8_t* kvalid_of(int64_t b, int64_t i) const { return kvalid + (Bk > 1 ? b : 0) * nk * c + i * c; }
@@ -299,14 +311,14 @@ inline const T* operand(const Geo& g, const float* src, T* buf, TileSpan ts) {
   }
 }
 
-// scores of chunk i: S (c x L) = Q_i [K_band | K_g]^T over the tile's band columns [ts.lo, ts.hi) and
-// the global ones, then masked row by row
+// scores of chunk i: S (c x L) = Q_i [K_band | K_g]^T over the tile's band columns [ts.lo, ts.hi) (Kb:
+// the key row of column ts.lo) and the global ones, then masked row by row
 template <typename T>
 void scores(const Geo& g, float* S, const T* Qi, const T* Kb, const T* Kg, int64_t b, int64_t h, int64_t i,
             Lap& lap) {
   const int c = g.c, d = g.d, L = g.L;
   const TileSpan ts = g.tile_of(b, i);
-  if (ts.hi > ts.lo) gemm(false, true, c, ts.hi - ts.lo, d, Qi, d, Kb + ts.lo * d, d, 0.f, S + ts.lo, L);
+  if (ts.hi > ts.lo) gemm(false, true, c, ts.hi - ts.lo, d, Qi, d, Kb, d, 0.f, S + ts.lo, L);
   if (g.G) gemm(false, true, c, g.G, d, Qi, d, Kg, d, 0.f, S + g.span, L);
   lap(kQK);
   const RowSpan* rows = g.rows_of(b, i);
@@ -366,7 +378,7 @@ void forward_tile(const Geo& g, Buffers<T>& buf, int64_t bh, int64_t i, const T*
   const T* P = operand<T>(g, buf.S.data(), buf.P.data(), ts);
   float* O = buf.O.data();
   if (ts.hi > ts.lo) {
-    gemm(false, false, c, d, ts.hi - ts.lo, P + ts.lo, L, Vb + ts.lo * d, d, 0.f, O, d);
+    gemm(false, false, c, d, ts.hi - ts.lo, P + ts.lo, L, Vb, d, 0.f, O, d);
   } else {
     std::fill(O, O + c * d, 0.f);
   }
@@ -393,7 +405,8 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, c
   at::parallel_for(0, BH * g.nc, 1, [&](int64_t begin, int64_t end) {
     Buffers<T> buf(g, false);
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t bh = t / g.nc, i = t % g.nc, row0 = bh * nq + i * c, key0 = bh * g.nk * c + i * c;
+      const int64_t bh = t / g.nc, i = t % g.nc, row0 = bh * nq + i * c;
+      const int64_t key0 = bh * g.nkeys + g.band_row(i, g.tile_of(bh / g.H, i));
       forward_tile<T>(g, buf, bh, i, qd + row0 * d, kd + key0 * d, vd + key0 * d,
                       G ? kgd + bh * G * d : nullptr, G ? vgd + bh * G * d : nullptr, od + row0 * d, ld + row0);
     }
@@ -460,7 +473,7 @@ double backward_tile(const Geo& g, Buffers<T>& buf, int64_t bh, int64_t i, const
   float *S = buf.S.data(), *dP = buf.dP.data();
   scores<T>(g, S, Qi, Kb, Kg, b, h, i, lap);
   // dP (c x L) = dO_i [V_band | V_g]^T
-  if (nb) gemm(false, true, c, nb, d, dOi, d, Vb + ts.lo * d, d, 0.f, dP + ts.lo, L);
+  if (nb) gemm(false, true, c, nb, d, dOi, d, Vb, d, 0.f, dP + ts.lo, L);
   if (G) gemm(false, true, c, G, d, dOi, d, Vg, d, 0.f, dP + span, L);
   lap(kDP);
   const RowSpan* rows = g.rows_of(b, i);
@@ -472,8 +485,8 @@ double backward_tile(const Geo& g, Buffers<T>& buf, int64_t bh, int64_t i, const
   lap(kCopy);
   // dV_band += P^T dO_i, dK_band += dS^T Q_i (the band's key rows are contiguous in the padded keys)
   if (nb) {
-    gemm(true, false, nb, d, c, P + ts.lo, L, dOi, d, 1.f, gr.dv + ts.lo * d, d);
-    gemm(true, false, nb, d, c, dS + ts.lo, L, Qi, d, 1.f, gr.dk + ts.lo * d, d);
+    gemm(true, false, nb, d, c, P + ts.lo, L, dOi, d, 1.f, gr.dv, d);
+    gemm(true, false, nb, d, c, dS + ts.lo, L, Qi, d, 1.f, gr.dk, d);
   }
   if (G) {
     gemm(true, false, G, d, c, P + span, L, dOi, d, 1.f, gr.dvg, d);
@@ -482,7 +495,7 @@ double backward_tile(const Geo& g, Buffers<T>& buf, int64_t bh, int64_t i, const
   lap(kDVDK);
   // dQ_i = dS [K_band | K_g]
   if (nb) {
-    gemm(false, false, c, d, nb, dS + ts.lo, L, Kb + ts.lo * d, d, 0.f, gr.dq, d);
+    gemm(false, false, c, d, nb, dS + ts.lo, L, Kb, d, 0.f, gr.dq, d);
   } else {
     std::fill(gr.dq, gr.dq + c * d, 0.f);
   }
@@ -495,11 +508,12 @@ template <typename T>
 std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                       const at::Tensor& kg, const at::Tensor& vg, const at::Tensor& out,
                                       const at::Tensor& dout, const at::Tensor& lse, const Geo& g) {
-  const int64_t BH = q.size(0), nq = q.size(1), nkc = k.size(1);
+  const int64_t BH = q.size(0), nq = q.size(1), nkeys = g.nkeys;
   const int64_t c = g.c, d = g.d, G = g.G;
   auto f32 = q.options().dtype(at::kFloat);
   auto dq = at::empty({BH, nq, d}, f32);
-  auto dk = at::zeros({BH, nkc, d}, f32), dv = at::zeros({BH, nkc, d}, f32);
+  // zeroed per head by the thread that accumulates it (first touch in parallel, then in cache)
+  auto dk = at::empty({BH, nkeys, d}, f32), dv = at::empty({BH, nkeys, d}, f32);
   auto dkg = at::zeros({BH, G, d}, f32), dvg = at::zeros({BH, G, d}, f32);
   auto dslopes = at::zeros({BH}, q.options().dtype(at::kDouble));
   const T *qd = q.data_ptr<T>(), *kd = k.data_ptr<T>(), *vd = v.data_ptr<T>();
@@ -517,8 +531,10 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
       const T* Kg = G ? kgd + bh * G * d : nullptr;
       const T* Vg = G ? vgd + bh * G * d : nullptr;
       double dslope = 0.0;
+      std::fill(dkd + bh * nkeys * d, dkd + (bh + 1) * nkeys * d, 0.f);
+      std::fill(dvd + bh * nkeys * d, dvd + (bh + 1) * nkeys * d, 0.f);
       for (int64_t i = 0; i < g.nc; ++i) {
-        const int64_t row0 = bh * nq + i * c, key0 = bh * nkc + i * c;
+        const int64_t row0 = bh * nq + i * c, key0 = bh * nkeys + g.band_row(i, g.tile_of(bh / g.H, i));
         Grads gr{dqd + row0 * d, dkd + key0 * d, dvd + key0 * d, dkgd + bh * G * d, dvgd + bh * G * d};
         dslope += backward_tile<T>(g, buf, bh, i, qd + row0 * d, kd + key0 * d, vd + key0 * d, Kg, Vg,
                                    od + row0 * d, dod + row0 * d, ld + row0, gr);
@@ -539,22 +555,23 @@ at::Tensor band_profile(bool reset) {
   return out;
 }
 
-Geo make_geo(const at::Tensor& q, const at::Tensor& k, const at::Tensor& kg, const at::Tensor& local,
+Geo make_geo(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& kg, const at::Tensor& local,
              const at::Tensor& kvalid, const at::Tensor& q_pos, const at::Tensor& k_pos,
              const at::Tensor& g_pos, const at::Tensor& g_valid, const at::Tensor& slopes, int64_t B,
-             int64_t H, bool causal) {
-  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && local.is_contiguous() && kvalid.is_contiguous(),
+             int64_t H, bool causal, int64_t left) {
+  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous() && local.is_contiguous() && kvalid.is_contiguous(),
               "longctx fused attention: inputs must be contiguous");
   TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16,
               "longctx fused attention runs float32 and bfloat16");
-  return Geo(q, k, kg, local, kvalid, q_pos, k_pos, g_pos, g_valid, slopes, B, H, causal);
+  TORCH_CHECK(k.size(1) + left <= kvalid.size(1) && left >= 0, "longctx fused attention: bad key padding");
+  return Geo(q, k, kg, local, kvalid, q_pos, k_pos, g_pos, g_valid, slopes, B, H, causal, left);
 }
 
 std::vector<at::Tensor> band_forward(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor kg, at::Tensor vg,
                                      at::Tensor local, at::Tensor kvalid, at::Tensor q_pos, at::Tensor k_pos,
                                      at::Tensor g_pos, at::Tensor g_valid, at::Tensor slopes, int64_t B,
-                                     int64_t H, bool causal) {
-  const Geo g = make_geo(q, k, kg, local, kvalid, q_pos, k_pos, g_pos, g_valid, slopes, B, H, causal);
+                                     int64_t H, bool causal, int64_t left) {
+  const Geo g = make_geo(q, k, v, kg, local, kvalid, q_pos, k_pos, g_pos, g_valid, slopes, B, H, causal, left);
   if (q.scalar_type() == at::kFloat) return forward_impl<float>(q, k, v, kg, vg, g);
   return forward_impl<bf16>(q, k, v, kg, vg, g);
 }
@@ -562,8 +579,9 @@ std::vector<at::Tensor> band_forward(at::Tensor q, at::Tensor k, at::Tensor v, a
 std::vector<at::Tensor> band_backward(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor kg, at::Tensor vg,
                                       at::Tensor out, at::Tensor dout, at::Tensor lse, at::Tensor local,
                                       at::Tensor kvalid, at::Tensor q_pos, at::Tensor k_pos, at::Tensor g_pos,
-                                      at::Tensor g_valid, at::Tensor slopes, int64_t B, int64_t H, bool causal) {
-  const Geo g = make_geo(q, k, kg, local, kvalid, q_pos, k_pos, g_pos, g_valid, slopes, B, H, causal);
+                                      at::Tensor g_valid, at::Tensor slopes, int64_t B, int64_t H, bool causal,
+                                      int64_t left) {
+  const Geo g = make_geo(q, k, v, kg, local, kvalid, q_pos, k_pos, g_pos, g_valid, slopes, B, H, causal, left);
   if (q.scalar_type() == at::kFloat) return backward_impl<float>(q, k, v, kg, vg, out, dout, lse, g);
   return backward_impl<bf16>(q, k, v, kg, vg, out, dout, lse, g);
 }
@@ -572,11 +590,11 @@ std::vector<at::Tensor> band_backward(at::Tensor q, at::Tensor k, at::Tensor v, 
 
 TORCH_LIBRARY(longctx_fused, m) {
   m.def("band_forward(Tensor q, Tensor k, Tensor v, Tensor kg, Tensor vg, Tensor local, Tensor kvalid, "
-        "Tensor q_pos, Tensor k_pos, Tensor g_pos, Tensor g_valid, Tensor slopes, int B, int H, bool causal) "
-        "-> Tensor[]");
+        "Tensor q_pos, Tensor k_pos, Tensor g_pos, Tensor g_valid, Tensor slopes, int B, int H, bool causal, "
+        "int left) -> Tensor[]");
   m.def("band_backward(Tensor q, Tensor k, Tensor v, Tensor kg, Tensor vg, Tensor out, Tensor dout, "
         "Tensor lse, Tensor local, Tensor kvalid, Tensor q_pos, Tensor k_pos, Tensor g_pos, Tensor g_valid, "
-        "Tensor slopes, int B, int H, bool causal) -> Tensor[]");
+        "Tensor slopes, int B, int H, bool causal, int left) -> Tensor[]");
   m.def("band_profile(bool reset) -> Tensor", band_profile);
 }
 
