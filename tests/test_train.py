@@ -176,7 +176,7 @@ def test_compare_runs_variants_identically_and_resumes(corpus, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"base": base, "variants": [{"name": "x", "set": {"train.steps": 5}}]}))
     res = _longctx(["compare", "--config", str(bad), "--out", str(tmp_path / "runs")], env)
-    assert res.returncode == 2 and "keeps data, seed and token budget identical" in res.stderr
+    assert res.returncode == 2 and "keeps data, seed and budget identical" in res.stderr
 
 
 def test_eval_extrapolation_lengths_blockwise_and_resolution(corpus, tmp_path):

@@ -85,6 +85,16 @@ def make_optimizer(model, cfg):
                               {"params": no_decay, "weight_decay": 0.0}], lr=t["lr"], betas=(0.9, 0.98), eps=1e-6)
 
 
+def seed_everything(seed: int) -> None:
+    """Python's, NumPy's and PyTorch's global generators (a task or a library may draw from any)."""
+    import random
+
+    import numpy as np
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def peak_memory_bytes() -> int:
     if torch.cuda.is_available():
         return int(torch.cuda.max_memory_allocated())
@@ -134,7 +144,6 @@ class Trainer:
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
         self.rank, self.world, self.main = acc.process_index, acc.num_processes, acc.is_main_process
         self.state["world_size"] = self.world
-        torch.manual_seed(self.cfg["seed"])
         if self.main:
             self._lock = lock_run(self.out)  # before anything is read or cleaned: another run may own it
             clean_temporaries(self.out)
@@ -144,6 +153,9 @@ class Trainer:
         if self.candidates and self._finished(self.candidates[0][0]):
             return
         self.task.prepare()
+        # seeded right before the weights are drawn: whatever prepare() did (built its data, or read it from
+        # the cache) cannot shift the initialisation
+        seed_everything(self.cfg["seed"])
         model = self.task.build_model(self.cfg.get("init_from"))
         if self.t["activation_checkpointing"]:
             model.gradient_checkpointing_enable()
@@ -177,8 +189,9 @@ class Trainer:
         if "steps" in self.compute:
             self._set_total_steps(self.compute.pop("steps"))
             self.say(describe(dict(self.compute, steps=self.total_steps)))
-        per_step = self.compute["flops_per_step"]
-        self.compute["train_flops"] = per_step * self.total_steps if per_step is not None else None
+        per_step = self.compute["flops_per_step"]  # of the first phase: a staged run's total is not counted
+        self.compute["train_flops"] = per_step * self.total_steps if per_step is not None and len(self.stages) == 1 \
+            else None
 
     def _set_total_steps(self, steps: int) -> None:
         self.t["steps"] = steps
