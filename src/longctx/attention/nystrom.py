@@ -12,6 +12,13 @@ keys and values are zeroed before the landmark means, padded keys are masked out
 the convolution sees zeroed values. With m >= n every token is its own landmark and the result is exact
 softmax attention (the method's limit; computed directly, as Hugging Face does).
 
+Fast path: kernel_1 (n, m) and kernel_3 (m, n) are never held whole. kernel_3 @ V is a softmax over
+the sequence, summed chunk by chunk with each chunk's own maximum and rescaled (online softmax);
+kernel_1 (pinv kernel_3 V) is computed per query chunk. Both recompute their chunk in backward
+(``torch.utils.checkpoint``), so the working set is one chunk's whatever n: at 32k tokens and 12 heads
+kernel_1 is 100 MB, and the passes over such tensors (softmax, its backward, the copies) grew faster
+than n.
+
 Segments: token i belongs to landmark floor(i m / n), so any n works (equal segments when m divides n,
 which is what Hugging Face requires). ``pinv_init``: ``per_head`` starts the iteration from
 Z0 = A^T / max column sum of A per sequence and head (Hugging Face's "exact" option: one sequence's
@@ -25,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from longctx.attention.mechanism import Capabilities, LayerContext, Mechanism, register
@@ -62,6 +70,53 @@ def iterative_pinv(A: torch.Tensor, iterations: int, init: str) -> torch.Tensor:
         AZ = A @ Z
         Z = 0.25 * Z @ (13 * eye - AZ @ (15 * eye - AZ @ (7 * eye - AZ)))
     return Z
+
+
+CHUNK = 256  # tokens per chunk of the fast path: (B, H, 256, m) scores, cache-sized for m = 64, 12 heads
+
+
+def _chunked(fn, *args):
+    """fn(*args), recomputed in backward when a gradient is being recorded (nothing of it kept)."""
+    if torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
+def _work(x: torch.Tensor) -> torch.dtype:
+    """The softmax's dtype: float64 stays, everything else is computed in float32 (as ``_softmax``)."""
+    return x.dtype if x.dtype == torch.float64 else torch.float32
+
+
+def _landmark_sums(ql, k, v, mask):
+    """One key chunk of softmax(Q~ K^T) V under the chunk's own row maxima: ql (B, H, m, d), k, v
+    (B, H, c, d), mask (B, 1, 1, c) or None. Returns (exp-weighted V (B, H, m, d), row sums (B, H, m, 1),
+    row maxima (B, H, m, 1))."""
+    s = ql @ k.transpose(-1, -2)                                            # (B, H, m, c)
+    s = (s if mask is None else s + mask).to(_work(s))
+    mx = s.amax(dim=-1, keepdim=True).detach()
+    e = torch.exp(s - mx)
+    return e @ v.to(e.dtype), e.sum(-1, keepdim=True), mx
+
+
+def _query_rows(q, kl, T):
+    """One query chunk of softmax(Q K~^T) T: q (B, H, c, d), kl (B, H, m, d), T (B, H, m, d)."""
+    s = q @ kl.transpose(-1, -2)                                            # (B, H, c, m)
+    return torch.softmax(s.to(_work(s)), dim=-1).to(q.dtype) @ T
+
+
+def landmark_attention(q, k, v, ql, kl, mask, iterations: int, init: str, chunk: int = CHUNK):
+    """softmax(Q K~^T) pinv(softmax(Q~ K~^T)) (softmax(Q~ K^T + mask) V), chunk by chunk: (B, H, n, d)."""
+    masks = [None] * math.ceil(k.shape[-2] / chunk) if mask is None else mask.split(chunk, dim=-1)
+    parts = [_chunked(_landmark_sums, ql, k_c, v_c, m_c)
+             for k_c, v_c, m_c in zip(k.split(chunk, 2), v.split(chunk, 2), masks)]
+    mx = torch.stack([p[2] for p in parts]).amax(dim=0)                    # (B, H, m, 1)
+    weights = [torch.exp(p[2] - mx) for p in parts]
+    num = sum(w * p[0] for w, p in zip(weights, parts))
+    den = sum(w * p[1] for w, p in zip(weights, parts))
+    kernel_3_v = (num / den).to(v.dtype)                                    # (B, H, m, d)
+    kernel_2 = Nystrom._softmax(ql @ kl.transpose(-1, -2))                  # (B, H, m, m)
+    T = iterative_pinv(kernel_2, iterations, init) @ kernel_3_v            # (B, H, m, d)
+    return torch.cat([_chunked(_query_rows, q_c, kl, T) for q_c in q.split(chunk, 2)], dim=2)
 
 
 def segment_ids(n: int, m: int, device=None) -> torch.Tensor:
@@ -126,11 +181,7 @@ class Nystrom(Mechanism):
             out = self._softmax(q @ k.transpose(-1, -2), mask) @ v
         else:
             ql, kl = self._segment_means(q), self._segment_means(k)               # (B, H, m, d)
-            kernel_1 = self._softmax(q @ kl.transpose(-1, -2))                    # (B, H, n, m)
-            kernel_2 = self._softmax(ql @ kl.transpose(-1, -2))                   # (B, H, m, m)
-            kernel_3 = self._softmax(ql @ k.transpose(-1, -2), mask)              # (B, H, m, n)
-            pinv = iterative_pinv(kernel_2, self.spec.pinv_iterations, self.spec.pinv_init)
-            out = kernel_1 @ (pinv @ (kernel_3 @ v))                              # (B, H, n, d)
+            out = landmark_attention(q, k, v, ql, kl, mask, self.spec.pinv_iterations, self.spec.pinv_init, CHUNK)
         if self.spec.conv_kernel_size:
             out = out + self.conv(v)
         return out

@@ -9,6 +9,13 @@ google-research's fast_attention and the ``performer-pytorch`` package: a stabil
 maximum; for keys, the maximum over the whole sequence) is subtracted inside the exp and ``eps`` = 1e-4
 added after, so the stabiliser cancels up to eps.
 
+Bidirectional, the fast path runs over the sequence in chunks of ``chunk`` tokens and recomputes each
+chunk's features in backward (``torch.utils.checkpoint``): the (n, m) feature matrices are never held,
+so the working set is one chunk's whatever n (at 32k tokens and 12 heads a feature matrix is 400 MB,
+and the elementwise passes over it ran 4x slower than on a cached chunk). Each key chunk contributes
+its sums under its own stabiliser, rescaled to the sequence's maximum when combined (the online-softmax
+trick; ``eps`` is kept apart, as it does not scale), which equals the one-pass formula.
+
 Causal: prefix sums S_i = sum_{j<=i} phi(k_j) v_j^T, z_i = sum_{j<=i} phi(k_j), computed chunk by chunk
 (within a chunk a masked m-rank product, across chunks the running state). A key stabiliser taken over
 the whole sequence would depend on the future, so the causal form takes it from the first real key, a
@@ -25,6 +32,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.utils.checkpoint
 
 from longctx.attention.mechanism import Capabilities, LayerContext, Mechanism, register
 
@@ -35,7 +43,8 @@ EPS = 1e-4  # google-research's and performer-pytorch's kernel epsilon
 class Spec:
     nb_features: int = 256        # m; the paper uses m = 256 for d = 64 (error falls as 1/sqrt(m))
     redraw_interval: int = 1000   # training forward calls between redraws (performer-pytorch's default); 0 = never
-    chunk: int = 128              # causal prefix-sum chunk: memory n/chunk states vs chunk^2 m products
+    chunk: int = 128              # sequence chunk: causal prefix sums (n/chunk states vs chunk^2 m products);
+                                  # bidirectional, the tokens whose features are held at once
 
     def __post_init__(self):
         for key in ("nb_features", "chunk"):
@@ -102,6 +111,59 @@ def nonzero(den: torch.Tensor) -> torch.Tensor:
     return den.masked_fill(den == 0, 1.0)
 
 
+def _key_sums(k, v, W, real):
+    """One key chunk's sums under its own stabiliser: k, v (B, H, c, d), real (B, 1, c, 1) float or None.
+    Returns (A (B, H, m, d) = sum_j e_j v_j^T, s (B, H, m) = sum_j e_j, stab (B, H, 1, 1)), where
+    e_j = exp(u_j - h_j - stab) on real keys (0 on padding) and stab is the chunk's maximum logit over
+    its real keys (over all its keys when it has none: then A and s are 0 and its weight is 0)."""
+    d = k.shape[-1]
+    x = k * d ** -0.25
+    u = x @ W.to(x.dtype).T                                                  # (B, H, c, m)
+    h = (x * x).sum(-1, keepdim=True) / 2
+    with torch.no_grad():
+        stab = (u if real is None else u.masked_fill(real == 0, float("-inf"))).amax(dim=(-1, -2), keepdim=True)
+        stab = torch.where(torch.isfinite(stab), stab, u.amax(dim=(-1, -2), keepdim=True))
+    e = torch.exp(u - h - stab)
+    e = e if real is None else e * real
+    return e.transpose(-1, -2) @ v, e.sum(-2), stab
+
+
+def _query_out(q, W, kv, z):
+    """One query chunk's output (B, H, c, d) given the key state kv (B, H, m, d) and z (B, H, m)."""
+    qf, _ = features(q, W, is_query=True)                                    # (B, H, c, m)
+    return (qf @ kv) / nonzero(qf @ z[..., None])
+
+
+def _chunked(fn, *args):
+    """fn(*args), recomputed in backward when a gradient is being recorded (nothing of it kept)."""
+    if torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
+def bidirectional_linear(q, k, v, W, chunk: int, key_padding=None):
+    """phi(Q) (phi(K)^T V) / phi(Q) (phi(K)^T 1) chunk by chunk: (B, H, n, d). Equals ``features`` with
+    the sequence's key stabiliser: sum_j m^-1/2 (exp(u_j - h_j - stab) + eps) v_j, split into the exp
+    sums (rescaled from each chunk's stabiliser to stab) and eps times the plain sums."""
+    m, n = W.shape[0], k.shape[-2]
+    real = None if key_padding is None else key_padding[:, None, :, None].to(k.dtype)  # (B, 1, n, 1)
+    reals = [None] * math.ceil(n / chunk) if real is None else real.split(chunk, dim=2)
+    parts = [_chunked(_key_sums, k_c, v_c, W, r_c) for k_c, v_c, r_c in zip(k.split(chunk, 2), v.split(chunk, 2), reals)]
+    stabs = torch.stack([p[2] for p in parts])                               # (chunks, B, H, 1, 1)
+    has_real = torch.ones_like(stabs, dtype=torch.bool) if real is None else \
+        torch.stack([r_c.amax(dim=(-1, -2), keepdim=True) > 0 for r_c in reals]).expand_as(stabs)
+    stab = stabs.masked_fill(~has_real, float("-inf")).amax(dim=0)
+    stab = torch.where(torch.isfinite(stab), stab, torch.zeros_like(stab))  # no real key at all
+    weight = torch.exp(stabs - stab).masked_fill(~has_real, 0.0)             # (chunks, B, H, 1, 1)
+    A = sum(w * p[0] for w, p in zip(weight, parts))                         # (B, H, m, d)
+    s = sum(w[..., 0] * p[1] for w, p in zip(weight, parts))                 # (B, H, m)
+    v_sum = v.sum(-2) if real is None else (v * real).sum(-2)                # (B, H, d)
+    count = v.new_full((), n) if real is None else real.sum(dim=(-1, -2))    # (B, 1)
+    kv = m ** -0.5 * (A + EPS * v_sum[..., None, :])
+    z = m ** -0.5 * (s + EPS * count[..., None])
+    return torch.cat([_chunked(_query_out, q_c, W, kv, z) for q_c in q.split(chunk, 2)], dim=2)
+
+
 def causal_linear(qf, kf, v, chunk: int, S=None, z=None):
     """Causal linear attention by chunked prefix sums. qf, kf (B, H, n, m), v (B, H, n, d); S (B, H, m, d)
     and z (B, H, m) the state before the first token. Returns (out, S, z) with the state after the last."""
@@ -146,11 +208,9 @@ class Performer(Mechanism):
     def forward(self, q, k, v, *, key_padding=None, global_mask=None, positions=None, bias=None, cache=None):
         self._maybe_redraw()
         W = self.projection
-        qf, _ = features(q, W, is_query=True)                                        # (B, H, n, m)
         if not self.ctx.causal:
-            kf, _ = features(k, W, is_query=False, key_padding=key_padding)          # (B, H, n, m)
-            kv = kf.transpose(-1, -2) @ v                                             # (B, H, m, d)
-            return (qf @ kv) / nonzero(qf @ kf.sum(-2)[..., None])                    # (B, H, n, d)
+            return bidirectional_linear(q, k, v, W, self.spec.chunk, key_padding)
+        qf, _ = features(q, W, is_query=True)                                        # (B, H, n, m)
         if cache is None:
             stab = first_key_stabiliser(k, W, key_padding)
             kf, _ = features(k, W, is_query=False, key_padding=key_padding, stab=stab)
