@@ -110,6 +110,26 @@ def test_fused_bf16_within_bf16_precision(data):
         assert err <= BF16_REL * scale + 1e-6, f"{name}, {pattern}: error {err:.3g} > {BF16_REL:.3g} x {scale:.3g}"
 
 
+@pytest.mark.parametrize("pattern", [AttentionPattern("sliding", window=20), AttentionPattern("blocks", block=16),
+                                     AttentionPattern("sliding", window=9, dilation=(1, 3), causal=True)])
+def test_mkl_products_equal_dense_reference(pattern, monkeypatch):
+    """fp32 products run on oneDNN's BRGEMM by default; LONGCTX_FUSED_GEMM=mkl (read per call) runs the
+    same kernel on MKL's sgemm, the path of a CPU where BRGEMM is not what is wanted. Random padding and
+    global tokens, separate global projections, ALiBi: every product and mask branch."""
+    monkeypatch.setenv("LONGCTX_FUSED_GEMM", "mkl")
+    g = torch.Generator().manual_seed(5)
+    B, H, n, d = 2, 2, 150, 16
+    inputs = [torch.randn(B, H, n, d, generator=g).requires_grad_() for _ in range(6)]
+    kpm = torch.rand(B, n, generator=g) < 0.85
+    kw = dict(key_padding_mask=kpm, global_mask=torch.rand(B, n, generator=g) < 0.05, alibi_slopes=alibi_slopes(H))
+    ref, ref_grads = _reference(pattern, inputs, kw, 5, kpm)
+    out, grads = _fused(pattern, inputs, kw, 5, kpm)
+    rows = _rows(kpm)
+    torch.testing.assert_close(torch.where(rows, out, 0), torch.where(rows, ref.float(), 0), **TOL)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b.float(), **TOL)
+
+
 @pytest.mark.parametrize("pattern", [AttentionPattern("sliding", window=7, dilation=(1, 2)),
                                      AttentionPattern("blockwise_causal", block=9)])
 def test_alibi_slope_gradient(pattern):

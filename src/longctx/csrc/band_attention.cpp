@@ -17,6 +17,7 @@
 // (fp32 accumulation and output). Softmax statistics are always fp32.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
@@ -28,6 +29,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <string>
 #include <vector>
 
 extern "C" {
@@ -42,21 +44,35 @@ namespace {
 
 using bf16 = c10::BFloat16;
 
-// Row-major C (m x n, ldc) = op(A) (m x k) op(B) (k x n) + beta C; ta / tb: A / B are stored transposed.
-inline void gemm(bool ta, bool tb, int m, int n, int k, const float* A, int lda, const float* B, int ldb,
-                 float beta, float* C, int ldc) {
-  // column-major BLAS on row-major data: C^T = op(B)^T op(A)^T
-  const char cta = ta ? 'T' : 'N', ctb = tb ? 'T' : 'N';
-  const float one = 1.f;
-  sgemm_(&ctb, &cta, &n, &m, &k, &one, B, &ldb, A, &lda, &beta, C, &ldc);
+// Row-major C (m x n, ldc) = A (m x k, lda) B (k x n, ldb), + C if acc. Every product of the kernel has
+// this form (keys and values also go in transposed, dK and dV accumulate transposed), so that fp32 runs
+// on oneDNN's BRGEMM micro-kernel (ATen's cpublas::brgemm, JIT-compiled per shape and cached per thread;
+// it uses AVX-512 on AMD too, where MKL takes its Zen AVX2 path: measured 10-25% faster on the tile
+// shapes here), or on MKL's sgemm with LONGCTX_FUSED_GEMM=mkl. bf16 stays on MKL: oneDNN's bf16 BRGEMM
+// wants VNNI-packed operands, which this CPU's ukernel cannot pack, and unpacked it was slower than MKL.
+inline void nn(bool brgemm, int m, int n, int k, const float* A, int lda, const float* B, int ldb, float* C,
+               int ldc, bool acc) {
+  if (brgemm) {
+    at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, acc, A, B, C, false);
+    return;
+  }
+  const float one = 1.f, beta = acc ? 1.f : 0.f;  // column-major BLAS on row-major data: C^T = B^T A^T
+  sgemm_("N", "N", &n, &m, &k, &one, B, &ldb, A, &lda, &beta, C, &ldc);
 }
 
-inline void gemm(bool ta, bool tb, int m, int n, int k, const bf16* A, int lda, const bf16* B, int ldb,
-                 float beta, float* C, int ldc) {
-  constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
-  cblas_gemm_bf16bf16f32(kRowMajor, ta ? kTrans : kNoTrans, tb ? kTrans : kNoTrans, m, n, k, 1.f,
-                         reinterpret_cast<const uint16_t*>(A), lda, reinterpret_cast<const uint16_t*>(B), ldb,
-                         beta, C, ldc);
+inline void nn(bool, int m, int n, int k, const bf16* A, int lda, const bf16* B, int ldb, float* C, int ldc,
+               bool acc) {
+  constexpr int kRowMajor = 101, kNoTrans = 111;
+  cblas_gemm_bf16bf16f32(kRowMajor, kNoTrans, kNoTrans, m, n, k, 1.f, reinterpret_cast<const uint16_t*>(A), lda,
+                         reinterpret_cast<const uint16_t*>(B), ldb, acc ? 1.f : 0.f, C, ldc);
+}
+
+// dst (cols x rows, ld ldd) = src (rows x cols, ld lds)^T
+template <typename S, typename D>
+inline void transpose(const S* src, int64_t rows, int64_t cols, int64_t lds, D* dst, int64_t ldd) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t e = 0; e < cols; ++e) dst[e * ldd + r] = static_cast<D>(src[r * lds + e]);
+  }
 }
 
 // Explicit SIMD through GCC/Clang vector extensions: one source for every x86 level (-march=native
@@ -198,7 +214,7 @@ struct TileSpan {
 
 struct Geo {
   int64_t B, H, nc, c, nk, span, G, d, L, Ml, Bk, nkeys, left;
-  bool causal;
+  bool causal, brgemm;
   const uint8_t *local, *kvalid, *g_valid;
   const int32_t *q_pos, *k_pos, *g_pos;
   const float* slopes;  // nullptr: no ALiBi
@@ -210,6 +226,8 @@ struct Geo {
       const at::Tensor& g_valid_, const at::Tensor& slopes_, int64_t B_, int64_t H_, bool causal_,
       int64_t left_) {
     B = B_, H = H_, causal = causal_, left = left_;
+    const char* blas = std::getenv("LONGCTX_FUSED_GEMM");
+    brgemm = !(blas && std::string(blas) == "mkl");
     d = q.size(2);
     c = local_.size(1), span = local_.size(2), Ml = local_.size(0);
     nc = q.size(1) / c, nk = kvalid_.size(1) / c, nkeys = k.size(1);
@@ -311,15 +329,21 @@ inline const T* operand(const Geo& g, const float* src, T* buf, TileSpan ts) {
   }
 }
 
-// scores of chunk i: S (c x L) = Q_i [K_band | K_g]^T over the tile's band columns [ts.lo, ts.hi) (Kb:
-// the key row of column ts.lo) and the global ones, then masked row by row
+// The operands of one head: K^T, V^T (d x nkeys) and the global keys' Kg^T, Vg^T (d x G) besides K, V.
 template <typename T>
-void scores(const Geo& g, float* S, const T* Qi, const T* Kb, const T* Kg, int64_t b, int64_t h, int64_t i,
-            Lap& lap) {
+struct Head {
+  const T *K, *V, *KT, *VT, *Kg, *Vg, *KgT, *VgT;
+};
+
+// scores of chunk i: S (c x L) = Q_i [K_band | K_g]^T over the tile's band columns [ts.lo, ts.hi) (key
+// row r0 = g.band_row(i, ts) onwards) and the global ones, then masked row by row
+template <typename T>
+void scores(const Geo& g, float* S, const T* Qi, const Head<T>& hd, int64_t b, int64_t h, int64_t i, Lap& lap) {
   const int c = g.c, d = g.d, L = g.L;
   const TileSpan ts = g.tile_of(b, i);
-  if (ts.hi > ts.lo) gemm(false, true, c, ts.hi - ts.lo, d, Qi, d, Kb, d, 0.f, S + ts.lo, L);
-  if (g.G) gemm(false, true, c, g.G, d, Qi, d, Kg, d, 0.f, S + g.span, L);
+  const int64_t r0 = g.band_row(i, ts);
+  if (ts.hi > ts.lo) nn(g.brgemm, c, ts.hi - ts.lo, d, Qi, d, hd.KT + r0, g.nkeys, S + ts.lo, L, false);
+  if (g.G) nn(g.brgemm, c, g.G, d, Qi, d, hd.KgT, g.G, S + g.span, L, false);
   lap(kQK);
   const RowSpan* rows = g.rows_of(b, i);
   for (int64_t r = 0; r < c; ++r) g.mask_row(S + r * L, b, h, i, r, rows[r]);
@@ -358,31 +382,33 @@ inline void softmax_rows(const Geo& g, float* S, const RowSpan* rows, TileSpan t
 
 template <typename T>
 struct Buffers {  // one thread's tile buffers, reused across its tiles
-  std::vector<float> S, dP, O, row;
-  std::vector<T> P, dS;
+  std::vector<float> S, dP, O, row, dKT, dVT, dKgT, dVgT;  // backward: one head's dK^T, dV^T (d x nkeys)
+  std::vector<T> P, dS, QT, dOT;                          // Q_i^T, dO_i^T (d x c)
   Buffers(const Geo& g, bool backward)
-      : S(g.c * g.L), dP(backward ? g.c * g.L : 0), O(g.c * g.d), row(g.c),
-        P(std::is_same_v<T, float> ? 0 : g.c * g.L), dS(std::is_same_v<T, float> || !backward ? 0 : g.c * g.L) {}
+      : S(g.c * g.L), dP(backward ? g.c * g.L : 0), O(g.c * g.d), row(g.c), dKT(backward ? g.d * g.nkeys : 0),
+        dVT(dKT.size()), dKgT(backward ? g.d * g.G : 0), dVgT(dKgT.size()),
+        P(std::is_same_v<T, float> ? 0 : g.c * g.L), dS(std::is_same_v<T, float> || !backward ? 0 : g.c * g.L),
+        QT(backward ? g.d * g.c : 0), dOT(QT.size()) {}
 };
 
 // one (head bh, chunk i) tile of the forward: out rows (c x d) and their log-sum-exp
 template <typename T>
-void forward_tile(const Geo& g, Buffers<T>& buf, int64_t bh, int64_t i, const T* Qi, const T* Kb, const T* Vb,
-                  const T* Kg, const T* Vg, T* Oi, float* lse) {
+void forward_tile(const Geo& g, Buffers<T>& buf, int64_t bh, int64_t i, const T* Qi, const Head<T>& hd, T* Oi,
+                  float* lse) {
   Lap lap;
   const int64_t b = bh / g.H, h = bh % g.H, c = g.c, d = g.d, L = g.L;
   const TileSpan ts = g.tile_of(b, i);
-  scores<T>(g, buf.S.data(), Qi, Kb, Kg, b, h, i, lap);
+  scores<T>(g, buf.S.data(), Qi, hd, b, h, i, lap);
   softmax_rows(g, buf.S.data(), g.rows_of(b, i), ts, lse, buf.row.data());
   lap(kSoftmax);
   const T* P = operand<T>(g, buf.S.data(), buf.P.data(), ts);
   float* O = buf.O.data();
   if (ts.hi > ts.lo) {
-    gemm(false, false, c, d, ts.hi - ts.lo, P + ts.lo, L, Vb, d, 0.f, O, d);
+    nn(g.brgemm, c, d, ts.hi - ts.lo, P + ts.lo, L, hd.V + g.band_row(i, ts) * d, d, O, d, false);
   } else {
     std::fill(O, O + c * d, 0.f);
   }
-  if (g.G) gemm(false, false, c, d, g.G, P + g.span, L, Vg, d, 1.f, O, d);
+  if (g.G) nn(g.brgemm, c, d, g.G, P + g.span, L, hd.Vg, d, O, d, true);
   lap(kPV);
   for (int64_t r = 0; r < c; ++r) {
     const float inv = buf.row[r];
@@ -391,24 +417,56 @@ void forward_tile(const Geo& g, Buffers<T>& buf, int64_t bh, int64_t i, const T*
   lap(kCopy);
 }
 
+// (..., rows, cols) -> (BH, cols, rows), a copy (global keys come as (B, H, G, d)); in 16 x 16 blocks, in
+// parallel over heads (ATen's strided copy took 5% of the kernel's time)
+template <typename T>
+at::Tensor transposed(const at::Tensor& x) {
+  if (!x.numel()) return x;
+  const int64_t rows = x.size(-2), cols = x.size(-1), BH = x.numel() / (rows * cols);
+  auto out = at::empty({BH, cols, rows}, x.options());
+  const T* src = x.data_ptr<T>();
+  T* dst = out.data_ptr<T>();
+  constexpr int64_t kB = 16;
+  at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t h = begin; h < end; ++h) {
+      for (int64_t r0 = 0; r0 < rows; r0 += kB) {
+        for (int64_t c0 = 0; c0 < cols; c0 += kB) {
+          const int64_t nr = std::min(kB, rows - r0), ncol = std::min(kB, cols - c0);
+          const T* sp = src + (h * rows + r0) * cols + c0;
+          T* dp = dst + (h * cols + c0) * rows + r0;
+          for (int64_t e = 0; e < ncol; ++e) {
+            for (int64_t r = 0; r < nr; ++r) dp[e * rows + r] = sp[r * cols + e];
+          }
+        }
+      }
+    }
+  });
+  return out;
+}
+
+template <typename T>
+Head<T> head(const at::Tensor* t, int64_t bh, const Geo& g) {  // t: k, v, kt, vt, kg, vg, kgt, vgt
+  auto at = [&](int j, int64_t size) { return t[j].defined() && t[j].numel() ? t[j].data_ptr<T>() + bh * size : nullptr; };
+  const int64_t nd = g.nkeys * g.d, gd = g.G * g.d;
+  return {at(0, nd), at(1, nd), at(2, nd), at(3, nd), at(4, gd), at(5, gd), at(6, gd), at(7, gd)};
+}
+
 template <typename T>
 std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                      const at::Tensor& kg, const at::Tensor& vg, const Geo& g) {
   const int64_t BH = q.size(0), nq = q.size(1);
   auto out = at::empty({BH, nq, g.d}, q.options());
   auto lse = at::empty({BH, nq}, q.options().dtype(at::kFloat));
-  const T *qd = q.data_ptr<T>(), *kd = k.data_ptr<T>(), *vd = v.data_ptr<T>();
-  const T *kgd = g.G ? kg.data_ptr<T>() : nullptr, *vgd = g.G ? vg.data_ptr<T>() : nullptr;
+  const at::Tensor ops[8] = {k, v, transposed<T>(k), at::Tensor(), kg, vg, transposed<T>(kg), at::Tensor()};
+  const T* qd = q.data_ptr<T>();
   T* od = out.data_ptr<T>();
   float* ld = lse.data_ptr<float>();
-  const int64_t c = g.c, d = g.d, G = g.G;
+  const int64_t c = g.c, d = g.d;
   at::parallel_for(0, BH * g.nc, 1, [&](int64_t begin, int64_t end) {
     Buffers<T> buf(g, false);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t bh = t / g.nc, i = t % g.nc, row0 = bh * nq + i * c;
-      const int64_t key0 = bh * g.nkeys + g.band_row(i, g.tile_of(bh / g.H, i));
-      forward_tile<T>(g, buf, bh, i, qd + row0 * d, kd + key0 * d, vd + key0 * d,
-                      G ? kgd + bh * G * d : nullptr, G ? vgd + bh * G * d : nullptr, od + row0 * d, ld + row0);
+      forward_tile<T>(g, buf, bh, i, qd + row0 * d, head<T>(ops, bh, g), od + row0 * d, ld + row0);
     }
   });
   return {out, lse};
@@ -457,24 +515,22 @@ inline double slope_grad(const Geo& g, const float* dS, const RowSpan* rows, int
   return dslope;
 }
 
-struct Grads {  // fp32 gradient outputs of one head
-  float *dq, *dk, *dv, *dkg, *dvg;
-};
-
-// one (head bh, chunk i) tile of the backward; dK, dV of the band and of the global keys accumulate
+// one (head bh, chunk i) tile of the backward: dQ_i (c x d) written, dK^T, dV^T of the band and of the
+// global keys accumulated in buf
 template <typename T>
-double backward_tile(const Geo& g, Buffers<T>& buf, int64_t bh, int64_t i, const T* Qi, const T* Kb,
-                     const T* Vb, const T* Kg, const T* Vg, const T* Oi, const T* dOi, const float* lse,
-                     Grads gr) {
+double backward_tile(const Geo& g, Buffers<T>& buf, int64_t bh, int64_t i, const T* Qi, const Head<T>& hd,
+                     const T* Oi, const T* dOi, const float* lse, float* dQi) {
   Lap lap;
   const int64_t b = bh / g.H, h = bh % g.H, c = g.c, d = g.d, L = g.L, span = g.span, G = g.G;
   const TileSpan ts = g.tile_of(b, i);
   const int nb = ts.hi - ts.lo;
+  const int64_t r0 = g.band_row(i, ts);
+  const bool brg = g.brgemm;
   float *S = buf.S.data(), *dP = buf.dP.data();
-  scores<T>(g, S, Qi, Kb, Kg, b, h, i, lap);
+  scores<T>(g, S, Qi, hd, b, h, i, lap);
   // dP (c x L) = dO_i [V_band | V_g]^T
-  if (nb) gemm(false, true, c, nb, d, dOi, d, Vb, d, 0.f, dP + ts.lo, L);
-  if (G) gemm(false, true, c, G, d, dOi, d, Vg, d, 0.f, dP + span, L);
+  if (nb) nn(brg, c, nb, d, dOi, d, hd.VT + r0, g.nkeys, dP + ts.lo, L, false);
+  if (G) nn(brg, c, G, d, dOi, d, hd.VgT, G, dP + span, L, false);
   lap(kDP);
   const RowSpan* rows = g.rows_of(b, i);
   ds_rows<T>(g, S, dP, buf.row.data(), rows, ts, dOi, Oi, lse);
@@ -482,26 +538,34 @@ double backward_tile(const Geo& g, Buffers<T>& buf, int64_t bh, int64_t i, const
   lap(kDS);
   const T* P = operand<T>(g, S, buf.P.data(), ts);
   const T* dS = operand<T>(g, dP, buf.dS.data(), ts);
+  T *QT = buf.QT.data(), *dOT = buf.dOT.data();
+  transpose(Qi, c, d, d, QT, c), transpose(dOi, c, d, d, dOT, c);
   lap(kCopy);
-  // dV_band += P^T dO_i, dK_band += dS^T Q_i (the band's key rows are contiguous in the padded keys)
+  // dV^T_band += dO_i^T P, dK^T_band += Q_i^T dS (the band's keys are contiguous columns of dK^T)
   if (nb) {
-    gemm(true, false, nb, d, c, P + ts.lo, L, dOi, d, 1.f, gr.dv, d);
-    gemm(true, false, nb, d, c, dS + ts.lo, L, Qi, d, 1.f, gr.dk, d);
+    nn(brg, d, nb, c, dOT, c, P + ts.lo, L, buf.dVT.data() + r0, g.nkeys, true);
+    nn(brg, d, nb, c, QT, c, dS + ts.lo, L, buf.dKT.data() + r0, g.nkeys, true);
   }
   if (G) {
-    gemm(true, false, G, d, c, P + span, L, dOi, d, 1.f, gr.dvg, d);
-    gemm(true, false, G, d, c, dS + span, L, Qi, d, 1.f, gr.dkg, d);
+    nn(brg, d, G, c, dOT, c, P + span, L, buf.dVgT.data(), G, true);
+    nn(brg, d, G, c, QT, c, dS + span, L, buf.dKgT.data(), G, true);
   }
   lap(kDVDK);
   // dQ_i = dS [K_band | K_g]
   if (nb) {
-    gemm(false, false, c, d, nb, dS + ts.lo, L, Kb, d, 0.f, gr.dq, d);
+    nn(brg, c, d, nb, dS + ts.lo, L, hd.K + r0 * d, d, dQi, d, false);
   } else {
-    std::fill(gr.dq, gr.dq + c * d, 0.f);
+    std::fill(dQi, dQi + c * d, 0.f);
   }
-  if (G) gemm(false, false, c, d, G, dS + span, L, Kg, d, 1.f, gr.dq, d);
+  if (G) nn(brg, c, d, G, dS + span, L, hd.Kg, d, dQi, d, true);
   lap(kDQ);
   return dslope;
+}
+
+// out (rows x cols) = the accumulated transpose acc (cols x rows), which is zeroed for the next head
+inline void untranspose(std::vector<float>& acc, int64_t cols, int64_t rows, float* out) {
+  transpose(acc.data(), cols, rows, rows, out, cols);
+  std::fill(acc.begin(), acc.end(), 0.f);
 }
 
 template <typename T>
@@ -511,34 +575,31 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
   const int64_t BH = q.size(0), nq = q.size(1), nkeys = g.nkeys;
   const int64_t c = g.c, d = g.d, G = g.G;
   auto f32 = q.options().dtype(at::kFloat);
-  auto dq = at::empty({BH, nq, d}, f32);
-  // zeroed per head by the thread that accumulates it (first touch in parallel, then in cache)
-  auto dk = at::empty({BH, nkeys, d}, f32), dv = at::empty({BH, nkeys, d}, f32);
-  auto dkg = at::zeros({BH, G, d}, f32), dvg = at::zeros({BH, G, d}, f32);
+  auto dq = at::empty({BH, nq, d}, f32), dk = at::empty({BH, nkeys, d}, f32), dv = at::empty({BH, nkeys, d}, f32);
+  auto dkg = at::empty({BH, G, d}, f32), dvg = at::empty({BH, G, d}, f32);
   auto dslopes = at::zeros({BH}, q.options().dtype(at::kDouble));
-  const T *qd = q.data_ptr<T>(), *kd = k.data_ptr<T>(), *vd = v.data_ptr<T>();
-  const T *kgd = G ? kg.data_ptr<T>() : nullptr, *vgd = G ? vg.data_ptr<T>() : nullptr;
-  const T *od = out.data_ptr<T>(), *dod = dout.data_ptr<T>();
+  const at::Tensor ops[8] = {k, v, transposed<T>(k), transposed<T>(v), kg, vg, transposed<T>(kg), transposed<T>(vg)};
+  const T *qd = q.data_ptr<T>(), *od = out.data_ptr<T>(), *dod = dout.data_ptr<T>();
   const float* ld = lse.data_ptr<float>();
   float *dqd = dq.data_ptr<float>(), *dkd = dk.data_ptr<float>(), *dvd = dv.data_ptr<float>();
   float *dkgd = dkg.data_ptr<float>(), *dvgd = dvg.data_ptr<float>();
   double* dsd = dslopes.data_ptr<double>();
   // one head per task: the bands of neighbouring chunks overlap, so dK and dV of a head are accumulated
-  // by one thread, in chunk order (deterministic)
+  // by one thread, in chunk order (deterministic), in its own transposed buffers
   at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end) {
     Buffers<T> buf(g, true);
     for (int64_t bh = begin; bh < end; ++bh) {
-      const T* Kg = G ? kgd + bh * G * d : nullptr;
-      const T* Vg = G ? vgd + bh * G * d : nullptr;
+      const Head<T> hd = head<T>(ops, bh, g);
       double dslope = 0.0;
-      std::fill(dkd + bh * nkeys * d, dkd + (bh + 1) * nkeys * d, 0.f);
-      std::fill(dvd + bh * nkeys * d, dvd + (bh + 1) * nkeys * d, 0.f);
       for (int64_t i = 0; i < g.nc; ++i) {
-        const int64_t row0 = bh * nq + i * c, key0 = bh * nkeys + g.band_row(i, g.tile_of(bh / g.H, i));
-        Grads gr{dqd + row0 * d, dkd + key0 * d, dvd + key0 * d, dkgd + bh * G * d, dvgd + bh * G * d};
-        dslope += backward_tile<T>(g, buf, bh, i, qd + row0 * d, kd + key0 * d, vd + key0 * d, Kg, Vg,
-                                   od + row0 * d, dod + row0 * d, ld + row0, gr);
+        const int64_t row0 = bh * nq + i * c;
+        dslope += backward_tile<T>(g, buf, bh, i, qd + row0 * d, hd, od + row0 * d, dod + row0 * d, ld + row0,
+                                   dqd + row0 * d);
       }
+      Lap lap;
+      untranspose(buf.dKT, d, nkeys, dkd + bh * nkeys * d), untranspose(buf.dVT, d, nkeys, dvd + bh * nkeys * d);
+      untranspose(buf.dKgT, d, G, dkgd + bh * G * d), untranspose(buf.dVgT, d, G, dvgd + bh * G * d);
+      lap(kCopy);
       dsd[bh] = dslope;
     }
   });
