@@ -124,7 +124,7 @@ def _weights(out):
 def test_flops_budget_run_equals_its_steps_and_a_seconds_budget_resumes_exactly(corpus, tmp_path):
     """A FLOPs budget decides floor(budget / FLOPs per step) steps, recorded in run_config.json. A seconds
     budget killed at its second
-    checkpoint and resumed keeps the steps its first start measured (not measured again) and ends
+    checkpoint (step 2) and resumed keeps the steps its first start measured (not measured again) and ends
     bit-identical to an uninterrupted run of those steps: timing touched neither the weights nor the RNG."""
     flops = _cli(_tiny(corpus, tmp_path / "flops", "train.budget.flops=5e7", "train.save_every=0"))
     assert flops.returncode == 0, flops.stderr[-2000:]
@@ -134,16 +134,16 @@ def test_flops_budget_run_equals_its_steps_and_a_seconds_budget_resumes_exactly(
     assert r["train_flops"] == pytest.approx(steps * r["flops_per_step"]) and r["train_flops"] <= 5e7
     assert json.loads((tmp_path / "flops" / "run_config.json").read_text())["train"]["steps"] == steps
 
-    timed = _tiny(corpus, tmp_path / "timed", "train.budget.seconds=0.5", "train.save_every=2")
+    timed = _tiny(corpus, tmp_path / "timed", "train.budget.seconds=0.5", "train.save_every=1")
     killed = _cli(timed, {"LONGCTX_FAULT": "save.files:2"})
     assert killed.returncode != 0 and not (tmp_path / "timed" / "results.json").exists()
     decided = json.loads((tmp_path / "timed" / "run_config.json").read_text())["train"]["steps"]
-    assert decided > 4, "the machine was too slow for this test's half-second budget"
+    assert decided > 2, "the machine was too slow for this test's half-second budget"
     resumed = _cli(timed + ["--resume"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     rt = json.loads((tmp_path / "timed" / "results.json").read_text())
     assert rt["steps"] == decided and "seconds_per_step" not in rt  # kept, not measured again
-    ref = _cli(_tiny(corpus, tmp_path / "ref", f"train.steps={decided}", "train.save_every=2"))
+    ref = _cli(_tiny(corpus, tmp_path / "ref", f"train.steps={decided}", "train.save_every=0"))
     assert ref.returncode == 0, ref.stderr[-2000:]
     a, b = _weights(tmp_path / "timed"), _weights(tmp_path / "ref")
     assert all(torch.equal(a[k], b[k]) for k in a)

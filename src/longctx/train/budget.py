@@ -21,6 +21,7 @@ untouched) and is not reproducible on another machine, nor exactly on the same o
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import statistics
@@ -162,7 +163,30 @@ def steps_for(budget: dict, per_step: dict) -> int:
     return steps
 
 
+@contextlib.contextmanager
+def _rng_kept(device=None):
+    """Python's, NumPy's and PyTorch's global random states as they were before the block: planning
+    draws nothing the training that follows would see."""
+    import random
+
+    import numpy as np
+    py, npy = random.getstate(), np.random.get_state()
+    cuda = device is not None and torch.device(device).type == "cuda"
+    try:
+        with torch.random.fork_rng(devices=[torch.device(device)] if cuda else []):
+            yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(npy)
+
+
 def plan(model, task, cfg: dict, accelerator=None, decide: bool = True) -> dict:
+    device = accelerator.device if accelerator is not None else None
+    with _rng_kept(device):
+        return _plan(model, task, cfg, accelerator, decide)
+
+
+def _plan(model, task, cfg: dict, accelerator=None, decide: bool = True) -> dict:
     """The run's compute record: FLOPs and tokens per step (sampled) and ``train.budget``; with ``decide``
     (a fresh start; a resume keeps its saved steps) the seconds per step (measured, for a seconds budget)
     and the steps the budget buys (``steps``)."""
