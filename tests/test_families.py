@@ -405,8 +405,26 @@ def test_lsh_forward_equals_reference(data):
                                                     seed), seed, inputs=[q, v])
 
 
+@settings(max_examples=15)
+@given(data=st.data())
+def test_lsh_fast_path_in_groups_of_any_size_equals_reference(data):
+    """The fast path attends GROUP chunks at a time (recomputed in backward): any group size, a last
+    group shorter than the rest included, gives the reference's outputs and gradients."""
+    from unittest import mock
+
+    import longctx.attention.lsh as lsh
+    B, H, n, d = 1, 2, data.draw(st.integers(8, 70)), 8
+    spec = {"chunk_length": data.draw(st.integers(2, 8)), "num_buckets": 4, "n_hashes": data.draw(st.integers(1, 2))}
+    mech = build("lsh", spec, ctx(H, d, 128, causal=data.draw(st.booleans()))).double()
+    seed = data.draw(st.integers(0, 2**31))
+    q, k, v = _qkv(B, H, n, d, seed)
+    with mock.patch.object(lsh, "GROUP", data.draw(st.integers(1, 5))):
+        check_against_reference(mech, q, q, v, _padding(B, n, "right", seed), seed, inputs=[q, v], map_too=False)
+
+
 # -- the benchmark's family cases ---------------------------------------------------------------------------
-@pytest.mark.parametrize("impl", ["longctx-linformer", "longctx-performer", "longctx-nystrom", "longctx-lsh"])
+@pytest.mark.parametrize("impl", ["longctx-linformer", "longctx-performer", "longctx-nystrom", "longctx-lsh",
+                                  "longctx-bigbird"])
 def test_bench_builds_every_family(impl):
     """The layer `longctx bench attention` times: runs forward and backward at a tiny size, and counts the
     mechanism's own FLOPs (smoke test only; the timing is the benchmark's job)."""

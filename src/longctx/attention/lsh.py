@@ -13,6 +13,11 @@ projection, Reformer's ``query_key``; building a separate key projection only wa
 never attends to itself (q.k would dominate) unless nothing else is visible: its score is replaced by
 -1e5 while masked keys (padding, the future when causal) get -1e9, as in Hugging Face's Reformer.
 
+Fast path: the scores of a chunk against its neighbours are computed ``GROUP`` chunks at a time and
+recomputed in backward (``torch.utils.checkpoint``): the (rounds n, 2 chunk_length) score, mask and
+probability tensors (400 MB each at 32k tokens and 12 heads) are never held, so their passes stay in
+cache; only the sorted q, k, v (linear in n) are.
+
 Any length works: the sequence is padded to a multiple of the chunk with padding tokens, which hash to
 an extra last bucket (so they sort after every real token) and are masked as keys. Rotations are drawn
 once from a generator seeded by (seed, layer) and kept in a buffer: the same hashing in training and
@@ -24,11 +29,13 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.utils.checkpoint
 
 from longctx.attention.mechanism import Capabilities, LayerContext, Mechanism, register
 
 SELF_VALUE = -1e5    # a token's score on itself: below any real score, above every masked key
 MASK_VALUE = -1e9    # padding and future keys
+GROUP = 8            # chunks attended at once by the fast path: (B, H, 8, 64, 128) scores, cache-sized
 
 
 @dataclass(frozen=True)
@@ -119,17 +126,43 @@ class LSH(Mechanism):
         ks, vs = gather(rms_normalise(q)).view(B, H, N, C, d), gather(v).view(B, H, N, C, d)
         ps = pos.view(B, H, N, C)
         rs = real[:, None, :].expand(B, H, n_pad).gather(2, pos).view(B, H, N, C)
-        adjacent = lambda x: torch.cat([x.roll(o, dims=2) for o in range(self.spec.chunks_before,  # noqa: E731
-                                                                          -self.spec.chunks_after - 1, -1)], dim=3)
-        s = self._scores(qs, ps, adjacent(ps), adjacent(ks), adjacent(rs)[..., None, :], self.ctx.causal)
-        logits = torch.logsumexp(s, dim=-1, keepdim=True)            # (B, H, N, C, 1)
-        out = torch.exp(s - logits) @ adjacent(vs)                   # (B, H, N, C, d)
+        groups = zip(*(self._with_halo(x) for x in (ks, vs, ps, rs)), qs.split(GROUP, dim=2), ps.split(GROUP, dim=2))
+        parts = [self._attend_chunks(*g) if not torch.is_grad_enabled() else
+                 torch.utils.checkpoint.checkpoint(self._attend_chunks, *g, use_reentrant=False) for g in groups]
+        out = torch.cat([p[0] for p in parts], dim=2)                # (B, H, N, C, d)
+        logits = torch.cat([p[1] for p in parts], dim=2)             # (B, H, N, C, 1)
         # back to token order, then the rounds weighted by their normalisers
         undo = slots.argsort(dim=-1)
         out = out.view(B, H, R * n_pad, d).gather(2, undo[..., None].expand(-1, -1, -1, d)).view(B, H, R, n_pad, d)
         logits = logits.view(B, H, R * n_pad).gather(2, undo).view(B, H, R, n_pad, 1)
         out = (out * torch.softmax(logits, dim=2)).sum(dim=2)        # (B, H, n_pad, d)
         return out[..., :n, :]
+
+    def _with_halo(self, x):
+        """Split the sorted chunks x (B, H, N, C, ...) into groups of GROUP, each with the chunks_before
+        chunks before it and chunks_after after it (wrapping around): [(B, H, before + g + after, C, ...)].
+        The halos come from one gather, so no group's gradient is a full-size tensor."""
+        N, bef, aft = x.shape[2], self.spec.chunks_before, self.spec.chunks_after
+        starts = torch.arange(0, N, GROUP, device=x.device)
+        ends = (starts + GROUP).clamp(max=N)
+        idx = torch.cat([starts[:, None] - torch.arange(bef, 0, -1, device=x.device),
+                         ends[:, None] + torch.arange(aft, device=x.device)], dim=1) % N  # (groups, bef + aft)
+        halo = x.index_select(2, idx.flatten()).unflatten(2, idx.shape).unbind(2)
+        return [torch.cat([h.narrow(2, 0, bef), g, h.narrow(2, bef, aft)], dim=2)
+                for h, g in zip(halo, x.split(GROUP, dim=2))]
+
+    def _attend_chunks(self, ks, vs, kpos, rs, qs, ps):
+        """g chunks against their neighbours: ks, vs (B, H, before + g + after, C, d) and kpos, rs
+        (B, H, before + g + after, C) from ``_with_halo``; qs (B, H, g, C, d), ps (B, H, g, C). Returns
+        (out (B, H, g, C, d), logsumexp (B, H, g, C, 1))."""
+        g, bef = qs.shape[2], self.spec.chunks_before
+        # chunk i sees chunks i - o for o = before .. -after, in that order (Reformer's look-one-back first)
+        adjacent = lambda x: torch.cat([x.narrow(2, bef - o, g) for o in range(bef, -self.spec.chunks_after - 1, -1)],  # noqa: E731
+                                       dim=3)
+        ks, vs, kpos, rs = adjacent(ks), adjacent(vs), adjacent(kpos), adjacent(rs)
+        s = self._scores(qs, ps, kpos, ks, rs[..., None, :], self.ctx.causal)
+        logits = torch.logsumexp(s, dim=-1, keepdim=True)
+        return torch.exp(s - logits) @ vs, logits
 
     # -- reference: the dense matrix, each key weighted by how often the rounds saw it -------------------
     def visit_counts(self, q, real):

@@ -28,6 +28,8 @@ Implementations ("impl" in the results):
   longctx-performer        Performer FAVOR+ (256 orthogonal random features)
   longctx-nystrom          Nystromformer (64 landmarks, conv skip 33)
   longctx-lsh              Reformer LSH attention (chunk 64, 64 buckets, 2 hashes; shared QK projection)
+  longctx-bigbird          BigBird ITC (blocks of 64, 3 random blocks, the first and last block global) on
+                           its block-layout kernel (attention/bigbird.py: layout_attention)
 The acceptance targets are the config's ``targets:`` section (see benchmarks/attention.yaml, common.py).
 """
 from __future__ import annotations
@@ -55,7 +57,7 @@ DEFAULTS = {
                         "longctx-global16", "longctx-blockwise-causal", "longctx-causal", "core-sliding",
                         "core-sliding-half", "sdpa-dense", "sdpa-masked", "hf-longformer", "local-attention",
                         "longctx-linformer", "longctx-performer", "longctx-nystrom", "longctx-lsh",
-                        "longctx-sliding-torch", "core-sliding-torch", "core-sliding-half-torch"],
+                        "longctx-bigbird", "longctx-sliding-torch", "core-sliding-torch", "core-sliding-half-torch"],
     "dtypes": ["float32"],
     "repeats": 5,
     "warmup": 1,
@@ -80,6 +82,7 @@ FAMILIES = {
     "longctx-performer": ("performer", {"nb_features": 256}),
     "longctx-nystrom": ("nystrom", {"num_landmarks": 64, "conv_kernel_size": 33}),
     "longctx-lsh": ("lsh", {"chunk_length": 64, "num_buckets": 64, "n_hashes": 2}),
+    "longctx-bigbird": ("bigbird", {"block": 64, "random": 3, "global_blocks": 1}),
 }
 
 
