@@ -4,8 +4,11 @@ The pure-PyTorch kernel (``blocked.band_attention``) runs each group of chunks a
 (scores, mask, softmax, PV; in backward recompute, dP, dS and three products), each a pass over the
 score block in memory, plus Python dispatch per head and group. Here one tile's scores stay in a
 per-thread buffer from Q K^T through mask and softmax to P V, and in backward from the recompute through
-dS to the gradient products (``longctx/csrc/band_attention.cpp``); the products go to the MKL that ships
-inside PyTorch's CPU build, in fp32, or in bf16 with fp32 accumulation and fp32 softmax statistics.
+dS to the gradient products (``longctx/csrc/band_attention.cpp``). Only each row's allowed keys get an exp,
+and a tile's products cover only the band columns some row may attend. The fp32 products run on oneDNN's
+BRGEMM micro-kernel through ATen (``LONGCTX_FUSED_GEMM=mkl``: MKL's sgemm), bf16 products on MKL with fp32
+accumulation; softmax statistics are fp32. ``LONGCTX_FUSED_PROFILE=1`` times the kernel's phases
+(``profile()``).
 
 The extension is compiled on first use with ``torch.utils.cpp_extension.load`` (about a minute) and
 cached under ``longctx.paths.cache_root()/ext``, keyed by the source, the PyTorch version and the CPU's

@@ -8,13 +8,13 @@
 // Python, already composed from the pattern's predicate (longctx.attention.patterns.compose):
 //   local (Ml, c, span) uint8: the pattern on chunk i (Ml = nc) or on every chunk alike (Ml = 1);
 //   kvalid (Bk, nk * c) uint8: the padded key is a real, non-global token (Bk = B or 1);
-// keys and values come unpadded, (B H, n, d): padded key p is real key p - left, and no tile's products
-// reach a padded key (they are never valid), so neither the inputs nor dK, dV are copied into a padded
-// layout.
 //   g_valid (B, G) uint8, g_pos (B, G), q_pos (nc * c): global keys, causal test for them;
 //   slopes (H) or empty: ALiBi, score -= slope * |q_pos - k_pos|.
-// Products go to MKL (bundled with the PyTorch CPU build): sgemm in fp32, gemm_bf16bf16f32 in bf16
-// (fp32 accumulation and output). Softmax statistics are always fp32.
+// Keys and values come unpadded, (B H, n, d): padded key p is real key p - left, and no tile's products
+// reach a padded key (they are never valid), so neither the inputs nor dK, dV are copied into a padded
+// layout. Per chunk, each query row's allowed band keys lie in [lo, hi) (RowSpan): exp, masks and
+// products skip the rest. Products: fp32 on oneDNN's BRGEMM (ATen), MKL's sgemm as the alternative;
+// bf16 on MKL's gemm_bf16bf16f32 (fp32 accumulation and output). Softmax statistics are always fp32.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
