@@ -105,18 +105,21 @@ def _query_rows(q, kl, T):
 
 
 def landmark_attention(q, k, v, ql, kl, mask, iterations: int, init: str, chunk: int = CHUNK):
-    """softmax(Q K~^T) pinv(softmax(Q~ K~^T)) (softmax(Q~ K^T + mask) V), chunk by chunk: (B, H, n, d)."""
+    """softmax(Q K~^T) pinv(softmax(Q~ K~^T)) (softmax(Q~ K^T + mask) V), chunk by chunk: (B, H, n, d).
+    q, k and their means ql, kl unscaled: (q s)(k~ s)^T = q (k~ s^2)^T with s = d^-1/4, so 1/sqrt(d)
+    rides on the (m, d) means, not on two passes over (n, d) tensors."""
+    scale = q.shape[-1] ** -0.5
     masks = [None] * math.ceil(k.shape[-2] / chunk) if mask is None else mask.split(chunk, dim=-1)
-    parts = [_chunked(_landmark_sums, ql, k_c, v_c, m_c)
+    parts = [_chunked(_landmark_sums, ql * scale, k_c, v_c, m_c)
              for k_c, v_c, m_c in zip(k.split(chunk, 2), v.split(chunk, 2), masks)]
     mx = torch.stack([p[2] for p in parts]).amax(dim=0)                    # (B, H, m, 1)
     weights = [torch.exp(p[2] - mx) for p in parts]
     num = sum(w * p[0] for w, p in zip(weights, parts))
     den = sum(w * p[1] for w, p in zip(weights, parts))
     kernel_3_v = (num / den).to(v.dtype)                                    # (B, H, m, d)
-    kernel_2 = Nystrom._softmax(ql @ kl.transpose(-1, -2))                  # (B, H, m, m)
+    kernel_2 = Nystrom._softmax((ql * scale) @ kl.transpose(-1, -2))        # (B, H, m, m)
     T = iterative_pinv(kernel_2, iterations, init) @ kernel_3_v            # (B, H, m, d)
-    return torch.cat([_chunked(_query_rows, q_c, kl, T) for q_c in q.split(chunk, 2)], dim=2)
+    return torch.cat([_chunked(_query_rows, q_c, kl * scale, T) for q_c in q.split(chunk, 2)], dim=2)
 
 
 def segment_ids(n: int, m: int, device=None) -> torch.Tensor:
@@ -175,11 +178,14 @@ class Nystrom(Mechanism):
         return sums / torch.bincount(ids, minlength=m).to(x.dtype)[:, None]
 
     def forward(self, q, k, v, *, key_padding=None, global_mask=None, positions=None, bias=None, cache=None):
-        q, k, v = self._prepare(q, k, v, key_padding)
         mask = self._key_mask(key_padding, q)
         if self.spec.num_landmarks >= q.shape[-2]:
+            q, k, v = self._prepare(q, k, v, key_padding)
             out = self._softmax(q @ k.transpose(-1, -2), mask) @ v
         else:
+            if key_padding is not None:  # padded rows zeroed, as _prepare (its d^-1/4 goes onto the means)
+                keep = key_padding[:, None, :, None].to(q.dtype)
+                q, k, v = q * keep, k * keep, v * keep
             ql, kl = self._segment_means(q), self._segment_means(k)               # (B, H, m, d)
             out = landmark_attention(q, k, v, ql, kl, mask, self.spec.pinv_iterations, self.spec.pinv_init, CHUNK)
         if self.spec.conv_kernel_size:
