@@ -80,6 +80,25 @@ def test_compare_with_a_finetune_section(tmp_path):
     md = (tmp_path / "runs" / "ft" / "report.md").read_text()
     assert "## Downstream (finetuned)" in md and "Kendall's tau" in md
 
+    # a rerun where the first variant's finetunings finished earlier (so the second's start after a different
+    # history) gives the second variant bit-identical finetuned weights and scores
+    import shutil
+    run = tmp_path / "runs" / "ft"
+    first = {task: load_file(run / "sliding" / f"finetune-{task}" / "model" / "model.safetensors")
+             for task in ("qa", "listops")}
+    for task in first:
+        shutil.rmtree(run / "sliding" / f"finetune-{task}")
+    (run / "results.json").unlink()
+    res = subprocess.run([sys.executable, "-m", "longctx.cli", "compare", "--config", str(tmp_path / "c.yaml"),
+                          "--out", str(tmp_path / "runs"), "--quiet"], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr
+    again = {v["variant"]: v["finetune"] for v in json.loads((run / "results.json").read_text())["variants"]}
+    for task, a in first.items():
+        assert again["sliding"][task]["test"] == ft["sliding"][task]["test"]
+        b = load_file(run / "sliding" / f"finetune-{task}" / "model" / "model.safetensors")
+        assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
+
 
 def test_variant_may_not_change_the_finetuning_budget(tmp_path):
     from longctx.errors import LongctxError

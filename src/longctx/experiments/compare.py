@@ -19,14 +19,12 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import subprocess
 import sys
-import tempfile
 from importlib import resources
 from pathlib import Path
 
 from longctx.errors import LongctxError
+from longctx.experiments.variant import run_isolated
 from longctx.train.config import load_yaml, merge, parse_overrides, resolve
 
 FIXED = ("seed", "data.corpus", "data.tokenizer", "data.seq_len", "data.text_field", "data.valid_fraction",
@@ -114,7 +112,7 @@ def run_comparison(comp: dict, out_root: str | Path, progress: bool = True) -> d
         else:
             if progress:
                 print(f"[{i + 1}/{len(comp['variants'])}] {v['name']}: training ({_describe(v)})", file=sys.stderr)
-            _run_variant_process(v["config"], vdir, progress)
+            run_isolated(v["config"], vdir, progress)
         r = json.loads(done.read_text())
         r["variant"] = v["name"]
         r["set"] = v["set"]
@@ -139,25 +137,3 @@ def run_comparison(comp: dict, out_root: str | Path, progress: bool = True) -> d
 
 def _describe(v: dict) -> str:
     return ", ".join(f"{k}={val}" for k, val in v["set"].items()) or "base config"
-
-
-def _run_variant_process(cfg: dict, vdir: Path, progress: bool) -> None:
-    vdir.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", suffix=".json", dir=vdir, delete=False) as f:
-        json.dump(cfg, f)
-        cfg_path = f.name
-    cmd = [sys.executable, "-m", "longctx.experiments.variant", cfg_path, str(vdir)]
-    if not progress:
-        cmd.append("--quiet")
-    error_file = vdir / "error.txt"
-    error_file.unlink(missing_ok=True)
-    try:
-        res = subprocess.run(cmd, stdout=sys.stderr if progress else subprocess.DEVNULL,
-                             stderr=None if progress else subprocess.DEVNULL)
-    finally:
-        os.unlink(cfg_path)
-    if res.returncode == 130:
-        raise KeyboardInterrupt
-    if res.returncode != 0:
-        why = error_file.read_text().strip() if error_file.exists() else f"exit code {res.returncode}"
-        raise LongctxError(f"variant {cfg['name']!r} failed: {why}")

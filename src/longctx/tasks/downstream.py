@@ -77,7 +77,8 @@ def variant_config(task_name: str, spec: dict, variant_cfg: dict, task_sets: dic
 
 def finetune_variant(variant: dict, vdir: Path, spec: dict, task_sets: dict, progress: bool = True) -> dict:
     """Finetune one pretrained variant on every task of ``spec``; {task: summary}."""
-    from longctx.tasks.finetune import run_finetune, task_class
+    from longctx.experiments.variant import run_isolated
+    from longctx.tasks.finetune import task_class
 
     out = {}
     for task_name, tspec in spec.items():
@@ -85,7 +86,8 @@ def finetune_variant(variant: dict, vdir: Path, spec: dict, task_sets: dict, pro
         if progress:
             print(f"  {variant['name']}: finetuning on {task_name}"
                   + (" (from scratch)" if task_class(task_name).from_scratch else ""), file=sys.stderr)
-        r = run_finetune(cfg, task_name, vdir / f"finetune-{task_name}", resume=True, progress=progress)
+        # its own process, like pretraining: the score may not depend on what ran before it in this one
+        r = run_isolated(cfg, vdir / f"finetune-{task_name}", progress, task=task_name)
         out[task_name] = {"metric": r["primary_metric"], "from_scratch": r["from_scratch"], "test": r["test"],
                           "dev": r["eval"], "steps": r["steps"], "train_time_s": r["train_time_s"],
                           "global_tokens": cfg["task"]["global_tokens"]}
