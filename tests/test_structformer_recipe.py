@@ -94,6 +94,8 @@ def test_heading_tokens_are_global_only_when_the_pretraining_made_them_global(co
         assert heads and glob == sorted(set(range(f["n_global"])) | set(heads))
         text = task.tokenizer.decode([f["input_ids"][p] for p in heads])
         assert any(s in text for s in SECTIONS) and "Sentence" not in text
+    # evaluation batches (forward_all) get the same global tokens as training batches
+    assert torch.equal(task.inputs(feats[:4])["global_attention_mask"], with_h["global_attention_mask"])
     # auto reads the pretraining run: data.global_tokens of run_config.json beside the model folder
     run = tmp_path / "pre"
     (run / "model").mkdir(parents=True)

@@ -169,8 +169,12 @@ class FinetuneTask(Task):
         return self.model_class(LongctxConfig(**fields))
 
     # ---- batches and evaluation ----
+    def inputs(self, examples) -> dict:
+        """The model inputs of a batch of features (padded, with the task's global tokens), no labels."""
+        return pad_batch(examples, self.tokenizer.pad_id, self.global_tokens)
+
     def collate(self, examples, batch_index: int = 0, rank: int = 0) -> dict:
-        batch = pad_batch(examples, self.tokenizer.pad_id, self.global_tokens)
+        batch = self.inputs(examples)
         batch.update(self.label_tensors(examples))
         return batch
 
@@ -184,7 +188,7 @@ class FinetuneTask(Task):
         model.eval()
         outs = []
         for i in range(0, len(feats), batch_size):
-            batch = pad_batch(feats[i:i + batch_size], self.tokenizer.pad_id, self.global_tokens)
+            batch = self.inputs(feats[i:i + batch_size])
             if device is not None:
                 batch = {k: v.to(device) for k, v in batch.items()}
             outs.extend(self.unbatch(model(**batch), batch))

@@ -25,11 +25,9 @@ from __future__ import annotations
 import random
 import re
 
-import torch
-
 from longctx.errors import LongctxError
 from longctx.tasks.base import register
-from longctx.tasks.common import SPLITS, pad_batch, split_by_document
+from longctx.tasks.common import SPLITS, split_by_document
 from longctx.tasks.qa import QATask
 
 ANSWER_KINDS = ("section", "subsection", "subsubsection")
@@ -135,30 +133,12 @@ class SectionHeadingTask(QATask):
                                       if e > s and any(s < y and e > x for x, y in spans)]
         return feats
 
-    def _with_headings(self, batch: dict, examples) -> dict:
+    def inputs(self, examples) -> dict:
+        batch = super().inputs(examples)
         if self.global_tokens != "none" and self.headings_global():
             for row, e in enumerate(examples):
                 batch["global_attention_mask"][row, e.get("heading_positions", [])] = True
         return batch
-
-    def collate(self, examples, batch_index: int = 0, rank: int = 0) -> dict:
-        batch = self._with_headings(pad_batch(examples, self.tokenizer.pad_id, self.global_tokens), examples)
-        batch.update(self.label_tensors(examples))
-        return batch
-
-    @torch.no_grad()
-    def forward_all(self, model, feats, batch_size: int, device=None) -> list:
-        was_training = model.training
-        model.eval()
-        outs = []
-        for i in range(0, len(feats), batch_size):
-            chunk = feats[i:i + batch_size]
-            batch = self._with_headings(pad_batch(chunk, self.tokenizer.pad_id, self.global_tokens), chunk)
-            if device is not None:
-                batch = {k: v.to(device) for k, v in batch.items()}
-            outs.extend(self.unbatch(model(**batch), batch))
-        model.train(was_training)
-        return outs
 
     def score(self, split: str, feats, outs) -> dict:
         out = super().score(split, feats, outs)
