@@ -328,6 +328,26 @@ def _died(job: tuple, proc) -> dict:
             "detail": f"the worker converting it died ({how}), e.g. killed for memory"}
 
 
+def _collect(w: "_Worker", ready: set) -> dict | None:
+    """The journal entry of busy worker ``w`` once it answered, died or overran its timeout; else None."""
+    if w.conn in ready:
+        try:
+            return w.conn.recv()
+        except (EOFError, OSError):
+            w.proc.join(5)
+            return _died(w.job, w.proc)
+    if w.proc.sentinel in ready:
+        w.proc.join(5)
+        return _died(w.job, w.proc)
+    timeout = w.job[4]
+    if timeout and time.monotonic() - w.started > timeout + _KILL_GRACE_S:
+        w.proc.kill()
+        w.proc.join()
+        return {"key": w.job[0], "sig": w.job[2], "reason": "timeout",
+                "detail": f"conversion took more than {timeout:g} s"}
+    return None
+
+
 def _map(jobs: list, workers: int, converter=convert_source, memory: int = 1024 * 2**20):
     """Journal entries of ``jobs`` in completion order, from worker processes (even with one worker,
     so every paper gets the memory cap, and a crash or kill costs only that paper).
@@ -363,23 +383,7 @@ def _map(jobs: list, workers: int, converter=convert_source, memory: int = 1024 
             busy = [w for w in pool if w.job is not None]
             ready = set(wait([w.conn for w in busy] + [w.proc.sentinel for w in busy], timeout=1.0))
             for w in busy:
-                entry = None
-                if w.conn in ready:
-                    try:
-                        entry = w.conn.recv()
-                    except (EOFError, OSError):
-                        w.proc.join(5)
-                        entry = _died(w.job, w.proc)
-                elif w.proc.sentinel in ready:
-                    w.proc.join(5)
-                    entry = _died(w.job, w.proc)
-                else:
-                    timeout = w.job[4]
-                    if timeout and time.monotonic() - w.started > timeout + _KILL_GRACE_S:
-                        w.proc.kill()
-                        w.proc.join()
-                        entry = {"key": w.job[0], "sig": w.job[2], "reason": "timeout",
-                                 "detail": f"conversion took more than {timeout:g} s"}
+                entry = _collect(w, ready)
                 if entry is None:
                     continue
                 w.job = None
