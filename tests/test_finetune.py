@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from longctx.tasks import metrics
 from test_tasks import TINY, _squad_rows, _write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,7 +60,7 @@ def test_compare_with_a_finetune_section(tmp_path):
         "finetune": {
             "qa": {"data": {"seq_len": 256, "tokenizer": "bytes"}, "train": {"steps": 2, "batch_size": 2, "save_every": 0},
                    "task": {**qa_files, "bootstrap": 50}},
-            "listops": {"data": {"seq_len": 64}, "train": {"steps": 2, "batch_size": 2, "save_every": 0},
+            "listops": {"seeds": 2, "data": {"seq_len": 64}, "train": {"steps": 2, "batch_size": 2, "save_every": 0},
                         "task": {"train_size": 8, "dev_size": 4, "test_size": 4, "max_depth": 3, "min_length": 3,
                                  "max_length": 40, "bootstrap": 50}}},
     }
@@ -74,6 +75,16 @@ def test_compare_with_a_finetune_section(tmp_path):
     ft = {v["variant"]: v["finetune"] for v in out["variants"]}
     assert ft["full"]["qa"]["global_tokens"] == "question" and ft["sliding"]["qa"]["global_tokens"] == "none"
     assert ft["full"]["listops"]["from_scratch"] and not ft["full"]["qa"]["from_scratch"]
+    # two finetuning seeds: the mean of the two runs' accuracies with Student's t interval over them
+    lo = ft["full"]["listops"]
+    runs = [json.loads((tmp_path / "runs" / "ft" / "full" / d / "results.json").read_text())
+            for d in ("finetune-listops", "finetune-listops-seed1")]
+    assert [json.loads((tmp_path / "runs" / "ft" / "full" / d / "run_config.json").read_text())["seed"]
+            for d in ("finetune-listops", "finetune-listops-seed1")] == [0, 1]
+    accs = [x["test"]["accuracy"] for x in runs]
+    assert lo["seeds"] == 2 and lo["test"]["accuracy_per_seed"] == accs
+    assert lo["test"]["accuracy"] == pytest.approx(sum(accs) / 2) and lo["test"]["accuracy_ci"] == pytest.approx(
+        metrics.t_interval(accs), nan_ok=True)
     rank = out["ranking"]
     assert set(rank["ranks"]) == {"pretraining loss", "downstream", "LRA"}
     assert set(rank["kendall_tau"]) == {"pretraining loss vs downstream", "pretraining loss vs LRA", "downstream vs LRA"}
@@ -107,3 +118,12 @@ def test_variant_may_not_change_the_finetuning_budget(tmp_path):
         {"model.window": 4}, {"global_tokens": "none"})
     with pytest.raises(LongctxError, match="may set only task.global_tokens"):
         split_variant_sets("v", {"task.train_size": 4})
+
+
+def test_finetune_seeds_must_be_a_whole_number_of_runs():
+    from longctx.errors import LongctxError
+    from longctx.tasks.downstream import check_spec
+    assert check_spec({"qa": {"seeds": 3}})["qa"]["seeds"] == 3
+    for bad in (0, 1.5, "3", True):
+        with pytest.raises(LongctxError, match=r"^finetune.qa.seeds must be a whole number"):
+            check_spec({"qa": {"seeds": bad}})

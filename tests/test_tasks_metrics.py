@@ -84,3 +84,13 @@ def test_kendall_tau_matches_scipy_with_ties():
 def test_ranks():
     assert metrics.ranks([0.5, 0.9, 0.5], higher_is_better=True) == [2, 1, 2]
     assert metrics.ranks([3.0, 1.0, 2.0], higher_is_better=False) == [3, 1, 2]
+
+
+def test_t_interval_is_students_over_runs():
+    from scipy import stats
+    # by hand: mean 1, sd 1, three runs: 1 +- t(0.975, 2) / sqrt(3) = 1 +- 4.3027 / 1.7321
+    assert metrics.t_interval([0.0, 1.0, 2.0]) == pytest.approx([1 - 2.48414, 1 + 2.48414], abs=1e-4)
+    v = [0.45, 0.48, 0.44, 0.47]
+    ref = stats.t.interval(0.95, len(v) - 1, loc=np.mean(v), scale=stats.sem(v))
+    assert metrics.t_interval(v) == pytest.approx(list(ref))
+    assert all(x != x for x in metrics.t_interval([0.5]))  # one run has no spread to measure

@@ -94,6 +94,18 @@ def mean_with_ci(values: Sequence[float], resamples: int = 1000, seed: int = 0) 
     return float(v.mean()) if len(v) else float("nan"), bootstrap_ci(lambda i: v[i].mean(), len(v), resamples, seed)
 
 
+def t_interval(values: Sequence[float], level: float = 0.95) -> list[float]:
+    """Student's t interval of the mean of independent runs (e.g. finetuning seeds): the spread between
+    runs, which a bootstrap over one run's evaluation examples does not see. Needs two values or more."""
+    from scipy.stats import t
+
+    v = np.asarray(values, dtype=float)
+    if len(v) < 2:
+        return [float("nan"), float("nan")]
+    half = float(t.ppf(1 - (1 - level) / 2, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v)))
+    return [float(v.mean()) - half, float(v.mean()) + half]
+
+
 def kendall_tau(x: Sequence[float], y: Sequence[float]) -> float:
     """Kendall's tau-b between two score lists over the same items (ties in either list handled as
     tau-b does: tau = (C - D) / sqrt((n0 - n1) (n0 - n2))); nan when either list is constant."""
