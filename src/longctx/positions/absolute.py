@@ -31,7 +31,7 @@ class LearnedPositions(nn.Module):
             raise LongctxError(
                 f"position {int(positions.max())} is beyond the learned table of {self.weight.shape[0]} "
                 "positions; raise max_positions (longctx convert extend copies the table)")
-        return self.weight[positions]
+        return nn.functional.embedding(positions, self.weight)  # deterministic backward (see encoding.py)
 
 
 def extend_learned_positions(table: torch.Tensor, new_length: int, offset: int = 0) -> torch.Tensor:

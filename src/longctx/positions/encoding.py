@@ -13,6 +13,7 @@ element (B, n).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from longctx.errors import LongctxError
@@ -52,7 +53,9 @@ class AbsoluteTable(PositionEncoding):
                 f"input of {int(positions.max()) + 1} positions exceeds max_position_embeddings="
                 f"{self.max_positions}; use a longer model (longctx convert extend) or relative positions "
                 "(rope, alibi, xpos)")
-        return x + self.weight[positions + self.offset].to(x.dtype)
+        # F.embedding, not weight[positions]: indexing's backward is a parallel index_put_ with accumulate,
+        # whose sum over repeated positions (every row of a batch) changes with thread timing on CPU
+        return x + F.embedding(positions + self.offset, self.weight).to(x.dtype)
 
 
 class RotaryPositions(PositionEncoding):
