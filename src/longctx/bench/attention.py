@@ -44,6 +44,7 @@ import torch
 
 from longctx.bench import common
 from longctx.errors import LongctxError
+from longctx.memory import peak_rss_bytes
 
 DEFAULTS = {
     "name": "attention",
@@ -241,7 +242,7 @@ def run_case(spec: dict) -> dict:
             t.grad = None
         fn(*inputs).backward(up)
     train = common.timed(step, reps, warm)
-    train_peak = max(0, common.peak_bytes(reset_ok) - base)
+    train_peak = max(0, peak_rss_bytes() - base)
     return {"status": "ok", "fwd_times": fwd, "train_times": train, "fwd_peak_bytes": fwd_mem.bytes,
             "train_peak_bytes": train_peak, "peak_reset": reset_ok}
 

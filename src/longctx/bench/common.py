@@ -3,7 +3,7 @@
 Every measured case runs in its own Python process, so the peak memory of one case cannot hide in, or
 add to, another's. The child resets the kernel's resident-memory high-water mark (``/proc/self/clear_refs``)
 right before the case and reads it after (``VmHWM``), minus the resident memory at the start: the
-memory the case itself added. Where the reset is not allowed it falls back to ``ru_maxrss``.
+memory the case itself added. Where the reset is not allowed the peak counts from the child's start.
 """
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import json
 import operator
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from pathlib import Path
 import torch
 
 from longctx import io
+from longctx.memory import peak_rss_bytes
 from longctx.errors import LongctxError
 
 SCHEMA_VERSION = 1
@@ -44,13 +44,6 @@ def reset_peak() -> bool:
         return False
 
 
-def peak_bytes(reset_ok: bool) -> int:
-    if reset_ok:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 class PeakMemory:
@@ -62,7 +55,7 @@ class PeakMemory:
         return self
 
     def __exit__(self, *exc):
-        self.bytes = max(0, peak_bytes(self.reset_ok) - self.base)
+        self.bytes = max(0, peak_rss_bytes() - self.base)
         return False
 
 

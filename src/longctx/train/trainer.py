@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import math
-import resource
 import sys
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ import torch
 
 from longctx.errors import LongctxError
 from longctx.io import publish_dir, read_jsonl, write_json, write_text
+from longctx.memory import peak_rss_bytes
 from longctx.progress import Progress
 from longctx.train.checkpoint import (CorruptCheckpoint, checkpoint_dirs, clean_temporaries, config_changes,
                                       fault_point, load_checkpoint, lock_run, plain, read_json, save_checkpoint,
@@ -98,7 +98,7 @@ def seed_everything(seed: int) -> None:
 def peak_memory_bytes() -> int:
     if torch.cuda.is_available():
         return int(torch.cuda.max_memory_allocated())
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return peak_rss_bytes()
 
 
 def _rewind_metrics(path: Path, step: int) -> None:
