@@ -1,13 +1,15 @@
 """BigBird: the layout kernel equals the dense reference (outputs and gradients, random shapes, padding,
 global tokens), the random layout is seeded and the same in training and evaluation, and with the
 layout Hugging Face draws, longctx's BigBird gives Hugging Face's outputs."""
+from unittest import mock
+
 import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from longctx.attention import LayerContext, SelfAttention, build
+from longctx.attention import LayerContext, SelfAttention, bigbird, build
 from longctx.errors import LongctxError
 
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -33,7 +35,9 @@ def test_layout_kernel_equals_dense_reference(data):
     # the oracle in float64 on the same inputs: only the kernel's fp32 rounding is measured
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     ref = mech.reference(q64, k64, v64, key_padding=kpm, global_mask=gm)
-    out = mech(q, k, v, key_padding=kpm, global_mask=gm)
+    # query blocks per step of the kernel (None: sized by memory, one step at these lengths)
+    with mock.patch.object(bigbird, "GROUP_BLOCKS", data.draw(st.sampled_from([None, 1, 2, 3]))):
+        out = mech(q, k, v, key_padding=kpm, global_mask=gm)
     rows = torch.ones(1, 1, n, 1, dtype=torch.bool) if kpm is None else kpm[:, None, :, None]
     torch.testing.assert_close(torch.where(rows, out, 0), torch.where(rows, ref.float(), 0), **TOL)
     up = torch.randn(out.shape, generator=g) * rows

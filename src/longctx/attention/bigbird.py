@@ -15,8 +15,9 @@ random blocks of a query block never repeat its sliding or global blocks, so no 
 
 Fast path (``layout_attention``): for each query block, gather its W = 3 + r key blocks (a layout
 instead of the sliding kernel's band) plus the G global keys, one dense product per block, the
-composed predicate as mask; the rows of global queries are computed over every key. Memory
-O(n (W b + G)), time linear in n for fixed block and r.
+composed predicate as mask, a few query blocks per step with the probabilities recomputed in backward;
+the rows of global queries are computed over every key. Memory O(n (d + G)), time linear in n for
+fixed block and r.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from longctx.attention.functional import _flex_available, _global_rows, attention, drop_padded, global_index
 from longctx.attention.mechanism import Capabilities, LayerContext, Mechanism, register
@@ -169,9 +171,20 @@ class BigBird(Mechanism):
         return f"bigbird b={self.spec.block} r={self.spec.random}"
 
 
+# query blocks per step of the layout kernel: None sizes a step to about STEP_ELEMENTS gathered key
+# elements (a few MB, so a step's keys, scores and probabilities stay in cache); tests set small values
+GROUP_BLOCKS: int | None = None
+STEP_ELEMENTS = 2**21
+
+
 def layout_attention(q, k, v, pattern: BigBirdPattern, *, key_padding_mask=None, global_mask=None, scale=None):
     """Block-sparse attention from a block layout (no n x n tensor). q, k, v (B, H, n, d); global_mask
-    (B, n) with at least the global blocks; returns (B, H, n, d)."""
+    (B, n) with at least the global blocks; returns (B, H, n, d).
+
+    The non-global rows run in steps of a few query blocks (``_LayoutSteps``): a step gathers its W key
+    blocks and the G global keys, and only the output and the row log-sum-exp are kept for backward,
+    which recomputes each step's probabilities (FlashAttention's recompute). Memory O(n d + n G), and
+    no (B, H, n / b, W b, b) scores or gathered copies of the whole sequence."""
     B, H, n, d = q.shape
     b, R = pattern.block, pattern.R
     nb = R.shape[-1]
@@ -183,35 +196,115 @@ def layout_attention(q, k, v, pattern: BigBirdPattern, *, key_padding_mask=None,
     W = int(R.sum(-1).max())
     cols = torch.sort((~R).to(torch.int8), dim=-1, stable=True).indices[..., :W]  # allowed blocks first
     col_ok = torch.gather(R, -1, cols)  # (H, nb, W)
-
     pad = nb * b - n
-    def blocks(x):  # (B, H, n, d) -> (B, H, nb, b, d), zero-padded
-        return torch.nn.functional.pad(x, (0, 0, 0, pad)).view(B, H, nb, b, d)
 
-    qb = blocks(q)
-    h_idx = torch.arange(H, device=q.device).view(H, 1, 1)
-    kb = blocks(k)[:, h_idx, cols].reshape(B, H, nb, W * b, d)  # (B, H, nb, W b, d)
-    vb = blocks(v)[:, h_idx, cols].reshape(B, H, nb, W * b, d)
-    pos = torch.arange(nb * b, device=q.device)
-    q_pos = pos.view(nb, b, 1)
-    k_pos = pos.view(nb, b)[cols].reshape(H, nb, 1, W * b)  # (H, nb, 1, W b)
-    # a band key is valid if real and not global (global keys come in below, once)
-    valid = torch.nn.functional.pad(~gm if kpm is None else kpm & ~gm, (0, pad), value=False)  # (B, nb b)
-    kv = valid[:, k_pos.flatten()].view(B, H, nb, 1, W * b)
-    local = col_ok.repeat_interleave(b, -1).view(1, H, nb, 1, W * b)
-    allowed = compose(local, q_pos, k_pos, causal=False, key_valid=kv)  # (B, H, nb, b, W b)
-    scores = qb @ kb.transpose(-1, -2)
+    def blocks(x):  # (B, H, n, d) -> (B, H, nb, b, d), zero-padded
+        return F.pad(x, (0, 0, 0, pad)).view(B, H, nb, b, d)
+
+    # a band key is valid if real and not global (global keys come in once, below)
+    valid = F.pad(~gm if kpm is None else kpm & ~gm, (0, pad), value=False).view(B, nb, b)
     idx, g_valid = global_index(gm)  # (B, G)
     if kpm is not None:
         g_valid = g_valid & torch.gather(kpm, 1, idx)
     kg = torch.gather(k, 2, idx[:, None, :, None].expand(B, H, idx.shape[1], d))
     vg = torch.gather(v, 2, idx[:, None, :, None].expand(B, H, idx.shape[1], d))
-    g_ok = compose(False, q_pos, idx.view(B, 1, 1, 1, -1), causal=False, key_valid=g_valid.view(B, 1, 1, 1, -1),
-                   k_global=True)
-    scores = torch.cat([scores, torch.einsum("bhncd,bhgd->bhncg", qb, kg)], -1)
-    allowed = torch.cat([allowed.expand(B, H, nb, b, W * b), g_ok.expand(B, H, nb, b, idx.shape[1])], -1)
-    p = masked_softmax(scores, allowed)
-    out = p[..., :W * b] @ vb + torch.einsum("bhncg,bhgd->bhncd", p[..., W * b:], vg)
+    group = GROUP_BLOCKS or max(1, STEP_ELEMENTS // max(1, B * H * (W * b + idx.shape[1]) * d))
+    layout = _Layout(cols, col_ok, valid, g_valid, group)
+    out = _LayoutSteps.apply(blocks(q), blocks(k), blocks(v), kg, vg, layout)
     out = out.reshape(B, H, nb * b, d)[:, :, :n]
     # the rows of global queries attend to every real key
     return _global_rows(out, q, k, v, pattern, kpm, gm, None)
+
+
+class _Layout:
+    """What a step needs to know of the layout: key-block indices ``cols`` (H, nb, W) and whether each
+    is allowed ``col_ok``, band-key validity ``valid`` (B, nb, b), global-key validity ``g_valid``
+    (B, G), and the query blocks per step."""
+
+    def __init__(self, cols, col_ok, valid, g_valid, group):
+        self.cols, self.col_ok, self.valid, self.g_valid, self.group = cols, col_ok, valid, g_valid, group
+        H, nb, W = cols.shape
+        self.h_idx = torch.arange(H, device=cols.device).view(H, 1, 1)
+        self.flat = (self.h_idx * nb + cols)  # key block (h, j) as row h * nb + j of a (B, H nb, b, d) view
+
+    def steps(self):
+        nb = self.cols.shape[1]
+        return [(i, min(nb, i + self.group)) for i in range(0, nb, self.group)]
+
+    def gather(self, xb, i0, i1):
+        """The key blocks of query blocks i0..i1: (B, H, nb, b, d) -> (B, H, g, W b, d)."""
+        B, H, _, b, d = xb.shape
+        return xb[:, self.h_idx, self.cols[:, i0:i1]].reshape(B, H, i1 - i0, -1, d)
+
+    def allowed(self, i0, i1):
+        """(B, H, g, 1, W b + G): the keys every row of query blocks i0..i1 may attend."""
+        B, _, b = self.valid.shape
+        H, _, W = self.cols.shape
+        # the one rule (patterns.compose); BigBird is not causal, so positions do not enter
+        band = compose(self.col_ok[:, i0:i1, :, None], None, None, causal=False,
+                       key_valid=self.valid[:, self.cols[:, i0:i1]])  # (B, H, g, W, b)
+        glob = compose(False, None, None, causal=False, key_valid=self.g_valid.view(B, 1, 1, 1, -1), k_global=True)
+        G = self.g_valid.shape[1]
+        return torch.cat([band.reshape(B, H, i1 - i0, 1, W * b), glob.expand(B, H, i1 - i0, 1, G)], -1)
+
+
+def _step_probs(qb, kk, kg, ok, lse=None):
+    """Scores of one step's queries over its keys (band then global), masked; the probabilities (fp32)
+    and the row log-sum-exp. With ``lse`` given (backward), the probabilities from it."""
+    s = torch.cat([qb @ kk.transpose(-1, -2), qb @ kg.unsqueeze(2).transpose(-1, -2)], -1).float()
+    s = s.masked_fill(~ok, float("-inf"))
+    if lse is None:
+        m = s.amax(-1, keepdim=True)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # a row with no allowed key
+        p = torch.exp(s - m)
+        total = p.sum(-1, keepdim=True)
+        lse = torch.where(total > 0, m + torch.log(total), torch.full_like(m, float("inf")))
+    return torch.exp(s - lse), lse
+
+
+class _LayoutSteps(torch.autograd.Function):
+    """Non-global rows of the layout kernel, a few query blocks at a time, recomputed in backward."""
+
+    @staticmethod
+    def forward(ctx, qb, kb, vb, kg, vg, layout: _Layout):
+        B, H, nb, b, d = qb.shape
+        Wb = layout.cols.shape[-1] * b
+        out = torch.empty_like(qb)
+        lse = qb.new_empty(B, H, nb, b, 1, dtype=torch.float32)
+        for i0, i1 in layout.steps():
+            p, lse[:, :, i0:i1] = _step_probs(qb[:, :, i0:i1], layout.gather(kb, i0, i1), kg, layout.allowed(i0, i1))
+            p = p.to(vb.dtype)
+            out[:, :, i0:i1] = p[..., :Wb] @ layout.gather(vb, i0, i1) + p[..., Wb:] @ vg.unsqueeze(2)
+        ctx.save_for_backward(qb, kb, vb, kg, vg, out, lse)
+        ctx.layout = layout
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        qb, kb, vb, kg, vg, out, lse = ctx.saved_tensors
+        layout = ctx.layout
+        B, H, nb, b, d = qb.shape
+        Wb = layout.cols.shape[-1] * b
+        dout = dout.contiguous()
+        delta = (dout.float() * out.float()).sum(-1, keepdim=True)  # rowsum(dO * O) = sum_j P dP
+        dq = torch.empty_like(qb)
+        dkb = torch.zeros(B, H * nb, b, d, dtype=torch.float32, device=qb.device)
+        dvb = torch.zeros_like(dkb)
+        dkg = torch.zeros(kg.shape, dtype=torch.float32, device=qb.device)
+        dvg = torch.zeros_like(dkg)
+        vg_ = vg.unsqueeze(2)
+        for i0, i1 in layout.steps():
+            q_, do_ = qb[:, :, i0:i1], dout[:, :, i0:i1]
+            kk, vv = layout.gather(kb, i0, i1), layout.gather(vb, i0, i1)
+            p, _ = _step_probs(q_, kk, kg, layout.allowed(i0, i1), lse[:, :, i0:i1])
+            dp = torch.cat([do_ @ vv.transpose(-1, -2), do_ @ vg_.transpose(-1, -2)], -1).float()
+            ds = (p * (dp - delta[:, :, i0:i1])).to(qb.dtype)
+            p = p.to(qb.dtype)
+            dq[:, :, i0:i1] = ds[..., :Wb] @ kk + ds[..., Wb:] @ kg.unsqueeze(2)
+            rows = layout.flat[:, i0:i1].reshape(-1)  # (H g W,) key blocks, head-major like the views below
+            dkb.index_add_(1, rows, (ds[..., :Wb].transpose(-1, -2) @ q_).float().reshape(B, -1, b, d))
+            dvb.index_add_(1, rows, (p[..., :Wb].transpose(-1, -2) @ do_).float().reshape(B, -1, b, d))
+            dkg += torch.einsum("bhgcm,bhgcd->bhmd", ds[..., Wb:].float(), q_.float())
+            dvg += torch.einsum("bhgcm,bhgcd->bhmd", p[..., Wb:].float(), do_.float())
+        dkb, dvb = (x.view(B, H, nb, b, d).to(kb.dtype) for x in (dkb, dvb))
+        return dq, dkb, dvb, dkg.to(kg.dtype), dvg.to(vg.dtype), None
