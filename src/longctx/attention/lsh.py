@@ -14,9 +14,11 @@ never attends to itself (q.k would dominate) unless nothing else is visible: its
 -1e5 while masked keys (padding, the future when causal) get -1e9, as in Hugging Face's Reformer.
 
 Fast path: the scores of a chunk against its neighbours are computed ``GROUP`` chunks at a time and
-recomputed in backward (``torch.utils.checkpoint``): the (rounds n, 2 chunk_length) score, mask and
-probability tensors (400 MB each at 32k tokens and 12 heads) are never held, so their passes stay in
-cache; only the sorted q, k, v (linear in n) are.
+recomputed in backward (``_ChunkSteps``, FlashAttention's recompute with the row logsumexp kept, which
+the rounds' combination also needs): the (rounds n, 2 chunk_length) score, mask and probability
+tensors (400 MB each at 32k tokens and 12 heads) are never held, so their passes stay in cache; only
+the sorted q, k, v (linear in n) are, and each step's neighbour chunks are gathered by index and their
+gradients added back by index (no halo copies of the sequence).
 
 Any length works: the sequence is padded to a multiple of the chunk with padding tokens, which hash to
 an extra last bucket (so they sort after every real token) and are masked as keys. Rotations are drawn
@@ -29,7 +31,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.utils.checkpoint
 
 from longctx.attention.mechanism import Capabilities, LayerContext, Mechanism, register
 
@@ -96,21 +97,25 @@ class LSH(Mechanism):
         B, H, n, _ = q.shape
         nb = self.spec.num_buckets
         rotated = torch.einsum("bhtd,hdkr->bhktr", q.detach(), self.rotations.to(q.dtype))  # (B, H, R, n, nb/2)
-        buckets = torch.cat([rotated, -rotated], dim=-1).argmax(dim=-1)                     # (B, H, R, n)
+        # argmax over [xR, -xR] without building it: the largest rotated value, or nb/2 + the smallest
+        top, top_at = rotated.max(dim=-1)
+        low, low_at = rotated.min(dim=-1)
+        buckets = torch.where(top >= -low, top_at, low_at + nb // 2)                         # (B, H, R, n)
         buckets = buckets.masked_fill(~real[:, None, None, :], nb)
         rounds = torch.arange(self.spec.n_hashes, device=q.device)[:, None]
         key = (rounds * (nb + 1) + buckets) * n + torch.arange(n, device=q.device)          # unique: a stable sort
         return key.flatten(2).argsort(dim=-1)
 
     def _scores(self, q, qpos, kpos, kn, real, causal):
-        """Scores of queries q at positions qpos on keys kn at kpos, masks applied (Reformer's order)."""
+        """Scores of queries q at positions qpos on keys kn at kpos, masks applied (Reformer's order),
+        and where they are the product's (neither masked nor a token on itself: a constant there)."""
         s = q @ kn.transpose(-1, -2) / math.sqrt(q.shape[-1])
         allowed = real
         if causal:
             allowed = allowed & (qpos[..., :, None] >= kpos[..., None, :])
         s = torch.where(allowed, s, torch.full((), MASK_VALUE, dtype=s.dtype, device=s.device))
         own = qpos[..., :, None] == kpos[..., None, :]
-        return torch.where(own, torch.full((), SELF_VALUE, dtype=s.dtype, device=s.device), s)
+        return torch.where(own, torch.full((), SELF_VALUE, dtype=s.dtype, device=s.device), s), allowed & ~own
 
     # -- fast path: sort, chunk, attend to neighbouring chunks, unsort, combine rounds --------------------
     def forward(self, q, k, v, *, key_padding=None, global_mask=None, positions=None, bias=None, cache=None):
@@ -126,11 +131,7 @@ class LSH(Mechanism):
         ks, vs = gather(rms_normalise(q)).view(B, H, N, C, d), gather(v).view(B, H, N, C, d)
         ps = pos.view(B, H, N, C)
         rs = real[:, None, :].expand(B, H, n_pad).gather(2, pos).view(B, H, N, C)
-        groups = zip(*(self._with_halo(x) for x in (ks, vs, ps, rs)), qs.split(GROUP, dim=2), ps.split(GROUP, dim=2))
-        parts = [self._attend_chunks(*g) if not torch.is_grad_enabled() else
-                 torch.utils.checkpoint.checkpoint(self._attend_chunks, *g, use_reentrant=False) for g in groups]
-        out = torch.cat([p[0] for p in parts], dim=2)                # (B, H, N, C, d)
-        logits = torch.cat([p[1] for p in parts], dim=2)             # (B, H, N, C, 1)
+        out, logits = _ChunkSteps.apply(qs, ks, vs, ps, rs, self)  # (B, H, N, C, d), (B, H, N, C, 1)
         # back to token order, then the rounds weighted by their normalisers
         undo = slots.argsort(dim=-1)
         out = out.view(B, H, R * n_pad, d).gather(2, undo[..., None].expand(-1, -1, -1, d)).view(B, H, R, n_pad, d)
@@ -138,31 +139,24 @@ class LSH(Mechanism):
         out = (out * torch.softmax(logits, dim=2)).sum(dim=2)        # (B, H, n_pad, d)
         return out[..., :n, :]
 
-    def _with_halo(self, x):
-        """Split the sorted chunks x (B, H, N, C, ...) into groups of GROUP, each with the chunks_before
-        chunks before it and chunks_after after it (wrapping around): [(B, H, before + g + after, C, ...)].
-        The halos come from one gather, so no group's gradient is a full-size tensor."""
-        N, bef, aft = x.shape[2], self.spec.chunks_before, self.spec.chunks_after
-        starts = torch.arange(0, N, GROUP, device=x.device)
-        ends = (starts + GROUP).clamp(max=N)
-        idx = torch.cat([starts[:, None] - torch.arange(bef, 0, -1, device=x.device),
-                         ends[:, None] + torch.arange(aft, device=x.device)], dim=1) % N  # (groups, bef + aft)
-        halo = x.index_select(2, idx.flatten()).unflatten(2, idx.shape).unbind(2)
-        return [torch.cat([h.narrow(2, 0, bef), g, h.narrow(2, bef, aft)], dim=2)
-                for h, g in zip(halo, x.split(GROUP, dim=2))]
+    def neighbours(self, i0: int, i1: int, N: int, device) -> torch.Tensor:
+        """(g, before + 1 + after): the chunks each of chunks i0..i1 attends, in order (Reformer's
+        look-one-back first), wrapping around the N chunks."""
+        offsets = torch.arange(-self.spec.chunks_before, self.spec.chunks_after + 1, device=device)
+        return (torch.arange(i0, i1, device=device)[:, None] + offsets) % N
 
-    def _attend_chunks(self, ks, vs, kpos, rs, qs, ps):
-        """g chunks against their neighbours: ks, vs (B, H, before + g + after, C, d) and kpos, rs
-        (B, H, before + g + after, C) from ``_with_halo``; qs (B, H, g, C, d), ps (B, H, g, C). Returns
-        (out (B, H, g, C, d), logsumexp (B, H, g, C, 1))."""
-        g, bef = qs.shape[2], self.spec.chunks_before
-        # chunk i sees chunks i - o for o = before .. -after, in that order (Reformer's look-one-back first)
-        adjacent = lambda x: torch.cat([x.narrow(2, bef - o, g) for o in range(bef, -self.spec.chunks_after - 1, -1)],  # noqa: E731
-                                       dim=3)
-        ks, vs, kpos, rs = adjacent(ks), adjacent(vs), adjacent(kpos), adjacent(rs)
-        s = self._scores(qs, ps, kpos, ks, rs[..., None, :], self.ctx.causal)
-        logits = torch.logsumexp(s, dim=-1, keepdim=True)
-        return torch.exp(s - logits) @ vs, logits
+    def attend_step(self, qs, ks, vs, ps, rs, i0, i1, lse=None):
+        """Chunks i0..i1 against their neighbours: probabilities (B, H, g, C, W C), live mask, neighbour
+        keys and values (B, H, g, W C, d), and the row logsumexp (computed unless given)."""
+        B, H, N, C, d = ks.shape
+        nbr = self.neighbours(i0, i1, N, ks.device)
+        take = lambda x: x[:, :, nbr].flatten(3, 4)  # noqa: E731  (B, H, g, W, C, ...) -> (B, H, g, W C, ...)
+        kk, vv = take(ks), take(vs)
+        s, live = self._scores(qs[:, :, i0:i1], ps[:, :, i0:i1], take(ps), kk, take(rs)[..., None, :],
+                               self.ctx.causal)
+        if lse is None:
+            lse = torch.logsumexp(s, dim=-1, keepdim=True)
+        return torch.exp(s - lse), live, kk, vv, lse, nbr
 
     # -- reference: the dense matrix, each key weighted by how often the rounds saw it -------------------
     def visit_counts(self, q, real):
@@ -186,7 +180,7 @@ class LSH(Mechanism):
         n = q.shape[-2]
         q, v, real = self._pad(q, v, key_padding)
         ar = torch.arange(q.shape[-2], device=q.device)
-        s = self._scores(q, ar, ar, rms_normalise(q), real[:, None, None, :], self.ctx.causal)
+        s, _ = self._scores(q, ar, ar, rms_normalise(q), real[:, None, None, :], self.ctx.causal)
         A = torch.softmax(s + self.visit_counts(q, real).log(), dim=-1)  # log 0 = -inf: never seen
         return A[..., :n, :n]
 
@@ -203,3 +197,42 @@ class LSH(Mechanism):
         s = self.spec
         return f"lsh chunk={s.chunk_length} buckets={s.num_buckets} hashes={s.n_hashes}" + \
             (" causal" if self.ctx.causal else "")
+
+
+class _ChunkSteps(torch.autograd.Function):
+    """Every sorted chunk against its neighbours, GROUP chunks at a time; only the output and the row
+    logsumexp are kept, backward recomputes each step's probabilities and adds the key and value
+    gradients into their chunks (no halo copies, no per-step full-size gradients)."""
+
+    @staticmethod
+    def forward(ctx, qs, ks, vs, ps, rs, mech: LSH):
+        N = qs.shape[2]
+        out = torch.empty_like(qs)
+        lse = qs.new_empty(qs.shape[:-1] + (1,))
+        steps = [(i, min(N, i + GROUP)) for i in range(0, N, GROUP)]
+        for i0, i1 in steps:
+            p, _, _, vv, lse[:, :, i0:i1], _ = mech.attend_step(qs, ks, vs, ps, rs, i0, i1)
+            out[:, :, i0:i1] = p @ vv
+        ctx.save_for_backward(qs, ks, vs, ps, rs, out, lse)
+        ctx.mech, ctx.steps = mech, steps
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        qs, ks, vs, ps, rs, out, lse = ctx.saved_tensors
+        B, H, N, C, d = qs.shape
+        scale = d ** -0.5
+        dout = torch.zeros_like(out) if dout is None else dout
+        dlse = torch.zeros_like(lse) if dlse is None else dlse
+        # d lse / d s = P, so dS = P (dP - rowsum(dO O) + dlse)
+        shift = dlse - (dout * out).sum(-1, keepdim=True)
+        dq, dk, dv = torch.empty_like(qs), torch.zeros_like(ks), torch.zeros_like(vs)
+        for i0, i1 in ctx.steps:
+            p, live, kk, vv, _, nbr = ctx.mech.attend_step(qs, ks, vs, ps, rs, i0, i1, lse[:, :, i0:i1])
+            do_ = dout[:, :, i0:i1]
+            ds = torch.where(live, p * (do_ @ vv.transpose(-1, -2) + shift[:, :, i0:i1]), 0.0) * scale
+            dq[:, :, i0:i1] = ds @ kk
+            rows = nbr.flatten()  # the key chunks of this step, in the order of kk's (g, W) blocks
+            dk.index_add_(2, rows, (ds.transpose(-1, -2) @ qs[:, :, i0:i1]).unflatten(3, (-1, C)).flatten(2, 3))
+            dv.index_add_(2, rows, (p.transpose(-1, -2) @ do_).unflatten(3, (-1, C)).flatten(2, 3))
+        return dq, dk, dv, None, None, None
