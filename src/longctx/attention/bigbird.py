@@ -249,9 +249,10 @@ class _Layout:
 
 
 def _step_probs(qb, kk, kg, ok, lse=None):
-    """Scores of one step's queries over its keys (band then global), masked; the probabilities (fp32)
+    """Scores of one step's queries over its keys (band then global), masked; the probabilities (fp32 or wider)
     and the row log-sum-exp. With ``lse`` given (backward), the probabilities from it."""
-    s = torch.cat([qb @ kk.transpose(-1, -2), qb @ kg.unsqueeze(2).transpose(-1, -2)], -1).float()
+    s = torch.cat([qb @ kk.transpose(-1, -2), qb @ kg.unsqueeze(2).transpose(-1, -2)], -1)
+    s = s.to(torch.promote_types(s.dtype, torch.float32))  # bf16/fp16 scores softmaxed in fp32
     s = s.masked_fill(~ok, float("-inf"))
     if lse is None:
         m = s.amax(-1, keepdim=True)
@@ -270,7 +271,7 @@ class _LayoutSteps(torch.autograd.Function):
         B, H, nb, b, d = qb.shape
         Wb = layout.cols.shape[-1] * b
         out = torch.empty_like(qb)
-        lse = qb.new_empty(B, H, nb, b, 1, dtype=torch.float32)
+        lse = qb.new_empty(B, H, nb, b, 1, dtype=torch.promote_types(qb.dtype, torch.float32))
         for i0, i1 in layout.steps():
             p, lse[:, :, i0:i1] = _step_probs(qb[:, :, i0:i1], layout.gather(kb, i0, i1), kg, layout.allowed(i0, i1))
             p = p.to(vb.dtype)
@@ -286,25 +287,26 @@ class _LayoutSteps(torch.autograd.Function):
         B, H, nb, b, d = qb.shape
         Wb = layout.cols.shape[-1] * b
         dout = dout.contiguous()
-        delta = (dout.float() * out.float()).sum(-1, keepdim=True)  # rowsum(dO * O) = sum_j P dP
+        acc = lse.dtype  # fp32, or fp64 for a float64 model
+        delta = (dout.to(acc) * out.to(acc)).sum(-1, keepdim=True)  # rowsum(dO * O) = sum_j P dP
         dq = torch.empty_like(qb)
-        dkb = torch.zeros(B, H * nb, b, d, dtype=torch.float32, device=qb.device)
+        dkb = torch.zeros(B, H * nb, b, d, dtype=acc, device=qb.device)
         dvb = torch.zeros_like(dkb)
-        dkg = torch.zeros(kg.shape, dtype=torch.float32, device=qb.device)
+        dkg = torch.zeros(kg.shape, dtype=acc, device=qb.device)
         dvg = torch.zeros_like(dkg)
         vg_ = vg.unsqueeze(2)
         for i0, i1 in layout.steps():
             q_, do_ = qb[:, :, i0:i1], dout[:, :, i0:i1]
             kk, vv = layout.gather(kb, i0, i1), layout.gather(vb, i0, i1)
             p, _ = _step_probs(q_, kk, kg, layout.allowed(i0, i1), lse[:, :, i0:i1])
-            dp = torch.cat([do_ @ vv.transpose(-1, -2), do_ @ vg_.transpose(-1, -2)], -1).float()
+            dp = torch.cat([do_ @ vv.transpose(-1, -2), do_ @ vg_.transpose(-1, -2)], -1).to(acc)
             ds = (p * (dp - delta[:, :, i0:i1])).to(qb.dtype)
             p = p.to(qb.dtype)
             dq[:, :, i0:i1] = ds[..., :Wb] @ kk + ds[..., Wb:] @ kg.unsqueeze(2)
             rows = layout.flat[:, i0:i1].reshape(-1)  # (H g W,) key blocks, head-major like the views below
-            dkb.index_add_(1, rows, (ds[..., :Wb].transpose(-1, -2) @ q_).float().reshape(B, -1, b, d))
-            dvb.index_add_(1, rows, (p[..., :Wb].transpose(-1, -2) @ do_).float().reshape(B, -1, b, d))
-            dkg += torch.einsum("bhgcm,bhgcd->bhmd", ds[..., Wb:].float(), q_.float())
-            dvg += torch.einsum("bhgcm,bhgcd->bhmd", p[..., Wb:].float(), do_.float())
+            dkb.index_add_(1, rows, (ds[..., :Wb].transpose(-1, -2) @ q_).to(acc).reshape(B, -1, b, d))
+            dvb.index_add_(1, rows, (p[..., :Wb].transpose(-1, -2) @ do_).to(acc).reshape(B, -1, b, d))
+            dkg += torch.einsum("bhgcm,bhgcd->bhmd", ds[..., Wb:].to(acc), q_.to(acc))
+            dvg += torch.einsum("bhgcm,bhgcd->bhmd", p[..., Wb:].to(acc), do_.to(acc))
         dkb, dvb = (x.view(B, H, nb, b, d).to(kb.dtype) for x in (dkb, dvb))
         return dq, dkb, dvb, dkg.to(kg.dtype), dvg.to(vg.dtype), None
