@@ -22,6 +22,7 @@ from collections import Counter
 
 from longctx.corpora.arxiv import Limits, Rejected, convert_source, discover, doc_id
 from longctx.errors import LongctxError
+from longctx.memory import proc_status_bytes
 from longctx.progress import Progress
 
 STATE_DIR = ".state"
@@ -249,14 +250,7 @@ _TASKS_PER_WORKER = 500  # a fresh process now and then: fragmentation from big 
 
 def _vm_size() -> int | None:
     """This process's address-space size in bytes (Linux), or None where /proc is absent."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmSize:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    return proc_status_bytes("VmSize")
 
 
 def _limit_memory(budget: int) -> None:
