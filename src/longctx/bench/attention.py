@@ -34,9 +34,6 @@ The acceptance targets are the config's ``targets:`` section (see benchmarks/att
 """
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -371,18 +368,5 @@ def write_outputs(result: dict, out_dir: Path) -> None:
     plots(result, out_dir)
 
 
-# -- child entry point ---------------------------------------------------------------------------------------
-def _child(path: str) -> None:
-    spec = json.loads(Path(path).read_text())
-    if "matmul" in spec:
-        out = {"status": "ok", "gflops": common.matmul_gflops(getattr(torch, spec["matmul"]))}
-    else:
-        out = run_case(spec)
-    print(json.dumps(out))
-
-
 if __name__ == "__main__":
-    p = argparse.ArgumentParser()
-    p.add_argument("--child", required=True)
-    _child(p.parse_args().child)
-    sys.exit(0)
+    common.child_main(run_case)

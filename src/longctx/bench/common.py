@@ -7,6 +7,7 @@ memory the case itself added. Where the reset is not allowed the peak counts fro
 """
 from __future__ import annotations
 
+import argparse
 import json
 import operator
 import os
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 
 from longctx import io
-from longctx.memory import peak_rss_bytes
+from longctx.memory import peak_rss_bytes, use_huge_pages
 from longctx.errors import LongctxError
 
 SCHEMA_VERSION = 1
@@ -77,6 +78,19 @@ def matmul_gflops(dtype: torch.dtype = torch.float32, size: int = 2048, repeats:
     c = torch.empty(size, size, dtype=dtype)
     times = timed(lambda: torch.mm(a, b, out=c), repeats, 2)
     return 2 * size ** 3 / statistics.median(times) / 1e9
+
+
+def child_main(run_case) -> None:
+    """A child's entry point (``python -m module --child SPEC``): the memory policy every case runs under,
+    peers included (``longctx.memory.use_huge_pages``), then the matrix-product reference or
+    ``run_case(spec)``; prints the JSON with the policy in force ("memory_pages")."""
+    p = argparse.ArgumentParser()
+    p.add_argument("--child", required=True)
+    spec = json.loads(Path(p.parse_args().child).read_text())
+    pages = use_huge_pages()  # before the first large tensor: PyTorch reads the switch once
+    out = ({"status": "ok", "gflops": matmul_gflops(getattr(torch, spec["matmul"]))} if "matmul" in spec
+           else run_case(spec))
+    print(json.dumps({**out, "memory_pages": pages}))
 
 
 # -- in the parent ---------------------------------------------------------------------------------------

@@ -14,9 +14,6 @@ benchmarks/hf.yaml).
 """
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -175,7 +172,4 @@ def markdown(result: dict) -> str:
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser()
-    p.add_argument("--child", required=True)
-    print(json.dumps(run_case(json.loads(Path(p.parse_args().child).read_text()))))
-    sys.exit(0)
+    common.child_main(run_case)

@@ -16,11 +16,8 @@ targets are the config's ``targets:`` section (see benchmarks/train.yaml).
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import math
-import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -137,8 +134,6 @@ def heldout_loss(name: str, cfg: dict, n: int = 1024) -> float:
 
 
 def run_case(spec: dict) -> dict:
-    if "matmul" in spec:
-        return {"status": "ok", "gflops": common.matmul_gflops(getattr(torch, spec["matmul"]))}
     cfg, name, n = spec["config"], spec["model"], spec["n"]
     if name.endswith("-bf16") and not bf16_units():
         return {"status": "skipped", "reason": "this CPU has no bf16 matrix units (avx512_bf16 / amx_bf16)"}
@@ -273,7 +268,4 @@ def plot(result: dict, out_dir: Path) -> None:
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser()
-    p.add_argument("--child", required=True)
-    print(json.dumps(run_case(json.loads(Path(p.parse_args().child).read_text()))))
-    sys.exit(0)
+    common.child_main(run_case)

@@ -23,7 +23,6 @@ import posixpath
 import re
 from dataclasses import dataclass, field
 
-from pylatexenc import latexwalker
 from pylatexenc.latex2text import (
     EnvironmentTextSpec,
     LatexNodes2Text,

@@ -134,7 +134,6 @@ class LongctxConfig(PretrainedConfig):
 
     def layer_attention(self) -> list[tuple[str, dict, bool]]:
         """Every layer's mechanism, bottom to top: (type, fields, causal)."""
-        from longctx.attention.layer import attention_entry
 
         L = self.num_hidden_layers
         if self.layers is not None:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from longctx.errors import LongctxError
 
 
 def _config(args) -> dict:
