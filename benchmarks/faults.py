@@ -1,10 +1,12 @@
 """Time and minor page faults of one mechanism's fwd+bwd at 4,096 and 32,768 tokens, in one process.
 
     python benchmarks/faults.py lsh '{"chunk_length": 64, "num_buckets": 64, "n_hashes": 2}'
-    THP_MEM_ALLOC_ENABLE=0 python benchmarks/faults.py lsh '{"chunk_length": 64, "num_buckets": 64, "n_hashes": 2}'
+    THP_MEM_ALLOC_ENABLE=1 python benchmarks/faults.py lsh '{"chunk_length": 64, "num_buckets": 64, "n_hashes": 2}'
+    MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736 python benchmarks/faults.py lsh '{...}'
 
-The first runs under longctx's memory policy (``longctx.memory.use_huge_pages``: large tensors on 2 MiB
-pages, as every longctx command and benchmark case does), the second on 4 KiB pages (the defaults).
+The first under the defaults (what longctx and its benchmarks run with), the second with PyTorch's
+tensors of 2 MiB and more on transparent huge pages, the third with glibc keeping freed memory
+(docs/benchmarks.md: neither is a default, each costs something somewhere).
 
 (12 heads of 64, batch 1, fp32; median of the last four of six steps.) The page faults are the freshly
 mapped memory glibc hands out for every tensor over its mmap threshold (docs/benchmarks.md).
@@ -18,11 +20,10 @@ import time
 import torch
 
 from longctx.attention import LayerContext, build
-from longctx.memory import peak_rss_bytes, use_huge_pages
+from longctx.memory import peak_rss_bytes
 
 
 def main(name: str, spec: dict) -> None:
-    print(f"memory pages: {use_huge_pages()}")
     torch.manual_seed(0)
     times = {}
     for n in (4096, 32768):

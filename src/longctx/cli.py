@@ -47,8 +47,6 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from longctx.memory import use_huge_pages
-    use_huge_pages()  # before the command's first large tensor (see longctx.memory)
     try:
         return int(args.func(args) or 0)
     except LongctxError as e:

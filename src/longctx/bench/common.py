@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from longctx import io
-from longctx.memory import peak_rss_bytes, use_huge_pages
+from longctx.memory import peak_rss_bytes
 from longctx.errors import LongctxError
 
 SCHEMA_VERSION = 1
@@ -81,16 +81,16 @@ def matmul_gflops(dtype: torch.dtype = torch.float32, size: int = 2048, repeats:
 
 
 def child_main(run_case) -> None:
-    """A child's entry point (``python -m module --child SPEC``): the memory policy every case runs under,
-    peers included (``longctx.memory.use_huge_pages``), then the matrix-product reference or
-    ``run_case(spec)``; prints the JSON with the policy in force ("memory_pages")."""
+    """A child's entry point (``python -m module --child SPEC``): the matrix-product reference or
+    ``run_case(spec)``; prints the JSON. Every case runs under the same allocator settings, glibc's and
+    PyTorch's defaults (a ``THP_MEM_ALLOC_ENABLE`` in the environment is recorded: it moves times by
+    -55% to +40% depending on the case, docs/benchmarks.md)."""
     p = argparse.ArgumentParser()
     p.add_argument("--child", required=True)
     spec = json.loads(Path(p.parse_args().child).read_text())
-    pages = use_huge_pages()  # before the first large tensor: PyTorch reads the switch once
     out = ({"status": "ok", "gflops": matmul_gflops(getattr(torch, spec["matmul"]))} if "matmul" in spec
            else run_case(spec))
-    print(json.dumps({**out, "memory_pages": pages}))
+    print(json.dumps({**out, "thp_mem_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE", "unset")}))
 
 
 # -- in the parent ---------------------------------------------------------------------------------------
