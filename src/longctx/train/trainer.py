@@ -356,6 +356,11 @@ class Trainer:
     def _train(self) -> dict:
         t = self.t
         self.model.train()
+        if self.accelerator.device.type == "cpu":
+            # the fused CPU kernel loads (builds, the first time) on first use: here, before the clock, so a
+            # variant's tokens/s never includes it (it cost the sliding window half its speed in a comparison)
+            from longctx.attention import fused
+            fused.use_fused(torch.empty(0))
         self._window_tokens, window_start = 0, time.perf_counter()
         try:
             while self.step_no < self.total_steps:
