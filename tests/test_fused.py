@@ -49,8 +49,16 @@ def _case(data, dtype=torch.float32):
     use_alibi = data.draw(st.booleans())
     separate = gm is not None and data.draw(st.booleans())
     seed = data.draw(st.integers(0, 2**31))
+    # the layer's layout: (B, n, H, d) memory seen as (B, H, n, d), which the kernel reads without a copy
+    seq_major = data.draw(st.booleans())
     g = torch.Generator().manual_seed(seed)
-    inputs = [torch.randn(B, H, n, d, generator=g).to(dtype).requires_grad_() for _ in range(6 if separate else 3)]
+
+    def tensor():
+        if seq_major:
+            return torch.randn(B, n, H, d, generator=g).to(dtype).transpose(1, 2).requires_grad_()
+        return torch.randn(B, H, n, d, generator=g).to(dtype).requires_grad_()
+
+    inputs = [tensor() for _ in range(6 if separate else 3)]
     kw = dict(key_padding_mask=kpm, global_mask=gm, alibi_slopes=alibi_slopes(H) if use_alibi else None)
     return pattern, inputs, kw, seed, kpm
 

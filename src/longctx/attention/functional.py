@@ -19,6 +19,7 @@ projections (``global_qkv``) those rows use qg . kg over vg, as in Hugging Face'
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 
@@ -81,7 +82,6 @@ def attention(q, k, v, pattern: AttentionPattern, *, key_padding_mask=None, glob
         return dense_attention(q, k, v, pattern, key_padding_mask=key_padding_mask, global_mask=global_mask,
                                global_qkv=global_qkv, alibi_slopes=alibi_slopes, scale=scale)
     scale = d ** -0.5 if scale is None else scale
-    q = q * scale
     if global_mask is not None:
         global_mask = global_mask.bool()
         if not torch.compiler.is_compiling() and not bool(global_mask.any()):  # a traced graph may not branch
@@ -92,23 +92,19 @@ def attention(q, k, v, pattern: AttentionPattern, *, key_padding_mask=None, glob
         key_padding_mask = key_padding_mask.bool()
 
     if backend == "flex":
-        out = _flex(q, k, v, pattern, key_padding_mask, global_mask, alibi_slopes)
+        out = _flex(q * scale, k, v, pattern, key_padding_mask, global_mask, alibi_slopes)
     elif backend == "sdpa":
         if pattern.kind != "full":
             raise LongctxError(f"backend 'sdpa' runs the full pattern only, not {pattern.kind!r}; use 'blocked'")
-        out = _sdpa(q, k, v, pattern, key_padding_mask, alibi_slopes)
+        out = _sdpa(q * scale, k, v, pattern, key_padding_mask, alibi_slopes)
     else:
         out = _blocked(q, k, v, pattern, key_padding_mask, global_mask, alibi_slopes, chunk,
-                       fused=backend == "fused")
+                       fused=backend == "fused", scale=scale)
 
     needs_rows = global_mask is not None and (backend in BAND_BACKENDS or global_qkv is not None)
     if needs_rows:
-        if global_qkv is not None:
-            qg, kg, vg = global_qkv
-            qg = qg * scale
-        else:
-            qg, kg, vg = q, k, v
-        out = _global_rows(out, qg, kg, vg, pattern, key_padding_mask, global_mask, alibi_slopes)
+        qg, kg, vg = global_qkv if global_qkv is not None else (q, k, v)
+        out = _global_rows(out, qg, kg, vg, pattern, key_padding_mask, global_mask, alibi_slopes, scale)
     return out
 
 
@@ -186,17 +182,23 @@ def _gather_seq(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 2, idx[:, None, :, None].expand(B, H, idx.shape[1], d))
 
 
-def _blocked(q, k, v, pattern, key_padding_mask, global_mask, alibi_slopes, chunk, fused: bool = False):
-    """The band kernel, per group of heads with the same dilation. Half-precision inputs run in fp32
-    (the kernel's own buffers and softmax are fp32; the result is cast back), except bf16 on the fused
-    kernel, whose products run in bf16 with fp32 softmax statistics."""
+def _blocked(q, k, v, pattern, key_padding_mask, global_mask, alibi_slopes, chunk, fused: bool = False,
+             scale: float = 1.0):
+    """The band kernel on ``scale * q``, per group of heads with the same dilation. Half-precision inputs
+    run in fp32 (the kernel's own buffers and softmax are fp32; the result is cast back), except bf16 on
+    the fused kernel, whose products run in bf16 with fp32 softmax statistics. The fused kernel applies
+    the scale itself; the pure-PyTorch kernel gets a scaled copy of q."""
     fused = fused and q.dtype in fused_kernel.DTYPES
-    band = fused_kernel.fused_band_attention if fused else band_attention
     if q.element_size() < 4 and not fused:
         with torch.autocast(q.device.type, enabled=False):
             out = _blocked(q.float(), k.float(), v.float(), pattern, key_padding_mask, global_mask,
-                           None if alibi_slopes is None else alibi_slopes.float(), chunk, fused=fused)
+                           None if alibi_slopes is None else alibi_slopes.float(), chunk, fused=fused,
+                           scale=scale)
         return out.to(q.dtype)
+    if fused:
+        band = functools.partial(fused_kernel.fused_band_attention, scale=scale)
+    else:
+        band, q = band_attention, q * scale
     B, H, n, d = q.shape
     key_valid = key_padding_mask
     kg = vg = g_pos = g_valid = None
@@ -234,12 +236,13 @@ def _blocked(q, k, v, pattern, key_padding_mask, global_mask, alibi_slopes, chun
     return torch.cat(outs, dim=1)[:, torch.argsort(torch.tensor(order, device=q.device))]
 
 
-def _global_rows(out, qg, kg, vg, pattern, key_padding_mask, global_mask, alibi_slopes):
-    """Write the rows of the global queries: each attends to every real key (causally if causal)."""
+def _global_rows(out, qg, kg, vg, pattern, key_padding_mask, global_mask, alibi_slopes, scale: float = 1.0):
+    """Write the rows of the global queries (of ``scale * qg``): each attends to every real key (causally
+    if causal)."""
     B, H, n, d = out.shape
     idx, valid = global_index(global_mask)
     pos = torch.arange(n, device=out.device)
-    scores = _gather_seq(qg, idx) @ kg.transpose(-1, -2)  # (B, H, G, n)
+    scores = (_gather_seq(qg, idx) * scale) @ kg.transpose(-1, -2)  # (B, H, G, n)
     if alibi_slopes is not None:
         scores = scores + alibi_bias(alibi_slopes, idx, pos).transpose(0, 1).to(scores.dtype)
     mask = compose(False, idx[:, None, :, None], pos.view(1, 1, 1, n), causal=pattern.causal,

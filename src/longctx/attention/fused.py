@@ -182,59 +182,57 @@ class _Masks:
                 self.causal, left)
 
 
-def _flat(x: torch.Tensor, total: int) -> torch.Tensor:
-    """(B, H, n, d) -> contiguous (B * H, total, d), zero rows appended (a copy only where needed: the
-    queries of a last, partial chunk; keys and values go in unpadded)."""
-    B, H, n, d = x.shape
-    x = x if total == n else F.pad(x, (0, 0, 0, total - n))
-    return x.reshape(B * H, total, d).contiguous()
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x (B, H, n, d) as the kernel reads it: any strides with dense rows (the layer's (B, n, H, d)
+    projections seen as (B, H, n, d) go in as they are); a copy only for other layouts."""
+    return x if x.stride(-1) == 1 and x.stride(-2) >= x.shape[-1] else x.contiguous()
 
 
 class _FusedBand(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, kg, vg, slopes, geo: BandGeometry, masks: _Masks):
+    def forward(ctx, q, k, v, kg, vg, slopes, geo: BandGeometry, masks: _Masks, scale: float):
         B, H, n, d = q.shape
-        c = geo.c
         empty = q.new_zeros(0)
-        qp, kp, vp = _flat(q, geo.nc * c), _flat(k, n), _flat(v, n)
+        q_, k_, v_ = _rows(q), _rows(k), _rows(v)
         kg_ = empty if kg is None else kg.to(q.dtype).contiguous()
         vg_ = empty if vg is None else vg.to(q.dtype).contiguous()
         sl = torch.zeros(0) if slopes is None else slopes.detach().float().contiguous()
-        out, lse = torch.ops.longctx_fused.band_forward(qp, kp, vp, kg_, vg_, *masks.args(sl, B, H, geo.left))
-        ctx.save_for_backward(qp, kp, vp, kg_, vg_, out, lse, sl)
-        ctx.geo, ctx.masks, ctx.shape = geo, masks, (B, H, n, d)
+        # out: (B, H, n, d) seen over (B, n, H, d) memory, so the layer's merge of the heads is a view
+        out, lse = torch.ops.longctx_fused.band_forward(q_, k_, v_, kg_, vg_, *masks.args(sl, B, H, geo.left), scale)
+        ctx.save_for_backward(q_, k_, v_, kg_, vg_, out, lse, sl)
+        ctx.geo, ctx.masks, ctx.scale = geo, masks, scale
         ctx.dtypes = (q.dtype, None if kg is None else kg.dtype, None if slopes is None else slopes.dtype)
-        return out.view(B, H, geo.nc * c, d)[:, :, :n]
+        return out
 
     @staticmethod
     def backward(ctx, dout):
-        qp, kp, vp, kg_, vg_, out, lse, sl = ctx.saved_tensors
+        q_, k_, v_, kg_, vg_, out, lse, sl = ctx.saved_tensors
         geo, masks = ctx.geo, ctx.masks
-        B, H, n, d = ctx.shape
+        B, H, n, d = q_.shape
         q_dt, g_dt, s_dt = ctx.dtypes
-        dop = _flat(dout.to(q_dt), geo.nc * geo.c)
         dq, dk, dv, dkg, dvg, dsl = torch.ops.longctx_fused.band_backward(
-            qp, kp, vp, kg_, vg_, out, dop, lse, *masks.args(sl, B, H, geo.left))
-        dq = dq.view(B, H, -1, d)[:, :, :n].to(q_dt)
-        dk, dv = dk.view(B, H, n, d).to(q_dt), dv.view(B, H, n, d).to(q_dt)
+            q_, k_, v_, kg_, vg_, out, _rows(dout.to(q_dt)), lse, *masks.args(sl, B, H, geo.left), ctx.scale)
+        dq, dk, dv = dq.to(q_dt), dk.to(q_dt), dv.to(q_dt)
         G = kg_.shape[2] if g_dt is not None else 0
         dkg = None if g_dt is None else dkg.view(B, H, G, d).to(g_dt)
         dvg = None if g_dt is None else dvg.view(B, H, G, d).to(g_dt)
         dslopes = None if s_dt is None or not ctx.needs_input_grad[5] else dsl.view(B, H).sum(0).to(s_dt)
-        return dq, dk, dv, dkg, dvg, dslopes, None, None
+        return dq, dk, dv, dkg, dvg, dslopes, None, None, None
 
 
 def fused_band_attention(q, k, v, pattern: AttentionPattern, pos, *, dilation: int = 1, key_valid=None,
-                         kg=None, vg=None, g_pos=None, g_valid=None, alibi_slopes=None, chunk=None):
-    """``blocked.band_attention`` on the fused kernel (same arguments, same result). fp32 and bf16 run
-    here (bf16 products, fp32 softmax statistics); other dtypes, tracing, or no extension: the
-    pure-PyTorch kernel."""
+                         kg=None, vg=None, g_pos=None, g_valid=None, alibi_slopes=None, chunk=None,
+                         scale: float = 1.0):
+    """``blocked.band_attention`` of ``scale * q`` on the fused kernel (same arguments, same result; the
+    scale is applied inside, so q is not copied). fp32 and bf16 run here (bf16 products, fp32 softmax
+    statistics); other dtypes, tracing, or no extension: the pure-PyTorch kernel."""
     if torch.compiler.is_compiling() or q.dtype not in DTYPES or not load(build=False):
-        return band_attention(q, k, v, pattern, pos, dilation=dilation, key_valid=key_valid, kg=kg, vg=vg,
-                              g_pos=g_pos, g_valid=g_valid, alibi_slopes=alibi_slopes, chunk=chunk)
+        return band_attention(q * scale if scale != 1.0 else q, k, v, pattern, pos, dilation=dilation,
+                              key_valid=key_valid, kg=kg, vg=vg, g_pos=g_pos, g_valid=g_valid,
+                              alibi_slopes=alibi_slopes, chunk=chunk)
     B, H = q.shape[:2]
     geo = BandGeometry(pattern, dilation, pos, key_valid, g_pos, g_valid, alibi_slopes, B, H, chunk,
                        torch.float32)
     masks = _Masks(geo, pattern, dilation, pos, key_valid, g_pos, g_valid, B)
     with torch.autocast(q.device.type, enabled=False):
-        return _FusedBand.apply(q, k, v, kg, vg, alibi_slopes, geo, masks)
+        return _FusedBand.apply(q, k, v, kg, vg, alibi_slopes, geo, masks, float(scale))

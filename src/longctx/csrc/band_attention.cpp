@@ -10,15 +10,23 @@
 //   kvalid (Bk, nk * c) uint8: the padded key is a real, non-global token (Bk = B or 1);
 //   g_valid (B, G) uint8, g_pos (B, G), q_pos (nc * c): global keys, causal test for them;
 //   slopes (H) or empty: ALiBi, score -= slope * |q_pos - k_pos|.
-// Keys and values come unpadded, (B H, n, d): padded key p is real key p - left, and no tile's products
-// reach a padded key (they are never valid), so neither the inputs nor dK, dV are copied into a padded
-// layout. Per chunk, each query row's allowed band keys lie in [lo, hi) (RowSpan): exp, masks and
-// products skip the rest. Products: fp32 on oneDNN's BRGEMM (ATen), MKL's sgemm as the alternative;
+// Queries, keys and values come unpadded as (B, H, n, d) with unit stride along d and any other strides
+// (the layer's projections: (B, n, H, d) memory), and the output and dQ, dK, dV are written in
+// (B, n, H, d) memory: no copy on either side of the kernel. Padded key p is real key p - left, and no
+// tile's products reach a padded key (they are never valid); a last, partial query chunk goes through a
+// zero-padded thread buffer. The score scale is folded into the transposed keys (and into Q^T and dQ in
+// backward), so q is not scaled in a separate pass. Thread buffers (the tile, a head's K^T, V^T and its
+// dK^T, dV^T) are kept across calls, so a training step faults no fresh pages in for them.
+// Per chunk, each query row's allowed band keys lie in [lo, hi) (RowSpan): exp, masks and products skip
+// the rest. Products: fp32 on oneDNN's BRGEMM (ATen), MKL's sgemm as the alternative;
 // bf16 on MKL's gemm_bf16bf16f32 (fp32 accumulation and output). Softmax statistics are always fp32.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
 #include <c10/util/BFloat16.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 #include <torch/library.h>
 
 #include <algorithm>
@@ -65,14 +73,6 @@ inline void nn(bool, int m, int n, int k, const bf16* A, int lda, const bf16* B,
   constexpr int kRowMajor = 101, kNoTrans = 111;
   cblas_gemm_bf16bf16f32(kRowMajor, kNoTrans, kNoTrans, m, n, k, 1.f, reinterpret_cast<const uint16_t*>(A), lda,
                          reinterpret_cast<const uint16_t*>(B), ldb, acc ? 1.f : 0.f, C, ldc);
-}
-
-// dst (cols x rows, ld ldd) = src (rows x cols, ld lds)^T
-template <typename S, typename D>
-inline void transpose(const S* src, int64_t rows, int64_t cols, int64_t lds, D* dst, int64_t ldd) {
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t e = 0; e < cols; ++e) dst[e * ldd + r] = static_cast<D>(src[r * lds + e]);
-  }
 }
 
 // Explicit SIMD through GCC/Clang vector extensions: one source for every x86 level (-march=native
@@ -213,7 +213,8 @@ struct TileSpan {
 };
 
 struct Geo {
-  int64_t B, H, nc, c, nk, span, G, d, L, Ml, Bk, nkeys, left;
+  int64_t B, H, nc, c, nk, span, G, d, L, Ml, Bk, nq, nkeys, left;
+  float scale;  // applied to the scores: S = scale Q K^T (folded into K^T, and into Q^T, dQ in backward)
   bool causal, brgemm;
   const uint8_t *local, *kvalid, *g_valid;
   const int32_t *q_pos, *k_pos, *g_pos;
@@ -224,13 +225,13 @@ struct Geo {
   Geo(const at::Tensor& q, const at::Tensor& k, const at::Tensor& kg, const at::Tensor& local_,
       const at::Tensor& kvalid_, const at::Tensor& q_pos_, const at::Tensor& k_pos_, const at::Tensor& g_pos_,
       const at::Tensor& g_valid_, const at::Tensor& slopes_, int64_t B_, int64_t H_, bool causal_,
-      int64_t left_) {
-    B = B_, H = H_, causal = causal_, left = left_;
+      int64_t left_, double scale_) {
+    B = B_, H = H_, causal = causal_, left = left_, scale = static_cast<float>(scale_);
     const char* blas = std::getenv("LONGCTX_FUSED_GEMM");
     brgemm = !(blas && std::string(blas) == "mkl");
-    d = q.size(2);
+    d = q.size(3), nq = q.size(2);
     c = local_.size(1), span = local_.size(2), Ml = local_.size(0);
-    nc = q.size(1) / c, nk = kvalid_.size(1) / c, nkeys = k.size(1);
+    nc = q_pos_.size(0) / c, nk = kvalid_.size(1) / c, nkeys = k.size(2);
     G = kg.numel() ? kg.size(2) : 0;
     L = span + G;
     Bk = kvalid_.size(0);
@@ -329,21 +330,106 @@ inline const T* operand(const Geo& g, const float* src, T* buf, TileSpan ts) {
   }
 }
 
-// The operands of one head: K^T, V^T (d x nkeys) and the global keys' Kg^T, Vg^T (d x G) besides K, V.
+// A (B, H, rows, d) tensor with unit stride along d and any other strides. The layer's projections are
+// (B, n, H, d) memory seen as (B, H, n, d): the kernel reads them, and writes its output and gradients,
+// in that layout, so no copy is made on either side of it.
 template <typename T>
-struct Head {
-  const T *K, *V, *KT, *VT, *Kg, *Vg, *KgT, *VgT;
+struct Seq {
+  T* p;
+  int64_t sb, sh, ld, H;
+  Seq(const at::Tensor& t, int64_t H_)
+      : p(t.numel() ? t.data_ptr<T>() : nullptr), sb(t.stride(0)), sh(t.stride(1)), ld(t.stride(2)), H(H_) {}
+  T* head(int64_t bh) const { return p + (bh / H) * sb + (bh % H) * sh; }
 };
 
-// scores of chunk i: S (c x L) = Q_i [K_band | K_g]^T over the tile's band columns [ts.lo, ts.hi) (key
-// row r0 = g.band_row(i, ts) onwards) and the global ones, then masked row by row
+// The operands of one head: its key and value rows (ld lk, lv); scale K^T and V^T of the key rows
+// [row0, row0 + ldt) in a thread buffer (d x ldt); the global keys (G x d) and scale Kg^T, Vg^T (d x G).
 template <typename T>
-void scores(const Geo& g, float* S, const T* Qi, const Head<T>& hd, int64_t b, int64_t h, int64_t i, Lap& lap) {
+struct Head {
+  const T *K, *V;
+  int64_t lk, lv;
+  const T *KT, *VT;
+  int64_t row0, ldt;
+  const T *Kg, *Vg, *KgT, *VgT;
+  const T* kt(int64_t r) const { return KT + (r - row0); }
+  const T* vt(int64_t r) const { return VT + (r - row0); }
+};
+
+#if defined(__AVX512F__)
+// 16 x 16 fp32 transpose in registers: r[i] holds row i, then column i
+inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 2; ++i) {
+    for (int j = 0; j < 4; ++j) {
+      t[8 * i + j] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + j + 4], 0x88);
+      t[8 * i + j + 4] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + j + 4], 0xdd);
+    }
+  }
+  for (int j = 0; j < 8; ++j) {
+    r[j] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0x88);
+    r[j + 8] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0xdd);
+  }
+}
+#endif
+
+// dst (cols x rows, ld ldd) = alpha * src (rows x cols, ld lds)^T, in 16 x 16 blocks (in registers with
+// AVX-512 for fp32: the plain loop took a sixth of the kernel's time at 16,384 tokens)
+template <typename T>
+void transpose(const T* src, int64_t lds, int64_t rows, int64_t cols, float alpha, T* dst, int64_t ldd) {
+  constexpr int64_t kB = 16;
+  for (int64_t a = 0; a < rows; a += kB) {
+    for (int64_t e0 = 0; e0 < cols; e0 += kB) {
+      const int64_t nr = std::min(kB, rows - a), ne = std::min(kB, cols - e0);
+      const T* sp = src + a * lds + e0;
+      T* dp = dst + e0 * ldd + a;
+#if defined(__AVX512F__)
+      if constexpr (std::is_same_v<T, float>) {
+        if (nr == kB && ne == kB) {
+          __m512 r[16];
+          const __m512 va = _mm512_set1_ps(alpha);
+          for (int i = 0; i < 16; ++i) r[i] = _mm512_mul_ps(_mm512_loadu_ps(sp + i * lds), va);
+          transpose16(r);
+          for (int i = 0; i < 16; ++i) _mm512_storeu_ps(dp + i * ldd, r[i]);
+          continue;
+        }
+      }
+#endif
+      for (int64_t e = 0; e < ne; ++e) {
+        for (int64_t r = 0; r < nr; ++r) dp[e * ldd + r] = static_cast<T>(alpha * static_cast<float>(sp[r * lds + e]));
+      }
+    }
+  }
+}
+
+// rows of a partial last chunk copied into a zero-padded c x d buffer (ld d)
+template <typename T>
+const T* padded(const T* src, int64_t lds, int64_t nr, int64_t c, int64_t d, T* buf) {
+  for (int64_t r = 0; r < c; ++r) {
+    for (int64_t e = 0; e < d; ++e) buf[r * d + e] = r < nr ? src[r * lds + e] : static_cast<T>(0.f);
+  }
+  return buf;
+}
+
+// scores of chunk i: S (c x L) = scale Q_i [K_band | K_g]^T over the tile's band columns [ts.lo, ts.hi)
+// (key row r0 = g.band_row(i, ts) onwards) and the global ones, then masked row by row
+template <typename T>
+void scores(const Geo& g, float* S, const T* Qi, int64_t ldq, const Head<T>& hd, int64_t b, int64_t h, int64_t i,
+            Lap& lap) {
   const int c = g.c, d = g.d, L = g.L;
   const TileSpan ts = g.tile_of(b, i);
   const int64_t r0 = g.band_row(i, ts);
-  if (ts.hi > ts.lo) nn(g.brgemm, c, ts.hi - ts.lo, d, Qi, d, hd.KT + r0, g.nkeys, S + ts.lo, L, false);
-  if (g.G) nn(g.brgemm, c, g.G, d, Qi, d, hd.KgT, g.G, S + g.span, L, false);
+  if (ts.hi > ts.lo) nn(g.brgemm, c, ts.hi - ts.lo, d, Qi, ldq, hd.kt(r0), hd.ldt, S + ts.lo, L, false);
+  if (g.G) nn(g.brgemm, c, g.G, d, Qi, ldq, hd.KgT, g.G, S + g.span, L, false);
   lap(kQK);
   const RowSpan* rows = g.rows_of(b, i);
   for (int64_t r = 0; r < c; ++r) g.mask_row(S + r * L, b, h, i, r, rows[r]);
@@ -381,92 +467,97 @@ inline void softmax_rows(const Geo& g, float* S, const RowSpan* rows, TileSpan t
 }
 
 template <typename T>
-struct Buffers {  // one thread's tile buffers, reused across its tiles
-  std::vector<float> S, dP, O, row, dKT, dVT, dKgT, dVgT;  // backward: one head's dK^T, dV^T (d x nkeys)
-  std::vector<T> P, dS, QT, dOT;                          // Q_i^T, dO_i^T (d x c)
-  Buffers(const Geo& g, bool backward)
-      : S(g.c * g.L), dP(backward ? g.c * g.L : 0), O(g.c * g.d), row(g.c), dKT(backward ? g.d * g.nkeys : 0),
-        dVT(dKT.size()), dKgT(backward ? g.d * g.G : 0), dVgT(dKgT.size()),
-        P(std::is_same_v<T, float> ? 0 : g.c * g.L), dS(std::is_same_v<T, float> || !backward ? 0 : g.c * g.L),
-        QT(backward ? g.d * g.c : 0), dOT(QT.size()) {}
+void grow(std::vector<T>& v, int64_t n) {
+  if (static_cast<int64_t>(v.size()) < n) v.resize(n);
+}
+
+// One thread's buffers, kept across tiles and calls (grown, never shrunk, so that a training step does
+// not fault fresh pages in for them): the tile's scores and products, the head's transposed keys and
+// values, and in backward its dK^T, dV^T accumulators (d x nkeys).
+template <typename T>
+struct Buffers {
+  std::vector<float> S, dP, O, row, dKT, dVT, dKgT, dVgT, dQ;
+  std::vector<T> P, dS, QT, dOT, KT, VT, KgT, VgT, Qp, Op, dOp;
+  void fit(const Geo& g, bool backward, int64_t keys) {
+    const int64_t cL = g.c * g.L, cd = g.c * g.d, dG = g.d * g.G;
+    grow(S, cL), grow(O, cd), grow(row, g.c), grow(KT, g.d * keys), grow(KgT, dG), grow(Qp, cd);
+    if (!std::is_same_v<T, float>) grow(P, cL);
+    if (!backward) return;
+    grow(dP, cL), grow(dKT, g.d * keys), grow(dVT, g.d * keys), grow(dKgT, dG), grow(dVgT, dG), grow(dQ, cd);
+    grow(VT, g.d * keys), grow(VgT, dG), grow(QT, cd), grow(dOT, cd), grow(Op, cd), grow(dOp, cd);
+    if (!std::is_same_v<T, float>) grow(dS, cL);
+  }
 };
 
-// one (head bh, chunk i) tile of the forward: out rows (c x d) and their log-sum-exp
 template <typename T>
-void forward_tile(const Geo& g, Buffers<T>& buf, int64_t bh, int64_t i, const T* Qi, const Head<T>& hd, T* Oi,
-                  float* lse) {
+Buffers<T>& buffers(const Geo& g, bool backward, int64_t keys) {
+  static thread_local Buffers<T> buf;
+  buf.fit(g, backward, keys);
+  return buf;
+}
+
+// one (head bh, chunk i) tile of the forward: out rows (nr of c, ld ldo) and their log-sum-exp
+template <typename T>
+void forward_tile(const Geo& g, Buffers<T>& buf, int64_t bh, int64_t i, const T* Qi, int64_t ldq,
+                  const Head<T>& hd, T* Oi, int64_t ldo, int64_t nr, float* lse) {
   Lap lap;
   const int64_t b = bh / g.H, h = bh % g.H, c = g.c, d = g.d, L = g.L;
   const TileSpan ts = g.tile_of(b, i);
-  scores<T>(g, buf.S.data(), Qi, hd, b, h, i, lap);
+  scores<T>(g, buf.S.data(), Qi, ldq, hd, b, h, i, lap);
   softmax_rows(g, buf.S.data(), g.rows_of(b, i), ts, lse, buf.row.data());
   lap(kSoftmax);
   const T* P = operand<T>(g, buf.S.data(), buf.P.data(), ts);
   float* O = buf.O.data();
   if (ts.hi > ts.lo) {
-    nn(g.brgemm, c, d, ts.hi - ts.lo, P + ts.lo, L, hd.V + g.band_row(i, ts) * d, d, O, d, false);
+    const int64_t r0 = g.band_row(i, ts);
+    nn(g.brgemm, c, d, ts.hi - ts.lo, P + ts.lo, L, hd.V + r0 * hd.lv, hd.lv, O, d, false);
   } else {
     std::fill(O, O + c * d, 0.f);
   }
   if (g.G) nn(g.brgemm, c, d, g.G, P + g.span, L, hd.Vg, d, O, d, true);
   lap(kPV);
-  for (int64_t r = 0; r < c; ++r) {
+  for (int64_t r = 0; r < nr; ++r) {
     const float inv = buf.row[r];
-    for (int64_t e = 0; e < d; ++e) Oi[r * d + e] = static_cast<T>(O[r * d + e] * inv);
+    for (int64_t e = 0; e < d; ++e) Oi[r * ldo + e] = static_cast<T>(O[r * d + e] * inv);
   }
   lap(kCopy);
 }
 
-// (..., rows, cols) -> (BH, cols, rows), a copy (global keys come as (B, H, G, d)); in 16 x 16 blocks, in
-// parallel over heads (ATen's strided copy took 5% of the kernel's time)
-template <typename T>
-at::Tensor transposed(const at::Tensor& x) {
-  if (!x.numel()) return x;
-  const int64_t rows = x.size(-2), cols = x.size(-1), BH = x.numel() / (rows * cols);
-  auto out = at::empty({BH, cols, rows}, x.options());
-  const T* src = x.data_ptr<T>();
-  T* dst = out.data_ptr<T>();
-  constexpr int64_t kB = 16;
-  at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t h = begin; h < end; ++h) {
-      for (int64_t r0 = 0; r0 < rows; r0 += kB) {
-        for (int64_t c0 = 0; c0 < cols; c0 += kB) {
-          const int64_t nr = std::min(kB, rows - r0), ncol = std::min(kB, cols - c0);
-          const T* sp = src + (h * rows + r0) * cols + c0;
-          T* dp = dst + (h * cols + c0) * rows + r0;
-          for (int64_t e = 0; e < ncol; ++e) {
-            for (int64_t r = 0; r < nr; ++r) dp[e * rows + r] = sp[r * cols + e];
-          }
-        }
-      }
-    }
-  });
-  return out;
-}
-
-template <typename T>
-Head<T> head(const at::Tensor* t, int64_t bh, const Geo& g) {  // t: k, v, kt, vt, kg, vg, kgt, vgt
-  auto at = [&](int j, int64_t size) { return t[j].defined() && t[j].numel() ? t[j].data_ptr<T>() + bh * size : nullptr; };
-  const int64_t nd = g.nkeys * g.d, gd = g.G * g.d;
-  return {at(0, nd), at(1, nd), at(2, nd), at(3, nd), at(4, gd), at(5, gd), at(6, gd), at(7, gd)};
-}
-
+// The forward runs in tasks of consecutive chunks of one head: enough tasks for every thread (about four
+// each), and each transposes only the key rows its chunks reach, in its own buffer.
 template <typename T>
 std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                      const at::Tensor& kg, const at::Tensor& vg, const Geo& g) {
-  const int64_t BH = q.size(0), nq = q.size(1);
-  auto out = at::empty({BH, nq, g.d}, q.options());
-  auto lse = at::empty({BH, nq}, q.options().dtype(at::kFloat));
-  const at::Tensor ops[8] = {k, v, transposed<T>(k), at::Tensor(), kg, vg, transposed<T>(kg), at::Tensor()};
-  const T* qd = q.data_ptr<T>();
-  T* od = out.data_ptr<T>();
+  const int64_t B = q.size(0), H = q.size(1), BH = B * H, c = g.c, d = g.d, nc = g.nc;
+  auto out = at::empty({B, g.nq, H, d}, q.options()).permute({0, 2, 1, 3});
+  auto lse = at::empty({BH, nc * c}, q.options().dtype(at::kFloat));
+  const Seq<T> Q(q, H), K(k, H), V(v, H), O(out, H);
+  const T *kgd = g.G ? kg.data_ptr<T>() : nullptr, *vgd = g.G ? vg.data_ptr<T>() : nullptr;
   float* ld = lse.data_ptr<float>();
-  const int64_t c = g.c, d = g.d;
-  at::parallel_for(0, BH * g.nc, 1, [&](int64_t begin, int64_t end) {
-    Buffers<T> buf(g, false);
+  const int64_t threads = at::get_num_threads();
+  const int64_t seg = std::min<int64_t>(nc, std::max<int64_t>(1, (4 * threads + BH - 1) / BH));
+  const int64_t per = (nc + seg - 1) / seg;
+  at::parallel_for(0, BH * seg, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t bh = t / g.nc, i = t % g.nc, row0 = bh * nq + i * c;
-      forward_tile<T>(g, buf, bh, i, qd + row0 * d, head<T>(ops, bh, g), od + row0 * d, ld + row0);
+      const int64_t bh = t / seg, i0 = (t % seg) * per, i1 = std::min(nc, i0 + per);
+      if (i0 >= i1) continue;
+      const int64_t k0 = std::clamp<int64_t>(i0 * c - g.left, 0, g.nkeys);
+      const int64_t k1 = std::clamp<int64_t>((i1 - 1) * c - g.left + g.span, k0, g.nkeys);
+      Buffers<T>& buf = buffers<T>(g, false, k1 - k0);
+      Lap lap;
+      transpose(K.head(bh) + k0 * K.ld, K.ld, k1 - k0, d, g.scale, buf.KT.data(), k1 - k0);
+      const T* Kg = g.G ? kgd + bh * g.G * d : nullptr;
+      if (g.G) transpose(Kg, d, g.G, d, g.scale, buf.KgT.data(), g.G);
+      lap(kCopy);
+      const Head<T> hd{K.head(bh), V.head(bh), K.ld, V.ld, buf.KT.data(), nullptr, k0, k1 - k0,
+                       Kg, g.G ? vgd + bh * g.G * d : nullptr, buf.KgT.data(), nullptr};
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t nr = std::min(c, g.nq - i * c);
+        const T* Qi = Q.head(bh) + i * c * Q.ld;
+        int64_t ldq = Q.ld;
+        if (nr < c) Qi = padded(Qi, Q.ld, nr, c, d, buf.Qp.data()), ldq = d;
+        forward_tile<T>(g, buf, bh, i, Qi, ldq, hd, O.head(bh) + i * c * O.ld, O.ld, nr, ld + bh * nc * c + i * c);
+      }
     }
   });
   return {out, lse};
@@ -476,12 +567,13 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, c
 // dP -> dS = P (dP - D) with D_r = rowsum(dP * P) = dO_r . O_r; zero outside each row's allowed keys.
 template <typename T>
 void ds_rows(const Geo& g, float* S, float* dP, float* D, const RowSpan* rows, TileSpan ts, const T* dOi,
-             const T* Oi, const float* lse) {
+             int64_t lddo, const T* Oi, int64_t ldo, const float* lse) {
   const int64_t span = g.span, L = g.L, d = g.d;
   for (int64_t r = 0; r < g.c; ++r) {
     float acc = 0.f;
+    const T *dor = dOi + r * lddo, *orow = Oi + r * ldo;
 #pragma omp simd reduction(+ : acc)
-    for (int64_t e = 0; e < d; ++e) acc += static_cast<float>(dOi[r * d + e]) * static_cast<float>(Oi[r * d + e]);
+    for (int64_t e = 0; e < d; ++e) acc += static_cast<float>(dor[e]) * static_cast<float>(orow[e]);
     D[r] = acc;
   }
   for (int64_t r = 0; r < g.c; ++r) {
@@ -515,11 +607,12 @@ inline double slope_grad(const Geo& g, const float* dS, const RowSpan* rows, int
   return dslope;
 }
 
-// one (head bh, chunk i) tile of the backward: dQ_i (c x d) written, dK^T, dV^T of the band and of the
-// global keys accumulated in buf
+// one (head bh, chunk i) tile of the backward: dQ_i (c x d, ld lddq) written, dK^T, dV^T of the band and
+// of the global keys accumulated in buf
 template <typename T>
-double backward_tile(const Geo& g, Buffers<T>& buf, int64_t bh, int64_t i, const T* Qi, const Head<T>& hd,
-                     const T* Oi, const T* dOi, const float* lse, float* dQi) {
+double backward_tile(const Geo& g, Buffers<T>& buf, int64_t bh, int64_t i, const T* Qi, int64_t ldq,
+                     const Head<T>& hd, const T* Oi, int64_t ldo, const T* dOi, int64_t lddo, const float* lse,
+                     float* dQi, int64_t lddq) {
   Lap lap;
   const int64_t b = bh / g.H, h = bh % g.H, c = g.c, d = g.d, L = g.L, span = g.span, G = g.G;
   const TileSpan ts = g.tile_of(b, i);
@@ -527,21 +620,21 @@ double backward_tile(const Geo& g, Buffers<T>& buf, int64_t bh, int64_t i, const
   const int64_t r0 = g.band_row(i, ts);
   const bool brg = g.brgemm;
   float *S = buf.S.data(), *dP = buf.dP.data();
-  scores<T>(g, S, Qi, hd, b, h, i, lap);
+  scores<T>(g, S, Qi, ldq, hd, b, h, i, lap);
   // dP (c x L) = dO_i [V_band | V_g]^T
-  if (nb) nn(brg, c, nb, d, dOi, d, hd.VT + r0, g.nkeys, dP + ts.lo, L, false);
-  if (G) nn(brg, c, G, d, dOi, d, hd.VgT, G, dP + span, L, false);
+  if (nb) nn(brg, c, nb, d, dOi, lddo, hd.vt(r0), hd.ldt, dP + ts.lo, L, false);
+  if (G) nn(brg, c, G, d, dOi, lddo, hd.VgT, G, dP + span, L, false);
   lap(kDP);
   const RowSpan* rows = g.rows_of(b, i);
-  ds_rows<T>(g, S, dP, buf.row.data(), rows, ts, dOi, Oi, lse);
+  ds_rows<T>(g, S, dP, buf.row.data(), rows, ts, dOi, lddo, Oi, ldo, lse);
   const double dslope = g.slopes ? slope_grad(g, dP, rows, b, i) : 0.0;
   lap(kDS);
   const T* P = operand<T>(g, S, buf.P.data(), ts);
   const T* dS = operand<T>(g, dP, buf.dS.data(), ts);
   T *QT = buf.QT.data(), *dOT = buf.dOT.data();
-  transpose(Qi, c, d, d, QT, c), transpose(dOi, c, d, d, dOT, c);
+  transpose(Qi, ldq, c, d, g.scale, QT, c), transpose(dOi, lddo, c, d, 1.f, dOT, c);
   lap(kCopy);
-  // dV^T_band += dO_i^T P, dK^T_band += Q_i^T dS (the band's keys are contiguous columns of dK^T)
+  // dV^T_band += dO_i^T P, dK^T_band += scale Q_i^T dS (the band's keys are contiguous columns of dK^T)
   if (nb) {
     nn(brg, d, nb, c, dOT, c, P + ts.lo, L, buf.dVT.data() + r0, g.nkeys, true);
     nn(brg, d, nb, c, QT, c, dS + ts.lo, L, buf.dKT.data() + r0, g.nkeys, true);
@@ -551,55 +644,87 @@ double backward_tile(const Geo& g, Buffers<T>& buf, int64_t bh, int64_t i, const
     nn(brg, d, G, c, QT, c, dS + span, L, buf.dKgT.data(), G, true);
   }
   lap(kDVDK);
-  // dQ_i = dS [K_band | K_g]
+  // dQ_i = scale dS [K_band | K_g]
   if (nb) {
-    nn(brg, c, d, nb, dS + ts.lo, L, hd.K + r0 * d, d, dQi, d, false);
+    nn(brg, c, d, nb, dS + ts.lo, L, hd.K + r0 * hd.lk, hd.lk, dQi, lddq, false);
   } else {
-    std::fill(dQi, dQi + c * d, 0.f);
+    for (int64_t r = 0; r < c; ++r) std::fill(dQi + r * lddq, dQi + r * lddq + d, 0.f);
   }
-  if (G) nn(brg, c, d, G, dS + span, L, hd.Kg, d, dQi, d, true);
+  if (G) nn(brg, c, d, G, dS + span, L, hd.Kg, d, dQi, lddq, true);
+  for (int64_t r = 0; r < c; ++r) {
+    float* dq = dQi + r * lddq;
+#pragma omp simd
+    for (int64_t e = 0; e < d; ++e) dq[e] *= g.scale;
+  }
   lap(kDQ);
   return dslope;
 }
 
-// out (rows x cols) = the accumulated transpose acc (cols x rows), which is zeroed for the next head
-inline void untranspose(std::vector<float>& acc, int64_t cols, int64_t rows, float* out) {
-  transpose(acc.data(), cols, rows, rows, out, cols);
-  std::fill(acc.begin(), acc.end(), 0.f);
+// out (rows x cols, ld ldo) = the accumulated transpose acc (cols x rows), which is zeroed for the next head
+inline void untranspose(float* acc, int64_t cols, int64_t rows, float* out, int64_t ldo) {
+  transpose(acc, rows, cols, rows, 1.f, out, ldo);
+  std::fill(acc, acc + cols * rows, 0.f);
 }
 
 template <typename T>
 std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                       const at::Tensor& kg, const at::Tensor& vg, const at::Tensor& out,
                                       const at::Tensor& dout, const at::Tensor& lse, const Geo& g) {
-  const int64_t BH = q.size(0), nq = q.size(1), nkeys = g.nkeys;
-  const int64_t c = g.c, d = g.d, G = g.G;
+  const int64_t B = q.size(0), H = q.size(1), BH = B * H, nkeys = g.nkeys, nq = g.nq;
+  const int64_t c = g.c, d = g.d, G = g.G, nc = g.nc;
   auto f32 = q.options().dtype(at::kFloat);
-  auto dq = at::empty({BH, nq, d}, f32), dk = at::empty({BH, nkeys, d}, f32), dv = at::empty({BH, nkeys, d}, f32);
+  auto dq = at::empty({B, nq, H, d}, f32).permute({0, 2, 1, 3});
+  auto dk = at::empty({B, nkeys, H, d}, f32).permute({0, 2, 1, 3});
+  auto dv = at::empty({B, nkeys, H, d}, f32).permute({0, 2, 1, 3});
   auto dkg = at::empty({BH, G, d}, f32), dvg = at::empty({BH, G, d}, f32);
   auto dslopes = at::zeros({BH}, q.options().dtype(at::kDouble));
-  const at::Tensor ops[8] = {k, v, transposed<T>(k), transposed<T>(v), kg, vg, transposed<T>(kg), transposed<T>(vg)};
-  const T *qd = q.data_ptr<T>(), *od = out.data_ptr<T>(), *dod = dout.data_ptr<T>();
+  const Seq<T> Q(q, H), K(k, H), V(v, H), O(out, H), dO(dout, H);
+  const Seq<float> dQ(dq, H), dK(dk, H), dV(dv, H);
+  const T *kgd = G ? kg.data_ptr<T>() : nullptr, *vgd = G ? vg.data_ptr<T>() : nullptr;
   const float* ld = lse.data_ptr<float>();
-  float *dqd = dq.data_ptr<float>(), *dkd = dk.data_ptr<float>(), *dvd = dv.data_ptr<float>();
   float *dkgd = dkg.data_ptr<float>(), *dvgd = dvg.data_ptr<float>();
   double* dsd = dslopes.data_ptr<double>();
   // one head per task: the bands of neighbouring chunks overlap, so dK and dV of a head are accumulated
   // by one thread, in chunk order (deterministic), in its own transposed buffers
   at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end) {
-    Buffers<T> buf(g, true);
+    Buffers<T>& buf = buffers<T>(g, true, nkeys);
+    std::fill(buf.dKT.begin(), buf.dKT.begin() + d * nkeys, 0.f);
+    std::fill(buf.dVT.begin(), buf.dVT.begin() + d * nkeys, 0.f);
+    std::fill(buf.dKgT.begin(), buf.dKgT.begin() + d * G, 0.f);
+    std::fill(buf.dVgT.begin(), buf.dVgT.begin() + d * G, 0.f);
     for (int64_t bh = begin; bh < end; ++bh) {
-      const Head<T> hd = head<T>(ops, bh, g);
-      double dslope = 0.0;
-      for (int64_t i = 0; i < g.nc; ++i) {
-        const int64_t row0 = bh * nq + i * c;
-        dslope += backward_tile<T>(g, buf, bh, i, qd + row0 * d, hd, od + row0 * d, dod + row0 * d, ld + row0,
-                                   dqd + row0 * d);
-      }
       Lap lap;
-      untranspose(buf.dKT, d, nkeys, dkd + bh * nkeys * d), untranspose(buf.dVT, d, nkeys, dvd + bh * nkeys * d);
-      untranspose(buf.dKgT, d, G, dkgd + bh * G * d), untranspose(buf.dVgT, d, G, dvgd + bh * G * d);
+      const T *Kh = K.head(bh), *Vh = V.head(bh);
+      transpose(Kh, K.ld, nkeys, d, g.scale, buf.KT.data(), nkeys);
+      transpose(Vh, V.ld, nkeys, d, 1.f, buf.VT.data(), nkeys);
+      const T *Kg = G ? kgd + bh * G * d : nullptr, *Vg = G ? vgd + bh * G * d : nullptr;
+      if (G) transpose(Kg, d, G, d, g.scale, buf.KgT.data(), G), transpose(Vg, d, G, d, 1.f, buf.VgT.data(), G);
       lap(kCopy);
+      const Head<T> hd{Kh, Vh, K.ld, V.ld, buf.KT.data(), buf.VT.data(), 0, nkeys, Kg, Vg, buf.KgT.data(),
+                       buf.VgT.data()};
+      double dslope = 0.0;
+      for (int64_t i = 0; i < nc; ++i) {
+        const int64_t nr = std::min(c, nq - i * c), row = i * c;
+        const T *Qi = Q.head(bh) + row * Q.ld, *Oi = O.head(bh) + row * O.ld, *dOi = dO.head(bh) + row * dO.ld;
+        int64_t ldq = Q.ld, ldo = O.ld, lddo = dO.ld;
+        float* dQi = dQ.head(bh) + row * dQ.ld;
+        int64_t lddq = dQ.ld;
+        if (nr < c) {
+          Qi = padded(Qi, ldq, nr, c, d, buf.Qp.data()), Oi = padded(Oi, ldo, nr, c, d, buf.Op.data());
+          dOi = padded(dOi, lddo, nr, c, d, buf.dOp.data());
+          ldq = ldo = lddo = d;
+          dQi = buf.dQ.data(), lddq = d;
+        }
+        dslope += backward_tile<T>(g, buf, bh, i, Qi, ldq, hd, Oi, ldo, dOi, lddo, ld + bh * nc * c + row, dQi, lddq);
+        if (nr < c) {
+          float* dst = dQ.head(bh) + row * dQ.ld;
+          for (int64_t r = 0; r < nr; ++r) std::copy(dQi + r * d, dQi + (r + 1) * d, dst + r * dQ.ld);
+        }
+      }
+      Lap lap2;
+      untranspose(buf.dKT.data(), d, nkeys, dK.head(bh), dK.ld), untranspose(buf.dVT.data(), d, nkeys, dV.head(bh), dV.ld);
+      untranspose(buf.dKgT.data(), d, G, dkgd + bh * G * d, d), untranspose(buf.dVgT.data(), d, G, dvgd + bh * G * d, d);
+      lap2(kCopy);
       dsd[bh] = dslope;
     }
   });
@@ -619,20 +744,26 @@ at::Tensor band_profile(bool reset) {
 Geo make_geo(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& kg, const at::Tensor& local,
              const at::Tensor& kvalid, const at::Tensor& q_pos, const at::Tensor& k_pos,
              const at::Tensor& g_pos, const at::Tensor& g_valid, const at::Tensor& slopes, int64_t B,
-             int64_t H, bool causal, int64_t left) {
-  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous() && local.is_contiguous() && kvalid.is_contiguous(),
-              "longctx fused attention: inputs must be contiguous");
+             int64_t H, bool causal, int64_t left, double scale) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && q.size(0) == B && q.size(1) == H,
+              "longctx fused attention: q, k, v must be (B, H, n, d)");
+  for (const at::Tensor* t : {&q, &k, &v}) {
+    TORCH_CHECK(t->stride(3) == 1 && t->stride(2) >= t->size(3), "longctx fused attention: rows of q, k, v must be dense");
+  }
+  TORCH_CHECK(local.is_contiguous() && kvalid.is_contiguous() && (!kg.numel() || kg.is_contiguous()),
+              "longctx fused attention: masks and global keys must be contiguous");
   TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16,
               "longctx fused attention runs float32 and bfloat16");
-  TORCH_CHECK(k.size(1) + left <= kvalid.size(1) && left >= 0, "longctx fused attention: bad key padding");
-  return Geo(q, k, kg, local, kvalid, q_pos, k_pos, g_pos, g_valid, slopes, B, H, causal, left);
+  TORCH_CHECK(q_pos.size(0) % local.size(1) == 0 && q_pos.size(0) >= q.size(2), "longctx fused attention: bad query chunks");
+  TORCH_CHECK(k.size(2) + left <= kvalid.size(1) && left >= 0, "longctx fused attention: bad key padding");
+  return Geo(q, k, kg, local, kvalid, q_pos, k_pos, g_pos, g_valid, slopes, B, H, causal, left, scale);
 }
 
 std::vector<at::Tensor> band_forward(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor kg, at::Tensor vg,
                                      at::Tensor local, at::Tensor kvalid, at::Tensor q_pos, at::Tensor k_pos,
                                      at::Tensor g_pos, at::Tensor g_valid, at::Tensor slopes, int64_t B,
-                                     int64_t H, bool causal, int64_t left) {
-  const Geo g = make_geo(q, k, v, kg, local, kvalid, q_pos, k_pos, g_pos, g_valid, slopes, B, H, causal, left);
+                                     int64_t H, bool causal, int64_t left, double scale) {
+  const Geo g = make_geo(q, k, v, kg, local, kvalid, q_pos, k_pos, g_pos, g_valid, slopes, B, H, causal, left, scale);
   if (q.scalar_type() == at::kFloat) return forward_impl<float>(q, k, v, kg, vg, g);
   return forward_impl<bf16>(q, k, v, kg, vg, g);
 }
@@ -641,8 +772,10 @@ std::vector<at::Tensor> band_backward(at::Tensor q, at::Tensor k, at::Tensor v, 
                                       at::Tensor out, at::Tensor dout, at::Tensor lse, at::Tensor local,
                                       at::Tensor kvalid, at::Tensor q_pos, at::Tensor k_pos, at::Tensor g_pos,
                                       at::Tensor g_valid, at::Tensor slopes, int64_t B, int64_t H, bool causal,
-                                      int64_t left) {
-  const Geo g = make_geo(q, k, v, kg, local, kvalid, q_pos, k_pos, g_pos, g_valid, slopes, B, H, causal, left);
+                                      int64_t left, double scale) {
+  const Geo g = make_geo(q, k, v, kg, local, kvalid, q_pos, k_pos, g_pos, g_valid, slopes, B, H, causal, left, scale);
+  TORCH_CHECK(out.stride(3) == 1 && dout.stride(3) == 1 && dout.stride(2) >= g.d && out.sizes() == q.sizes() &&
+              dout.sizes() == q.sizes(), "longctx fused attention: bad output or gradient layout");
   if (q.scalar_type() == at::kFloat) return backward_impl<float>(q, k, v, kg, vg, out, dout, lse, g);
   return backward_impl<bf16>(q, k, v, kg, vg, out, dout, lse, g);
 }
@@ -652,10 +785,10 @@ std::vector<at::Tensor> band_backward(at::Tensor q, at::Tensor k, at::Tensor v, 
 TORCH_LIBRARY(longctx_fused, m) {
   m.def("band_forward(Tensor q, Tensor k, Tensor v, Tensor kg, Tensor vg, Tensor local, Tensor kvalid, "
         "Tensor q_pos, Tensor k_pos, Tensor g_pos, Tensor g_valid, Tensor slopes, int B, int H, bool causal, "
-        "int left) -> Tensor[]");
+        "int left, float scale) -> Tensor[]");
   m.def("band_backward(Tensor q, Tensor k, Tensor v, Tensor kg, Tensor vg, Tensor out, Tensor dout, "
         "Tensor lse, Tensor local, Tensor kvalid, Tensor q_pos, Tensor k_pos, Tensor g_pos, Tensor g_valid, "
-        "Tensor slopes, int B, int H, bool causal, int left) -> Tensor[]");
+        "Tensor slopes, int B, int H, bool causal, int left, float scale) -> Tensor[]");
   m.def("band_profile(bool reset) -> Tensor", band_profile);
 }
 
