@@ -39,7 +39,9 @@ from longctx.paths import cache_root
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "band_attention.cpp"
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+# one library: the band kernel and the caching CPU allocator (``longctx.cpu_cache``)
+SOURCES = (CSRC / "band_attention.cpp", CSRC / "cpu_cache.cpp")
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17"]
 # dtypes the kernel takes; others (fp16, fp64) run the pure-PyTorch kernel
 DTYPES = (torch.float32, torch.bfloat16)
@@ -60,8 +62,8 @@ def _cpu_flags() -> str:
 
 def build_dir() -> Path:
     """Cache folder of the build: a new key for a new source, PyTorch or CPU (``-march=native``)."""
-    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + _cpu_flags().encode()
-                         + " ".join(CFLAGS).encode()).hexdigest()[:16]
+    key = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + torch.__version__.encode()
+                         + _cpu_flags().encode() + " ".join(CFLAGS).encode()).hexdigest()[:16]
     return cache_root() / "ext" / f"band_attention-{key}"
 
 
@@ -111,7 +113,7 @@ def _compile() -> None:
         os.environ["PATH"] = os.environ.get("PATH", "") + os.pathsep + venv_bin
     if not is_built():
         log.warning("compiling the fused CPU attention kernel (once, about a minute; cached in %s)", out)
-    load_extension(name="longctx_band_attention", sources=[str(SOURCE)], extra_cflags=CFLAGS,
+    load_extension(name="longctx_band_attention", sources=[str(p) for p in SOURCES], extra_cflags=CFLAGS,
                    extra_ldflags=["-fopenmp"], build_directory=str(out), is_python_module=False,
                    verbose=False)
 

@@ -82,15 +82,20 @@ def matmul_gflops(dtype: torch.dtype = torch.float32, size: int = 2048, repeats:
 
 def child_main(run_case) -> None:
     """A child's entry point (``python -m module --child SPEC``): the matrix-product reference or
-    ``run_case(spec)``; prints the JSON. Every case runs under the same allocator settings, glibc's and
-    PyTorch's defaults (a ``THP_MEM_ALLOC_ENABLE`` in the environment is recorded: it moves times by
-    -55% to +40% depending on the case, docs/benchmarks.md)."""
+    ``run_case(spec)``; prints the JSON. Every case, longctx's and the peers' alike, runs under the
+    allocator the main commands use: longctx's caching CPU allocator (``longctx.cpu_cache``; its cap, or
+    "off" with ``LONGCTX_CPU_CACHE_MB=0``, is recorded as ``cpu_cache``) over PyTorch's defaults (a
+    ``THP_MEM_ALLOC_ENABLE`` in the environment is recorded too: it moves times by -55% to +40% depending on
+    the case, docs/benchmarks.md)."""
+    from longctx import cpu_cache
+
     p = argparse.ArgumentParser()
     p.add_argument("--child", required=True)
     spec = json.loads(Path(p.parse_args().child).read_text())
+    cache = cpu_cache.setup()
     out = ({"status": "ok", "gflops": matmul_gflops(getattr(torch, spec["matmul"]))} if "matmul" in spec
            else run_case(spec))
-    print(json.dumps({**out, "thp_mem_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE", "unset")}))
+    print(json.dumps({**out, "thp_mem_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE", "unset"), "cpu_cache": cache}))
 
 
 # -- in the parent ---------------------------------------------------------------------------------------

@@ -359,8 +359,12 @@ class Trainer:
         if self.accelerator.device.type == "cpu":
             # the fused CPU kernel loads (builds, the first time) on first use: here, before the clock, so a
             # variant's tokens/s never includes it (it cost the sliding window half its speed in a comparison)
+            # and the caching allocator goes on, so that steps at long lengths do not fault every large
+            # activation in afresh (longctx.cpu_cache; LONGCTX_CPU_CACHE_MB=0 turns it off)
+            from longctx import cpu_cache
             from longctx.attention import fused
             fused.use_fused(torch.empty(0))
+            cpu_cache.setup()
         self._window_tokens, window_start = 0, time.perf_counter()
         try:
             while self.step_no < self.total_steps:
