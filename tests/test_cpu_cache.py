@@ -1,5 +1,7 @@
 """The caching CPU allocator (longctx.cpu_cache): a freed block of 1 MB or more serves the next request of
-its size class (the same memory, no fresh pages), the bytes held free never exceed the cap, turning it off
+its size class (the same memory, no fresh pages), the bytes held free never exceed the cap, a request that
+misses first gives back free blocks of other classes (so in use + held free stays within the peak use),
+turning it off
 gives the blocks back, and training through it is bit-identical to training without it, on every pass
 (a reused block holds the previous step's data: an operator that read memory it had not written would
 show here). Each check runs in its own process, so this test process keeps PyTorch's allocator."""
@@ -61,6 +63,24 @@ def test_freed_blocks_serve_the_next_request_and_the_cap_holds():
     assert r["s3"]["peak_cached_bytes"] <= 8 << 20
     assert r["s4"]["enabled"] == 0 and r["s4"]["cached_bytes"] == 0
     assert r["s5"]["cached_bytes"] == 0 and r["s5"]["in_use_bytes"] == 0
+
+
+def test_a_miss_gives_back_other_classes_so_the_process_stays_within_its_peak_use():
+    r = _run("""
+        import json, torch
+        from longctx import cpu_cache
+        assert cpu_cache.enable(1 << 30)
+        a = [torch.empty(3 << 20, dtype=torch.uint8) for _ in range(3)]
+        del a  # 9 MB held free in the 3 MB class
+        s0 = cpu_cache.stats()
+        b = torch.empty(5 << 20, dtype=torch.uint8)  # a miss: at least 5 MB of free blocks go back first
+        s1 = cpu_cache.stats()
+        print(json.dumps(dict(s0=s0, s1=s1)))
+    """)
+    s0, s1 = r["s0"], r["s1"]
+    assert s0["cached_bytes"] == 9 << 20
+    assert s1["misses"] == s0["misses"] + 1 and s1["cached_bytes"] == 3 << 20  # the two oldest went back
+    assert s1["cached_bytes"] + s1["in_use_bytes"] <= s1["peak_in_use_bytes"]
 
 
 def test_training_through_the_cache_is_bit_identical():

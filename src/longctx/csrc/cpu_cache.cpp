@@ -5,16 +5,21 @@
 // (n, hidden) activation is 50 MB, and the faults were a fifth of the fused attention core's time. A
 // training step allocates the same sizes step after step, so the cache serves them without a fault.
 //
-// Size classes are the request rounded up to 64 KB (at most 64 KB wasted per block, and a block serves
-// exactly the sizes of its class, so there is no splitting and no fragmentation to grow into). The bytes
-// held free are capped: a freed block that would take the cache over the cap is given back at once.
-// Smaller requests go straight to c10's alloc_cpu / free_cpu, which is what the default allocator does.
+// Size classes are the request rounded up to 64 KB (at most 64 KB wasted per block; a block serves exactly
+// the sizes of its class, so there is no splitting). The cache never makes the process larger than its
+// own peak use: a request that finds no free block of its class first gives back free blocks of other
+// classes, least recently freed first, worth at least its size, so the bytes in use plus the bytes held
+// free never exceed the most ever in use at once (a training step that repeats its sizes misses only in
+// its first step). The bytes held free are also capped. Smaller requests go straight to c10's alloc_cpu /
+// free_cpu, which is what the default allocator does.
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
 #include <c10/core/impl/alloc_cpu.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <list>
 #include <mutex>
 #include <unordered_map>
 #include <vector>
@@ -25,9 +30,11 @@ constexpr size_t kMinBytes = size_t{1} << 20;
 constexpr size_t kClass = size_t{1} << 16;
 
 struct CachingCPUAllocator final : c10::Allocator {
+  using Lru = std::list<std::pair<void*, size_t>>;  // blocks held free, least recently freed first
   std::mutex mutex;
-  std::unordered_map<size_t, std::vector<void*>> free_blocks;  // size class -> blocks held free
-  std::unordered_map<void*, size_t> in_use;                    // block -> its size class
+  Lru lru;
+  std::unordered_map<size_t, std::vector<Lru::iterator>> free_blocks;  // size class -> its free blocks
+  std::unordered_map<void*, size_t> in_use;                           // block -> its size class
   size_t cap = 0, cached = 0, peak_cached = 0, live = 0, peak_live = 0;
   int64_t hits = 0, misses = 0;
 
@@ -36,28 +43,45 @@ struct CachingCPUAllocator final : c10::Allocator {
     return *instance;
   }
 
+  // unlink the free block at it (the caller holds the mutex and frees or reuses the block)
+  void unlink(Lru::iterator it) {
+    auto& v = free_blocks[it->second];
+    v.erase(std::find(v.begin(), v.end(), it));
+    cached -= it->second;
+    lru.erase(it);
+  }
+
   c10::DataPtr allocate(size_t n) override {
+    if (n < kMinBytes) {
+      void* p = c10::alloc_cpu(n);
+      return {p, p, &release, c10::Device(c10::DeviceType::CPU)};
+    }
+    const size_t size = (n + kClass - 1) / kClass * kClass;
     void* p = nullptr;
-    if (n >= kMinBytes) {
-      const size_t size = (n + kClass - 1) / kClass * kClass;
-      {
-        std::lock_guard<std::mutex> lock(mutex);
-        auto it = free_blocks.find(size);
-        if (it != free_blocks.end() && !it->second.empty()) {
-          p = it->second.back();
-          it->second.pop_back();
-          cached -= size, ++hits;
-        } else {
-          ++misses;
+    std::vector<void*> give_back;
+    {
+      std::lock_guard<std::mutex> lock(mutex);
+      auto fb = free_blocks.find(size);
+      if (fb != free_blocks.end() && !fb->second.empty()) {
+        const Lru::iterator it = fb->second.back();
+        p = it->first;
+        unlink(it);
+        ++hits;
+      } else {
+        ++misses;
+        // keep (in use + held free) within the peak use: give back at least `size` of other classes
+        for (size_t freed = 0; freed < size && !lru.empty();) {
+          const Lru::iterator it = lru.begin();
+          give_back.push_back(it->first), freed += it->second;
+          unlink(it);
         }
       }
-      if (!p) p = c10::alloc_cpu(size);
-      std::lock_guard<std::mutex> lock(mutex);
-      in_use.emplace(p, size);
-      live += size, peak_live = std::max(peak_live, live);
-    } else {
-      p = c10::alloc_cpu(n);
     }
+    for (void* q : give_back) c10::free_cpu(q);
+    if (!p) p = c10::alloc_cpu(size);
+    std::lock_guard<std::mutex> lock(mutex);
+    in_use.emplace(p, size);
+    live += size, peak_live = std::max(peak_live, live);
     return {p, p, &release, c10::Device(c10::DeviceType::CPU)};
   }
 
@@ -72,7 +96,7 @@ struct CachingCPUAllocator final : c10::Allocator {
         a.in_use.erase(it);
         a.live -= size;
         if (a.cached + size <= a.cap) {
-          a.free_blocks[size].push_back(p);
+          a.free_blocks[size].push_back(a.lru.insert(a.lru.end(), {p, size}));
           a.cached += size, a.peak_cached = std::max(a.peak_cached, a.cached);
           return;
         }
@@ -91,8 +115,8 @@ struct CachingCPUAllocator final : c10::Allocator {
     std::vector<void*> blocks;
     {
       std::lock_guard<std::mutex> lock(mutex);
-      for (auto& kv : free_blocks) blocks.insert(blocks.end(), kv.second.begin(), kv.second.end());
-      free_blocks.clear();
+      for (auto& kv : lru) blocks.push_back(kv.first);
+      lru.clear(), free_blocks.clear();
       cached = 0;
     }
     for (void* p : blocks) c10::free_cpu(p);
