@@ -13,16 +13,10 @@ import textwrap
 import pytest
 
 from longctx import cpu_cache
-from longctx.attention import fused
 from longctx.errors import LongctxError
 
 
-@pytest.fixture(scope="module", autouse=True)
-def extension():
-    why = fused.compiler_missing()
-    if why is not None:
-        pytest.skip(f"the CPU cache lives in the C++ extension: {why}")
-    assert fused.load(build=True), fused._state["why_not"]
+pytestmark = pytest.mark.usefixtures("cpp_extension")  # built once (tests/conftest.py)
 
 
 def _run(code: str, **env) -> dict:

@@ -16,7 +16,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from longctx.attention import AttentionPattern, attention
-from longctx.attention import fused
 from longctx.attention.functional import resolve_backend
 from longctx.positions import alibi_slopes
 from test_attention_equivalence import _grads, flags, patterns
@@ -32,12 +31,7 @@ BF16_U = 2.0 ** -8
 BF16_REL = 8 * BF16_U
 
 
-@pytest.fixture(scope="module", autouse=True)
-def extension():
-    why = fused.compiler_missing()
-    if why is not None:
-        pytest.skip(f"fused kernel needs a compiler: {why} (the fallback is tested below in a subprocess)")
-    assert fused.load(build=True), fused._state["why_not"]
+pytestmark = pytest.mark.usefixtures("cpp_extension")  # built once (tests/conftest.py)
 
 
 def _case(data, dtype=torch.float32):
