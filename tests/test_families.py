@@ -391,8 +391,9 @@ def test_lsh_forward_equals_reference(data):
 @settings(max_examples=15)
 @given(data=st.data())
 def test_lsh_fast_path_in_groups_of_any_size_equals_reference(data):
-    """The fast path attends GROUP chunks at a time (recomputed in backward): any group size, a last
-    group shorter than the rest included, gives the reference's outputs and gradients."""
+    """The fast path attends STEP / (B H) chunks at a time (recomputed in backward) and takes the heads in
+    blocks of BLOCK_TOKENS rows: any step and block size, a last group shorter than the rest and blocks
+    of one head included, gives the reference's outputs and gradients."""
     from unittest import mock
 
     import longctx.attention.lsh as lsh
@@ -401,7 +402,8 @@ def test_lsh_fast_path_in_groups_of_any_size_equals_reference(data):
     mech = build("lsh", spec, ctx(H, d, 128, causal=data.draw(st.booleans()))).double()
     seed = data.draw(st.integers(0, 2**31))
     q, k, v = _qkv(B, H, n, d, seed)
-    with mock.patch.object(lsh, "GROUP", data.draw(st.integers(1, 5))):
+    block = data.draw(st.sampled_from([1, 10**6]))  # one head per block, or both at once
+    with mock.patch.object(lsh, "STEP", data.draw(st.integers(1, 10))), mock.patch.object(lsh, "BLOCK_TOKENS", block):
         check_against_reference(mech, q, q, v, _padding(B, n, "right", seed), seed, inputs=[q, v], map_too=False)
 
 
