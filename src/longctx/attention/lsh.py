@@ -110,8 +110,13 @@ class LSH(Mechanism):
         buckets = torch.where(top >= -low, top_at, low_at + nb // 2)                         # (B, H, R, n)
         buckets = buckets.masked_fill(~real[:, None, None, :], nb)
         rounds = torch.arange(self.spec.n_hashes, device=q.device)[:, None]
-        key = (rounds * (nb + 1) + buckets) * n + torch.arange(n, device=q.device)          # unique: a stable sort
-        return key.flatten(2).argsort(dim=-1)
+        key = ((rounds * (nb + 1) + buckets) * n + torch.arange(n, device=q.device)).flatten(2)  # unique per head
+        # one sort of a flat tensor, each (batch, head) offset past the one before: ATen sorts 1-D integer
+        # keys by radix, O(n), where a batched argsort compares (O(n log n), 19x the time at 8x the tokens)
+        span = self.spec.n_hashes * (nb + 1) * n
+        offset = torch.arange(B * H, device=q.device).view(B, H, 1) * span
+        order = (key + offset).flatten().sort(stable=True).indices.view(B, H, -1)
+        return order - torch.arange(B * H, device=q.device).view(B, H, 1) * key.shape[-1]
 
     def _scores(self, q, qpos, kpos, kn, real, causal):
         """Scores of queries q at positions qpos on keys kn at kpos, masks applied (Reformer's order),
