@@ -20,10 +20,11 @@ tensors (400 MB each at 32k tokens and 12 heads) are never held, so their passes
 the sorted q, k, v (linear in n) are, and each step's neighbour chunks are gathered by index and their
 gradients added back by index (no halo copies of the sequence). The sort and its undoing are row
 permutations (``_Rows``: whole rows copied by ``index_select``; the backward of each is the other
-permutation, a gather again, where autograd's ``gather`` backward is a scatter-add twice as slow), and the
-heads go through in blocks of at most ``BLOCK_TOKENS`` rows, so that the passes over the (rounds x rows)
-tensors stay cache-sized as n grows: the layer at 32,768 tokens took 4.84 s with elementwise gathers over
-all heads at once, 3.85-4.06 s so (4,096: 0.49 -> 0.47 s).
+permutation, a gather again, where autograd's ``gather`` backward is a scatter-add twice as slow), the
+sort is one radix sort of flat integer keys, and past ``BLOCK_TOKENS`` rows the heads go through one at a
+time, so that the passes over the (rounds x rows) tensors stay near cache size as n grows: the layer at
+32,768 tokens took 4.84 s with elementwise gathers over all heads at once, 3.7-4.0 s so (4,096: 0.49 ->
+0.46-0.47 s).
 
 Any length works: the sequence is padded to a multiple of the chunk with padding tokens, which hash to
 an extra last bucket (so they sort after every real token) and are masked as keys. Rotations are drawn
@@ -42,7 +43,7 @@ from longctx.attention.mechanism import Capabilities, LayerContext, Mechanism, r
 SELF_VALUE = -1e5    # a token's score on itself: below any real score, above every masked key
 MASK_VALUE = -1e9    # padding and future keys
 STEP = 96            # (batch, head, chunk) triples attended at once: (1, 12, 8, 64, 128) scores, cache-sized
-BLOCK_TOKENS = 4096 * 12  # (batch, head, token) rows the fast path hashes, sorts and attends at once
+BLOCK_TOKENS = 4096 * 12  # (batch, head, token) rows up to which the fast path takes every head at once
 
 
 @dataclass(frozen=True)
@@ -134,10 +135,12 @@ class LSH(Mechanism):
         n = q.shape[-2]
         q, v, real = self._pad(q, v, key_padding)
         B, H, n_pad, d = q.shape
-        # heads in blocks of at most BLOCK_TOKENS (head, token) rows: every pass below is over tensors of
-        # R x that many rows, which then stay cache-sized as n grows (all heads at once: 8.2x longer at
-        # 8x the tokens for the layer, the passes 16-19x)
-        hb = max(1, min(H, BLOCK_TOKENS // max(1, B * n_pad)))
+        # all heads at once while they hold at most BLOCK_TOKENS (batch, head, token) rows, else one head at a
+        # time: every pass below is over tensors of R x that many rows, which then stay near cache size as
+        # n grows (layer fwd+bwd, 2 cores: 16,384 tokens 2.02 s with blocks of 3 heads, 1.88 s of one;
+        # 32,768 4.5 s with all 12, 4.4 s with 3, 3.7-3.9 s with one; 4,096: 0.46-0.47 s all at once,
+        # 0.49-0.50 s in blocks of 4)
+        hb = H if B * H * n_pad <= BLOCK_TOKENS else 1
         # split, not slicing: one backward for all blocks (a slice's backward would zero a full-size gradient)
         outs = [self._heads(qh, vh, real, slice(h, h + hb))
                 for h, qh, vh in zip(range(0, H, hb), q.split(hb, dim=1), v.split(hb, dim=1))]
