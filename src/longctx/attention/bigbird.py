@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from longctx.attention import fused
 from longctx.attention.functional import _flex_available, _global_rows, attention, drop_padded, global_index
 from longctx.attention.mechanism import Capabilities, LayerContext, Mechanism, register
 from longctx.attention.patterns import compose, full_mask
@@ -210,10 +211,24 @@ def layout_attention(q, k, v, pattern: BigBirdPattern, *, key_padding_mask=None,
     vg = torch.gather(v, 2, idx[:, None, :, None].expand(B, H, idx.shape[1], d))
     group = GROUP_BLOCKS or max(1, STEP_ELEMENTS // max(1, B * H * (W * b + idx.shape[1]) * d))
     layout = _Layout(cols, col_ok, valid, g_valid, group)
-    out = _LayoutSteps.apply(blocks(q), blocks(k), blocks(v), kg, vg, layout)
-    out = out.reshape(B, H, nb * b, d)[:, :, :n]
+    if _use_fused(q, k, v):
+        def rows(x):  # (B, H, nb b, d), zero-padded; the layer's strided projections go in as they are
+            return x if pad == 0 else F.pad(x, (0, 0, 0, pad))
+        with torch.autocast(q.device.type, enabled=False):
+            out = _FusedLayout.apply(rows(q), rows(k), rows(v), kg, vg, layout)[:, :, :n]
+    else:
+        out = _LayoutSteps.apply(blocks(q), blocks(k), blocks(v), kg, vg, layout)
+        out = out.reshape(B, H, nb * b, d)[:, :, :n]
     # the rows of global queries attend to every real key
     return _global_rows(out, q, k, v, pattern, kpm, gm, None)
+
+
+def _use_fused(q, k, v) -> bool:
+    """The fused C++ layout kernel (band_attention.cpp: layout_forward, layout_backward) for fp32 and bf16
+    CPU tensors when the extension is available, chosen like the band kernel; the PyTorch steps below
+    otherwise (other dtypes, tracing, no compiler)."""
+    return (not torch.compiler.is_compiling() and q.dtype in fused.DTYPES and k.dtype == q.dtype
+            and v.dtype == q.dtype and fused.use_fused(q))
 
 
 class _Layout:
@@ -226,6 +241,11 @@ class _Layout:
         H, nb, W = cols.shape
         self.h_idx = torch.arange(H, device=cols.device).view(H, 1, 1)
         self.flat = (self.h_idx * nb + cols)  # key block (h, j) as row h * nb + j of a (B, H nb, b, d) view
+
+    def kernel_masks(self):
+        """cols, col_ok, valid, g_valid as the C++ kernel reads them (contiguous; int64 and uint8)."""
+        return (self.cols.long().contiguous(), self.col_ok.to(torch.uint8).contiguous(),
+                self.valid.to(torch.uint8).contiguous(), self.g_valid.to(torch.uint8).contiguous())
 
     def steps(self):
         nb = self.cols.shape[1]
@@ -314,3 +334,28 @@ class _LayoutSteps(torch.autograd.Function):
             dvg += torch.einsum("bhgcm,bhgcd->bhmd", p[..., Wb:].to(acc), do_.to(acc))
         dkb, dvb = (x.view(B, H, nb, b, d).to(kb.dtype) for x in (dkb, dvb))
         return dq, dkb, dvb, dkg.to(kg.dtype), dvg.to(vg.dtype), None
+
+
+class _FusedLayout(torch.autograd.Function):
+    """Non-global rows of the layout kernel on the fused C++ tiles: one (head, query block) at a time,
+    its scores against the allowed key blocks and the global keys kept in a thread buffer through mask,
+    softmax and P V; backward one task per (batch, head), recomputing the probabilities from the saved
+    log-sum-exp. q, k, v (B, H, nb b, d), q scaled; returns (B, H, nb b, d)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, kg, vg, layout: _Layout):
+        masks = layout.kernel_masks()
+        q_, k_, v_ = fused._rows(q), fused._rows(k), fused._rows(v)
+        kg_, vg_ = kg.to(q.dtype).contiguous(), vg.to(q.dtype).contiguous()
+        out, lse = torch.ops.longctx_fused.layout_forward(q_, k_, v_, kg_, vg_, *masks)
+        ctx.save_for_backward(q_, k_, v_, kg_, vg_, out, lse)
+        ctx.masks, ctx.dtypes = masks, (q.dtype, kg.dtype, vg.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q_, k_, v_, kg_, vg_, out, lse = ctx.saved_tensors
+        dt, kg_dt, vg_dt = ctx.dtypes
+        dq, dk, dv, dkg, dvg = torch.ops.longctx_fused.layout_backward(
+            q_, k_, v_, kg_, vg_, out, fused._rows(dout.to(dt)), lse, *ctx.masks)
+        return dq.to(dt), dk.to(dt), dv.to(dt), dkg.to(kg_dt), dvg.to(vg_dt), None

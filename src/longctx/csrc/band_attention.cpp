@@ -849,6 +849,380 @@ std::vector<at::Tensor> band_backward(at::Tensor q, at::Tensor k, at::Tensor v, 
   return backward_impl<bf16>(q, k, v, kg, vg, out, dout, lse, g);
 }
 
+
+// ---------------------------------------------------------------------------------------------------
+// BigBird's block-sparse attention (Zaheer et al., 2020; longctx.attention.bigbird, layout_attention):
+// query block i of head h attends the W key blocks cols[h, i, :] where col_ok (its sliding and random
+// blocks: a layout, not a band) and then the G global keys. One tile = (head, query block): c = b query
+// rows (the block size) against the tile's allowed key blocks, each a c x c product of Q_i with the
+// block's columns of the head's K^T (transposed once per task into a thread buffer), written side by side
+// into the score buffer (allowed block a into columns [a c, (a + 1) c), in the order of cols), the global
+// keys right after them, so that each row's keys are one contiguous range [0, na c + G) for the masks,
+// the softmax and the products. Masked blocks (col_ok false) are skipped entirely. q arrives scaled, and
+// q, k, v padded to whole blocks (nb c rows; the padded keys are never valid, the padded rows are dropped
+// by the caller). The rows of global queries are recomputed over every key in Python (_global_rows).
+//   cols (H, nb, W) int64, col_ok (H, nb, W) uint8: the layout;
+//   valid (B, nb, c) uint8: the key is real and not global (a global key comes in once, as a global);
+//   g_valid (B, G) uint8: the global key slot holds a real key.
+struct LayoutGeo {
+  int64_t B, H, nb, c, W, G, d, N, L;
+  bool brgemm;
+  const int64_t* cols;
+  const uint8_t *col_ok, *valid, *g_valid;
+  std::vector<uint8_t> full;  // (B, nb): every key of the block is valid (the tile needs no key mask there)
+  bool g_full = true;         // every global slot holds a real key, in every batch row
+
+  LayoutGeo(const at::Tensor& q, const at::Tensor& kg, const at::Tensor& cols_, const at::Tensor& col_ok_,
+            const at::Tensor& valid_, const at::Tensor& g_valid_) {
+    const char* blas = std::getenv("LONGCTX_FUSED_GEMM");
+    brgemm = !(blas && std::string(blas) == "mkl");
+    B = q.size(0), H = q.size(1), N = q.size(2), d = q.size(3);
+    nb = cols_.size(1), W = cols_.size(2), c = valid_.size(2), G = kg.size(2);
+    L = W * c + G;
+    cols = cols_.data_ptr<int64_t>(), col_ok = col_ok_.data_ptr<uint8_t>(), valid = valid_.data_ptr<uint8_t>();
+    g_valid = G ? g_valid_.data_ptr<uint8_t>() : nullptr;
+    full.resize(B * nb);
+    for (int64_t t = 0; t < B * nb; ++t) {
+      full[t] = std::all_of(valid + t * c, valid + (t + 1) * c, [](uint8_t x) { return x != 0; });
+    }
+    for (int64_t t = 0; t < B * G; ++t) g_full = g_full && g_valid[t];
+    for (int64_t t = 0; t < H * nb * W; ++t) {  // a block index out of range would read past the keys
+      TORCH_CHECK(!col_ok[t] || (cols[t] >= 0 && cols[t] < nb), "longctx fused layout attention: bad key block");
+    }
+  }
+
+  // the allowed key blocks of query block i of head h, in the order of cols, into js; returns their count
+  int64_t blocks(int64_t h, int64_t i, int64_t* js) const {
+    int64_t na = 0;
+    const int64_t *cl = cols + (h * nb + i) * W;
+    const uint8_t* ok = col_ok + (h * nb + i) * W;
+    for (int64_t w = 0; w < W; ++w) {
+      if (ok[w]) js[na++] = cl[w];
+    }
+    return na;
+  }
+};
+
+// One thread's buffers for the layout kernel, kept across calls like the band kernel's (grown, never
+// shrunk): the tile's scores (c x L) and products, the head's K^T, V^T (d x ldt) and in backward their
+// dK^T, dV^T accumulators.
+template <typename T>
+struct LayoutBuffers {
+  std::vector<float> S, dP, O, row, dKT, dVT, dKgT, dVgT;
+  std::vector<T> P, dS, QT, dOT, KT, VT, KgT, VgT;
+  std::vector<int64_t> js;
+  void fit(const LayoutGeo& g, bool backward) {
+    const int64_t cL = g.c * g.L, cd = g.c * g.d, dG = g.d * g.G, dN = g.d * spread_ld(g.N);
+    grow(S, cL), grow(O, cd), grow(row, g.c), grow(KT, dN), grow(KgT, dG), grow(js, g.W);
+    if (!std::is_same_v<T, float>) grow(P, cL);
+    if (!backward) return;
+    grow(dP, cL), grow(dKT, dN), grow(dVT, dN), grow(dKgT, dG), grow(dVgT, dG);
+    grow(VT, dN), grow(VgT, dG), grow(QT, cd), grow(dOT, cd);
+    if (!std::is_same_v<T, float>) grow(dS, cL);
+  }
+};
+
+template <typename T>
+LayoutBuffers<T>& layout_buffers(const LayoutGeo& g, bool backward) {
+  static thread_local LayoutBuffers<T> buf;
+  buf.fit(g, backward);
+  return buf;
+}
+
+// The operands of one head for the layout tiles: its rows (ld lk, lv), K^T and V^T of all N key rows
+// (d x ldt), the global keys (G x d) and their transposes (d x G).
+template <typename T>
+struct LayoutHead {
+  const T *K, *V;
+  int64_t lk, lv;
+  const T *KT, *VT;
+  int64_t ldt;
+  const T *Kg, *Vg, *KgT, *VgT;
+};
+
+// Scores of tile (bh, i): S (c x L) = Q_i [K_j1 | ... | K_jna | K_g]^T over its na allowed key blocks
+// (js) and the globals, invalid keys overwritten with -inf (a NaN in a key no query may attend never
+// reaches a row). Returns na; masked says some key of the tile is invalid (the softmax must test for -inf).
+template <typename T>
+int64_t layout_scores(const LayoutGeo& g, float* S, const T* Qi, int64_t ldq, const LayoutHead<T>& hd,
+                      int64_t b, int64_t h, int64_t i, int64_t* js, bool& masked, Lap& lap) {
+  const int64_t c = g.c, L = g.L, G = g.G;
+  const int64_t na = g.blocks(h, i, js);
+  for (int64_t a = 0; a < na; ++a) nn(g.brgemm, c, c, g.d, Qi, ldq, hd.KT + js[a] * c, hd.ldt, S + a * c, L, false);
+  if (G) nn(g.brgemm, c, G, g.d, Qi, ldq, hd.KgT, G, S + na * c, L, false);
+  lap(kQK);
+  masked = false;
+  for (int64_t a = 0; a < na; ++a) {
+    if (g.full[b * g.nb + js[a]]) continue;
+    masked = true;
+    const uint8_t* kv = g.valid + (b * g.nb + js[a]) * c;
+    for (int64_t r = 0; r < c; ++r) {
+      float* s = S + r * L + a * c;
+#pragma omp simd
+      for (int64_t t = 0; t < c; ++t) s[t] = kv[t] ? s[t] : kNegInf;
+    }
+  }
+  if (G && !g.g_full) {
+    masked = true;
+    const uint8_t* gv = g.g_valid + b * G;
+    for (int64_t r = 0; r < c; ++r) {
+      float* s = S + r * L + na * c;
+      for (int64_t t = 0; t < G; ++t) s[t] = gv[t] ? s[t] : kNegInf;
+    }
+  }
+  lap(kMask);
+  return na;
+}
+
+// the tile's fp32 P or dS over its columns [0, len) as a product operand: as is in fp32, bf16 else
+template <typename T>
+inline const T* layout_operand(const LayoutGeo& g, const float* src, T* buf, int64_t len) {
+  if constexpr (std::is_same_v<T, float>) {
+    return src;
+  } else {
+    for (int64_t r = 0; r < g.c; ++r) to_input(src + r * g.L, buf + r * g.L, len);
+    return buf;
+  }
+}
+
+// one (head bh, query block i) tile of the forward: Oi (c x d, ld ldo) and the rows' log-sum-exp
+template <typename T>
+void layout_forward_tile(const LayoutGeo& g, LayoutBuffers<T>& buf, int64_t bh, int64_t i, const T* Qi,
+                         int64_t ldq, const LayoutHead<T>& hd, T* Oi, int64_t ldo, float* lse) {
+  Lap lap;
+  const int64_t b = bh / g.H, h = bh % g.H, c = g.c, d = g.d, L = g.L, G = g.G;
+  int64_t* js = buf.js.data();
+  bool masked;
+  float* S = buf.S.data();
+  const int64_t na = layout_scores<T>(g, S, Qi, ldq, hd, b, h, i, js, masked, lap);
+  const int64_t len = na * c + G;
+  // softmax unnormalised (S = exp(S - rowmax), row[r] = 1 / sum), the c x d output normalised instead
+  for (int64_t r = 0; r < c; ++r) {
+    float* s = S + r * L;
+    const float m = row_max(s, 0, len, kNegInf);
+    if (m == kNegInf) {  // no allowed key: output 0, log-sum-exp +inf
+      zero_cols(s, 0, len);
+      lse[r] = std::numeric_limits<float>::infinity(), buf.row[r] = 0.f;
+      continue;
+    }
+    const float sum = masked ? row_exp<true>(s, 0, len, m) : row_exp<false>(s, 0, len, m);
+    lse[r] = m + std::log(sum), buf.row[r] = 1.f / sum;
+  }
+  lap(kSoftmax);
+  const T* P = layout_operand<T>(g, S, buf.P.data(), len);
+  float* O = buf.O.data();
+  // O = sum_a P_a V_ja + P_g V_g: W accumulating products, in the order of cols
+  for (int64_t a = 0; a < na; ++a) nn(g.brgemm, c, d, c, P + a * c, L, hd.V + js[a] * c * hd.lv, hd.lv, O, d, a > 0);
+  if (G) nn(g.brgemm, c, d, G, P + na * c, L, hd.Vg, d, O, d, na > 0);
+  if (na == 0 && G == 0) std::fill(O, O + c * d, 0.f);
+  lap(kPV);
+  for (int64_t r = 0; r < c; ++r) {
+    const float inv = buf.row[r];
+    for (int64_t e = 0; e < d; ++e) Oi[r * ldo + e] = static_cast<T>(O[r * d + e] * inv);
+  }
+  lap(kCopy);
+}
+
+// one (head bh, query block i) tile of the backward: dQ_i (c x d, ld lddq) written, dK^T, dV^T of the
+// tile's key blocks and of the global keys accumulated in buf
+template <typename T>
+void layout_backward_tile(const LayoutGeo& g, LayoutBuffers<T>& buf, int64_t bh, int64_t i, const T* Qi,
+                          int64_t ldq, const LayoutHead<T>& hd, const T* Oi, int64_t ldo, const T* dOi,
+                          int64_t lddo, const float* lse, float* dQi, int64_t lddq) {
+  Lap lap;
+  const int64_t b = bh / g.H, h = bh % g.H, c = g.c, d = g.d, L = g.L, G = g.G;
+  const bool brg = g.brgemm;
+  int64_t* js = buf.js.data();
+  bool masked;
+  float *S = buf.S.data(), *dP = buf.dP.data();
+  const int64_t na = layout_scores<T>(g, S, Qi, ldq, hd, b, h, i, js, masked, lap);
+  const int64_t len = na * c + G;
+  // dP (c x len) = dO_i [V_j1 | ... | V_g]^T
+  for (int64_t a = 0; a < na; ++a) nn(brg, c, c, d, dOi, lddo, hd.VT + js[a] * c, hd.ldt, dP + a * c, L, false);
+  if (G) nn(brg, c, G, d, dOi, lddo, hd.VgT, G, dP + na * c, L, false);
+  lap(kDP);
+  // S -> P from the saved log-sum-exp, dP -> dS = P (dP - D), D_r = rowsum(dP * P) = dO_r . O_r
+  for (int64_t r = 0; r < c; ++r) {
+    float *s = S + r * L, *dp = dP + r * L;
+    const float l = lse[r];
+    if (l == std::numeric_limits<float>::infinity()) {  // no allowed key
+      zero_cols(s, 0, len), zero_cols(dp, 0, len);
+      continue;
+    }
+    float D = 0.f;
+    const T *dor = dOi + r * lddo, *orow = Oi + r * ldo;
+#pragma omp simd reduction(+ : D)
+    for (int64_t e = 0; e < d; ++e) D += static_cast<float>(dor[e]) * static_cast<float>(orow[e]);
+    if (masked) {
+      row_ds<true>(s, dp, 0, len, l, D);
+    } else {
+      row_ds<false>(s, dp, 0, len, l, D);
+    }
+  }
+  lap(kDS);
+  const T* P = layout_operand<T>(g, S, buf.P.data(), len);
+  const T* dS = layout_operand<T>(g, dP, buf.dS.data(), len);
+  T *QT = buf.QT.data(), *dOT = buf.dOT.data();
+  transpose(Qi, ldq, c, d, 1.f, QT, c), transpose(dOi, lddo, c, d, 1.f, dOT, c);
+  lap(kCopy);
+  // dV^T_j += dO_i^T P_a, dK^T_j += Q_i^T dS_a (block j's keys are columns [j c, (j + 1) c) of dK^T)
+  for (int64_t a = 0; a < na; ++a) {
+    nn(brg, d, c, c, dOT, c, P + a * c, L, buf.dVT.data() + js[a] * c, hd.ldt, true);
+    nn(brg, d, c, c, QT, c, dS + a * c, L, buf.dKT.data() + js[a] * c, hd.ldt, true);
+  }
+  if (G) {
+    nn(brg, d, G, c, dOT, c, P + na * c, L, buf.dVgT.data(), G, true);
+    nn(brg, d, G, c, QT, c, dS + na * c, L, buf.dKgT.data(), G, true);
+  }
+  lap(kDVDK);
+  // dQ_i = sum_a dS_a K_ja + dS_g K_g
+  for (int64_t a = 0; a < na; ++a) nn(brg, c, d, c, dS + a * c, L, hd.K + js[a] * c * hd.lk, hd.lk, dQi, lddq, a > 0);
+  if (G) nn(brg, c, d, G, dS + na * c, L, hd.Kg, d, dQi, lddq, na > 0);
+  if (na == 0 && G == 0) {
+    for (int64_t r = 0; r < c; ++r) std::fill(dQi + r * lddq, dQi + r * lddq + d, 0.f);
+  }
+  lap(kDQ);
+}
+
+// Forward tasks: (head, run of query blocks), enough for every thread (about four each). A tile's result
+// does not depend on its task (each task transposes the whole head's K: random blocks reach any key), so
+// neither does the output on the thread count.
+template <typename T>
+std::vector<at::Tensor> layout_forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                            const at::Tensor& kg, const at::Tensor& vg, const LayoutGeo& g) {
+  const int64_t B = g.B, H = g.H, BH = B * H, c = g.c, d = g.d, nb = g.nb, N = g.N, G = g.G;
+  auto out = at::empty({B, H, N, d}, q.options());
+  auto lse = at::empty({BH, N}, q.options().dtype(at::kFloat));
+  const Seq<T> Q(q, H), K(k, H), V(v, H), O(out, H);
+  const T *kgd = G ? kg.data_ptr<T>() : nullptr, *vgd = G ? vg.data_ptr<T>() : nullptr;
+  float* ld = lse.data_ptr<float>();
+  const int64_t threads = at::get_num_threads();
+  const int64_t seg = std::min<int64_t>(nb, std::max<int64_t>((4 * threads + BH - 1) / BH, 1));
+  const int64_t per = (nb + seg - 1) / seg;
+  at::parallel_for(0, BH * seg, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t bh = t / seg, i0 = (t % seg) * per, i1 = std::min(nb, i0 + per);
+      if (i0 >= i1) continue;
+      LayoutBuffers<T>& buf = layout_buffers<T>(g, false);
+      const int64_t ldt = spread_ld(N);
+      Lap lap;
+      transpose(K.head(bh), K.ld, N, d, 1.f, buf.KT.data(), ldt);
+      const T* Kg = G ? kgd + bh * G * d : nullptr;
+      if (G) transpose(Kg, d, G, d, 1.f, buf.KgT.data(), G);
+      lap(kCopy);
+      const LayoutHead<T> hd{K.head(bh), V.head(bh), K.ld, V.ld, buf.KT.data(), nullptr, ldt,
+                             Kg, G ? vgd + bh * G * d : nullptr, buf.KgT.data(), nullptr};
+      for (int64_t i = i0; i < i1; ++i) {
+        layout_forward_tile<T>(g, buf, bh, i, Q.head(bh) + i * c * Q.ld, Q.ld, hd, O.head(bh) + i * c * O.ld,
+                               O.ld, ld + bh * N + i * c);
+      }
+    }
+  });
+  return {out, lse};
+}
+
+// Backward tasks: one per (batch, head), its query blocks in order, so that the dK^T, dV^T of every key
+// block (which random blocks reach from anywhere in the head) accumulate in the task's own buffers in
+// one summation order, whatever the number of threads; then written out transposed back.
+template <typename T>
+std::vector<at::Tensor> layout_backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                             const at::Tensor& kg, const at::Tensor& vg, const at::Tensor& out,
+                                             const at::Tensor& dout, const at::Tensor& lse, const LayoutGeo& g) {
+  const int64_t B = g.B, H = g.H, BH = B * H, c = g.c, d = g.d, nb = g.nb, N = g.N, G = g.G;
+  auto f32 = q.options().dtype(at::kFloat);
+  auto dq = at::empty({B, H, N, d}, f32), dk = at::empty({B, H, N, d}, f32), dv = at::empty({B, H, N, d}, f32);
+  auto dkg = at::empty({B, H, G, d}, f32), dvg = at::empty({B, H, G, d}, f32);
+  const Seq<T> Q(q, H), K(k, H), V(v, H), O(out, H), dO(dout, H);
+  const Seq<float> dQ(dq, H), dK(dk, H), dV(dv, H);
+  const T *kgd = G ? kg.data_ptr<T>() : nullptr, *vgd = G ? vg.data_ptr<T>() : nullptr;
+  const float* ld = lse.data_ptr<float>();
+  float *dkgd = dkg.data_ptr<float>(), *dvgd = dvg.data_ptr<float>();
+  at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bh = begin; bh < end; ++bh) {
+      LayoutBuffers<T>& buf = layout_buffers<T>(g, true);
+      const int64_t ldt = spread_ld(N);
+      std::fill(buf.dKT.begin(), buf.dKT.begin() + d * ldt, 0.f);
+      std::fill(buf.dVT.begin(), buf.dVT.begin() + d * ldt, 0.f);
+      std::fill(buf.dKgT.begin(), buf.dKgT.begin() + d * G, 0.f);
+      std::fill(buf.dVgT.begin(), buf.dVgT.begin() + d * G, 0.f);
+      Lap lap;
+      const T *Kh = K.head(bh), *Vh = V.head(bh);
+      transpose(Kh, K.ld, N, d, 1.f, buf.KT.data(), ldt), transpose(Vh, V.ld, N, d, 1.f, buf.VT.data(), ldt);
+      const T *Kg = G ? kgd + bh * G * d : nullptr, *Vg = G ? vgd + bh * G * d : nullptr;
+      if (G) transpose(Kg, d, G, d, 1.f, buf.KgT.data(), G), transpose(Vg, d, G, d, 1.f, buf.VgT.data(), G);
+      lap(kCopy);
+      const LayoutHead<T> hd{Kh, Vh, K.ld, V.ld, buf.KT.data(), buf.VT.data(), ldt, Kg, Vg, buf.KgT.data(),
+                             buf.VgT.data()};
+      for (int64_t i = 0; i < nb; ++i) {
+        const int64_t row = i * c;
+        layout_backward_tile<T>(g, buf, bh, i, Q.head(bh) + row * Q.ld, Q.ld, hd, O.head(bh) + row * O.ld, O.ld,
+                                dO.head(bh) + row * dO.ld, dO.ld, ld + bh * N + row, dQ.head(bh) + row * dQ.ld,
+                                dQ.ld);
+      }
+      Lap lap2;
+      transpose(buf.dKT.data(), ldt, d, N, 1.f, dK.head(bh), dK.ld);
+      transpose(buf.dVT.data(), ldt, d, N, 1.f, dV.head(bh), dV.ld);
+      if (G) {
+        transpose(buf.dKgT.data(), G, d, G, 1.f, dkgd + bh * G * d, d);
+        transpose(buf.dVgT.data(), G, d, G, 1.f, dvgd + bh * G * d, d);
+      }
+      lap2(kCopy);
+    }
+  });
+  return {dq, dk, dv, dkg, dvg};
+}
+
+LayoutGeo make_layout_geo(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& kg,
+                          const at::Tensor& vg, const at::Tensor& cols, const at::Tensor& col_ok,
+                          const at::Tensor& valid, const at::Tensor& g_valid) {
+  TORCH_CHECK(q.dim() == 4 && k.sizes() == q.sizes() && v.sizes() == q.sizes(),
+              "longctx fused layout attention: q, k, v must be (B, H, nb * b, d) alike");
+  for (const at::Tensor* t : {&q, &k, &v}) {
+    TORCH_CHECK(t->stride(3) == 1 && t->stride(2) >= t->size(3),
+                "longctx fused layout attention: rows of q, k, v must be dense");
+  }
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16,
+              "longctx fused layout attention runs float32 and bfloat16");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type() &&
+              kg.scalar_type() == q.scalar_type() && vg.scalar_type() == q.scalar_type(),
+              "longctx fused layout attention: q, k, v, kg, vg must share a dtype");
+  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), d = q.size(3);
+  TORCH_CHECK(kg.dim() == 4 && kg.size(0) == B && kg.size(1) == H && kg.size(3) == d && vg.sizes() == kg.sizes() &&
+              kg.is_contiguous() && vg.is_contiguous(),
+              "longctx fused layout attention: kg, vg must be contiguous (B, H, G, d)");
+  TORCH_CHECK(cols.dim() == 3 && cols.size(0) == H && cols.scalar_type() == at::kLong && cols.is_contiguous() &&
+              col_ok.sizes() == cols.sizes() && col_ok.scalar_type() == at::kByte && col_ok.is_contiguous(),
+              "longctx fused layout attention: cols (H, nb, W) int64 and col_ok (H, nb, W) uint8, contiguous");
+  TORCH_CHECK(valid.dim() == 3 && valid.size(0) == B && valid.size(1) == cols.size(1) &&
+              valid.size(1) * valid.size(2) == N && valid.scalar_type() == at::kByte && valid.is_contiguous(),
+              "longctx fused layout attention: valid must be contiguous (B, nb, b) uint8 with nb * b = n");
+  TORCH_CHECK(g_valid.dim() == 2 && g_valid.size(0) == B && g_valid.size(1) == kg.size(2) &&
+              g_valid.scalar_type() == at::kByte && g_valid.is_contiguous(),
+              "longctx fused layout attention: g_valid must be contiguous (B, G) uint8");
+  return LayoutGeo(q, kg, cols, col_ok, valid, g_valid);
+}
+
+std::vector<at::Tensor> layout_forward(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor kg, at::Tensor vg,
+                                       at::Tensor cols, at::Tensor col_ok, at::Tensor valid, at::Tensor g_valid) {
+  const LayoutGeo g = make_layout_geo(q, k, v, kg, vg, cols, col_ok, valid, g_valid);
+  if (q.scalar_type() == at::kFloat) return layout_forward_impl<float>(q, k, v, kg, vg, g);
+  return layout_forward_impl<bf16>(q, k, v, kg, vg, g);
+}
+
+std::vector<at::Tensor> layout_backward(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor kg, at::Tensor vg,
+                                        at::Tensor out, at::Tensor dout, at::Tensor lse, at::Tensor cols,
+                                        at::Tensor col_ok, at::Tensor valid, at::Tensor g_valid) {
+  const LayoutGeo g = make_layout_geo(q, k, v, kg, vg, cols, col_ok, valid, g_valid);
+  TORCH_CHECK(out.sizes() == q.sizes() && dout.sizes() == q.sizes() && out.stride(3) == 1 && dout.stride(3) == 1 &&
+              out.stride(2) >= g.d && dout.stride(2) >= g.d && out.scalar_type() == q.scalar_type() &&
+              dout.scalar_type() == q.scalar_type(),
+              "longctx fused layout attention: bad output or gradient layout");
+  TORCH_CHECK(lse.is_contiguous() && lse.numel() == g.B * g.H * g.N && lse.scalar_type() == at::kFloat,
+              "longctx fused layout attention: bad log-sum-exp");
+  if (q.scalar_type() == at::kFloat) return layout_backward_impl<float>(q, k, v, kg, vg, out, dout, lse, g);
+  return layout_backward_impl<bf16>(q, k, v, kg, vg, out, dout, lse, g);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(longctx_fused, m) {
@@ -859,9 +1233,15 @@ TORCH_LIBRARY(longctx_fused, m) {
         "Tensor lse, Tensor local, Tensor kvalid, Tensor q_pos, Tensor k_pos, Tensor g_pos, Tensor g_valid, "
         "Tensor slopes, int B, int H, bool causal, int left, float scale) -> Tensor[]");
   m.def("band_profile(bool reset) -> Tensor", band_profile);
+  m.def("layout_forward(Tensor q, Tensor k, Tensor v, Tensor kg, Tensor vg, Tensor cols, Tensor col_ok, "
+        "Tensor valid, Tensor g_valid) -> Tensor[]");
+  m.def("layout_backward(Tensor q, Tensor k, Tensor v, Tensor kg, Tensor vg, Tensor out, Tensor dout, "
+        "Tensor lse, Tensor cols, Tensor col_ok, Tensor valid, Tensor g_valid) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(longctx_fused, CPU, m) {
   m.impl("band_forward", band_forward);
   m.impl("band_backward", band_backward);
+  m.impl("layout_forward", layout_forward);
+  m.impl("layout_backward", layout_backward);
 }
