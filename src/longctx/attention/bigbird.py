@@ -17,7 +17,11 @@ Fast path (``layout_attention``): for each query block, gather its W = 3 + r key
 instead of the sliding kernel's band) plus the G global keys, one dense product per block, the
 composed predicate as mask, a few query blocks per step with the probabilities recomputed in backward;
 the rows of global queries are computed over every key. Memory O(n (d + G)), time linear in n for
-fixed block and r.
+fixed block and r. For fp32 and bf16 on CPU, with longctx's C++ extension available (chosen like the
+band kernel: ``fused.use_fused``), the non-global rows run on fused tiles instead (``_FusedLayout``,
+band_attention.cpp's layout_forward / layout_backward): one (head, query block) at a time, its scores
+against the allowed key blocks and the global keys kept in a thread buffer from the products through
+the softmax; the PyTorch steps stay the fallback (other dtypes, tracing, no compiler).
 """
 from __future__ import annotations
 
