@@ -700,6 +700,21 @@ inline void untranspose(float* acc, int64_t lda, int64_t cols, int64_t rows, flo
   std::fill(acc, acc + cols * lda, 0.f);
 }
 
+// The start of a backward task, shared by the band and the layout kernels: the thread's dK^T, dV^T
+// accumulators (d x ld) and the global keys' (d x G) zeroed, and K^T (times scale), V^T of the task's key
+// rows (rows of K and V, ld lk and lv) and of the global keys transposed into its buffers.
+template <typename T, typename Buf>
+void begin_backward_task(Buf& buf, const T* K, int64_t lk, const T* V, int64_t lv, int64_t rows, int64_t ld,
+                         const T* Kg, const T* Vg, int64_t G, int64_t d, float scale) {
+  std::fill(buf.dKT.begin(), buf.dKT.begin() + d * ld, 0.f);
+  std::fill(buf.dVT.begin(), buf.dVT.begin() + d * ld, 0.f);
+  std::fill(buf.dKgT.begin(), buf.dKgT.begin() + d * G, 0.f);
+  std::fill(buf.dVgT.begin(), buf.dVgT.begin() + d * G, 0.f);
+  transpose(K, lk, rows, d, scale, buf.KT.data(), ld);
+  transpose(V, lv, rows, d, 1.f, buf.VT.data(), ld);
+  if (G) transpose(Kg, d, G, d, scale, buf.KgT.data(), G), transpose(Vg, d, G, d, 1.f, buf.VgT.data(), G);
+}
+
 template <typename T>
 std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                       const at::Tensor& kg, const at::Tensor& vg, const at::Tensor& out,
@@ -737,16 +752,10 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
         const auto [k0, k1] = key_rows(g, i0, i1);
         Buffers<T>& buf = buffers<T>(g, true, k1 - k0);
         const int64_t ldk = spread_ld(k1 - k0);
-        std::fill(buf.dKT.begin(), buf.dKT.begin() + d * ldk, 0.f);
-        std::fill(buf.dVT.begin(), buf.dVT.begin() + d * ldk, 0.f);
-        std::fill(buf.dKgT.begin(), buf.dKgT.begin() + d * G, 0.f);
-        std::fill(buf.dVgT.begin(), buf.dVgT.begin() + d * G, 0.f);
         Lap lap;
         const T *Kh = K.head(bh), *Vh = V.head(bh);
-        transpose(Kh + k0 * K.ld, K.ld, k1 - k0, d, g.scale, buf.KT.data(), ldk);
-        transpose(Vh + k0 * V.ld, V.ld, k1 - k0, d, 1.f, buf.VT.data(), ldk);
         const T *Kg = G ? kgd + bh * G * d : nullptr, *Vg = G ? vgd + bh * G * d : nullptr;
-        if (G) transpose(Kg, d, G, d, g.scale, buf.KgT.data(), G), transpose(Vg, d, G, d, 1.f, buf.VgT.data(), G);
+        begin_backward_task(buf, Kh + k0 * K.ld, K.ld, Vh + k0 * V.ld, V.ld, k1 - k0, ldk, Kg, Vg, G, d, g.scale);
         lap(kCopy);
         const Head<T> hd{Kh, Vh, K.ld, V.ld, buf.KT.data(), buf.VT.data(), k0, ldk, Kg, Vg, buf.KgT.data(),
                          buf.VgT.data()};
@@ -1141,15 +1150,10 @@ std::vector<at::Tensor> layout_backward_impl(const at::Tensor& q, const at::Tens
     for (int64_t bh = begin; bh < end; ++bh) {
       LayoutBuffers<T>& buf = layout_buffers<T>(g, true);
       const int64_t ldt = spread_ld(N);
-      std::fill(buf.dKT.begin(), buf.dKT.begin() + d * ldt, 0.f);
-      std::fill(buf.dVT.begin(), buf.dVT.begin() + d * ldt, 0.f);
-      std::fill(buf.dKgT.begin(), buf.dKgT.begin() + d * G, 0.f);
-      std::fill(buf.dVgT.begin(), buf.dVgT.begin() + d * G, 0.f);
       Lap lap;
       const T *Kh = K.head(bh), *Vh = V.head(bh);
-      transpose(Kh, K.ld, N, d, 1.f, buf.KT.data(), ldt), transpose(Vh, V.ld, N, d, 1.f, buf.VT.data(), ldt);
       const T *Kg = G ? kgd + bh * G * d : nullptr, *Vg = G ? vgd + bh * G * d : nullptr;
-      if (G) transpose(Kg, d, G, d, 1.f, buf.KgT.data(), G), transpose(Vg, d, G, d, 1.f, buf.VgT.data(), G);
+      begin_backward_task(buf, Kh, K.ld, Vh, V.ld, N, ldt, Kg, Vg, G, d, 1.f);  // q arrives scaled
       lap(kCopy);
       const LayoutHead<T> hd{Kh, Vh, K.ld, V.ld, buf.KT.data(), buf.VT.data(), ldt, Kg, Vg, buf.KgT.data(),
                              buf.VgT.data()};
