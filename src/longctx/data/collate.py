@@ -40,6 +40,9 @@ from longctx.errors import LongctxError
 GLOBAL_TOKENS = ("none", "first", "headings")
 
 
+EVAL_BATCH_OFFSET = 10**9  # batch indices of evaluation batches, far from any training batch index
+
+
 def batch_seed(seed: int, batch_index: int, rank: int = 0, purpose: str = "mask") -> int:
     """A 63-bit seed derived from ``(seed, batch_index, rank, purpose)`` only."""
     h = hashlib.blake2b(f"{purpose}|{seed}|{batch_index}|{rank}".encode(), digest_size=8).digest()
@@ -68,7 +71,7 @@ class MLMCollator:
     """RoBERTa-style dynamic masking with a global-attention preset (see the module doc)."""
 
     def __init__(self, tokenizer, mlm_probability: float = 0.15, global_tokens: str = "none", seed: int = 0,
-                 pad_to_multiple_of: int | None = None):
+                 pad_to_multiple_of: int | None = None, eval_seed: int | None = None):
         if tokenizer.mask_id is None:
             raise LongctxError("the tokenizer has no mask token, which masked-LM training needs; use a tokenizer "
                                "with [MASK] or <mask> (e.g. 'bytes' or a trained one).")
@@ -77,6 +80,8 @@ class MLMCollator:
         if not 0 < mlm_probability < 1:
             raise LongctxError(f"mlm_probability {mlm_probability} is outside (0, 1); use e.g. 0.15.")
         self.tokenizer, self.mlm_probability, self.global_tokens, self.seed = tokenizer, mlm_probability, global_tokens, seed
+        # held-out batches are masked from the data's seed: runs with other training seeds score the same tokens
+        self.eval_seed = seed if eval_seed is None else eval_seed
         self.pad_to_multiple_of = pad_to_multiple_of
         self.pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.sep_id
         self.mask_id = tokenizer.mask_id
@@ -89,7 +94,8 @@ class MLMCollator:
         if self.global_tokens == "headings" and any("heading" not in e for e in examples):
             raise LongctxError("global_tokens 'headings' needs heading flags in each item; pack the corpus with "
                                "longctx.data.packing (documents with 'structure').")
-        g = torch.Generator().manual_seed(batch_seed(self.seed, batch_index, rank))
+        seed = self.eval_seed if batch_index >= EVAL_BATCH_OFFSET else self.seed
+        g = torch.Generator().manual_seed(batch_seed(seed, batch_index, rank))
         # every draw has the batch's full shape, so the draws do not depend on the values
         chosen = torch.rand(ids.shape, generator=g) < self.mlm_probability
         kind = torch.rand(ids.shape, generator=g)

@@ -11,9 +11,14 @@ def run_compare(args) -> int:
     comp = load_comparison(args.config, args.overrides)
     if args.name:
         comp["name"] = args.name
-    summary = run_comparison(comp, args.out, progress=not args.quiet)
+    summary = run_comparison(comp, args.out, progress=not args.quiet, rerun_changed=args.rerun_changed)
     out = Path(args.out) / comp["name"]
-    print(table(summary["variants"]))
+    study = summary.get("study")
+    print(table(summary["variants"], study))
+    from longctx.experiments.report import downstream_lines, shows_lines
+    rest = downstream_lines(summary["variants"], study) + shows_lines(study)
+    if rest:
+        print("\n" + "\n".join(rest))
     from longctx.experiments.report import extrapolation_table
     ext = extrapolation_table(summary["variants"])
     if ext:  # LeX: perplexity at each evaluation length (same tokens), positions x lengths
@@ -34,6 +39,10 @@ def register(sub) -> None:
     p.add_argument("--out", default="runs", help="parent folder of the run (default runs/)")
     p.add_argument("--name", help="run name (default: the config's name)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--rerun-changed", action="store_true",
+                   help="train again (deleting the old run) every finished or started run whose config differs from "
+                        "the one asked for now; without it such a run is refused")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="override base config values for every variant, e.g. train.steps=40")
+                   help="override config values: base keys for every variant (train.steps=40) or the comparison's "
+                        "own (finetune.qa.train.steps=20, seeds=1, reference=full)")
     p.set_defaults(func=run_compare)

@@ -10,43 +10,85 @@ training FLOPs (each counted for the variant's own model and attention) or wall-
 variant then takes the steps its budget buys (longctx.train.budget). A ``compute:`` section pretrains
 every variant at several budgets (longctx.experiments.compute).
 
-Each variant runs in its own process, so its peak memory is its own, and writes
-``runs/<name>/<variant>/`` (checkpoints, metrics, TensorBoard logs, final model, results.json). A rerun
-skips finished variants and resumes an interrupted one. The report (report.md, results.json and PNG
-plots) is written at the end.
+``seeds: K`` (or a list of seeds) pretrains every variant once per seed (seeds base.seed, base.seed + 1,
+...), and finetunes every pretrained model: the seeds vary what training draws (initial weights, data
+order, masks, dropout), never the data itself (``data.seed`` stays the base seed), so every run is scored
+on the same held-out sequences and test examples. ``reference:`` names the variant every other one is
+compared to (paired differences, longctx.experiments.study; default: the first variant).
+
+Each run is its own process, so its peak memory is its own, and writes ``runs/<name>/<variant>/`` (the
+first seed; ``<variant>-seed<s>/`` for the others): checkpoints, metrics, TensorBoard logs, final model,
+results.json. A rerun skips finished runs whose config is unchanged, resumes an interrupted one, and refuses
+one whose config changed (``--rerun-changed`` trains it again; longctx.experiments.runs). The report
+(report.md, results.json and PNG plots) is written at the end.
+
+Overrides reach every section: ``train.steps=20`` (and any key of base) sets base; ``finetune.qa.train.steps=20``,
+``seeds=1``, ``reference=full``, ``compute.flops=[1e12]`` set the comparison's own keys (mappings are merged).
 """
 from __future__ import annotations
 
 import copy
 import json
+import math
 import sys
 from importlib import resources
 from pathlib import Path
 
 from longctx.errors import LongctxError
-from longctx.experiments.variant import run_isolated
 from longctx.train.config import load_yaml, merge, parse_overrides, resolve
 
 FIXED = ("seed", "data.corpus", "data.tokenizer", "data.seq_len", "data.text_field", "data.valid_fraction",
-         "train.steps", "train.budget", "train.batch_size", "train.grad_accum", "stages")
+         "data.seed", "train.steps", "train.budget", "train.batch_size", "train.grad_accum", "stages")
+SECTIONS = ("name", "base", "variants", "seeds", "reference", "extrapolation", "finetune", "analysis", "compute")
+OWN_KEYS = ("name", "seeds", "reference", "extrapolation", "finetune", "analysis", "compute")  # overrides not for base
 
 
 def default_config_path() -> Path:
     return Path(str(resources.files("longctx") / "configs" / "compare-default.yaml"))
 
 
+def _deep_update(base, update):
+    """``update`` merged into a copy of ``base``, mapping by mapping (any other value replaced)."""
+    if not isinstance(base, dict) or not isinstance(update, dict):
+        return copy.deepcopy(update)
+    out = copy.deepcopy(base)
+    for k, v in update.items():
+        out[k] = _deep_update(out.get(k), v) if isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def _seeds(value, base_seed: int) -> list[int]:
+    """``seeds: K`` -> [s, s + 1, ..., s + K - 1] from base.seed; a list of distinct seeds as it is."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return [base_seed + k for k in range(value)]
+    if (isinstance(value, list) and value and len(set(value)) == len(value)
+            and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in value)):
+        return list(value)
+    raise LongctxError(f"seeds must be a number of pretraining seeds (1 or more) or a list of distinct seeds, "
+                       f"not {value!r}")
+
+
 def load_comparison(path: str | Path | None, overrides: list[str] | None) -> dict:
-    """{name, base (resolved config), variants: [{name, config}]}; overrides apply to the base."""
+    """{name, base (resolved config), seeds, reference, variants: [{name, config}], ...}."""
     raw = load_yaml(path or default_config_path())
-    unknown = set(raw) - {"name", "base", "variants", "extrapolation", "finetune", "analysis", "compute"}
+    unknown = set(raw) - set(SECTIONS)
     if unknown:
         raise LongctxError(f"comparison config has unknown keys {sorted(unknown)}; use name, base, variants "
-                           "(and extrapolation, finetune, analysis, compute)")
+                           "(and seeds, reference, extrapolation, finetune, analysis, compute)")
+    given = parse_overrides(overrides or [])
+    if "base" in given or "variants" in given:
+        raise LongctxError("overrides set base keys directly (train.steps=20, not base.train.steps=20); variants "
+                           "are changed in the config file")
+    own = {k: given.pop(k) for k in list(given) if k in OWN_KEYS}
+    raw = _deep_update(raw, own)
     variants = raw.get("variants") or []
     if not isinstance(variants, list) or not variants:
         raise LongctxError("comparison config needs a non-empty list 'variants'")
-    base_raw = merge(raw.get("base") or {}, parse_overrides(overrides or []))
+    base_raw = merge(raw.get("base") or {}, given)
     base = resolve(base_raw)
+    if base["data"].get("seed") is None:  # the data of every seed's runs is the base seed's
+        base_raw = merge(base_raw, {"data": {"seed": base["seed"]}})
+        base = resolve(base_raw)
     out, names = [], set()
     for i, v in enumerate(variants):
         if not isinstance(v, dict) or "name" not in v:
@@ -58,7 +100,7 @@ def load_comparison(path: str | Path | None, overrides: list[str] | None) -> dic
         sets = v.get("set") or {}
         if not isinstance(sets, dict):
             raise LongctxError(f"variant {name!r}: 'set' must map dotted keys to values")
-        from longctx.tasks.downstream import split_variant_sets
+        from longctx.experiments.downstream import split_variant_sets
         all_sets, (sets, task_sets) = sets, split_variant_sets(name, sets)  # task.*: finetuning only
         for key in sets:
             if any(key == f or key.startswith(f + ".") for f in FIXED):
@@ -68,14 +110,19 @@ def load_comparison(path: str | Path | None, overrides: list[str] | None) -> dic
         cfg = resolve(copy.deepcopy(base_raw), [f"{k}={json.dumps(val)}" for k, val in sets.items()])
         cfg["name"] = name
         out.append({"name": name, "set": all_sets, "config": cfg, "task_sets": task_sets})
-    comp = {"name": str(raw.get("name") or "compare"), "base": base, "variants": out}
+    reference = raw.get("reference", out[0]["name"])
+    if reference not in names:
+        raise LongctxError(f"reference {reference!r} is not one of the variants ({', '.join(n['name'] for n in out)})")
+    comp = {"name": str(raw.get("name") or "compare"), "base": base, "variants": out,
+            "seeds": _seeds(raw.get("seeds", 1), base["seed"]), "reference": reference}
     if raw.get("finetune") is not None:  # finetune every variant on downstream tasks (the study)
-        from longctx.tasks.downstream import check_spec
+        from longctx.experiments.downstream import check_spec
         comp["finetune"] = check_spec(raw["finetune"])
     if raw.get("compute") is not None:  # every variant at several pretraining budgets
         from longctx.experiments import compute
         comp["compute"] = compute.check_spec(raw["compute"], base, comp.get("finetune"))
         comp["variants"] = compute.expand(out, comp["compute"])
+        comp["reference"] = next(v["name"] for v in comp["variants"] if v["compute"]["variant"] == reference)
     if raw.get("analysis") is not None:  # where each variant's attention goes (StructFormer)
         from longctx.eval.analysis import check_spec as check_analysis
         comp["analysis"] = check_analysis(raw["analysis"])
@@ -99,34 +146,80 @@ def attention_flops_per_token(cfg: dict) -> float:
     return sum(m.flops(n) for m in mc.layer_mechanisms()) / n
 
 
-def run_comparison(comp: dict, out_root: str | Path, progress: bool = True) -> dict:
+def seed_runs(comp: dict, v: dict, out: Path) -> list[dict]:
+    """One pretraining per seed of variant ``v``: {"config", "dir"} (the first seed in ``<variant>/``)."""
+    runs = []
+    for s in comp["seeds"]:
+        cfg = copy.deepcopy(v["config"])
+        cfg["seed"] = s
+        runs.append({"config": cfg, "dir": out / (v["name"] if s == comp["seeds"][0] else f"{v['name']}-seed{s}")})
+    return runs
+
+
+def over_seeds(runs: list[dict]) -> dict:
+    """A variant's pretraining results over its seeds: the first seed's record, with the held-out loss the
+    mean over seeds (per-sequence scores kept, one row per seed, and their interval over seeds and sequences),
+    speed and time the mean, memory the peak."""
+    import numpy as np
+
+    r = copy.deepcopy(runs[0])
+    evs = [x["eval"] for x in runs]
+    per = [e.get("per_example") for e in evs]
+    ev = dict(evs[0])
+    ev["loss"] = float(np.mean([e["loss"] for e in evs]))
+    ev["perplexity"] = math.exp(min(ev["loss"], 50.0))
+    ev["loss_per_seed"] = [e["loss"] for e in evs]
+    if "bits_per_char" in ev:
+        ev["bits_per_char"] = float(np.mean([e["bits_per_char"] for e in evs]))
+    ev.pop("per_example", None)
+    if all(p is not None for p in per) and len({len(p) for p in per}) == 1:
+        from longctx.stats import mean_interval
+        ev["per_example"] = per
+        ev["loss_ci"] = mean_interval(np.array(per))
+    r["eval"] = ev
+    r["tokens_per_s"] = float(np.mean([x["tokens_per_s"] for x in runs]))
+    r["train_time_s"] = float(np.mean([x["train_time_s"] for x in runs]))
+    r["peak_memory_bytes"] = max(x["peak_memory_bytes"] for x in runs)
+    return r
+
+
+def run_comparison(comp: dict, out_root: str | Path, progress: bool = True, rerun_changed: bool = False) -> dict:
+    from longctx.experiments.runs import fingerprint, run_or_reuse
+
+    from longctx.data.corpus import corpus_identity
+
     out = Path(out_root) / comp["name"]
     out.mkdir(parents=True, exist_ok=True)
+    d = comp["base"]["data"]
+    comp["corpus"] = corpus_identity(d["corpus"], d["text_field"])  # a run made on other text is a stale run
     results = []
+    n = len(comp["variants"])
     for i, v in enumerate(comp["variants"]):
-        vdir = out / v["name"]
-        done = vdir / "results.json"
-        if done.exists():
+        pre = seed_runs(comp, v, out)
+        for p in pre:
+            seed = f" seed {p['config']['seed']}" if len(pre) > 1 else ""
+            what = f"[{i + 1}/{n}] {v['name']}{seed}"
             if progress:
-                print(f"[{i + 1}/{len(comp['variants'])}] {v['name']}: finished earlier, skipped", file=sys.stderr)
-        else:
-            if progress:
-                print(f"[{i + 1}/{len(comp['variants'])}] {v['name']}: training ({_describe(v)})", file=sys.stderr)
-            run_isolated(v["config"], vdir, progress)
-        r = json.loads(done.read_text())
+                print(f"{what}: pretraining ({_describe(v)})", file=sys.stderr)
+            p["result"] = run_or_reuse(p["config"], p["dir"], what, progress, after=comp["corpus"]["sha256"],
+                                       rerun_changed=rerun_changed)
+            p["fingerprint"] = fingerprint({"config": p["config"], "after": comp["corpus"]["sha256"]})
+        r = over_seeds([p["result"] for p in pre])
         r["variant"] = v["name"]
         r["set"] = v["set"]
+        r["seeds"] = [p["config"]["seed"] for p in pre]
         if v.get("compute"):
             r["compute"] = v["compute"]
         r["attention_flops_per_token"] = attention_flops_per_token(v["config"])
+        vdir = pre[0]["dir"]  # extrapolation and attention analysis: of the first seed's model
         if comp.get("extrapolation"):
             from longctx.eval.extrapolation import evaluate_variant
             if progress:
-                print(f"[{i + 1}/{len(comp['variants'])}] {v['name']}: extrapolation", file=sys.stderr)
+                print(f"[{i + 1}/{n}] {v['name']}: extrapolation", file=sys.stderr)
             r["extrapolation"] = evaluate_variant(v["config"], vdir, comp["extrapolation"], progress)
         if comp.get("finetune"):
-            from longctx.tasks.downstream import finetune_variant
-            r["finetune"] = finetune_variant(v, vdir, comp["finetune"], v.get("task_sets", {}), progress)
+            from longctx.experiments.downstream import finetune_variant
+            r["finetune"] = finetune_variant(v, pre, comp["finetune"], v.get("task_sets", {}), progress, rerun_changed)
         if comp.get("analysis"):
             from longctx.eval.analysis import analyze_variant
             r["analysis"] = analyze_variant(v["name"], vdir, comp["analysis"], progress)

@@ -14,24 +14,108 @@ def _with_ci(value: float, ci) -> str:
     return f"{value:.4f}" if not ci else f"{value:.4f} [{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
-def table(results: list[dict]) -> str:
+def table(results: list[dict], study: dict | None = None) -> str:
+    """The pretraining table; with the study's statistics, a column of paired differences to the reference."""
     base = results[0]
+    vs = ((study or {}).get("columns") or {}).get("pretraining loss")
     clm = any(r["objective"] == "clm" for r in results)
     # under a FLOPs or time budget the steps differ between variants: show what each one spent
     budgeted = any(r.get("budget") for r in results)
     head = ["variant", "attention", "params", "held-out loss", "bits/char" if clm else "perplexity",
             "tokens/s", "speed vs " + base["variant"], "peak memory", "train time", "attn MFLOP/token"]
     head += ["steps", "tokens", "train FLOPs"] if budgeted else []
+    if vs:
+        head.insert(4, f"vs {study['reference']} (paired)")
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         ev = r["eval"]
         quality = f"{ev['bits_per_char']:.3f}" if clm else f"{ev['perplexity']:.1f}"
-        rows.append("| " + " | ".join([
-            r["variant"], r["attention"], f"{r['parameters'] / 1e6:.2f}M", _with_ci(ev["loss"], ev.get("loss_ci")), quality,
-            f"{r['tokens_per_s']:,.0f}", f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x",
-            f"{r['peak_memory_bytes'] / 2**30:.2f} GiB", f"{r['train_time_s']:.0f} s",
-            f"{r['attention_flops_per_token'] / 1e6:,.3f}"] + (_spent(r) if budgeted else [])) + " |")
+        cells = [r["variant"], r["attention"], f"{r['parameters'] / 1e6:.2f}M", _with_ci(ev["loss"], ev.get("loss_ci")), quality,
+                 f"{r['tokens_per_s']:,.0f}", f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x",
+                 f"{r['peak_memory_bytes'] / 2**30:.2f} GiB", f"{r['train_time_s']:.0f} s",
+                 f"{r['attention_flops_per_token'] / 1e6:,.3f}"] + (_spent(r) if budgeted else [])
+        if vs:
+            cells.insert(4, vs_cell(vs["vs_reference"], r["variant"], 4))
+        rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
+
+
+def vs_cell(vs_reference: dict, variant: str, digits: int = 3) -> str:
+    """``-0.012 [-0.020, -0.004] better``: a variant's paired difference to the reference and its label."""
+    row = vs_reference["rows"].get(variant)
+    if row is None:
+        return "reference"
+    lo, hi = row["ci"]
+    return f"{row['diff']:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}] {row['label']}"
+
+
+def downstream_lines(results: list[dict], study: dict | None) -> list[str]:
+    """The downstream table (test score, interval, chosen learning rate, paired difference to the reference)
+    and the rankings with ties and Kendall's tau with intervals."""
+    tasks = list(dict.fromkeys(t for r in results for t in r.get("finetune", {})))
+    if not tasks:
+        return []
+    first = next(r for r in results if r.get("finetune"))["finetune"]
+    cols = (study or {}).get("columns") or {}
+    colname = {t: f"{t} (LRA, from scratch)" if first[t]["from_scratch"] else t for t in tasks}
+    head = ["variant"]
+    for t in tasks:
+        head.append(f"{colname[t]} {first[t]['metric']}")
+        if colname[t] in cols:
+            head.append(f"vs {study['reference']}")
+    lines = ["## Downstream (finetuned)", "",
+             "Test score after finetuning (pretrained tasks start from each of the variant's pretrained models; "
+             "LRA-style tasks train the variant's attention from scratch, once per seed): the mean over seeds, with a "
+             "95% interval over seeds and test examples; in parentheses the learning rate chosen for the variant on "
+             "dev and the global tokens used. Paired differences to the reference: the same test examples and seeds, "
+             "95% interval, Holm-corrected label (longctx.experiments.study).", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        cells = [r["variant"]]
+        for t in tasks:
+            ft = r.get("finetune", {}).get(t)
+            if ft is None:
+                cells += ["n/a"] + (["n/a"] if colname[t] in cols else [])
+                continue
+            m = ft["metric"]
+            ci = ft["test"].get(f"{m}_ci") or [float("nan")] * 2
+            seeds = f", {ft['seeds']} runs" if ft.get("seeds", 1) > 1 else ""
+            cells.append(f"{ft['test'][m]:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] (lr {ft['lr']:g}, {ft['global_tokens']}{seeds})")
+            if colname[t] in cols:
+                cells.append(vs_cell(cols[colname[t]]["vs_reference"], r["variant"]))
+        lines.append("| " + " | ".join(cells) + " |")
+    grids = {t: first[t]["lr_grid"] for t in tasks if len(first[t].get("lr_grid", [])) > 1}
+    if grids:
+        lines += ["", "Learning rates tried (each variant's choice: the best mean dev score over its seeds; test is "
+                      "never read to choose): " + "; ".join(f"{t}: {', '.join(f'{x:g}' for x in g)}" for t, g in grids.items())
+                  + "."]
+    return lines + [""] + ranking_lines(study)
+
+
+def ranking_lines(study: dict | None) -> list[str]:
+    cols = (study or {}).get("columns") or {}
+    if not cols:
+        return []
+    names = list(cols)
+    variants = list(next(iter(cols.values()))["ranks"])
+    lines = ["## Rankings", "", "Rank 1 = best; a variant's rank is 1 + the number of variants separated ahead of it "
+             "(all pairs, paired differences, Holm), so variants that are not separated share a rank.", "",
+             "| variant | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
+    for v in variants:
+        lines.append(f"| {v} | " + " | ".join(str(cols[n]["ranks"][v]) for n in names) + " |")
+    if study.get("kendall_tau"):
+        lines += ["", "Kendall's tau between the rankings of the variants' mean scores (95% bootstrap interval over "
+                      "seeds and examples; +1 same order, -1 reversed): " + "; ".join(
+                          f"{k}: {t['tau']:+.2f} [{t['ci'][0]:+.2f}, {t['ci'][1]:+.2f}]" if t["tau"] == t["tau"]
+                          else f"{k}: undefined (one ranking is all ties)" for k, t in study["kendall_tau"].items()) + "."]
+    return lines + [""]
+
+
+def shows_lines(study: dict | None) -> list[str]:
+    if not study or not study.get("findings"):
+        return []
+    return ["## What this run shows", "", "Computed from the statistics above (nothing here is written by hand):", ""] + [
+        f"- {f}" if not f.startswith("  ") else f"  {f.strip()}" for f in study["findings"]] + [""]
 
 
 def _spent(r: dict) -> list[str]:
@@ -112,6 +196,26 @@ def _controlled_line(c: dict) -> str:
             f"seed {c['seed']}, same data in the same order. Held-out loss on documents never trained on.")
 
 
+def software_versions() -> dict:
+    import sys
+    from importlib import metadata
+    out = {"python": sys.version.split()[0]}
+    for pkg in ("longctx", "torch", "transformers", "numpy", "tokenizers"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def corpus_line(corpus: dict | None, software: dict) -> str:
+    sw = ", ".join(f"{k} {v}" for k, v in software.items() if v)
+    if not corpus:
+        return f"Software: {sw}."
+    return (f"Corpus: `{corpus['name']}` ({corpus.get('documents', '?')} documents, sha256 {corpus['sha256'][:16]}...); "
+            f"every run reused here was made on this corpus. Software: {sw}.")
+
+
 def write_report(comp: dict, results: list[dict], out: Path) -> dict:
     base = comp["base"]
     budget = _budget(comp)
@@ -123,19 +227,28 @@ def write_report(comp: dict, results: list[dict], out: Path) -> dict:
                        "objective": base["objective"]},
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpus": os.cpu_count()},
+        "software": software_versions(),
+        "corpus": comp.get("corpus"),
+        "seeds": comp.get("seeds", [base["seed"]]),
         "variants": results,
     }
-    if any(r.get("finetune") for r in results):  # downstream scores and the rankings they give
-        from longctx.tasks.downstream import ranking
-        summary["ranking"] = ranking(results)
+    from longctx.experiments.study import analyse
+    summary["study"] = study = analyse(results, comp.get("reference", results[0]["variant"]))
     write_text(out / "results.json", json.dumps(summary, indent=1))
     plots = _plots(results, out)
     c = summary["controlled"]
-    md = [f"# Comparison: {comp['name']}", "", _controlled_line(c), "",
-          table(results), "",
-          "Tokens/s: training tokens per second of training-step time (evaluation and checkpoints excluded). "
+    seeds = summary["seeds"]
+    md = [f"# Comparison: {comp['name']}", "", _controlled_line(c)
+          + (f" Pretraining seeds {', '.join(map(str, seeds))} (training draws only: every seed is scored on the same "
+             "held-out sequences and test examples)." if len(seeds) > 1 else ""), "",
+          corpus_line(summary["corpus"], summary["software"]), "",
+          table(results, study), "",
+          "Tokens/s: training tokens per second of training-step time (evaluation and checkpoints excluded), a single "
+          "measurement per run (mean over seeds) on a machine that may have been busy: read speed ratios as rough. "
           "Peak memory: the variant process's peak resident memory (CPU) or peak allocated GPU memory. "
-          "Held-out loss: 95% bootstrap interval over held-out sequences in brackets. Attention MFLOP/token: forward QK^T and PV over the pairs the pattern allows. "
+          "Held-out loss: the mean over seeds, 95% interval over seeds and held-out sequences in brackets; the paired "
+          "column is the difference to the reference on the same sequences (negative: lower loss). "
+          "Attention MFLOP/token: forward QK^T and PV over the pairs the pattern allows. "
           "Loss plots: the training loss smoothed (EMA, beta 0.9) and the held-out loss at each evaluation (points)."
           + (" Train FLOPs: steps x the FLOPs of a step (6 x matrix-product weights per position it runs on + 3 x the "
              "attention mechanism's forward FLOPs, global tokens included; the mean of the first steps' batches)."
@@ -155,9 +268,10 @@ def write_report(comp: dict, results: list[dict], out: Path) -> dict:
             md += ["Attention resolution (mean over layers, on the attention used):", "",
                    extrapolation_table(results, "attention_resolution"), ""]
         md += ["![perplexity_vs_length](perplexity_vs_length.png)"]
-    if summary.get("ranking"):
-        from longctx.tasks.downstream import report_lines
-        md += [""] + report_lines(results, summary["ranking"])
+    md += [""] + downstream_lines(results, study)
+    if not any(r.get("finetune") for r in results):
+        md += ranking_lines(study)
+    md += shows_lines(study)
     if comp.get("compute"):  # score against pretraining compute, one line per variant
         from longctx.experiments import compute
         md += [""] + compute.report_lines(results, comp["compute"], out)

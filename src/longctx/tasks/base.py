@@ -64,3 +64,10 @@ def get_task(name: str) -> type[Task]:
     if name not in TASKS:
         raise LongctxError(f"task {name!r} is unknown; use one of {', '.join(sorted(TASKS))}")
     return TASKS[name]
+
+
+def data_seed(cfg: dict) -> int:
+    """The seed of what the data is (splits, tokenizer, task examples, held-out masks): ``data.seed``,
+    or the run's ``seed`` when it is not set."""
+    s = (cfg.get("data") or {}).get("seed")
+    return cfg["seed"] if s is None else s

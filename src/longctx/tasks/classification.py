@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from longctx.errors import LongctxError
+from longctx.tasks.base import data_seed
 from longctx.tasks import metrics
 from longctx.tasks.base import register
 from longctx.tasks.common import SPLITS, FinetuneTask
@@ -97,14 +98,14 @@ class ClassificationBase(FinetuneTask):
     def score(self, split: str, feats, outs) -> dict:
         gold = np.array([f["label"] for f in feats])
         pred = np.array(outs)
-        B, seed = self.opts["bootstrap"], self.cfg["seed"]
+        B, seed = self.opts["bootstrap"], data_seed(self.cfg)
         labels = list(range(len(self.labels)))
         majority = float(np.bincount(gold, minlength=len(labels)).max() / max(1, len(gold)))
         return {"accuracy": metrics.accuracy(pred, gold),
                 "accuracy_ci": metrics.bootstrap_ci(lambda i: metrics.accuracy(pred[i], gold[i]), len(gold), B, seed),
                 "macro_f1": metrics.macro_f1(pred, gold, labels),
                 "macro_f1_ci": metrics.bootstrap_ci(lambda i: metrics.macro_f1(pred[i], gold[i], labels), len(gold), B, seed),
-                "majority_baseline": majority, "examples": len(gold)}
+                "majority_baseline": majority, "examples": len(gold), "per_example": (pred == gold).astype(float).tolist()}
 
 
 @register
@@ -115,7 +116,7 @@ class ClassificationTask(ClassificationBase):
 
     def builtin_splits(self):
         from longctx.tasks.builtin import corpus_splits, section_records
-        self._docs = corpus_splits(self.cfg["seed"])
+        self._docs = corpus_splits(data_seed(self.cfg))
         return {s: [{"texts": [r["text"]], "label": r["label"]}
-                    for r in section_records(self._docs[s], self.opts["context_chars"], self.cfg["seed"] + i)]
+                    for r in section_records(self._docs[s], self.opts["context_chars"], data_seed(self.cfg) + i)]
                 for i, s in enumerate(SPLITS)}

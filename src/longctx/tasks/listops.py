@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from longctx.errors import LongctxError
+from longctx.tasks.base import data_seed
 from longctx.tasks import metrics
 from longctx.tasks.base import register
 from longctx.tasks.common import SPLITS, FinetuneTask
@@ -121,7 +122,7 @@ class ListOpsTask(FinetuneTask):
         seen: set = set()
         out = {}
         for i, s in enumerate(SPLITS):  # distinct across splits too: no test expression was trained on
-            out[s] = generate(o[f"{s}_size"], self.cfg["seed"] * 1000 + i, o["max_depth"], o["max_args"],
+            out[s] = generate(o[f"{s}_size"], data_seed(self.cfg) * 1000 + i, o["max_depth"], o["max_args"],
                               o["min_length"], o["max_length"], exclude=seen)
             seen |= {" ".join(r["tokens"]) for r in out[s]}
         return out
@@ -148,8 +149,8 @@ class ListOpsTask(FinetuneTask):
 
     def score(self, split, feats, outs) -> dict:
         gold, pred = np.array([f["label"] for f in feats]), np.array(outs)
-        B, seed = self.opts["bootstrap"], self.cfg["seed"]
+        B, seed = self.opts["bootstrap"], data_seed(self.cfg)
         return {"accuracy": metrics.accuracy(pred, gold),
                 "accuracy_ci": metrics.bootstrap_ci(lambda i: metrics.accuracy(pred[i], gold[i]), len(gold), B, seed),
                 "majority_baseline": float(np.bincount(gold, minlength=10).max() / max(1, len(gold))),
-                "examples": len(gold)}
+                "examples": len(gold), "per_example": (pred == gold).astype(float).tolist()}

@@ -11,10 +11,9 @@ from pathlib import Path
 
 import torch
 
+from longctx.data.collate import EVAL_BATCH_OFFSET  # noqa: F401  (re-exported)
 from longctx.errors import LongctxError
-from longctx.tasks.base import Task, register
-
-EVAL_BATCH_OFFSET = 10**9  # masking seeds of evaluation batches, far from any training batch index
+from longctx.tasks.base import Task, data_seed, register
 
 
 def lm_loss(model, dataset, collator, batches: int, batch_size: int, device=None, allow_empty: bool = False,
@@ -55,8 +54,10 @@ def lm_loss(model, dataset, collator, batches: int, batch_size: int, device=None
     # 95% bootstrap interval over held-out sequences (a ratio of sums: tokens weigh as in the mean)
     from longctx.tasks.metrics import bootstrap_ci
     ci = bootstrap_ci(lambda ix: float(s[ix].sum() / c[ix].sum()), len(s))
+    # per held-out sequence: its summed loss over the mean count, so that their plain mean is the token-weighted
+    # loss and two runs scored on the same sequences give a paired difference per sequence (longctx.stats)
     return {"loss": loss, "loss_ci": ci, "perplexity": math.exp(min(loss, 50.0)), "eval_tokens": count,
-            "eval_sequences": int(len(s))}
+            "eval_sequences": int(len(s)), "per_example": (s / c.mean()).tolist()}
 
 
 def _row_losses(logits, labels, predicted, causal: bool):
@@ -83,7 +84,7 @@ class LanguageModelTask(Task):
         from longctx.train.config import stage_list
 
         d = self.cfg["data"]
-        self.data = prepare_data(d["corpus"], d["tokenizer"], d["valid_fraction"], self.cfg["seed"], d["text_field"])
+        self.data = prepare_data(d["corpus"], d["tokenizer"], d["valid_fraction"], data_seed(self.cfg), d["text_field"])
         self.tokenizer = self.data.tokenizer
         for n in [d["seq_len"]] + [s["seq_len"] for s in stage_list(self.cfg)]:
             if len(self.data.train) < n or len(self.data.valid) < n:
@@ -161,4 +162,5 @@ class MaskedLMTask(LanguageModelTask):
     def make_collator(self):
         from longctx.data.collate import MLMCollator
         d = self.cfg["data"]
-        return MLMCollator(self.tokenizer, d["mlm_probability"], d["global_tokens"], self.cfg["seed"])
+        return MLMCollator(self.tokenizer, d["mlm_probability"], d["global_tokens"], self.cfg["seed"],
+                           eval_seed=data_seed(self.cfg))

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from longctx.errors import LongctxError
+from longctx.tasks.base import data_seed
 from longctx.tasks import metrics
 from longctx.tasks.base import register
 from longctx.tasks.common import SPLITS, FinetuneTask
@@ -75,10 +76,10 @@ class QATask(FinetuneTask):
         if out is not None:
             return out
         from longctx.tasks.builtin import corpus_splits, qa_records
-        o, docs = self.opts, corpus_splits(self.cfg["seed"])
+        o, docs = self.opts, corpus_splits(data_seed(self.cfg))
         self._docs = docs
         return {s: qa_records(docs[s], o["context_chars"], o["far_fraction"], o["questions_per_context"],
-                              self.cfg["seed"] + i, answer_offset=o["answer_offset"]) for i, s in enumerate(SPLITS)}
+                              data_seed(self.cfg) + i, answer_offset=o["answer_offset"]) for i, s in enumerate(SPLITS)}
 
     def tokenizer_texts(self):
         if getattr(self, "_docs", None):
@@ -162,10 +163,10 @@ class QATask(FinetuneTask):
         records = self.eval_records(split)
         preds = self.predictions(split, feats, outs)
         em, f1 = metrics.squad_scores(preds, [r["answers"]["text"] for r in records])
-        B, seed = self.opts["bootstrap"], self.cfg["seed"]
+        B, seed = self.opts["bootstrap"], data_seed(self.cfg)
         out = {"exact_match": float(em.mean()), "exact_match_ci": metrics.bootstrap_ci(lambda i: em[i].mean(), len(em), B, seed),
                "f1": float(f1.mean()), "f1_ci": metrics.bootstrap_ci(lambda i: f1[i].mean(), len(f1), B, seed),
-               "examples": len(records)}
+               "examples": len(records), "per_example": f1.tolist()}  # F1 of each example: paired statistics
         dist = np.array([f["distance"] for f in feats if "distance" in f])
         if len(dist):
             out["evidence_distance"] = {"median": float(np.median(dist)), "p10": float(np.quantile(dist, 0.1)),

@@ -10,6 +10,7 @@ pairs of stretches of the default corpus, from the same module's page or from tw
 """
 from __future__ import annotations
 
+from longctx.tasks.base import data_seed
 from longctx.tasks.base import register
 from longctx.tasks.classification import ClassificationBase
 from longctx.tasks.common import SPLITS
@@ -33,8 +34,8 @@ class RetrievalTask(ClassificationBase):
 
     def builtin_splits(self):
         from longctx.tasks.builtin import corpus_splits, pair_records
-        docs = corpus_splits(self.cfg["seed"])
+        docs = corpus_splits(data_seed(self.cfg))
         return {s: [{"texts": [r["text1"], r["text2"]], "label": r["label"]}
-                    for r in pair_records(docs[s], self.opts["context_chars"], self.cfg["seed"] + i,
+                    for r in pair_records(docs[s], self.opts["context_chars"], data_seed(self.cfg) + i,
                                           self.opts["pairs_per_doc"])]
                 for i, s in enumerate(SPLITS)}

@@ -26,6 +26,7 @@ import random
 import re
 
 from longctx.errors import LongctxError
+from longctx.tasks.base import data_seed
 from longctx.tasks.base import register
 from longctx.tasks.common import SPLITS, split_by_document
 from longctx.tasks.qa import QATask
@@ -120,8 +121,8 @@ class SectionHeadingTask(QATask):
         if not docs:
             raise LongctxError(f"task section_heading needs a corpus with structure spans (structured.jsonl of "
                                f"longctx corpus arxiv, or texdoc); {self.corpus()} has none")
-        self._docs = split_by_document(docs, lambda d: d["id"], self.cfg["seed"])
-        return {s: heading_records(self._docs[s], o["context_chars"], self.cfg["seed"] + i, o["per_section"],
+        self._docs = split_by_document(docs, lambda d: d["id"], data_seed(self.cfg))
+        return {s: heading_records(self._docs[s], o["context_chars"], data_seed(self.cfg) + i, o["per_section"],
                                    o["min_gap"]) for i, s in enumerate(SPLITS)}
 
     # ---- features: QA's, plus where the context's headings are ----

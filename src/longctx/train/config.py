@@ -62,6 +62,9 @@ class DataConfig:
     global_tokens: Literal["none", "first", "headings"] = key(
         "none", "tokens with global attention: none, the first token, or heading tokens (StructFormer)")
     mlm_probability: float = key(0.15, "fraction of tokens masked for masked-LM training", gt=0, lt=1)
+    seed: Optional[int] = key(None, "seed of what the data is (document splits, the trained tokenizer, task examples, "
+                                    "held-out masks); default: the run's seed. A comparison fixes it, so that its seeds "
+                                    "vary training only and every seed is scored on the same examples", ge=0)
 
 
 @dataclass
@@ -92,6 +95,8 @@ class TrainConfig:
     bf16: bool = key(False, "bf16 autocast (mixed precision)")
     activation_checkpointing: bool = key(False, "recompute activations in backward to save memory")
     eval_every: int = key(0, "evaluate every N steps (0: at the end only)", ge=0)
+    keep_best: bool = key(False, "finetuning: keep the weights of the evaluation (every eval_every steps and at the "
+                                 "end) with the best dev score as the final model, and test those")
     eval_batches: int = key(8, "held-out batches per evaluation", ge=1)
     save_every: int = key(50, "write a checkpoint every N steps (0: only the final one)", ge=0)
     keep_last: int = key(2, "checkpoints kept (older ones are deleted)", ge=1)
@@ -120,7 +125,8 @@ class StagePreset:
 @dataclass
 class Experiment:
     name: str = key("run", "run name (default output folder runs/<name>)")
-    seed: int = key(0, "seed of weights, data order and masking", ge=0)
+    seed: int = key(0, "seed of weights, data order, masking and dropout (and of the data itself unless data.seed "
+                       "is set)", ge=0)
     objective: Literal["mlm", "clm"] = key("mlm", "masked LM (encoder) or causal LM (decoder)")
     init_from: Optional[str] = key(None, "a saved longctx model folder to continue from (e.g. from "
                                          "`longctx convert`)")
@@ -527,3 +533,4 @@ def all_keys() -> list[Key]:
 def describe_limits(k: Key) -> str:
     words = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
     return ", ".join(f"{words[n]} {v}" for n, v in k.limits.items())
+

@@ -319,6 +319,7 @@ class Trainer:
     def log(self, record: dict) -> None:
         if not self.main:
             return
+        record = {k: v for k, v in record.items() if k != "per_example"}  # per-example scores: results.json only
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         for key, value in record.items():
@@ -381,7 +382,10 @@ class Trainer:
                               "tokens": self.state["tokens"], "train_time": self.state["train_time"]})
                     self._window_tokens, window_start = 0, time.perf_counter()
                 if t["eval_every"] and step % t["eval_every"] == 0 and step < self.total_steps:
-                    self.log({"type": "eval", "step": step, **self.evaluate(), "train_time": self.state["train_time"]})
+                    ev = self.evaluate()
+                    self.log({"type": "eval", "step": step, **ev, "train_time": self.state["train_time"]})
+                    if t["keep_best"]:
+                        self._keep_if_best(ev)
                 if t["save_every"] and step % t["save_every"] == 0 and step < self.total_steps:
                     self.save()
         except KeyboardInterrupt:
@@ -403,6 +407,9 @@ class Trainer:
         splits = tuple(getattr(self.task, "final_splits", None) or ("dev",))
         ev = self.evaluate(splits[0])
         self.log({"type": "eval", "step": self.step_no, **ev, "train_time": self.state["train_time"]})
+        best_step = self.step_no
+        if self.t["keep_best"]:
+            best_step, ev = self._best_of(ev)
         result = {
             "name": self.cfg["name"], "task": self.task.name, "primary_metric": self.task.primary_metric,
             "objective": self.cfg.get("objective"),
@@ -410,6 +417,7 @@ class Trainer:
             "train_time_s": self.state["train_time"],
             "tokens_per_s": self.state["tokens"] / max(self.state["train_time"], 1e-9),
             "peak_memory_bytes": peak_memory_bytes(), "final_train_loss": self.last_loss, "eval": ev,
+            **({"best_step": best_step} if self.t["keep_best"] else {}),
             "attention": self.unwrapped.config.describe_attention(), "seq_len": self.stages[-1]["seq_len"],
             "world_size": self.world, **self.compute,
         }
@@ -427,6 +435,35 @@ class Trainer:
             write_json(self.out / "results.json", result)
         self.accelerator.wait_for_everyone()
         return result
+
+    def _better(self, ev: dict, than: dict | None) -> bool:
+        m = self.task.primary_metric
+        if than is None:
+            return True
+        higher = getattr(self.task, "higher_is_better", True)
+        return ev[m] > than[m] if higher else ev[m] < than[m]
+
+    def _keep_if_best(self, ev: dict) -> None:
+        """``train.keep_best``: the weights of the best dev evaluation so far in ``best/`` (with best.json:
+        its step and evaluation), written whole or not at all, so a resumed run keeps it."""
+        best = read_json(self.out / "best" / "best.json")
+        if not self.main or not self._better(ev, best and best["eval"]):
+            return
+        with publish_dir(self.out / "best", prefix=".tmp-best-") as tmp:
+            self.unwrapped.save_pretrained(tmp)
+            write_json(tmp / "best.json", {"step": self.step_no, "eval": ev})
+
+    def _best_of(self, final: dict) -> tuple[int, dict]:
+        """(step, dev evaluation) of the best of the kept weights and the final ones; the model holds the
+        best weights afterwards (the final ones win a tie: fewer steps are not preferred for less)."""
+        best = read_json(self.out / "best" / "best.json")
+        if best is None or not self._better(best["eval"], final):
+            return self.step_no, final
+        kept = type(self.unwrapped).from_pretrained(self.out / "best", trust_remote_code=False)
+        self.unwrapped.load_state_dict(kept.state_dict())
+        self.say(f"best dev {self.task.primary_metric} at step {best['step']} ({best['eval'][self.task.primary_metric]:.4f}, "
+                 f"final {final[self.task.primary_metric]:.4f}): its weights are the model")
+        return best["step"], best["eval"]
 
     def _enter_phase_for_eval(self) -> None:
         """The last phase's data and windows, for a run resumed at its last step."""

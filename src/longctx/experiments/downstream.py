@@ -1,0 +1,187 @@
+"""The ``finetune:`` section of a comparison (``longctx compare``): after pretraining, every pretrained model
+(each variant, each pretraining seed) is finetuned on the listed tasks; LRA-style tasks (``from_scratch``:
+ListOps, byte-level text, retrieval) are trained from scratch with the variant's attention instead, once per
+seed.
+
+```yaml
+finetune:
+  qa: {lr: [3.0e-4, 1.0e-3], train: {steps: 300, eval_every: 50, keep_best: true}, task: {context_chars: 500}}
+  listops: {train: {steps: 150}, task: {max_length: 200}, model: {max_position_embeddings: 512}}
+```
+Each entry is a finetuning config (sections ``model``, ``data``, ``train``, ``task``) applied to every
+variant alike, plus:
+- ``lr: [a, b, ...]``: the learning-rate grid of the paper's protocol (Xiong et al. 2022 finetune each model
+  with its own best hyperparameters): every grid point is run for every seed, and each VARIANT gets the
+  point with the best mean dev score over its seeds (ties: the first in the grid). Only dev scores choose;
+  test is read for the chosen point only. With ``train.keep_best`` each run's model is its best dev
+  evaluation (every ``train.eval_every`` steps and the last).
+- ``seeds: K``: K finetuning runs of each pretrained model (seeds s, s + 1, ... for pretraining seed s).
+
+A variant may set task options that are part of its attention, not of the budget: ``task.global_tokens``
+(e.g. ``none`` for a sliding window without global tokens).
+
+Every run of a task is scored on the same dev and test examples (``data.seed`` is the comparison's), so its
+per-example scores line up across seeds and variants: the summary keeps them (``test.per_example``, one row
+per seed) for the paired statistics of ``longctx.experiments.study``.
+"""
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from longctx.errors import LongctxError
+
+VARIANT_TASK_KEYS = ("global_tokens",)  # what a variant may set for its finetuning
+SPEC_KEYS = ("model", "data", "train", "task", "seeds", "lr")
+
+
+def check_spec(spec) -> dict:
+    from longctx.tasks.finetune import TASK_NAMES
+    from longctx.train.config import _check_tree
+
+    if not isinstance(spec, dict) or not spec:
+        raise LongctxError("the finetune section maps task names (qa, classification, listops, text, retrieval) to "
+                           "their finetuning configs")
+    for name, cfg in spec.items():
+        if name not in TASK_NAMES:
+            raise LongctxError(f"finetune: task {name!r} is unknown; use one of {', '.join(TASK_NAMES)}")
+        if cfg is not None and not isinstance(cfg, dict):
+            raise LongctxError(f"finetune.{name} must be a mapping of config sections (model, data, train, task)")
+        cfg = cfg or {}
+        unknown = set(cfg) - set(SPEC_KEYS)
+        if unknown:
+            raise LongctxError(f"finetune.{name} has unknown keys {sorted(unknown)}; use model, data, train, task "
+                               "(and seeds, lr)")
+        seeds = cfg.get("seeds", 1)
+        if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+            raise LongctxError(f"finetune.{name}.seeds must be a whole number of finetuning runs (1 or more), "
+                               f"not {seeds!r}")
+        grid = cfg.get("lr")
+        if grid is not None and (not isinstance(grid, list) or not grid or len(set(grid)) != len(grid) or any(
+                isinstance(x, bool) or not isinstance(x, (int, float)) or not x > 0 for x in grid)):
+            raise LongctxError(f"finetune.{name}.lr must be a list of distinct positive learning rates (the grid "
+                               f"chosen from on dev), not {grid!r}")
+        try:  # the sections' keys and types now, not after an hour of pretraining
+            _check_tree({k: v for k, v in cfg.items() if k in ("model", "data", "train")})
+        except LongctxError as e:
+            raise LongctxError(f"finetune.{name}: {e}") from None
+    return {name: copy.deepcopy(cfg or {}) for name, cfg in spec.items()}
+
+
+def split_variant_sets(name: str, sets: dict) -> tuple[dict, dict]:
+    """(pretraining sets, finetuning task options) of a variant's ``set``."""
+    pre, task = {}, {}
+    for key, value in sets.items():
+        if key.startswith("task."):
+            if key[5:] not in VARIANT_TASK_KEYS:
+                raise LongctxError(f"variant {name!r} sets '{key}': a variant may set only "
+                                   f"{', '.join('task.' + k for k in VARIANT_TASK_KEYS)} (the rest of the "
+                                   "finetuning is the same for every variant)")
+            task[key[5:]] = value
+        else:
+            pre[key] = value
+    return pre, task
+
+
+def variant_config(task_name: str, spec: dict, variant_cfg: dict, task_sets: dict, model_dir: Path) -> dict:
+    """The finetuning config of one task for one pretrained run (``variant_cfg``: its pretraining config,
+    whose seed and data seed the finetuning takes); ``spec`` without ``seeds`` and ``lr``."""
+    from longctx.tasks.finetune import deep_merge, finetune_config, task_class
+
+    scratch = task_class(task_name).from_scratch
+    raw = deep_merge({"seed": variant_cfg["seed"], "name": f"{variant_cfg['name']}-{task_name}"}, spec)
+    data_seed = (variant_cfg.get("data") or {}).get("seed")
+    if data_seed is not None:  # the comparison's examples, whatever the training seed
+        raw["data"] = {**raw.get("data", {}), "seed": data_seed}
+    raw["task"] = {**raw.get("task", {}), **task_sets}
+    if scratch:  # LRA-style: the variant's attention, trained from scratch
+        raw["model"] = deep_merge(variant_cfg["model"], spec.get("model") or {})
+        return finetune_config(task_name, raw)
+    if spec.get("model"):
+        raise LongctxError(f"finetune.{task_name} starts from each variant's pretrained model: it takes no model "
+                           "section")
+    return finetune_config(task_name, raw, init_from=str(model_dir))
+
+
+def _lr_tag(lr: float) -> str:
+    return f"{lr:g}".replace("+", "")
+
+
+def finetune_variant(variant: dict, pretrained: list[dict], spec: dict, task_sets: dict, progress: bool = True,
+                     rerun_changed: bool = False) -> dict:
+    """Finetune one variant's pretrained runs on every task of ``spec``; {task: summary}.
+
+    ``pretrained``: one entry per pretraining seed, ``{"config", "dir", "fingerprint"}``."""
+    from longctx.experiments.runs import run_or_reuse
+    from longctx.tasks.finetune import task_class
+
+    out = {}
+    for task_name, tspec in spec.items():
+        tspec = dict(tspec)
+        ft_seeds, grid = tspec.pop("seeds", 1), tspec.pop("lr", None)
+        scratch = task_class(task_name).from_scratch
+        runs = []  # one per (lr, pretraining seed, finetuning seed), grid point by grid point
+        for lr in grid or [None]:
+            for pre in pretrained:
+                for k in range(ft_seeds):
+                    cfg = variant_config(task_name, tspec, pre["config"], task_sets, pre["dir"] / "model")
+                    cfg["seed"] += k
+                    if lr is not None:
+                        cfg["train"]["lr"] = float(lr)
+                    folder = (f"finetune-{task_name}" + (f"-lr{_lr_tag(lr)}" if grid and len(grid) > 1 else "")
+                              + (f"-seed{k}" if k else ""))
+                    what = (f"{variant['name']} (seed {pre['config']['seed']}): {task_name}"
+                            + (" from scratch" if scratch else "") + (f", lr {lr:g}" if lr is not None else "")
+                            + (f", finetuning seed {cfg['seed']}" if ft_seeds > 1 else ""))
+                    if progress:
+                        print(f"  {what}", file=sys.stderr)
+                    # its own process, like pretraining: the score may not depend on what ran before it in this one
+                    r = run_or_reuse(cfg, pre["dir"] / folder, what, progress, task=task_name,
+                                     after=None if scratch else pre["fingerprint"], rerun_changed=rerun_changed)
+                    runs.append({"lr": cfg["train"]["lr"], "pretraining_seed": pre["config"]["seed"],
+                                 "seed": cfg["seed"], "dir": str(pre["dir"] / folder), "result": r})
+        out[task_name] = summarize(runs, grid, cfg["task"]["global_tokens"])
+    return out
+
+
+def choose_lr(runs: list[dict], metric: str, higher_is_better: bool = True) -> tuple[float, dict]:
+    """(the grid point with the best mean DEV score over its runs, {lr: mean dev score}); ties go to the
+    first point in the grid. Test scores are never read here."""
+    by_lr: dict[float, list[float]] = {}
+    for r in runs:
+        by_lr.setdefault(r["lr"], []).append(r["result"]["eval"][metric])
+    means = {lr: float(np.mean(v)) for lr, v in by_lr.items()}
+    best = None
+    for lr, m in means.items():  # grid order
+        if best is None or (m > means[best] if higher_is_better else m < means[best]):
+            best = lr
+    return best, means
+
+
+def summarize(runs: list[dict], grid, global_tokens) -> dict:
+    """The task's summary for one variant: the chosen learning rate and, for its runs, the test score (mean
+    over seeds), the per-seed scores and the per-example scores (one row per seed)."""
+    first = runs[0]["result"]
+    metric = first["primary_metric"]
+    lr, dev_by_lr = choose_lr(runs, metric)
+    chosen = [r for r in runs if r["lr"] == lr]
+    tests = [r["result"]["test"] for r in chosen]
+    per_example = [t.get("per_example") for t in tests]
+    test = {"split": "test", metric: float(np.mean([t[metric] for t in tests])), "examples": tests[0].get("examples"),
+            f"{metric}_per_seed": [t[metric] for t in tests]}
+    if all(p is not None for p in per_example) and len({len(p) for p in per_example}) == 1:
+        test["per_example"] = per_example
+        from longctx.stats import mean_interval
+        test[f"{metric}_ci"] = mean_interval(np.array(per_example))
+    else:  # runs of an older longctx: the one run's own bootstrap interval
+        test[f"{metric}_ci"] = tests[0].get(f"{metric}_ci")
+    return {"metric": metric, "from_scratch": first["from_scratch"], "global_tokens": global_tokens,
+            "lr": lr, "lr_grid": list(grid) if grid else [lr], "dev_by_lr": {f"{k:g}": v for k, v in dev_by_lr.items()},
+            "dev": {metric: dev_by_lr[lr]}, "test": test, "seeds": len(chosen),
+            "runs": [{"lr": r["lr"], "pretraining_seed": r["pretraining_seed"], "seed": r["seed"], "dir": r["dir"],
+                      "dev": r["result"]["eval"][metric], "best_step": r["result"].get("best_step"),
+                      **({"test": r["result"]["test"][metric]} if r["lr"] == lr else {})} for r in runs],
+            "steps": first["steps"], "train_time_s": sum(r["result"]["train_time_s"] for r in runs)}

@@ -1,0 +1,138 @@
+"""The statistics of a comparison and the conclusions they allow (the report's "What this run shows").
+
+Every variant is scored on the same held-out sequences (pretraining) and the same test examples (each
+finetuning task), with the same seeds, so each question "is A better than B?" is a paired one
+(``longctx.stats``): per seed and example the difference of the two scores, with an interval that holds the
+example noise and, with several seeds, the training noise between seeds. Columns: the pretraining loss
+(lower is better) and each finetuned task's primary metric (higher is better).
+
+For every column:
+- ``vs_reference``: each variant against the comparison's reference, Holm-corrected over the family of
+  comparisons, each labelled "better", "worse" or "not separated";
+- ``pairwise``: every pair, Holm over all pairs; a variant's rank is 1 + the number of variants separated
+  ahead of it, so variants that are not separated share ranks (ties);
+and between every two columns Kendall's tau of the variants' mean scores with a bootstrap interval over seeds
+and examples. ``findings`` are the sentences the report prints, computed from these and nothing else.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from longctx import stats
+
+LEVEL = 0.95
+
+
+def columns(results: list[dict]) -> dict[str, dict]:
+    """{column: {"scores": {variant: (seeds, examples) array}, "higher_is_better", "metric", "from_scratch"}}
+    for every column whose every variant has per-example scores."""
+    cols = {}
+    per = {r["variant"]: r["eval"].get("per_example") for r in results}
+    if all(p is not None for p in per.values()):
+        cols["pretraining loss"] = {"scores": {v: np.asarray(p, float) for v, p in per.items()},
+                                    "higher_is_better": False, "metric": "held-out loss", "from_scratch": False}
+    tasks = list(dict.fromkeys(t for r in results for t in (r.get("finetune") or {})))
+    for t in tasks:
+        fts = {r["variant"]: (r.get("finetune") or {}).get(t) for r in results}
+        if any(ft is None or "per_example" not in ft["test"] for ft in fts.values()):
+            continue
+        first = next(iter(fts.values()))
+        name = f"{t} (LRA, from scratch)" if first["from_scratch"] else t
+        cols[name] = {"scores": {v: np.asarray(ft["test"]["per_example"], float) for v, ft in fts.items()},
+                      "higher_is_better": True, "metric": first["metric"], "from_scratch": first["from_scratch"]}
+    # a column is usable only when every variant has the same seeds x examples shape
+    return {k: c for k, c in cols.items() if len({a.shape for a in c["scores"].values()}) == 1}
+
+
+def pairwise(scores: dict[str, np.ndarray], higher_is_better: bool, level: float = LEVEL) -> dict:
+    """Every ordered pair's paired difference, Holm over the unordered pairs: {(a, b): label of a vs b}."""
+    names = list(scores)
+    pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
+    diffs = [stats.paired_difference(scores[a], scores[b], higher_is_better=higher_is_better, level=level)
+             for a, b in pairs]
+    holm = stats.holm([d["p"] for d in diffs], 1 - level) if pairs else {"reject": []}
+    out = {}
+    for (a, b), d, reject in zip(pairs, diffs, holm["reject"]):
+        lab = stats.label(d, higher_is_better, reject)
+        out[f"{a} vs {b}"] = {"diff": d["diff"], "ci": d["ci"], "label": lab}
+    return out
+
+
+def tied_ranks(names: list[str], pairs: dict) -> dict[str, int]:
+    """1 + the number of variants separated ahead (pairwise "better" than it, after Holm)."""
+    ahead = {n: 0 for n in names}
+    for key, row in pairs.items():
+        a, b = key.split(" vs ")
+        if row["label"] == "better":
+            ahead[b] += 1
+        elif row["label"] == "worse":
+            ahead[a] += 1
+    return {n: ahead[n] + 1 for n in names}
+
+
+def analyse(results: list[dict], reference: str, level: float = LEVEL) -> dict:
+    cols = columns(results)
+    out = {"reference": reference, "level": level, "columns": {}, "kendall_tau": {}}
+    for name, c in cols.items():
+        pairs = pairwise(c["scores"], c["higher_is_better"], level)
+        ref = stats.compare_to_reference(c["scores"], reference, higher_is_better=c["higher_is_better"], level=level)
+        out["columns"][name] = {"metric": c["metric"], "higher_is_better": c["higher_is_better"],
+                                "from_scratch": c["from_scratch"], "vs_reference": _plain(ref),
+                                "pairwise": pairs, "ranks": tied_ranks(list(c["scores"]), pairs),
+                                "shape": list(next(iter(c["scores"].values())).shape)}
+    names = list(cols)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            t = stats.kendall_tau_interval(cols[a]["scores"], cols[b]["scores"], higher_x=cols[a]["higher_is_better"],
+                                           higher_y=cols[b]["higher_is_better"], level=level)
+            out["kendall_tau"][f"{a} vs {b}"] = {"tau": t["tau"], "ci": t["ci"]}
+    out["findings"] = findings(out)
+    return out
+
+
+def _plain(x):
+    """numpy scalars and arrays as JSON values."""
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    return x
+
+
+def _fmt(d: dict) -> str:
+    return f"{d['diff']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]"
+
+
+def findings(st: dict) -> list[str]:
+    """The conclusions the statistics allow, one sentence per column and per pair of rankings."""
+    ref, pct = st["reference"], f"{st['level']:.0%}"
+    lines = []
+    for name, c in st["columns"].items():
+        rows = c["vs_reference"]["rows"]
+        by = {lab: [v for v, r in rows.items() if r["label"] == lab] for lab in ("better", "worse", "not separated")}
+        parts = [f"{lab} than {ref}: " + ", ".join(f"{v} ({_fmt(rows[v])})" for v in by[lab])
+                 for lab in ("better", "worse") if by[lab]]
+        if by["not separated"]:
+            parts.append("not separated from it: " + ", ".join(by["not separated"]))
+        s, n = c["shape"]
+        what = "held-out loss" if name == "pretraining loss" else f"{name} test {c['metric']}"
+        lines.append(f"**{what}** ({s} seed{'s' if s > 1 else ''} x {n} examples, paired differences, Holm over "
+                     f"{len(rows)} comparisons at family-wise {pct}): " + "; ".join(parts) + ".")
+        seps = [f"{k.replace(' vs ', ' ahead of ')}" if r["label"] == "better" else
+                " ahead of ".join(reversed(k.split(" vs "))) for k, r in c["pairwise"].items()
+                if r["label"] != "not separated"]
+        lines.append(f"  All pairs ({len(c['pairwise'])}, Holm): " + ("; ".join(seps) if seps else "no pair separated")
+                     + ". Ranks with ties: " + ", ".join(f"{v} {k}" for v, k in sorted(c["ranks"].items(),
+                                                                                      key=lambda x: x[1])) + ".")
+    for key, t in st["kendall_tau"].items():
+        lo, hi = t["ci"]
+        verdict = ("the rankings agree" if lo > 0 else "the rankings disagree" if hi < 0 else
+                   "the interval holds 0: this run cannot tell whether they agree")
+        if t["tau"] != t["tau"]:
+            verdict = "undefined (a ranking is all ties)"
+        lines.append(f"Kendall's tau, {key}: {t['tau']:+.2f} [{lo:+.2f}, {hi:+.2f}]: {verdict}.")
+    return lines
