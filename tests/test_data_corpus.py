@@ -1,4 +1,4 @@
-"""Corpora: the embedded pydoc corpus, the file formats, the split, and the user errors."""
+"""Corpora: the pydoc corpus built from the installed Python, the file formats, the split, and the user errors."""
 import json
 
 import pyarrow as pa
@@ -12,17 +12,17 @@ from longctx.errors import LongctxError
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    """Build the default corpus from scratch into a private cache (as on a fresh machine)."""
+    """Build the pydoc corpus from scratch into a private cache (as on a fresh machine)."""
     cache = tmp_path_factory.mktemp("cache")
     mp = pytest.MonkeyPatch()
     mp.setenv("LONGCTX_CACHE", str(cache))
     mp.setenv("LONGCTX_TEST_SECRET", "s3cr3t-value-from-the-environment")
-    docs = load_documents("default")
+    docs = load_documents("pydoc")
     yield cache, docs
     mp.undo()
 
 
-def test_default_corpus_is_real_prose_with_headings(built):
+def test_pydoc_corpus_is_real_prose_with_headings(built):
     cache, docs = built
     text = sum(len(d["text"]) for d in docs)
     assert len(docs) > 100 and text > 1_000_000, (len(docs), text)
@@ -42,24 +42,25 @@ def test_default_corpus_is_real_prose_with_headings(built):
         assert js["text"][s["end"]] == "\n"
 
 
-def test_default_corpus_leaks_nothing_about_this_machine(built):
+def test_pydoc_corpus_leaks_nothing_about_this_machine(built):
     _, docs = built
     everything = "".join(d["text"] for d in docs)
     assert "s3cr3t-value" not in everything  # children run with an empty environment (os.environ is rendered)
-    for secret in [str(default_corpus.Path.home()), default_corpus.sys.prefix, " at 0x7f"]:
+    source_folder = str(default_corpus.Path(default_corpus.__file__).resolve().parents[2])  # in sys.orig_argv
+    for secret in [str(default_corpus.Path.home()), default_corpus.sys.prefix, source_folder, " at 0x7f", "handle 7f"]:
         if len(secret) > 1:
             assert secret not in everything, secret
 
 
-def test_default_corpus_is_cached_atomically_and_reloads_identically(built, monkeypatch):
+def test_pydoc_corpus_is_cached_atomically_and_reloads_identically(built, monkeypatch):
     cache, docs = built
     files = list((cache / "default_corpus").iterdir())
     assert [f.name for f in files] == [default_corpus.cache_path().name]  # no temporary left behind
 
     def no_rebuild():
         raise AssertionError("the cached corpus was rebuilt instead of loaded")
-    monkeypatch.setattr(default_corpus, "build_default_corpus", no_rebuild)
-    again = load_documents("default")
+    monkeypatch.setattr(default_corpus, "build_pydoc_corpus", no_rebuild)
+    again = load_documents("pydoc")
     assert again == docs
 
 

@@ -1,25 +1,38 @@
-"""The embedded default corpus: the installed Python standard library's documentation, as plain text.
+"""The default corpus: Python standard library documentation as plain text, the same on every machine.
 
-Every machine that runs longctx has Python, so this corpus exists without a download: ``pydoc``
-renders each standard-library module's docstrings (``pydoc.render_doc(module,
-renderer=pydoc.plaintext)``), about 4 MB of real English technical prose with section headings.
+Two corpora come from here:
 
-Built once (about 6 s of CPU, in child processes so module imports cannot touch this process) and
-cached as JSONL at ``$LONGCTX_CACHE/default_corpus/pydoc-<python version>-v<N>.jsonl`` (default
-``~/.cache/longctx/``), written to a temporary file and renamed. Each line is
-``{"id": module name, "text": ..., "structure": [{"kind", "level", "start", "end"}, ...]}``:
+- ``default`` (``load_default_corpus``): a snapshot shipped with longctx,
+  ``pydoc-corpus-v1.jsonl.xz`` beside this file (built once by ``build_pydoc_corpus`` on CPython
+  3.11.7, 206 documents, 4.16 M characters, 0.39 MB compressed). Nothing is built and the installed
+  Python is not read, so every machine trains and evaluates on the same text; the documents'
+  ``corpus_fingerprint`` must equal ``SNAPSHOT_SHA256`` (checked on every load: a damaged or edited
+  file stops with one sentence). Before, ``default`` was built from the installed Python, and a
+  different patch version gave different text, QA data and scores.
+- ``pydoc`` (``load_pydoc_corpus``): the same kind of corpus built from the installed Python's
+  standard library, for those who want their own version's documentation. ``pydoc`` renders each
+  module's docstrings (``pydoc.render_doc(module, renderer=pydoc.plaintext)``), about 4 MB of real
+  English technical prose with section headings. Built once (about 6 s of CPU, in child processes so
+  module imports cannot touch this process) and cached as JSONL at
+  ``$LONGCTX_CACHE/default_corpus/pydoc-<python version>-v<N>.jsonl`` (default
+  ``~/.cache/longctx/``), written to a temporary file and renamed.
+
+Each document is ``{"id": module name, "text": ..., "structure": [{"kind", "level", "start", "end"}, ...]}``:
 the first line ("Python Library Documentation: module json") is a ``title`` span and each
 capitalised heading at line start ("NAME", "DESCRIPTION", "CLASSES", "FUNCTIONS", "DATA", ...) a
 ``section`` span (level 1), so ``global_tokens: headings`` works here as on the arXiv corpus.
 
-Machine-specific text is left out so the corpus depends only on the Python version: the ``FILE``
-and ``MODULE REFERENCE`` sections (install path, boilerplate), object addresses (``at 0x7f...``),
-and install prefixes / the home folder, replaced by ``<prefix>`` / ``<home>``. The children run with
-an empty environment (``os.environ`` would otherwise be rendered into the ``os`` module's page).
+Machine-specific text is left out: the ``FILE`` and ``MODULE REFERENCE`` sections (install path,
+boilerplate), the ``sys`` page's ``DATA`` (the rendering process's state: argv, paths, loaded
+modules), object addresses (``at 0x7f...``, ctypes' ``handle 7f...``), and install prefixes / the home folder, replaced by
+``<prefix>`` / ``<home>``. The children run with an empty environment (``os.environ`` would otherwise
+be rendered into the ``os`` and ``cgi`` pages). ``python -m longctx.corpora.default_corpus
+--snapshot FILE`` builds the corpus from the installed Python and writes it as a snapshot file.
 """
 from __future__ import annotations
 
 import json
+import lzma
 import os
 import re
 import subprocess
@@ -28,12 +41,14 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from longctx.io import write_jsonl
-
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+SNAPSHOT = Path(__file__).with_name("pydoc-corpus-v1.jsonl.xz")
+SNAPSHOT_SHA256 = "3bedcd6a3ed675e2771ded731a80f34258040bf31d1f07b0cac8387deff0c7c3"
+SNAPSHOT_SOURCE = "pydoc of CPython 3.11.7 (Linux), shipped snapshot pydoc-corpus-v1"
 # GUI, side effects on import, or nothing to read.
 EXCLUDED = frozenset({"antigravity", "this", "tkinter", "turtle", "turtledemo", "idlelib"})
 DROPPED_SECTIONS = frozenset({"FILE", "MODULE REFERENCE"})
+PROCESS_STATE = {"sys": frozenset({"DATA"})}  # a page's section that shows the rendering process, not documentation
 N_CHUNKS = 4  # fixed, so the result does not depend on the number of cores
 _HEADING = re.compile(r"^[A-Z][A-Z ]*[A-Z]$")
 
@@ -43,23 +58,41 @@ def module_names() -> list[str]:
     return sorted(n for n in sys.stdlib_module_names if not n.startswith("_") and n not in EXCLUDED)
 
 
-def cache_path() -> Path:
+def load_default_corpus() -> list[dict]:
+    """The shipped snapshot as a list of ``{"id", "text", "structure"}``, checked against its hash."""
     # imported here: the render children run this file as a script and must import nothing of longctx
+    from longctx.data.corpus import corpus_fingerprint
+    from longctx.errors import LongctxError
+
+    try:
+        lines = lzma.decompress(SNAPSHOT.read_bytes()).decode("utf-8").splitlines()
+        docs = [json.loads(line) for line in lines if line.strip()]
+        ok = corpus_fingerprint(docs) == SNAPSHOT_SHA256
+    except (OSError, EOFError, lzma.LZMAError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+        ok = False
+    if not ok:
+        raise LongctxError(f"the built-in default corpus {SNAPSHOT} is missing or damaged (its sha256 is not "
+                           f"{SNAPSHOT_SHA256[:12]}...); reinstall longctx, or set data.corpus: pydoc to build "
+                           f"the corpus from this machine's Python instead.")
+    return docs
+
+
+def cache_path() -> Path:
     from longctx.paths import cache_root
 
     v = sys.version_info
     return cache_root() / "default_corpus" / f"pydoc-{sys.implementation.name}{v.major}.{v.minor}.{v.micro}-v{FORMAT_VERSION}.jsonl"
 
 
-def load_default_corpus(rebuild: bool = False) -> list[dict]:
-    """The default corpus as a list of ``{"id", "text", "structure"}``, built and cached on first use."""
+def load_pydoc_corpus(rebuild: bool = False) -> list[dict]:
+    """The installed Python's documentation as ``{"id", "text", "structure"}``, built and cached on first use."""
     path = cache_path()
     if rebuild or not path.exists():
-        docs = build_default_corpus()
+        docs = build_pydoc_corpus()
         try:
             _write_cache(path, docs)
         except OSError as e:  # a full disk or a read-only cache: the corpus is still good, only not kept
-            warnings.warn(f"could not cache the default corpus in {path.parent} ({e.strerror or e}); "
+            warnings.warn(f"could not cache the pydoc corpus in {path.parent} ({e.strerror or e}); "
                           "it will be built again next time.", stacklevel=2)
         return docs
     with open(path, encoding="utf-8") as f:
@@ -67,11 +100,23 @@ def load_default_corpus(rebuild: bool = False) -> list[dict]:
 
 
 def _write_cache(path: Path, docs: list[dict]) -> None:
+    from longctx.io import write_jsonl
+
     path.parent.mkdir(parents=True, exist_ok=True)
     write_jsonl(path, docs)
 
 
-def build_default_corpus() -> list[dict]:
+def write_snapshot(path: Path, docs: list[dict]) -> str:
+    """Write ``docs`` as a snapshot file (JSONL, xz -9e) atomically; return their fingerprint."""
+    from longctx.data.corpus import corpus_fingerprint
+    from longctx.io import write_bytes
+
+    data = "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs).encode("utf-8")
+    write_bytes(path, lzma.compress(data, preset=9 | lzma.PRESET_EXTREME))
+    return corpus_fingerprint(docs)
+
+
+def build_pydoc_corpus() -> list[dict]:
     """Render the documents now (no cache): child processes each render a fixed slice of the modules."""
     names = module_names()
     chunks = [names[i::N_CHUNKS] for i in range(N_CHUNKS)]
@@ -110,7 +155,8 @@ def build_default_corpus() -> list[dict]:
     docs = []
     for name in names:
         if name in results:
-            text, structure = clean_pydoc(results[name]["text"], results[name]["prefixes"])
+            drop = DROPPED_SECTIONS | PROCESS_STATE.get(name, frozenset())
+            text, structure = clean_pydoc(results[name]["text"], results[name]["prefixes"], drop)
             docs.append({"id": name, "text": text, "structure": structure})
     if not docs:
         raise RuntimeError("rendering the standard library documentation with pydoc produced no documents")
@@ -126,6 +172,7 @@ def _render_chunk(out_path: str, names: list[str]) -> None:
     import warnings
 
     warnings.simplefilter("ignore")
+    os.environ.clear()  # a page may render os.environ (os, cgi); startup may have added to the given one
     prefixes = {"<prefix>": sorted({sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}, key=len, reverse=True),
                 "<home>": [os.path.expanduser("~")],
                 "<longctx>": [os.path.dirname(os.path.abspath(__file__))], "<tmp>": [tempfile.gettempdir(), os.getcwd()]}
@@ -144,18 +191,20 @@ def _render_chunk(out_path: str, names: list[str]) -> None:
             f.flush()
 
 
-def clean_pydoc(text: str, prefixes: dict[str, list[str]] | None = None) -> tuple[str, list[dict]]:
-    """Drop machine-specific sections and strings; return the text and its title/section spans."""
+def clean_pydoc(text: str, prefixes: dict[str, list[str]] | None = None,
+                drop: frozenset[str] = DROPPED_SECTIONS) -> tuple[str, list[dict]]:
+    """Drop the ``drop`` sections and machine-specific strings; return the text and its title/section spans."""
     pairs = [(v, ph) for ph, values in (prefixes or {}).items() for v in values if v and len(v) > 1]
     for value, placeholder in sorted(pairs, key=lambda p: len(p[0]), reverse=True):  # longest first
         text = text.replace(value, placeholder)
     text = re.sub(r" at 0x[0-9a-fA-F]+", " at 0x...", text)
+    text = re.sub(r", handle [0-9a-f]+>", ", handle ...>", text)  # ctypes' library handles
     lines = text.replace("\r\n", "\n").split("\n")
     kept: list[str] = []
     skipping = False
     for i, line in enumerate(lines):
         if i > 0 and _HEADING.match(line):
-            skipping = line in DROPPED_SECTIONS
+            skipping = line in drop
         if not skipping:
             kept.append(line)
     text = "\n".join(kept).rstrip() + "\n"
@@ -172,10 +221,15 @@ def clean_pydoc(text: str, prefixes: dict[str, list[str]] | None = None) -> tupl
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--render"]:  # child process of build_default_corpus
     _render_chunk(sys.argv[2], sys.argv[3:])
-elif __name__ == "__main__":  # python -m longctx.corpora.default_corpus [--rebuild]: build and print the size
+elif __name__ == "__main__":  # python -m longctx.corpora.default_corpus [--rebuild | --snapshot FILE]
     import time
 
     t0 = time.perf_counter()
-    corpus = load_default_corpus(rebuild="--rebuild" in sys.argv)
+    if "--snapshot" in sys.argv:
+        out = Path(sys.argv[sys.argv.index("--snapshot") + 1])
+        corpus = build_pydoc_corpus()
+        print(f"snapshot {out}: sha256 {write_snapshot(out, corpus)}, {out.stat().st_size:,} bytes")
+    else:
+        corpus = load_pydoc_corpus(rebuild="--rebuild" in sys.argv)
     print(f"{len(corpus)} documents, {sum(len(d['text']) for d in corpus):,} characters, "
           f"{time.perf_counter() - t0:.1f} s, cache {cache_path()}")

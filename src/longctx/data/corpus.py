@@ -4,8 +4,11 @@
 ``"structure"`` (character spans of the title and headings, see ``longctx.data.structure``) and
 ``"title"`` when the source has them. ``source`` is one of:
 
-- ``"default"``: the embedded corpus (Python standard library documentation rendered by pydoc,
-  see ``longctx.corpora.default_corpus``), built and cached on first use;
+- ``"default"``: the built-in corpus, a snapshot of the Python standard library documentation rendered
+  by pydoc, shipped with longctx and checked by hash, the same on every machine (see
+  ``longctx.corpora.default_corpus``);
+- ``"pydoc"``: the same kind of corpus built from the installed Python (cached on first use), so it
+  differs between Python versions;
 - a folder: every ``.txt`` / ``.md`` file in it, recursively, sorted by relative path (id = that
   path); a folder with no text files but ``.parquet`` / ``.arrow`` / ``.jsonl`` files loads those;
 - a ``.jsonl`` file (one JSON object per line) or ``.json`` file (a JSON array of objects, or JSON
@@ -34,6 +37,9 @@ Records take their text from ``text_field`` and their id from ``"id"`` when pres
   train, the next 5M dev, the last 5M test), and the same 90/5/5 proportions for smaller files.
 
 ``split_documents(docs, valid_fraction, seed)`` is ``split_corpus`` with no test set, as ``(train, valid)``.
+
+``corpus_identity(source)`` says which corpus a run used, for its results: ``{"name", "sha256"
+(corpus_fingerprint of the loaded documents), "documents", "chars", "source"}``.
 """
 from __future__ import annotations
 
@@ -54,6 +60,10 @@ def load_documents(source: str | Path, text_field: str = "text") -> list[dict]:
         from longctx.corpora.default_corpus import load_default_corpus
 
         docs = load_default_corpus()
+    elif str(source) == "pydoc":
+        from longctx.corpora.default_corpus import load_pydoc_corpus
+
+        docs = load_pydoc_corpus()
     elif str(source) == "texdoc":  # StructFormer's corpus without arXiv sources: the installed LaTeX docs
         from longctx.corpora.texdoc import texdoc_corpus
 
@@ -62,7 +72,8 @@ def load_documents(source: str | Path, text_field: str = "text") -> list[dict]:
         path = Path(source).expanduser()
         if not path.exists():
             raise LongctxError(f"corpus {source} does not exist; give a folder of .txt/.md files, a .jsonl, "
-                               f".json, .parquet or .arrow file, or 'default' for the built-in corpus.")
+                               f".json, .parquet or .arrow file, 'default' for the built-in corpus or 'pydoc' to build "
+                               f"one from this Python's documentation.")
         if path.is_dir():
             docs = _load_folder(path, text_field)
         else:
@@ -72,6 +83,23 @@ def load_documents(source: str | Path, text_field: str = "text") -> list[dict]:
         raise LongctxError(f"corpus {source} has no documents with text; check that it holds non-empty "
                            f"documents (and that the text field is '{text_field}').")
     return docs
+
+
+def corpus_identity(source: str | Path, text_field: str = "text") -> dict:
+    """Which corpus ``source`` is: its name, ``corpus_fingerprint``, size and where it comes from."""
+    docs = load_documents(source, text_field)
+    if str(source) == "default":
+        from longctx.corpora.default_corpus import SNAPSHOT_SOURCE as origin
+    elif str(source) == "pydoc":
+        import platform
+
+        origin = f"pydoc of {platform.python_implementation()} {platform.python_version()}, built on this machine"
+    elif str(source) == "texdoc":
+        origin = "the installed LaTeX documentation, built on this machine"
+    else:
+        origin = "local files"
+    return {"name": str(source), "sha256": corpus_fingerprint(docs), "documents": len(docs),
+            "chars": sum(len(d["text"]) for d in docs), "source": origin}
 
 
 def _load_folder(path: Path, text_field: str) -> list[dict]:
