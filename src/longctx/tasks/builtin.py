@@ -1,6 +1,7 @@
-"""Built-in task data, made from the default corpus (the pydoc text of the installed standard library,
-``longctx.corpora.default_corpus``), so finetuning runs with nothing downloaded. Documents are split
-into train / dev / test by module before any example is made.
+"""Built-in task data, made from the default corpus (the standard library's pydoc text shipped with
+longctx, ``longctx.corpora.default_corpus``: the same on every machine), so finetuning runs with nothing
+downloaded. Documents are split into train / dev / test by module before any example is made
+(``corpus_splits``); ``tasks/qa_describe.py`` builds its sentence-answer QA from the same splits.
 
 - ``qa_records``, long-document QA (SQuAD format): the context is a stretch of one module's page; the
   question is a *key word* that occurs exactly once in that context, placed in its far part (beyond

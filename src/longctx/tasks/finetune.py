@@ -18,7 +18,7 @@ from pathlib import Path
 
 from longctx.errors import LongctxError
 
-TASK_NAMES = ("qa", "classification", "listops", "text", "retrieval", "section_heading")
+TASK_NAMES = ("qa", "qa_describe", "classification", "listops", "text", "retrieval", "section_heading")
 
 
 def task_class(name: str):
