@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from longctx.tasks import metrics
+import numpy as np
+
+from longctx.stats import mean_interval
 from test_tasks import TINY, _squad_rows, _write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,7 +77,7 @@ def test_compare_with_a_finetune_section(tmp_path):
     ft = {v["variant"]: v["finetune"] for v in out["variants"]}
     assert ft["full"]["qa"]["global_tokens"] == "question" and ft["sliding"]["qa"]["global_tokens"] == "none"
     assert ft["full"]["listops"]["from_scratch"] and not ft["full"]["qa"]["from_scratch"]
-    # two finetuning seeds: the mean of the two runs' accuracies with Student's t interval over them
+    # two finetuning seeds: the mean of the two runs' accuracies, with an interval over seeds and test examples
     lo = ft["full"]["listops"]
     runs = [json.loads((tmp_path / "runs" / "ft" / "full" / d / "results.json").read_text())
             for d in ("finetune-listops", "finetune-listops-seed1")]
@@ -83,13 +85,16 @@ def test_compare_with_a_finetune_section(tmp_path):
             for d in ("finetune-listops", "finetune-listops-seed1")] == [0, 1]
     accs = [x["test"]["accuracy"] for x in runs]
     assert lo["seeds"] == 2 and lo["test"]["accuracy_per_seed"] == accs
+    assert lo["test"]["per_example"] == [x["test"]["per_example"] for x in runs]
     assert lo["test"]["accuracy"] == pytest.approx(sum(accs) / 2) and lo["test"]["accuracy_ci"] == pytest.approx(
-        metrics.t_interval(accs), nan_ok=True)
-    rank = out["ranking"]
-    assert set(rank["ranks"]) == {"pretraining loss", "downstream", "LRA"}
-    assert set(rank["kendall_tau"]) == {"pretraining loss vs downstream", "pretraining loss vs LRA", "downstream vs LRA"}
+        mean_interval(np.array(lo["test"]["per_example"])), nan_ok=True)
+    study = out["study"]
+    assert set(study["columns"]) == {"pretraining loss", "qa", "listops (LRA, from scratch)"}
+    assert all(set(c["ranks"]) == {"full", "sliding"} for c in study["columns"].values())
+    assert set(study["kendall_tau"]) == {"pretraining loss vs qa", "pretraining loss vs listops (LRA, from scratch)",
+                                         "qa vs listops (LRA, from scratch)"}
     md = (tmp_path / "runs" / "ft" / "report.md").read_text()
-    assert "## Downstream (finetuned)" in md and "Kendall's tau" in md
+    assert "## Downstream (finetuned)" in md and "Kendall's tau" in md and "## What this run shows" in md
 
     # a rerun where the first variant's finetunings finished earlier (so the second's start after a different
     # history) gives the second variant bit-identical finetuned weights and scores
@@ -113,7 +118,7 @@ def test_compare_with_a_finetune_section(tmp_path):
 
 def test_variant_may_not_change_the_finetuning_budget(tmp_path):
     from longctx.errors import LongctxError
-    from longctx.tasks.downstream import split_variant_sets
+    from longctx.experiments.downstream import split_variant_sets
     assert split_variant_sets("v", {"model.window": 4, "task.global_tokens": "none"}) == (
         {"model.window": 4}, {"global_tokens": "none"})
     with pytest.raises(LongctxError, match="may set only task.global_tokens"):
@@ -122,7 +127,7 @@ def test_variant_may_not_change_the_finetuning_budget(tmp_path):
 
 def test_finetune_seeds_must_be_a_whole_number_of_runs():
     from longctx.errors import LongctxError
-    from longctx.tasks.downstream import check_spec
+    from longctx.experiments.downstream import check_spec
     assert check_spec({"qa": {"seeds": 3}})["qa"]["seeds"] == 3
     for bad in (0, 1.5, "3", True):
         with pytest.raises(LongctxError, match=r"^finetune.qa.seeds must be a whole number"):

@@ -31,13 +31,16 @@ def test_qa_is_learned_with_global_question_tokens_and_not_without(tmp_path):
     """The built-in QA at 128 tokens, window 4 over 2 layers (reach 8), evidence 62-113 tokens away
     (10%-90%): with the question tokens global the model matches the question against the context;
     without, the evidence is out of reach and it only learns where answers tend to be."""
+    import numpy as np
+
+    from longctx.stats import paired_difference
     dev = _qa_dev(tmp_path, "question", 200)
     assert all(d > 8 for d in dev["evidence_distance"].values()), dev  # beyond 2 layers x window 4
-    # measured: F1 0.32 [0.27, 0.38] with global question tokens
-    assert dev["f1"] > 0.25, dev
     blind = _qa_dev(tmp_path, "none", 60)
-    # measured: F1 ~0.1 without (a prior over positions)
-    assert blind["f1_ci"][1] < dev["f1_ci"][0], (blind, dev)
+    # the separation this test is about, paired on the same dev questions (the pinned default corpus makes
+    # them the same on every machine), with margin: not one run's score against a threshold near its edge
+    d = paired_difference(np.array([dev["per_example"]]), np.array([blind["per_example"]]), higher_is_better=True)
+    assert d["ci"][0] > 0.05, (d, dev["f1"], blind["f1"])
 
 
 def test_classification_is_learned_above_the_majority_class(tmp_path):
