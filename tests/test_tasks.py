@@ -230,3 +230,32 @@ def test_listops_data_respects_limits_and_is_seeded():
     task.prepare()
     train = {" ".join(r["tokens"]) for r in task.splits["train"]}
     assert not train & {" ".join(r["tokens"]) for r in task.splits["test"]}  # no test expression trained on
+
+
+def test_qa_finetuning_batch_and_plain_model_call_agree(tmp_path):
+    """One definition of QA's global tokens: the batch finetuning trains and evaluates on makes global
+    exactly what the model's own default does (<cls> and the question, not the <sep>), so the finetuned
+    model computes the same function in a plain model(...) call (and in the export, which makes that call)."""
+    from longctx.models import question_global_mask
+
+    rows = _squad_rows(6)
+    files = _qa_files(tmp_path, {"train": rows, "dev": rows, "test": rows})
+    task = task_class("qa")(finetune_config("qa", {}, TINY + files))
+    task.prepare()
+    tok = task.tokenizer
+    train = task.train_examples(256)
+    batch = task.collate(train)  # a training batch
+    assert torch.equal(batch["global_attention_mask"], question_global_mask(batch["input_ids"], tok.sep_id))
+    for row, f in enumerate(train):
+        question = f["input_ids"].index(tok.sep_id)  # <cls> + question tokens
+        assert batch["global_attention_mask"][row].nonzero().flatten().tolist() == list(range(question))
+    feats = task.eval_examples("dev", 256)
+    batch = task.inputs(feats)  # an evaluation batch
+    ids = batch["input_ids"]
+    torch.manual_seed(0)
+    model = task.build_model().eval()
+    with torch.no_grad():
+        trained = model(**task.inputs(feats))
+        plain = model(input_ids=ids, attention_mask=batch["attention_mask"])
+    assert torch.equal(trained.start_logits, plain.start_logits)
+    assert torch.equal(trained.end_logits, plain.end_logits)

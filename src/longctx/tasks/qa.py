@@ -1,7 +1,8 @@
 """Extractive question answering over long documents (SQuAD format; TriviaQA / HotpotQA converted to it).
 
-Input: ``<cls> question <sep> context <sep>``; the question tokens (with ``<cls>``) are global
-(Longformer's QA preset, ``task.global_tokens: question``). A context longer than the sequence is cut
+Input: ``<cls> question <sep> context <sep>``; the question tokens (with ``<cls>``, without the
+``<sep>``) are global (Longformer's QA preset, ``task.global_tokens: question``), as the model's own
+``question_global_mask`` makes them for every call. A context longer than the sequence is cut
 into overlapping chunks (``task.doc_stride`` tokens of overlap); training keeps the chunks that hold
 the answer, evaluation scores every span of every chunk and keeps the best: start logit + end logit,
 start <= end < start + ``task.max_answer_length`` tokens, inside the context. Judged by the official
@@ -20,7 +21,7 @@ import torch
 from longctx.errors import LongctxError
 from longctx.tasks import metrics
 from longctx.tasks.base import register
-from longctx.tasks.common import SPLITS, FinetuneTask
+from longctx.tasks.common import SPLITS, FinetuneTask, pad_batch
 
 
 def _answers(row: dict, where: str) -> tuple[list[str], list[int]]:
@@ -116,7 +117,7 @@ class QATask(FinetuneTask):
                     if ce >= len(c):
                         break
                     continue
-                f = {"input_ids": head + c[cs:ce] + [tok.sep_id], "n_global": len(head), "record": ri,
+                f = {"input_ids": head + c[cs:ce] + [tok.sep_id], "record": ri,
                      "ctx_start": len(head), "chunk": cs, "offsets": offs[cs:ce]}
                 if train:
                     f["start"], f["end"] = a_tok - cs + len(head), b_tok - cs + len(head)
@@ -126,6 +127,16 @@ class QATask(FinetuneTask):
                 if ce >= len(c):
                     break
         return feats
+
+    def inputs(self, examples) -> dict:
+        """Padded inputs whose global tokens are the QA model's own (``question_global_mask``): training,
+        evaluation, a plain ``model(...)`` call and the exported graph all make the same tokens global."""
+        from longctx.models import question_global_mask
+
+        batch = pad_batch(examples, self.tokenizer.pad_id, "none")
+        if self.global_tokens != "none":
+            batch["global_attention_mask"] = question_global_mask(batch["input_ids"], self.tokenizer.sep_id)
+        return batch
 
     def label_tensors(self, examples) -> dict:
         return {"start_positions": torch.tensor([e["start"] for e in examples]),
