@@ -259,3 +259,24 @@ def test_qa_finetuning_batch_and_plain_model_call_agree(tmp_path):
         plain = model(input_ids=ids, attention_mask=batch["attention_mask"])
     assert torch.equal(trained.start_logits, plain.start_logits)
     assert torch.equal(trained.end_logits, plain.end_logits)
+
+
+def test_qa_chunking_that_cannot_advance_or_grows_too_long_is_refused(tmp_path, capsys):
+    """A doc_stride that leaves the chunks no step (it used to become 1: a feature per token) is one
+    sentence; so is a context needing more than task.max_chunks chunks, which features a raised cap."""
+    rows = _squad_rows(3)
+    rows[1]["context"] += " filler" * 2000  # ~14,000 byte tokens
+    files = _qa_files(tmp_path, {"train": rows, "dev": rows, "test": rows})
+    code, err = _run(["finetune", "--task", "qa", "--out", str(tmp_path / "r"), "--quiet", *TINY, *files,
+                      "task.doc_stride=189"], capsys)
+    assert code == 2 and "Traceback" not in err and err.count("\n") == 1
+    assert "leaves 189 context tokens" in err and "task.doc_stride=189" in err
+
+    task = task_class("qa")(finetune_config("qa", {}, TINY + files + ["task.max_chunks=100"]))
+    task.prepare()
+    with pytest.raises(LongctxError, match=r"q1: its context of \d+ tokens makes 119 chunks .* task.max_chunks=100"):
+        task.eval_examples("dev", 256)
+    task.opts["max_chunks"] = 119
+    feats = task.eval_examples("dev", 256)
+    assert sum(f["record"] == 1 for f in feats) == 119
+    assert all(len(f["input_ids"]) <= 256 for f in feats)

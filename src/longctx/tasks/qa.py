@@ -2,9 +2,10 @@
 
 Input: ``<cls> question <sep> context <sep>``; the question tokens (with ``<cls>``, without the
 ``<sep>``) are global (Longformer's QA preset, ``task.global_tokens: question``), as the model's own
-``question_global_mask`` makes them for every call. A context longer than the sequence is cut
-into overlapping chunks (``task.doc_stride`` tokens of overlap); training keeps the chunks that hold
-the answer, evaluation scores every span of every chunk and keeps the best: start logit + end logit,
+``question_global_mask`` makes them for every call. A context longer than the sequence is cut into
+overlapping chunks (``task.doc_stride`` tokens of overlap; a context that needs more than
+``task.max_chunks`` is refused); training keeps the chunks that hold the answer, evaluation scores
+every span of every chunk and keeps the best: start logit + end logit,
 start <= end < start + ``task.max_answer_length`` tokens, inside the context. Judged by the official
 SQuAD v1.1 exact match and F1 (best over the gold answers), each with a bootstrap 95% interval.
 
@@ -59,7 +60,7 @@ class QATask(FinetuneTask):
     name = "qa"
     primary_metric = "f1"
     default_global = "question"
-    OPTIONS = {"max_answer_length": 30, "doc_stride": 128, "max_question_tokens": 64,
+    OPTIONS = {"max_answer_length": 30, "doc_stride": 128, "max_question_tokens": 64, "max_chunks": 512,
                # the built-in task (no files)
                "context_chars": 6000, "far_fraction": 0.5, "questions_per_context": 2, "answer_offset": 0}
     CONFIG = {"data": {"seq_len": 1024}, "model": {"max_position_embeddings": 4096},
@@ -92,6 +93,7 @@ class QATask(FinetuneTask):
         if tok.sep_id is None or tok.cls_id is None:
             raise LongctxError("QA needs a tokenizer with a <cls> and a <sep> token")
         o = self.opts
+        self._check_chunking(seq_len)
         # the question after a space: a byte-level BPE then spells its first word as inside a sentence of
         # the context (" word", not "word"), so the model can match the two by token identity
         questions = tok.encode_batch([" " + r["question"].lstrip() for r in records]) if records else []
@@ -101,10 +103,12 @@ class QATask(FinetuneTask):
             q = q[:o["max_question_tokens"]]
             head = [tok.cls_id, *q, tok.sep_id]
             room = seq_len - len(head) - 1
-            if room < 1:
-                raise LongctxError(f"data.seq_len={seq_len} leaves no room for the context after a question of "
-                                   f"{len(q)} tokens; use a longer sequence or a smaller task.max_question_tokens")
-            stride = max(1, room - o["doc_stride"])
+            stride = room - o["doc_stride"]
+            chunks = 1 + max(0, -(-(len(c) - room) // stride))
+            if chunks > o["max_chunks"]:
+                raise LongctxError(f"{r['id']}: its context of {len(c)} tokens makes {chunks} chunks of "
+                                   f"data.seq_len={seq_len}, more than task.max_chunks={o['max_chunks']}; raise "
+                                   "task.max_chunks, use a longer sequence or shorten the context")
             a_char = r["answers"]["answer_start"][0]
             b_char = a_char + len(r["answers"]["text"][0])
             # the answer's first and last context tokens (offsets may include a leading space)
@@ -137,6 +141,19 @@ class QATask(FinetuneTask):
         if self.global_tokens != "none":
             batch["global_attention_mask"] = question_global_mask(batch["input_ids"], self.tokenizer.sep_id)
         return batch
+
+    def _check_chunking(self, seq_len: int) -> None:
+        """Chunks must advance: the context room beside the longest question must exceed the overlap."""
+        o = self.opts
+        if o["doc_stride"] < 0 or o["max_question_tokens"] < 1 or o["max_chunks"] < 1:
+            raise LongctxError("task.doc_stride must be at least 0, task.max_question_tokens and task.max_chunks "
+                               "at least 1")
+        room = seq_len - o["max_question_tokens"] - 3  # <cls> question <sep> context <sep>
+        if room - o["doc_stride"] < 1:
+            raise LongctxError(f"data.seq_len={seq_len} leaves {max(room, 0)} context tokens beside a question of "
+                               f"task.max_question_tokens={o['max_question_tokens']}, not more than the overlap "
+                               f"task.doc_stride={o['doc_stride']}; use a longer sequence or a smaller doc_stride "
+                               "or max_question_tokens")
 
     def label_tensors(self, examples) -> dict:
         return {"start_positions": torch.tensor([e["start"] for e in examples]),
