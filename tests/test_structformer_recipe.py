@@ -84,7 +84,7 @@ def test_heading_tokens_are_global_only_when_the_pretraining_made_them_global(co
     assert not task.headings_global()  # no pretraining run: auto is off
     feats = task.train_examples(256)
     plain = task.collate(feats[:4])
-    questions = [f["input_ids"].index(task.tokenizer.sep_id) for f in feats[:4]]  # <cls> + question tokens
+    questions = [list(f["input_ids"]).index(task.tokenizer.sep_id) for f in feats[:4]]  # <cls> + question tokens
     assert torch.equal(plain["global_attention_mask"].sum(1), torch.tensor(questions))  # the question only
     task.opts["heading_global"] = True
     with_h = task.collate(feats[:4])

@@ -247,7 +247,7 @@ def test_qa_finetuning_batch_and_plain_model_call_agree(tmp_path):
     batch = task.collate(train)  # a training batch
     assert torch.equal(batch["global_attention_mask"], question_global_mask(batch["input_ids"], tok.sep_id))
     for row, f in enumerate(train):
-        question = f["input_ids"].index(tok.sep_id)  # <cls> + question tokens
+        question = list(f["input_ids"]).index(tok.sep_id)  # <cls> + question tokens
         assert batch["global_attention_mask"][row].nonzero().flatten().tolist() == list(range(question))
     feats = task.eval_examples("dev", 256)
     batch = task.inputs(feats)  # an evaluation batch

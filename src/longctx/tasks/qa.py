@@ -94,12 +94,8 @@ class QATask(FinetuneTask):
             raise LongctxError("QA needs a tokenizer with a <cls> and a <sep> token")
         o = self.opts
         self._check_chunking(seq_len)
-        # the question after a space: a byte-level BPE then spells its first word as inside a sentence of
-        # the context (" word", not "word"), so the model can match the two by token identity
-        questions = tok.encode_batch([" " + r["question"].lstrip() for r in records]) if records else []
-        contexts = tok.encode_batch([r["context"] for r in records]) if records else []
         feats = []
-        for ri, (r, (q, _), (c, offs)) in enumerate(zip(records, questions, contexts)):
+        for ri, r, (q, _), (c, offs) in self._encoded(records):
             q = q[:o["max_question_tokens"]]
             head = [tok.cls_id, *q, tok.sep_id]
             room = seq_len - len(head) - 1
@@ -121,8 +117,11 @@ class QATask(FinetuneTask):
                     if ce >= len(c):
                         break
                     continue
-                f = {"input_ids": head + c[cs:ce] + [tok.sep_id], "record": ri,
-                     "ctx_start": len(head), "chunk": cs, "offsets": offs[cs:ce]}
+                # int32 arrays, not lists of Python ints and tuples: ~12 bytes a token instead of ~115, for
+                # evaluation holds every chunk of every context of a split
+                f = {"input_ids": np.array(head + c[cs:ce] + [tok.sep_id], dtype=np.int32), "record": ri,
+                     "ctx_start": len(head), "chunk": cs,
+                     "offsets": np.array(offs[cs:ce], dtype=np.int32).reshape(-1, 2)}
                 if train:
                     f["start"], f["end"] = a_tok - cs + len(head), b_tok - cs + len(head)
                 elif has:
@@ -141,6 +140,18 @@ class QATask(FinetuneTask):
         if self.global_tokens != "none":
             batch["global_attention_mask"] = question_global_mask(batch["input_ids"], self.tokenizer.sep_id)
         return batch
+
+    def _encoded(self, records, group: int = 64):
+        """(index, record, question tokens, (context tokens, offsets)), encoded a group at a time: the
+        tokens and offsets of every context at once would hold the whole split's text several times over."""
+        tok = self.tokenizer
+        for g in range(0, len(records), group):
+            part = records[g:g + group]
+            # the question after a space: a byte-level BPE then spells its first word as inside a sentence
+            # of the context (" word", not "word"), so the model can match the two by token identity
+            questions = tok.encode_batch([" " + r["question"].lstrip() for r in part])
+            contexts = tok.encode_batch([r["context"] for r in part])
+            yield from zip(range(g, g + len(part)), part, questions, contexts)
 
     def _check_chunking(self, seq_len: int) -> None:
         """Chunks must advance: the context room beside the longest question must exceed the overlap."""
