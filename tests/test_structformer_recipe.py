@@ -84,14 +84,14 @@ def test_heading_tokens_are_global_only_when_the_pretraining_made_them_global(co
     assert not task.headings_global()  # no pretraining run: auto is off
     feats = task.train_examples(256)
     plain = task.collate(feats[:4])
-    assert torch.equal(plain["global_attention_mask"].sum(1),
-                       torch.tensor([f["n_global"] for f in feats[:4]]))  # the question only
+    questions = [list(f["input_ids"]).index(task.tokenizer.sep_id) for f in feats[:4]]  # <cls> + question tokens
+    assert torch.equal(plain["global_attention_mask"].sum(1), torch.tensor(questions))  # the question only
     task.opts["heading_global"] = True
     with_h = task.collate(feats[:4])
     for row, f in enumerate(feats[:4]):
         glob = with_h["global_attention_mask"][row].nonzero().flatten().tolist()
         heads = f["heading_positions"]
-        assert heads and glob == sorted(set(range(f["n_global"])) | set(heads))
+        assert heads and glob == sorted(set(range(questions[row])) | set(heads))
         text = task.tokenizer.decode([f["input_ids"][p] for p in heads])
         assert any(s in text for s in SECTIONS) and "Sentence" not in text
     # evaluation batches (forward_all) get the same global tokens as training batches

@@ -230,3 +230,53 @@ def test_listops_data_respects_limits_and_is_seeded():
     task.prepare()
     train = {" ".join(r["tokens"]) for r in task.splits["train"]}
     assert not train & {" ".join(r["tokens"]) for r in task.splits["test"]}  # no test expression trained on
+
+
+def test_qa_finetuning_batch_and_plain_model_call_agree(tmp_path):
+    """One definition of QA's global tokens: the batch finetuning trains and evaluates on makes global
+    exactly what the model's own default does (<cls> and the question, not the <sep>), so the finetuned
+    model computes the same function in a plain model(...) call (and in the export, which makes that call)."""
+    from longctx.models import question_global_mask
+
+    rows = _squad_rows(6)
+    files = _qa_files(tmp_path, {"train": rows, "dev": rows, "test": rows})
+    task = task_class("qa")(finetune_config("qa", {}, TINY + files))
+    task.prepare()
+    tok = task.tokenizer
+    train = task.train_examples(256)
+    batch = task.collate(train)  # a training batch
+    assert torch.equal(batch["global_attention_mask"], question_global_mask(batch["input_ids"], tok.sep_id))
+    for row, f in enumerate(train):
+        question = list(f["input_ids"]).index(tok.sep_id)  # <cls> + question tokens
+        assert batch["global_attention_mask"][row].nonzero().flatten().tolist() == list(range(question))
+    feats = task.eval_examples("dev", 256)
+    batch = task.inputs(feats)  # an evaluation batch
+    ids = batch["input_ids"]
+    torch.manual_seed(0)
+    model = task.build_model().eval()
+    with torch.no_grad():
+        trained = model(**task.inputs(feats))
+        plain = model(input_ids=ids, attention_mask=batch["attention_mask"])
+    assert torch.equal(trained.start_logits, plain.start_logits)
+    assert torch.equal(trained.end_logits, plain.end_logits)
+
+
+def test_qa_chunking_that_cannot_advance_or_grows_too_long_is_refused(tmp_path, capsys):
+    """A doc_stride that leaves the chunks no step (it used to become 1: a feature per token) is one
+    sentence; so is a context needing more than task.max_chunks chunks, which features a raised cap."""
+    rows = _squad_rows(3)
+    rows[1]["context"] += " filler" * 2000  # ~14,000 byte tokens
+    files = _qa_files(tmp_path, {"train": rows, "dev": rows, "test": rows})
+    code, err = _run(["finetune", "--task", "qa", "--out", str(tmp_path / "r"), "--quiet", *TINY, *files,
+                      "task.doc_stride=189"], capsys)
+    assert code == 2 and "Traceback" not in err and err.count("\n") == 1
+    assert "leaves 189 context tokens" in err and "task.doc_stride=189" in err
+
+    task = task_class("qa")(finetune_config("qa", {}, TINY + files + ["task.max_chunks=100"]))
+    task.prepare()
+    with pytest.raises(LongctxError, match=r"q1: its context of \d+ tokens makes 119 chunks .* task.max_chunks=100"):
+        task.eval_examples("dev", 256)
+    task.opts["max_chunks"] = 119
+    feats = task.eval_examples("dev", 256)
+    assert sum(f["record"] == 1 for f in feats) == 119
+    assert all(len(f["input_ids"]) <= 256 for f in feats)

@@ -7,9 +7,12 @@ tensor values, so one graph serves every length.
 
 Global tokens are the one data-dependent part of the model: their number sizes the rows computed for
 them. An exported graph reserves ``max_global`` slots instead (default: 1 for classification, whose preset
-makes only the first token global; 64 for QA, whose preset makes the question global): each row's first
-``max_global`` global tokens are global, and the exported graph takes inputs of at least ``max_global``
-tokens. Decoders are not exported: generation needs a key-value cache that grows between calls.
+makes only the first token global; for QA, whose preset makes ``<cls>`` and the question global, the
+``<cls>`` and the longest question finetuning keeps, ``task.max_question_tokens``). An input shorter than
+the slots is padded inside the graph (its outputs are those of the unpadded input), and a QA row whose
+question has more global tokens than the slots gets NaN logits: never a silently different answer
+(export with a larger ``--max-global`` for longer questions). Decoders are not exported: generation needs a
+key-value cache that grows between calls.
 """
 from __future__ import annotations
 
@@ -25,7 +28,14 @@ from longctx.errors import LongctxError
 FORMATS = ("onnx", "pt2")
 # attention mechanisms whose traced form takes any length (the mask family)
 EXPORTABLE_ATTENTION = ("full", "sliding", "blocks")
-DEFAULT_MAX_GLOBAL = {"LongctxForSequenceClassification": 1, "LongctxForQuestionAnswering": 64}
+
+def default_max_global(name: str) -> int | None:
+    """Global slots a model class's exported graph reserves unless told: classification's first token;
+    QA's <cls> and the longest question finetuning keeps."""
+    if name == "LongctxForQuestionAnswering":
+        from longctx.tasks.qa import QATask
+        return 1 + QATask.OPTIONS["max_question_tokens"]
+    return 1 if name == "LongctxForSequenceClassification" else None
 
 
 @dataclass
@@ -39,15 +49,27 @@ class ExportSpec:
 
 class InferenceFunction(nn.Module):
     """``(input_ids (B, n), attention_mask (B, n)) -> tuple of outputs``: the model's inference call with
-    plain tensors in and out, which is what torch.export and ONNX take."""
+    plain tensors in and out, which is what torch.export and ONNX take. With ``max_global`` slots, every
+    input is padded by that many tokens (the slots are a top-k over the positions, so a shorter input
+    could not fill them) and a QA row with more global tokens than slots gets NaN logits."""
 
-    def __init__(self, model: nn.Module, output_names: tuple[str, ...]):
+    def __init__(self, model: nn.Module, output_names: tuple[str, ...], max_global: int | None = None):
         super().__init__()
-        self.model, self.output_names = model, output_names
+        self.model, self.output_names, self.max_global = model, output_names, max_global
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        from longctx.models import LongctxForQuestionAnswering, question_global_mask
+
+        n = input_ids.shape[1]
+        if self.max_global is not None:  # max_global padding tokens (masked, at position 0): no output changes
+            pad = input_ids.new_zeros(input_ids.shape[0], self.max_global)
+            input_ids, attention_mask = torch.cat([input_ids, pad], 1), torch.cat([attention_mask, pad], 1)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask)
-        return tuple(getattr(out, name) for name in self.output_names)
+        outputs = tuple(getattr(out, name) for name in self.output_names)
+        if self.max_global is not None and isinstance(self.model, LongctxForQuestionAnswering):
+            beyond = question_global_mask(input_ids, self.model.config.sep_token_id).sum(-1) > self.max_global
+            outputs = tuple(o[:, :n].masked_fill(beyond[:, None], float("nan")) for o in outputs)
+        return outputs
 
 
 def export_spec(model: nn.Module, max_global: int | None = None) -> ExportSpec:
@@ -69,14 +91,13 @@ def export_spec(model: nn.Module, max_global: int | None = None) -> ExportSpec:
             raise LongctxError(f"layer {i} uses {kind!r} attention, which cannot be exported with a dynamic "
                                f"length; export models with {', '.join(EXPORTABLE_ATTENTION)} attention")
     outputs = ("start_logits", "end_logits") if isinstance(model, LongctxForQuestionAnswering) else ("logits",)
-    slots = max_global if max_global is not None else DEFAULT_MAX_GLOBAL.get(name)
+    slots = max_global if max_global is not None else default_max_global(name)
     if slots is not None and slots < 1:
         raise LongctxError(f"--max-global must be at least 1, got {slots}")
     max_len = int(config.max_position_embeddings)
-    min_len = max(2, slots or 0)
-    if min_len > max_len:
+    if slots is not None and slots > max_len:
         raise LongctxError(f"--max-global {slots} exceeds the model's {max_len} positions")
-    return ExportSpec(outputs, min_len, max_len, slots)
+    return ExportSpec(outputs, 2, max_len, slots)
 
 
 @contextlib.contextmanager
@@ -98,7 +119,7 @@ def _tracing_settings(max_global: int | None):
 
 def example_inputs(spec: ExportSpec, length: int | None = None, batch: int = 2):
     """Random example (input_ids, attention_mask) for tracing; the length is not special to the graph."""
-    n = length or min(spec.max_len, max(spec.min_len, 64) + 3)
+    n = length or min(spec.max_len, max(spec.max_global or 0, 64) + 3)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(4, 100, (batch, n), generator=g)
     return ids, torch.ones(batch, n, dtype=torch.long)
@@ -108,7 +129,7 @@ def export_program(model: nn.Module, *, max_global: int | None = None, example_l
     """``torch.export`` of the model's inference function, dynamic in the sequence length (batch fixed at
     the example's: 2). Returns (ExportedProgram, ExportSpec)."""
     spec = export_spec(model, max_global)
-    fn = InferenceFunction(model.eval(), spec.output_names)
+    fn = InferenceFunction(model.eval(), spec.output_names, spec.max_global)
     seq = torch.export.Dim("seq", min=spec.min_len, max=spec.max_len)
     batch = torch.export.Dim("batch", min=1, max=1024)
     args = example_inputs(spec, example_len)

@@ -14,8 +14,9 @@ def register(subparsers) -> None:
     p.add_argument("--format", choices=("onnx", "pt2"), default=None,
                    help="output format (default: from OUT's suffix, else onnx)")
     p.add_argument("--max-global", type=int, default=None,
-                   help="global-token slots in the exported graph (default 1 for classification, 64 for QA); "
-                        "each row's first N global tokens are global, and inputs must have at least N tokens")
+                   help="global-token slots in the exported graph (default 1 for classification; for QA 65: "
+                        "<cls> and the 64 question tokens finetuning keeps); a QA row whose question has more "
+                        "global tokens gets NaN logits, so give more slots for longer questions")
     p.set_defaults(func=_run)
 
 

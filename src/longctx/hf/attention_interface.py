@@ -20,6 +20,11 @@ keys within ``sliding_window - 1`` positions: our one-sided ``window``.
 The key-value cache is Hugging Face's own: ``DynamicCache`` gives sliding layers a
 ``DynamicSlidingWindowLayer`` that keeps only the window, and tells the mask function the offsets of
 what it returns.
+
+Packed rows (several documents in one row, marked by ``position_ids`` that restart, as Hugging Face's
+``DataCollatorWithFlattening`` makes them) keep their documents apart as eager and SDPA do: Hugging Face
+says so only inside its mask function, so the mask function reads the document boundaries back from it,
+and attention runs every document as a row of its own.
 """
 from __future__ import annotations
 
@@ -40,12 +45,14 @@ class LongctxMask:
 
     key_valid: (B, kv_length) bool, True for real keys, or None when no key is padding;
     q_offset / kv_offset: absolute positions of the first query and the first key (they differ while
-    decoding with a cache, and a sliding cache layer returns only the keys the window still reaches).
+    decoding with a cache, and a sliding cache layer returns only the keys the window still reaches);
+    documents: (B, n) long, each token's document within its row (0, 1, ...) when rows are packed, else None.
     """
 
     key_valid: torch.Tensor | None
     q_offset: int
     kv_offset: int
+    documents: torch.Tensor | None = None
 
 
 def _is_tracing() -> bool:
@@ -73,7 +80,23 @@ def longctx_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_
         # no padding: say so, so the fast paths (SDPA's is_causal) stay open; never branch when tracing
         if not _is_tracing() and bool(key_valid.all()):
             key_valid = None
-    return LongctxMask(key_valid, q_offset, kv_offset)
+    documents = None
+    if mask_function is not None and q_length == kv_length > 1 and q_offset == kv_offset == 0 and not _is_tracing():
+        documents = _packed_documents(mask_function, batch_size, q_length, device)
+    return LongctxMask(key_valid, q_offset, kv_offset, documents)
+
+
+def _packed_documents(mask_function, batch_size: int, n: int, device) -> torch.Tensor | None:
+    """(B, n) document index of every token, or None when every row is one document. Within a document a
+    token always sees the token before it (causal, sliding and bidirectional patterns alike), across a
+    packed boundary never, so that one link per token, asked of Hugging Face's mask function, finds them."""
+    b = torch.arange(batch_size, device=device)[:, None]
+    i = torch.arange(1, n, device=device)[None, :]
+    linked = torch.as_tensor(mask_function(b, torch.zeros((), dtype=torch.long, device=device), i, i - 1),
+                             device=device).expand(batch_size, n - 1)
+    if bool(linked.all()):
+        return None
+    return F.pad((~linked).long().cumsum(-1), (1, 0))
 
 
 def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -114,7 +137,9 @@ def longctx_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
                else AttentionPattern("sliding", window=sliding_window - 1, causal=causal))
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     q_len, kv_len = query.shape[2], key.shape[2]
-    if q_len == kv_len and mask.q_offset == mask.kv_offset:
+    if mask.documents is not None:
+        out = _documents_attention(query, key, value, pattern, mask, scale)
+    elif q_len == kv_len and mask.q_offset == mask.kv_offset:
         out = _self_attention(query, key, value, pattern, mask.key_valid, scale)
     else:
         out = _step_attention(query, key, value, pattern, mask, scale)
@@ -133,6 +158,29 @@ def _self_attention(q, k, v, pattern: AttentionPattern, key_valid, scale: float)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=key_valid[:, None, None, :], scale=scale)
     # causal with padding: SDPA would need the n x n mask; the blocked kernel needs none
     return attention(q, k, v, pattern, key_padding_mask=key_valid, scale=scale, backend=_backend(q))
+
+
+def _documents_attention(q, k, v, pattern: AttentionPattern, mask: LongctxMask, scale: float) -> torch.Tensor:
+    """Packed rows: every document becomes a row of its own (padded to the longest document), so no
+    query reaches another document's keys; (B, H, n, d) in and out."""
+    B, H, n, d = q.shape
+    per_row = mask.documents[:, -1] + 1
+    docs = mask.documents + (torch.cumsum(per_row, 0) - per_row)[:, None]  # numbered across the batch
+    lengths = torch.bincount(docs.flatten())  # documents are contiguous in the flattened rows
+    starts = torch.cumsum(lengths, 0) - lengths
+    steps = torch.arange(int(lengths.max()), device=q.device)
+    valid = steps[None, :] < lengths[:, None]  # (D, L)
+    index = torch.where(valid, starts[:, None] + steps[None, :], starts[:, None])
+
+    def unpack(x):  # (B, H, n, d) -> (D, H, L, d)
+        return x.transpose(1, 2).reshape(B * n, H, d)[index].transpose(1, 2)
+
+    key_valid = valid if mask.key_valid is None else valid & mask.key_valid.reshape(-1)[index]
+    out = _self_attention(unpack(q), unpack(k), unpack(v), pattern, None if bool(key_valid.all()) else key_valid,
+                          scale)
+    packed = out.new_zeros(B * n, H, d)
+    packed[index[valid]] = out.transpose(1, 2)[valid]
+    return packed.view(B, n, H, d).transpose(1, 2)
 
 
 def _step_attention(q, k, v, pattern: AttentionPattern, mask: LongctxMask, scale: float) -> torch.Tensor:

@@ -288,7 +288,8 @@ class LongctxForSequenceClassification(LongctxPreTrainedModel):
 
 
 def question_global_mask(input_ids: torch.Tensor, sep_token_id: int | None) -> torch.Tensor:
-    """Longformer's QA preset: every token before the first separator (the question, with <cls>) is global."""
+    """Longformer's QA preset: every token before the first separator (the question, with <cls>) is global.
+    The one definition of QA's global tokens: finetuning, evaluation, ``model(...)`` and export use it."""
     if sep_token_id is None:
         raise LongctxError("QA needs config.sep_token_id to find the question, or an explicit global_attention_mask")
     is_sep = input_ids == sep_token_id

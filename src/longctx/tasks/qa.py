@@ -1,9 +1,11 @@
 """Extractive question answering over long documents (SQuAD format; TriviaQA / HotpotQA converted to it).
 
-Input: ``<cls> question <sep> context <sep>``; the question tokens (with ``<cls>``) are global
-(Longformer's QA preset, ``task.global_tokens: question``). A context longer than the sequence is cut
-into overlapping chunks (``task.doc_stride`` tokens of overlap); training keeps the chunks that hold
-the answer, evaluation scores every span of every chunk and keeps the best: start logit + end logit,
+Input: ``<cls> question <sep> context <sep>``; the question tokens (with ``<cls>``, without the
+``<sep>``) are global (Longformer's QA preset, ``task.global_tokens: question``), as the model's own
+``question_global_mask`` makes them for every call. A context longer than the sequence is cut into
+overlapping chunks (``task.doc_stride`` tokens of overlap; a context that needs more than
+``task.max_chunks`` is refused); training keeps the chunks that hold the answer, evaluation scores
+every span of every chunk and keeps the best: start logit + end logit,
 start <= end < start + ``task.max_answer_length`` tokens, inside the context. Judged by the official
 SQuAD v1.1 exact match and F1 (best over the gold answers), each with a bootstrap 95% interval.
 
@@ -21,7 +23,7 @@ from longctx.errors import LongctxError
 from longctx.tasks.base import data_seed
 from longctx.tasks import metrics
 from longctx.tasks.base import register
-from longctx.tasks.common import SPLITS, FinetuneTask
+from longctx.tasks.common import SPLITS, FinetuneTask, pad_batch
 
 
 def _answers(row: dict, where: str) -> tuple[list[str], list[int]]:
@@ -59,7 +61,7 @@ class QATask(FinetuneTask):
     name = "qa"
     primary_metric = "f1"
     default_global = "question"
-    OPTIONS = {"max_answer_length": 30, "doc_stride": 128, "max_question_tokens": 64,
+    OPTIONS = {"max_answer_length": 30, "doc_stride": 128, "max_question_tokens": 64, "max_chunks": 512,
                # the built-in task (no files)
                "context_chars": 6000, "far_fraction": 0.5, "questions_per_context": 2, "answer_offset": 0}
     CONFIG = {"data": {"seq_len": 1024}, "model": {"max_position_embeddings": 4096},
@@ -92,19 +94,18 @@ class QATask(FinetuneTask):
         if tok.sep_id is None or tok.cls_id is None:
             raise LongctxError("QA needs a tokenizer with a <cls> and a <sep> token")
         o = self.opts
-        # the question after a space: a byte-level BPE then spells its first word as inside a sentence of
-        # the context (" word", not "word"), so the model can match the two by token identity
-        questions = tok.encode_batch([" " + r["question"].lstrip() for r in records]) if records else []
-        contexts = tok.encode_batch([r["context"] for r in records]) if records else []
+        self._check_chunking(seq_len)
         feats = []
-        for ri, (r, (q, _), (c, offs)) in enumerate(zip(records, questions, contexts)):
+        for ri, r, (q, _), (c, offs) in self._encoded(records):
             q = q[:o["max_question_tokens"]]
             head = [tok.cls_id, *q, tok.sep_id]
             room = seq_len - len(head) - 1
-            if room < 1:
-                raise LongctxError(f"data.seq_len={seq_len} leaves no room for the context after a question of "
-                                   f"{len(q)} tokens; use a longer sequence or a smaller task.max_question_tokens")
-            stride = max(1, room - o["doc_stride"])
+            stride = room - o["doc_stride"]
+            chunks = 1 + max(0, -(-(len(c) - room) // stride))
+            if chunks > o["max_chunks"]:
+                raise LongctxError(f"{r['id']}: its context of {len(c)} tokens makes {chunks} chunks of "
+                                   f"data.seq_len={seq_len}, more than task.max_chunks={o['max_chunks']}; raise "
+                                   "task.max_chunks, use a longer sequence or shorten the context")
             a_char = r["answers"]["answer_start"][0]
             b_char = a_char + len(r["answers"]["text"][0])
             # the answer's first and last context tokens (offsets may include a leading space)
@@ -117,8 +118,11 @@ class QATask(FinetuneTask):
                     if ce >= len(c):
                         break
                     continue
-                f = {"input_ids": head + c[cs:ce] + [tok.sep_id], "n_global": len(head), "record": ri,
-                     "ctx_start": len(head), "chunk": cs, "offsets": offs[cs:ce]}
+                # int32 arrays, not lists of Python ints and tuples: ~12 bytes a token instead of ~115, for
+                # evaluation holds every chunk of every context of a split
+                f = {"input_ids": np.array(head + c[cs:ce] + [tok.sep_id], dtype=np.int32), "record": ri,
+                     "ctx_start": len(head), "chunk": cs,
+                     "offsets": np.array(offs[cs:ce], dtype=np.int32).reshape(-1, 2)}
                 if train:
                     f["start"], f["end"] = a_tok - cs + len(head), b_tok - cs + len(head)
                 elif has:
@@ -127,6 +131,41 @@ class QATask(FinetuneTask):
                 if ce >= len(c):
                     break
         return feats
+
+    def inputs(self, examples) -> dict:
+        """Padded inputs whose global tokens are the QA model's own (``question_global_mask``): training,
+        evaluation, a plain ``model(...)`` call and the exported graph all make the same tokens global."""
+        from longctx.models import question_global_mask
+
+        batch = pad_batch(examples, self.tokenizer.pad_id, "none")
+        if self.global_tokens != "none":
+            batch["global_attention_mask"] = question_global_mask(batch["input_ids"], self.tokenizer.sep_id)
+        return batch
+
+    def _encoded(self, records, group: int = 64):
+        """(index, record, question tokens, (context tokens, offsets)), encoded a group at a time: the
+        tokens and offsets of every context at once would hold the whole split's text several times over."""
+        tok = self.tokenizer
+        for g in range(0, len(records), group):
+            part = records[g:g + group]
+            # the question after a space: a byte-level BPE then spells its first word as inside a sentence
+            # of the context (" word", not "word"), so the model can match the two by token identity
+            questions = tok.encode_batch([" " + r["question"].lstrip() for r in part])
+            contexts = tok.encode_batch([r["context"] for r in part])
+            yield from zip(range(g, g + len(part)), part, questions, contexts)
+
+    def _check_chunking(self, seq_len: int) -> None:
+        """Chunks must advance: the context room beside the longest question must exceed the overlap."""
+        o = self.opts
+        if o["doc_stride"] < 0 or o["max_question_tokens"] < 1 or o["max_chunks"] < 1:
+            raise LongctxError("task.doc_stride must be at least 0, task.max_question_tokens and task.max_chunks "
+                               "at least 1")
+        room = seq_len - o["max_question_tokens"] - 3  # <cls> question <sep> context <sep>
+        if room - o["doc_stride"] < 1:
+            raise LongctxError(f"data.seq_len={seq_len} leaves {max(room, 0)} context tokens beside a question of "
+                               f"task.max_question_tokens={o['max_question_tokens']}, not more than the overlap "
+                               f"task.doc_stride={o['doc_stride']}; use a longer sequence or a smaller doc_stride "
+                               "or max_question_tokens")
 
     def label_tensors(self, examples) -> dict:
         return {"start_positions": torch.tensor([e["start"] for e in examples]),
