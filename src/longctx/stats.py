@@ -138,24 +138,42 @@ def compare_to_reference(scores: dict, reference: str, *, higher_is_better: bool
     return {"reference": reference, "level": level, "family_size": len(others), "rows": rows}
 
 
-def ranks_with_ties(scores: dict, *, higher_is_better: bool, level: float = 0.95, resamples: int = 2000,
-                    seed: int = 0) -> dict:
-    """Rank of each variant = 1 + the number of variants separated ahead of it: every pair compared by
-    its paired difference, Holm over all pairs at family-wise level 1 - ``level``. Variants that nothing
-    separates share rank 1; in a chain A > B > C where only A and C are separated, A and B rank 1 and C
-    ranks 2. Ranks are not dense (they count the variants that are surely better, not the distinct
-    levels), and every rank is backed by tests that survive the correction."""
+def pairwise(scores: dict, *, higher_is_better: bool, level: float = 0.95, resamples: int = 2000,
+             seed: int = 0) -> dict:
+    """Every pair of variants compared by its paired difference, Holm over all pairs at family-wise level
+    1 - ``level``: {"u vs v": paired_difference fields + p_holm + label (u against v)}."""
     names = list(scores)
     pairs = list(combinations(names, 2))
     results = [_difference(_paired_tables(scores[u], scores[v], (u, v)), higher_is_better, level, resamples, seed)
                for u, v in pairs]
-    reject = holm([r["p"] for r in results], level=1 - level)["reject"]
+    h = holm([r["p"] for r in results], level=1 - level)
+    return {f"{u} vs {v}": {**r, "p_holm": adj, "label": label(r, higher_is_better, rej)}
+            for (u, v), r, adj, rej in zip(pairs, results, h["adjusted"], h["reject"])}
+
+
+def ranks_from_pairwise(names: list, pairs: dict) -> dict:
+    """Rank of each variant = 1 + the number of variants separated ahead of it (``pairwise``'s labels).
+    Variants that nothing separates share rank 1; in a chain A > B > C where only A and C are separated,
+    A and B rank 1 and C ranks 2. Ranks are not dense (they count the variants that are surely better, not
+    the distinct levels), and every rank is backed by tests that survive the correction."""
     ahead = {v: 0 for v in names}
-    for (u, v), r, rej in zip(pairs, results, reject):
-        verdict = label(r, higher_is_better, rej)
-        if verdict != "not separated":
-            ahead[v if verdict == "better" else u] += 1
+    for key, r in pairs.items():
+        u, v = key.split(" vs ")
+        if r["label"] != "not separated":
+            ahead[v if r["label"] == "better" else u] += 1
     return {v: 1 + ahead[v] for v in names}
+
+
+def ranks_with_ties(scores: dict, *, higher_is_better: bool, level: float = 0.95, resamples: int = 2000,
+                    seed: int = 0) -> dict:
+    """``ranks_from_pairwise`` of ``pairwise``."""
+    return ranks_from_pairwise(list(scores), pairwise(scores, higher_is_better=higher_is_better, level=level,
+                                                      resamples=resamples, seed=seed))
+
+
+def mean_interval(scores, level: float = 0.95, resamples: int = 2000, seed: int = 0) -> list[float]:
+    """The interval of one variant's mean score over seeds and examples (``paired_difference`` against 0)."""
+    return _difference(_table(scores, "scores"), True, level, resamples, seed)["ci"]
 
 
 def _stack(scores: dict, names: list, what: str) -> np.ndarray:

@@ -44,41 +44,15 @@ def columns(results: list[dict]) -> dict[str, dict]:
     return {k: c for k, c in cols.items() if len({a.shape for a in c["scores"].values()}) == 1}
 
 
-def pairwise(scores: dict[str, np.ndarray], higher_is_better: bool, level: float = LEVEL) -> dict:
-    """Every ordered pair's paired difference, Holm over the unordered pairs: {(a, b): label of a vs b}."""
-    names = list(scores)
-    pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
-    diffs = [stats.paired_difference(scores[a], scores[b], higher_is_better=higher_is_better, level=level)
-             for a, b in pairs]
-    holm = stats.holm([d["p"] for d in diffs], 1 - level) if pairs else {"reject": []}
-    out = {}
-    for (a, b), d, reject in zip(pairs, diffs, holm["reject"]):
-        lab = stats.label(d, higher_is_better, reject)
-        out[f"{a} vs {b}"] = {"diff": d["diff"], "ci": d["ci"], "label": lab}
-    return out
-
-
-def tied_ranks(names: list[str], pairs: dict) -> dict[str, int]:
-    """1 + the number of variants separated ahead (pairwise "better" than it, after Holm)."""
-    ahead = {n: 0 for n in names}
-    for key, row in pairs.items():
-        a, b = key.split(" vs ")
-        if row["label"] == "better":
-            ahead[b] += 1
-        elif row["label"] == "worse":
-            ahead[a] += 1
-    return {n: ahead[n] + 1 for n in names}
-
-
 def analyse(results: list[dict], reference: str, level: float = LEVEL) -> dict:
     cols = columns(results)
     out = {"reference": reference, "level": level, "columns": {}, "kendall_tau": {}}
     for name, c in cols.items():
-        pairs = pairwise(c["scores"], c["higher_is_better"], level)
+        pairs = _plain(stats.pairwise(c["scores"], higher_is_better=c["higher_is_better"], level=level))
         ref = stats.compare_to_reference(c["scores"], reference, higher_is_better=c["higher_is_better"], level=level)
         out["columns"][name] = {"metric": c["metric"], "higher_is_better": c["higher_is_better"],
                                 "from_scratch": c["from_scratch"], "vs_reference": _plain(ref),
-                                "pairwise": pairs, "ranks": tied_ranks(list(c["scores"]), pairs),
+                                "pairwise": pairs, "ranks": stats.ranks_from_pairwise(list(c["scores"]), pairs),
                                 "shape": list(next(iter(c["scores"].values())).shape)}
     names = list(cols)
     for i, a in enumerate(names):
