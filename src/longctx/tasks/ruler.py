@@ -122,25 +122,25 @@ class Source:
         return self._definitions
 
 
-def place(units: list[str], sep: str, needles: list[tuple[float, str]], n: int) -> tuple[str, list[int]]:
+def place(units: list[str], sep: str, needles: list[tuple[float, str]], n: int):
     """The haystack cut to ``n`` characters with each needle ``(depth, text)`` inserted at the unit start
-    nearest ``depth`` of the whole context; returns the context and each needle's start (in order)."""
+    nearest ``depth`` of the haystack (RULER's depth: the share of the haystack before the needle; 1.0
+    lands before the last, cut, unit); returns the context, each needle's start in it and its measured
+    depth (in order)."""
     hay = sep.join(units)[:n]
-    starts = [0] + [m.end() for m in re.finditer(re.escape(sep), hay) if m.end() < n]
-    total = n + sum(len(t) + len(sep) for _, t in needles)
+    cuts = [0] + [m.end() for m in re.finditer(re.escape(sep), hay) if m.end() < n]  # unit starts
     order = sorted(range(len(needles)), key=lambda i: needles[i][0])
-    pieces, at, added, out = [], 0, 0, [0] * len(needles)
+    pieces, at, starts, depths = [], 0, [0] * len(needles), [0.0] * len(needles)
     for i in order:
-        want = needles[i][0] * total - added  # where it goes in the haystack, the needles before it counted
-        j = min(range(len(starts)), key=lambda j: abs(starts[j] - want)) if starts else 0
-        b = max(at, starts[j] if starts else 0)
+        b = max(at, min(cuts, key=lambda c: abs(c - needles[i][0] * n)))
         pieces.append(hay[at:b])
-        out[i] = sum(map(len, pieces))
-        pieces.append(needles[i][1] + sep)
-        added += len(needles[i][1]) + len(sep)
+        text = needles[i][1] + sep  # the context is n characters and the needles with their separators
+        starts[i] = sum(map(len, pieces))
+        depths[i] = b / max(1, n)
+        pieces.append(text)
         at = b
     pieces.append(hay[at:])
-    return "".join(pieces), out
+    return "".join(pieces), starts, depths
 
 
 def fit(cut, length: int, measure, capacity: int):
@@ -178,8 +178,8 @@ def _niah(rng, src, length, depth, n_keys=1, n_values=1, n_queries=1, all_values
     needles = [f"One of the special magic numbers for {k} is: {v}." for k, v in items]
     depths = _depths(rng, depth, len(needles))
     units, sep, docs = src.haystack(rng, src.capacity(length))
-    context, starts = fit(lambda n: place(units, sep, list(zip(depths, needles)), n), length, src.measure,
-                          src.capacity(length))
+    context, starts, where = fit(lambda n: place(units, sep, list(zip(depths, needles)), n), length, src.measure,
+                                 src.capacity(length))
     if any(context.count(v) != 1 for v in vals) or any(_count_word(context, k) != sum(k == x for x, _ in items)
                                                        for k in keys):
         return None
@@ -191,7 +191,7 @@ def _niah(rng, src, length, depth, n_keys=1, n_values=1, n_queries=1, all_values
         answers = [(items[j][1], starts[j] + len(needles[j]) - len(items[j][1]) - 1) for j in mine]
         q = f"What are all the special magic numbers for {key}?" if all_values else \
             f"What is the special magic number for {key}?"
-        out.append(_record(context, q, answers, starts[i] / len(context), length, docs))
+        out.append(_record(context, q, answers, where[i], length, docs))
     return out
 
 
@@ -224,13 +224,13 @@ def variable_tracking(rng, src, length, depth):
     statements += [f"VAR {ch[h]} = {ch[h - 1]}." for ch in chains for h in range(1, len(ch))]
     depths = _depths(rng, depth, len(statements))
     units, sep, docs = src.haystack(rng, src.capacity(length))
-    context, starts = fit(lambda n: place(units, sep, list(zip(depths, statements)), n), length, src.measure,
-                          src.capacity(length))
+    context, starts, where = fit(lambda n: place(units, sep, list(zip(depths, statements)), n), length,
+                                 src.measure, src.capacity(length))
     if any(context.count(v) != 1 for v in values) or \
             any(_count_word(context, x) != (1 if x == ch[-1] else 2) for ch in chains for x in ch):
         return None
     answer = (values[0], starts[0] + len(statements[0]) - len(values[0]) - 1)
-    return [_record(context, f"What is the value of VAR {chains[0][-1]}?", [answer], starts[0] / len(context),
+    return [_record(context, f"What is the value of VAR {chains[0][-1]}?", [answer], where[0],
                     length, docs)]
 
 
@@ -300,10 +300,10 @@ def qa_distractors(rng, src, length, depth):
     if total < cap:
         raise LongctxError(f"this split has {total} characters of distractor definitions, fewer than a context "
                            f"of task.length={length} {src.opts['length_unit']} needs; use a shorter length")
-    context, (start,) = fit(lambda n: place(units, "\n\n", [(depth, para)], n), length, src.measure, cap)
+    context, (start,), (where,) = fit(lambda n: place(units, "\n\n", [(depth, para)], n), length, src.measure, cap)
     if context.count(answer) != 1:
         return None
-    return [_record(context, name, [(answer, start + offset)], start / len(context), length, sorted(set(docs)))]
+    return [_record(context, name, [(answer, start + offset)], where, length, sorted(set(docs)))]
 
 
 def _grid(value, name: str, kind, default):
