@@ -60,8 +60,11 @@ def _tolerance(r, haystack):
     return (unit + 2) / (r["length"] - 300)
 
 
-def test_the_eight_tasks_are_registered_qa_tasks():
+def test_the_eight_tasks_are_registered_qa_tasks_a_comparison_can_list():
+    from longctx.experiments.downstream import check_spec
+
     assert set(RULER_NAMES) <= set(TASK_NAMES) and len(RULER_NAMES) == 8
+    check_spec({name: {"task": {"length": [1000, 2000]}} for name in RULER_NAMES})
     for name in RULER_NAMES:
         task = _task(name)
         assert isinstance(task, QATask) and task.name == name
