@@ -28,12 +28,12 @@ Haystacks (``task.haystack``): ``corpus``, consecutive lines of the default corp
 (pages split into train / dev / test by module, ``builtin.corpus_splits``), or ``noise``, RULER's
 repeated sentences ("The grass is green. The sky is blue. ..."). cwe and fwe are word lists of their own
 and ruler_qa's haystack is always its distractor definitions. Needles go at line (sentence) starts, the
-evidence's start at ``task.depth`` of the context (a fraction; a list to sweep; unset: uniform). Lengths
+evidence at ``task.depth`` of the haystack (the share before it; a list to sweep; unset: uniform). Lengths
 (``task.length``, an integer or a list to sweep) are in ``task.length_unit``: ``chars`` (exact) or
 ``tokens`` of the task's tokenizer (the longest context with at most that many). Every record keeps its
-``length`` (requested) and ``depth`` (measured: evidence start / context characters); the evaluation
-adds exact match and F1 by depth bin (``task.depth_bins``) and by length, and ``depth_length_heatmap``
-draws them. Each split has its own random stream (``seed:split``), so splits never share a draw.
+``length`` (requested) and ``depth`` (where the evidence landed; cwe / fwe: the answer's first
+occurrence over the context); the evaluation adds exact match and F1 by depth bin (``task.depth_bins``)
+and by length, and ``depth_length_heatmap`` draws them. Each split has its own random stream (``seed:split``), so splits never share a draw.
 """
 from __future__ import annotations
 
