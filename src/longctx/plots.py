@@ -1,6 +1,7 @@
 """Figures: matplotlib on its Agg backend (no display; safe in worker processes) and the two kinds
-of figure the reports draw, lines over a shared x axis and bar panels. Every figure is saved
-atomically (a reader never sees half a PNG) and closed."""
+of figure the reports draw, lines over a shared x axis and bar panels, and a heatmap (RULER's accuracy by
+needle depth and context length). Every figure is saved atomically (a reader never sees half a PNG) and
+closed."""
 from __future__ import annotations
 
 import os
@@ -70,6 +71,31 @@ def bar_figure(path: str | os.PathLike, names: Sequence[str], panels: Sequence[t
         ax.bar(list(names), list(values), color=color)
         ax.set_ylabel(ylabel)
         ax.tick_params(axis="x", rotation=30)
+    return save(fig, path, dpi)
+
+
+def heatmap_figure(path: str | os.PathLike, values, row_labels: Sequence[str], col_labels: Sequence[str],
+                   xlabel: str, ylabel: str, *, title: str | None = None, vmin: float = 0.0, vmax: float = 1.0,
+                   figsize=None, dpi: int = 100) -> Path:
+    """A matrix ``values`` (rows x columns) as coloured cells, each annotated with its value; a NaN cell
+    (no data) is left blank."""
+    import numpy as np
+
+    plt = pyplot()
+    m = np.asarray(values, float)
+    fig, ax = plt.subplots(figsize=figsize or (1.2 * m.shape[1] + 2.5, 0.6 * m.shape[0] + 1.8))
+    im = ax.imshow(np.ma.masked_invalid(m), vmin=vmin, vmax=vmax, cmap="viridis", aspect="auto")
+    for (r, c), v in np.ndenumerate(m):
+        if np.isfinite(v):
+            ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=8,
+                    color="black" if v > vmin + 0.6 * (vmax - vmin) else "white")
+    ax.set_xticks(range(m.shape[1]), list(col_labels))
+    ax.set_yticks(range(m.shape[0]), list(row_labels))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    fig.colorbar(im, ax=ax)
     return save(fig, path, dpi)
 
 

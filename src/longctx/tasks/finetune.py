@@ -18,13 +18,15 @@ from pathlib import Path
 
 from longctx.errors import LongctxError
 
-TASK_NAMES = ("qa", "qa_describe", "classification", "listops", "text", "retrieval", "section_heading")
+RULER_NAMES = ("ruler_niah_single", "ruler_niah_multikey", "ruler_niah_multivalue", "ruler_niah_multiquery",
+               "ruler_vt", "ruler_cwe", "ruler_fwe", "ruler_qa")  # all in tasks/ruler.py
+TASK_NAMES = ("qa", "qa_describe", "classification", "listops", "text", "retrieval", "section_heading", *RULER_NAMES)
 
 
 def task_class(name: str):
     from longctx.tasks import get_task
     if name in TASK_NAMES:
-        importlib.import_module(f"longctx.tasks.{name}")
+        importlib.import_module(f"longctx.tasks.{'ruler' if name in RULER_NAMES else name}")
     return get_task(name)
 
 
