@@ -21,6 +21,7 @@ import os
 import random
 import shutil
 import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -38,11 +39,15 @@ class CorruptCheckpoint(LongctxError):
     """A checkpoint whose files are missing, truncated or altered: resume falls back to an older one."""
 
 
-# --- fault injection, for the kill tests: LONGCTX_FAULT="point:n" SIGKILLs the n-th arrival at point ---
+# --- fault injection, for the kill tests: LONGCTX_FAULT="point:n" SIGKILLs the n-th arrival at point;
+# LONGCTX_FAULT_DELAY="point:s" waits s seconds at every arrival (a checkpoint as slow as a large model's) ---
 _arrivals: dict[str, int] = {}
 
 
 def fault_point(name: str) -> None:
+    point, _, seconds = os.environ.get("LONGCTX_FAULT_DELAY", "").rpartition(":")
+    if point == name:
+        time.sleep(float(seconds))
     spec = os.environ.get("LONGCTX_FAULT")
     if not spec:
         return

@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -99,6 +101,35 @@ def peak_memory_bytes() -> int:
     if torch.cuda.is_available():
         return int(torch.cuda.max_memory_allocated())
     return peak_rss_bytes()
+
+
+class StopRequests:
+    """Ctrl-C while training: the first asks the run to stop once the current step is done, the second
+    stops it at once (KeyboardInterrupt). A checkpoint is only consistent between steps: one taken
+    mid-step would hold the random state the step had consumed (its dropout masks) and, past
+    ``optimizer.step()``, weights of a step it does not count, so the resumed run would differ from one
+    never stopped. Takes over each signal that would raise KeyboardInterrupt: SIGINT, and SIGUSR1 in a
+    comparison's child, whose parent sends it on Ctrl-C (longctx.experiments.variant)."""
+
+    def __enter__(self) -> "StopRequests":
+        self.requested = False
+        self._old = {}
+        if threading.current_thread() is threading.main_thread():  # where Python runs signal handlers
+            for sig in (signal.SIGINT, signal.SIGUSR1):
+                if signal.getsignal(sig) is signal.default_int_handler:
+                    self._old[sig] = signal.signal(sig, self._request)
+        return self
+
+    def _request(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("interrupted: the run stops after this step and saves a checkpoint (Ctrl-C again stops it at once, "
+              "without one)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
 
 
 def _rewind_metrics(path: Path, step: int) -> None:
@@ -367,36 +398,47 @@ class Trainer:
             cpu_cache.setup()
         self._window_tokens, window_start = 0, time.perf_counter()
         try:
-            while self.step_no < self.total_steps:
-                self.step()
-                step = self.step_no
-                if not (step % t["log_every"] == 0 or step == self.total_steps):
-                    self.show.update(1)
-                else:
-                    elapsed = time.perf_counter() - window_start
-                    tok_s = self._window_tokens / max(elapsed, 1e-9)
-                    lr = self.scheduler.get_last_lr()[0]
-                    self.show.update(1, log=True, loss=f"{self.last_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
-                    self.log({"type": "train", "step": step, "loss": self.last_loss, "lr": lr, "tokens_per_s": tok_s,
-                              "tokens": self.state["tokens"], "train_time": self.state["train_time"]})
-                    self._window_tokens, window_start = 0, time.perf_counter()
-                if t["eval_every"] and step % t["eval_every"] == 0 and step < self.total_steps:
-                    self.log({"type": "eval", "step": step, **self.evaluate(), "train_time": self.state["train_time"]})
-                if t["save_every"] and step % t["save_every"] == 0 and step < self.total_steps:
-                    self.save()
-        except KeyboardInterrupt:
-            if self.step_no > 0 and self.main:
-                self.save()
-                print(f"interrupted: checkpoint of step {self.step_no} saved in {self.out / 'checkpoints'}; "
-                      "continue with --resume", file=sys.stderr)
+            with StopRequests() as stop:
+                while self.step_no < self.total_steps and not stop.requested:
+                    self.step()
+                    step = self.step_no
+                    if not (step % t["log_every"] == 0 or step == self.total_steps):
+                        self.show.update(1)
+                    else:
+                        elapsed = time.perf_counter() - window_start
+                        tok_s = self._window_tokens / max(elapsed, 1e-9)
+                        lr = self.scheduler.get_last_lr()[0]
+                        self.show.update(1, log=True, loss=f"{self.last_loss:.4f}", lr=f"{lr:.2e}",
+                                         tok_s=f"{tok_s:,.0f}")
+                        self.log({"type": "train", "step": step, "loss": self.last_loss, "lr": lr,
+                                  "tokens_per_s": tok_s, "tokens": self.state["tokens"],
+                                  "train_time": self.state["train_time"]})
+                        self._window_tokens, window_start = 0, time.perf_counter()
+                    if t["eval_every"] and step % t["eval_every"] == 0 and step < self.total_steps:
+                        self.log({"type": "eval", "step": step, **self.evaluate(),
+                                  "train_time": self.state["train_time"]})
+                    if t["save_every"] and step % t["save_every"] == 0 and step < self.total_steps:
+                        self.save()
+        except KeyboardInterrupt:  # the second Ctrl-C, mid-step: a state no checkpoint may hold
+            self.say(f"interrupted again: stopped during step {self.step_no + 1} without saving it", warning=True)
             raise
+        if stop.requested:
+            if self.step_no > 0 and not self._saved_at_this_step():
+                self.save()
+            # how to continue is the command's to say (longctx.cli): --resume, or compare's plain rerun
+            self.say(f"interrupted: checkpoint of step {self.step_no} saved in {self.out / 'checkpoints'}",
+                     warning=True)
+            raise KeyboardInterrupt
         return self.finish()
+
+    def _saved_at_this_step(self) -> bool:
+        done = checkpoint_dirs(self.out)
+        return bool(done) and done[-1].name == f"step-{self.step_no:06d}"
 
     def finish(self) -> dict:
         """The last checkpoint (unless the run resumed from it), the final evaluation, the model and
         results.json; each output is written whole or not at all, results.json last."""
-        done = checkpoint_dirs(self.out)
-        if not done or done[-1].name != f"step-{self.step_no:06d}":
+        if not self._saved_at_this_step():
             self.save()
         if self.phase is None:  # resumed from the last checkpoint: no step ran
             self._enter_phase_for_eval()
