@@ -58,3 +58,20 @@ def test_finetune_longer_than_the_saved_models_positions_suggests_a_length_that_
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "data.seq_len=512" in err[0] and "max_position_embeddings=1024" not in err[0]
     assert not (tmp_path / "ft").exists()
+
+
+# --- item 3: export names the extra it needs ---
+def test_onnx_export_without_onnxscript_names_the_export_extra(lm_512, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # as after the README's install: not importable
+    assert main(["export", str(lm_512), str(tmp_path / "x.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert "pip install 'longctx[export]'" in err.strip().splitlines()[-1] and "Traceback" not in err, err
+    assert not list(tmp_path.iterdir())
+
+
+def test_the_test_extra_includes_the_export_extra():
+    import tomllib
+    from pathlib import Path
+
+    extras = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert set(extras["export"]) == {"onnxscript", "onnxruntime"} and "longctx[export]" in extras["test"]
