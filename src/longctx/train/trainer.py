@@ -151,6 +151,7 @@ class Trainer:
         self.total_steps = self.stage_ends[-1]
         self.state = {"step": 0, "tokens": 0, "train_time": 0.0, "world_size": 1}
         self.finished_result = None
+        self.extended_from = None  # train.steps of the checkpoints, when train.extend lengthens the run
         self._lock = None
         self.writer = None
         self.last_loss = float("nan")
@@ -193,9 +194,12 @@ class Trainer:
         self.n_params = sum(p.numel() for p in model.parameters())
         self._plan_compute(model)  # FLOPs per step; a train.budget decides the steps here, before the schedule
         optimizer = make_optimizer(model, self.cfg)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(self.cfg, self.stages))
+        schedule = lr_schedule(self.cfg, self.stages)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         if self.candidates:
             self._load(model, optimizer, scheduler)
+            if self.extended_from is not None:
+                self._extend_schedule(optimizer, scheduler, schedule)
         self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
         self.unwrapped = acc.unwrap_model(self.model)
         self.step_no = self.state["step"]
@@ -258,15 +262,33 @@ class Trainer:
             if adopt_saved_steps(self.cfg, saved):  # the steps the first start's budget decided
                 self._set_total_steps(self.cfg["train"]["steps"])
             unsafe, safe = config_changes(saved, self.cfg)
+            old_steps = saved["train"]["steps"]
             if unsafe:
+                longer = any(c.startswith("train.steps ") for c in unsafe) and self.total_steps > old_steps
                 raise LongctxError(
                     f"cannot resume {self.out}: the config differs from the one its checkpoints were trained with "
-                    f"in {', '.join(unsafe)}, which change the model, the data or the optimisation; resume with "
-                    f"the saved values (in {intact[0] / 'run_config.json'}) or start a new run with another --out")
-            if safe:
+                    f"in {', '.join(unsafe)}, which change the model, the data or the optimisation (train.steps: "
+                    f"the learning-rate schedule); resume with the saved values (in "
+                    f"{intact[0] / 'run_config.json'}) or start a new run with another --out"
+                    + ("; to lengthen this run instead, add train.extend=true" if longer else ""))
+            if any(c.startswith("train.steps ") for c in safe):
+                self.extended_from = old_steps  # said, with the new schedule, once the checkpoint is loaded
+            if [c for c in safe if not c.startswith(("train.steps ", "train.extend "))]:
                 self.say(f"resuming with changed {', '.join(safe)}: allowed, they change neither the model nor "
                          "the data", warning=True)
         return [(p, saved) for p in intact]
+
+    def _extend_schedule(self, optimizer, scheduler, schedule) -> None:
+        """train.extend: the schedule is recomputed over the new total; the optimizer, which holds the old
+        schedule's rate for the next step, gets the new one's, and the change is said."""
+        step, lr = self.state["step"], self.t["lr"]
+        for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+            group["lr"] = base * schedule(step)
+        old = lr_schedule(self.cfg, [{"steps": self.extended_from, "lr": lr}])
+        self.say(f"extending the run from {self.extended_from} to {self.total_steps} steps (train.extend): its "
+                 f"{self.t['schedule']} learning-rate schedule is recomputed over {self.total_steps} steps, so step "
+                 f"{step + 1} runs at {lr * schedule(step):.2e} (the old schedule's {lr * old(step):.2e}) and the "
+                 f"last at {lr * schedule(self.total_steps - 1):.2e}", warning=True)
 
     def _finished(self, newest: Path) -> bool:
         """A run whose newest checkpoint is its last step and whose results.json exists is done."""
