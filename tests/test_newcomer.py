@@ -75,3 +75,16 @@ def test_the_test_extra_includes_the_export_extra():
 
     extras = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert set(extras["export"]) == {"onnxscript", "onnxruntime"} and "longctx[export]" in extras["test"]
+
+
+# --- item 6: eval refuses a model without a language-model head ---
+def test_eval_refuses_a_finetuned_task_model(lm_512, tmp_path, capsys):
+    out = tmp_path / "ft"
+    assert main(["finetune", "--task", "qa", "--init-from", str(lm_512), "--out", str(out), *TINY_FT,
+                 *qa_files(tmp_path)]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(out / "model"), "data.tokenizer=bytes", f"data.corpus={tmp_path}"]) == 2
+    err = capsys.readouterr()
+    assert "perplexity" not in err.out
+    err = err.err.strip().splitlines()
+    assert len(err) == 1 and "LongctxForQuestionAnswering" in err[0] and "language-model head" in err[0], err
