@@ -88,3 +88,23 @@ def test_eval_refuses_a_finetuned_task_model(lm_512, tmp_path, capsys):
     assert "perplexity" not in err.out
     err = err.err.strip().splitlines()
     assert len(err) == 1 and "LongctxForQuestionAnswering" in err[0] and "language-model head" in err[0], err
+
+
+# --- item 8: `longctx --help` imports neither torch nor transformers; importing longctx still registers ---
+def _run_python(code: str) -> str:
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    return res.stdout.strip()
+
+
+def test_the_cli_parser_imports_neither_torch_nor_transformers():
+    out = _run_python("import sys, longctx.cli; longctx.cli.build_parser(); "
+                      "print(sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules))")
+    assert out == "[]"
+
+
+@pytest.mark.parametrize("imports", ["import longctx, transformers", "import transformers, longctx"])
+def test_importing_longctx_registers_with_transformers_in_either_order(imports):
+    out = _run_python(f"{imports}\nfrom transformers import AttentionInterface, AutoConfig\n"
+                      "print(type(AutoConfig.for_model('longctx')).__name__, 'longctx' in AttentionInterface._global_mapping)")
+    assert out == "LongctxConfig True"
