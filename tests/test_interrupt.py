@@ -98,3 +98,19 @@ def test_a_second_ctrl_c_stops_the_child_without_its_checkpoint(comparison, tmp_
     assert run.returncode == 130
     assert "second interrupt: variant 'full' stopped without saving" in err
     assert not checkpoint_dirs(vdir) and not (vdir / "results.json").exists()
+
+
+def test_ctrl_c_in_pretrain_saves_at_a_step_boundary_and_says_to_resume(comparison, tmp_path):
+    base = yaml.safe_load(comparison.read_text())["base"]
+    out = tmp_path / "run"
+    args = [f"{section}.{k}={json.dumps(v)}" for section in ("data", "model", "train") for k, v in base[section].items()]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LONGCTX_CACHE": str(tmp_path / "cache"), **SLOW_SAVE}
+    run = subprocess.Popen([sys.executable, "-m", "longctx.cli", "pretrain", "--out", str(out), *args], env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    ctrl_c_after_step(run, out, 2)
+    _, err = run.communicate(timeout=60)
+    assert run.returncode == 130, err
+    saved = checkpoint_dirs(out)
+    assert len(saved) == 1 and f"checkpoint of step {int(saved[0].name.split('-')[1])} saved" in err
+    assert err.strip().splitlines()[-1] == "longctx pretrain: interrupted; rerun it with --resume to continue from " \
+                                           "its last checkpoint"
