@@ -445,11 +445,12 @@ class Trainer:
             self.say(f"interrupted again: stopped during step {self.step_no + 1} without saving it", warning=True)
             raise
         if stop.requested:
-            if self.step_no > 0 and not self._saved_at_this_step():
-                self.save()
-            # how to continue is the command's to say (longctx.cli): --resume, or compare's plain rerun
-            self.say(f"interrupted: checkpoint of step {self.step_no} saved in {self.out / 'checkpoints'}",
-                     warning=True)
+            if self.step_no > 0:
+                if not self._saved_at_this_step():
+                    self.save()
+                # how to continue is the command's to say (longctx.cli): --resume, or compare's plain rerun
+                self.say(f"interrupted: checkpoint of step {self.step_no} saved in {self.out / 'checkpoints'}",
+                         warning=True)
             raise KeyboardInterrupt
         return self.finish()
 
