@@ -165,15 +165,28 @@ def test_resume_refuses_config_changes_that_alter_the_run_and_names_each(finishe
     assert same_weights(out / "model", finished / "model")
 
 
-def test_resume_extends_a_finished_run_when_train_steps_grows(finished, corpus, tmp_path, capsys):
+def test_resume_refuses_a_changed_train_steps_unless_asked_to_extend(finished, corpus, tmp_path, capsys):
     out = tmp_path / "run"
     shutil.copytree(finished, out)
-    assert main(tiny(corpus, out, steps=7) + ["--resume"]) == 0
-    assert "train.steps (5 -> 7)" in capsys.readouterr().err
+    capsys.readouterr()
+    # train.steps sets the learning-rate schedule: changed silently, the run would follow neither schedule
+    for steps in (7, 4):
+        assert main(tiny(corpus, out, steps=steps) + ["--resume"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"train.steps (5 -> {steps})" in err[0] and "learning-rate schedule" in err[0]
+        assert ("train.extend=true" in err[0]) == (steps > 5), err[0]
+    assert json.loads((out / "results.json").read_text())["steps"] == 5
+    # asked to: the schedule is recomputed over the new total and the run says what it becomes (linear
+    # decay after 2 warm-up steps: over 5 steps the 6th would run at 0, over 7 at 2/5 of train.lr)
+    assert main(tiny(corpus, out, steps=7, extra=["train.extend=true"]) + ["--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "extending the run from 5 to 7 steps (train.extend)" in err, err
+    assert "step 6 runs at 4.00e-04 (the old schedule's 0.00e+00)" in err, err
     assert json.loads((out / "results.json").read_text())["steps"] == 7
+    lrs = [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines()
+           if json.loads(line)["type"] == "train"]
+    assert lrs[5:] == pytest.approx([2e-4, 0.0])  # the new schedule's, logged after each step
     assert not same_weights(out / "model", finished / "model")
-    assert main(tiny(corpus, out, steps=4) + ["--resume"]) == 2  # behind the checkpoint: refused
-    assert "past train.steps=4" in capsys.readouterr().err
 
 
 # --- item 6: checksums, fallback to the newest intact checkpoint ---

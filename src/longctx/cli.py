@@ -35,6 +35,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def resume_hint(args) -> str:
+    """How an interrupted command continues: a training command with --resume; compare by running it
+    again (it skips finished runs and resumes the interrupted one)."""
+    if args.command == "compare":
+        return "; rerunning the same command resumes it"
+    if hasattr(args, "resume"):
+        return "; rerun it with --resume to continue from its last checkpoint"
+    return ""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -53,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"longctx {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"longctx {args.command}: interrupted", file=sys.stderr)
+        print(f"longctx {args.command}: interrupted{resume_hint(args)}", file=sys.stderr)
         return 130
 
 

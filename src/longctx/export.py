@@ -143,6 +143,11 @@ def export_onnx(model: nn.Module, path: str | Path, *, max_global: int | None = 
                 example_len: int | None = None) -> Path:
     """ONNX through ``torch.onnx.export(dynamo=True)`` of the exported program; inputs ``input_ids`` and
     ``attention_mask`` (int64, (batch, seq)), outputs named as the model's output fields."""
+    try:  # torch.onnx's exporter imports it only once the program is traced: say so before that
+        import onnxscript  # noqa: F401
+    except ImportError:
+        raise LongctxError("exporting to ONNX needs onnxscript, which is not installed: pip install "
+                           "'longctx[export]' (in a clone: pip install -e '.[export]')") from None
     program, spec = export_program(model, max_global=max_global, example_len=example_len)
     path = Path(path)
     with _tracing_settings(spec.max_global):

@@ -6,7 +6,16 @@
   RoBERTa -> a long longctx masked LM by Longformer's recipe (copied position table, sliding window,
   global projections initialised from the local ones).
 """
-from longctx.convert.extend import extend_dir, extend_model
-from longctx.convert.longformer import convert_longformer, convert_longformer_dir
+import importlib
 
-__all__ = ["convert_longformer", "convert_longformer_dir", "extend_model", "extend_dir"]
+# imported on first use (PEP 562): `longctx convert`'s parser lives in this package, and `longctx --help`
+# must not wait for torch and transformers
+_WHERE = {"convert_longformer": "longformer", "convert_longformer_dir": "longformer", "extend_model": "extend",
+          "extend_dir": "extend"}
+__all__ = list(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)

@@ -100,6 +100,19 @@ def _model_config(model_dir: Path) -> dict:
     return cfg
 
 
+LM_CLASSES = ("LongctxForMaskedLM", "LongctxForCausalLM")
+
+
+def _require_lm_head(model_dir: Path, cfg: dict) -> None:
+    """Refuse a model saved without a language-model head (a finetuned task model): loaded as an LM, its
+    head would be freshly initialised and its perplexity that of random weights."""
+    arch = (cfg.get("architectures") or [LM_CLASSES[0]])[0]
+    if arch not in LM_CLASSES:
+        raise LongctxError(f"{model_dir} is a {arch} model, without the language-model head `longctx eval` "
+                           "scores with; give a pretrained model (a run's model/ folder; a finetuned model's task "
+                           "scores are in its run's results.json)")
+
+
 def run_eval(args) -> int:
     import longctx  # noqa: F401
     from longctx.data.packing import prepare_data
@@ -117,7 +130,9 @@ def run_eval(args) -> int:
     raw = {**raw, "model": {**(raw.get("model") or {}), "attention": "full"}}
     cfg = resolve(raw, list(args.overrides) + args.late_overrides)
     # every argument is checked before anything heavy is loaded
-    causal = bool(_model_config(model_dir).get("causal", False))
+    model_cfg = _model_config(model_dir)
+    _require_lm_head(model_dir, model_cfg)
+    causal = bool(model_cfg.get("causal", False))
     if not causal and (args.blockwise is not None or args.resolution or args.stride):
         flag = "--blockwise" if args.blockwise is not None else "--resolution" if args.resolution else "--stride"
         raise LongctxError(f"{flag} applies to causal LMs (decoders); {model_dir} is a masked LM")

@@ -26,6 +26,10 @@ from longctx.errors import LongctxError
 from longctx.models.config import LongctxConfig
 from longctx.positions import ALiBi, AbsoluteTable, PositionEncoding, alibi_slopes, sinusoidal_table
 
+# the outputs' key-value cache field: ``cache`` since transformers renamed ``past_key_values``, whose old name
+# makes every process print a deprecation warning (once, at the first forward)
+CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
 
 class Embeddings(nn.Module):
     """Token embeddings plus absolute positions (the position encoding's ``embed``; nothing for
@@ -178,7 +182,7 @@ class LongctxModel(LongctxPreTrainedModel):
             else:
                 x = layer(x, kpm, gm, position_ids, cache)
         return BaseModelOutputWithPast(last_hidden_state=self.final_norm(x),
-                                       past_key_values=past_key_values if use_cache else None,
+                                       **{CACHE_FIELD: past_key_values if use_cache else None},
                                        attentions=None if attentions is None else tuple(attentions))
 
     @staticmethod
@@ -354,7 +358,7 @@ class LongctxForCausalLM(LongctxPreTrainedModel):
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: getattr(out, CACHE_FIELD)},
                                       attentions=out.attentions)
 
     @torch.no_grad()
@@ -377,7 +381,7 @@ class LongctxForCausalLM(LongctxPreTrainedModel):
         for _ in range(max_new_tokens):
             if use_cache:
                 out = self(step_input, past_key_values=cache, use_cache=True)
-                cache = out.past_key_values
+                cache = getattr(out, CACHE_FIELD)
             else:
                 out = self(seq)
             nxt = pick(out.logits[:, -1])

@@ -56,6 +56,25 @@ def saved_model_fields(path: str | Path) -> dict:
     return out
 
 
+def _seq_len_for(raw: dict, asked: int | None, init_from) -> int | None:
+    """data.seq_len of a finetuning from a saved model: the task's default, shortened to the positions
+    the model has (learned or sinusoidal tables); a length the user asks for beyond them is refused."""
+    from longctx.train.config import DEFAULTS
+
+    m = raw["model"]
+    default = (raw.get("data") or {}).get("seq_len", DEFAULTS["data"]["seq_len"])
+    if m.get("position", DEFAULTS["model"]["position"]) not in ("learned", "sinusoidal"):
+        return asked or default
+    limit = m.get("max_position_embeddings", DEFAULTS["model"]["max_position_embeddings"])
+    if asked is None:
+        return min(default, limit)
+    if isinstance(asked, int) and asked > limit:
+        raise LongctxError(f"data.seq_len={asked} is longer than the {limit} positions of init_from {init_from} "
+                           f"(its {m.get('position', 'learned')} position table; model.* keys cannot change a saved "
+                           f"model); use data.seq_len={limit} or less, or leave data.seq_len out")
+    return asked
+
+
 def finetune_config(task_name: str, config: dict | None = None, overrides: list[str] | None = None,
                     init_from: str | None = None) -> dict:
     from longctx.tasks.common import task_options
@@ -71,6 +90,8 @@ def finetune_config(task_name: str, config: dict | None = None, overrides: list[
     if init_from:
         raw["init_from"] = str(init_from)
         raw["model"] = deep_merge(raw.get("model") or {}, saved_model_fields(init_from))
+        user_data = deep_merge(config or {}, parse_overrides(overrides or [])).get("data") or {}
+        raw["data"] = dict(raw.get("data") or {}, seq_len=_seq_len_for(raw, user_data.get("seq_len"), init_from))
     raw.setdefault("name", task_name)
     cfg = resolve(raw)
     cfg["task"] = task_options(cls, task_section)

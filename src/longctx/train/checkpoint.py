@@ -21,6 +21,7 @@ import os
 import random
 import shutil
 import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -38,11 +39,15 @@ class CorruptCheckpoint(LongctxError):
     """A checkpoint whose files are missing, truncated or altered: resume falls back to an older one."""
 
 
-# --- fault injection, for the kill tests: LONGCTX_FAULT="point:n" SIGKILLs the n-th arrival at point ---
+# --- fault injection, for the kill tests: LONGCTX_FAULT="point:n" SIGKILLs the n-th arrival at point;
+# LONGCTX_FAULT_DELAY="point:s" waits s seconds at every arrival (a checkpoint as slow as a large model's) ---
 _arrivals: dict[str, int] = {}
 
 
 def fault_point(name: str) -> None:
+    point, _, seconds = os.environ.get("LONGCTX_FAULT_DELAY", "").rpartition(":")
+    if point == name:
+        time.sleep(float(seconds))
     spec = os.environ.get("LONGCTX_FAULT")
     if not spec:
         return
@@ -209,7 +214,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
 # Keys that change neither the model nor the data nor the optimisation: a resume may change them.
 SAFE_TO_CHANGE = {
     "name": "a label",
-    "train.steps": "the run continues to the new total; the LR schedule follows it",
+    "train.extend": "whether a resume may lengthen the run",
     "train.log_every": "logging", "train.eval_every": "evaluation cadence", "train.eval_batches": "evaluation size",
     "train.save_every": "checkpoint cadence", "train.keep_last": "checkpoints kept",
     "train.activation_checkpointing": "recomputation, same results",
@@ -245,10 +250,17 @@ def config_changes(saved: dict, new: dict) -> tuple[list[str], list[str]]:
         if a.get(key, "<unset>") == b.get(key, "<unset>"):
             continue
         text = f"{key} ({json.dumps(a.get(key, '<unset>'))} -> {json.dumps(b.get(key, '<unset>'))})"
-        # with a stage preset, train.steps sets the phase lengths: then it changes the data
-        ok = key in SAFE_TO_CHANGE and not (key == "train.steps" and b.get("stages"))
+        ok = key in SAFE_TO_CHANGE or (key == "train.steps" and extends(a, b))
         (safe if ok else unsafe).append(text)
     return unsafe, safe
+
+
+def extends(saved: dict, new: dict) -> bool:
+    """Whether the new (flattened) config lengthens the run as asked: more train.steps with train.extend.
+    train.steps sets the learning-rate schedule, so a resume never changes it unasked; with stages it
+    sets the phase lengths too, the data."""
+    return new.get("train.extend") is True and not new.get("stages") and \
+        isinstance(new.get("train.steps"), int) and new["train.steps"] > saved.get("train.steps", new["train.steps"])
 
 
 # numpy and python RNG states as plain tensors/lists, so weights_only loading accepts them

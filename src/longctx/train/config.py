@@ -101,6 +101,8 @@ class TrainConfig:
     save_every: int = key(50, "write a checkpoint every N steps (0: only the final one)", ge=0)
     keep_last: int = key(2, "checkpoints kept (older ones are deleted)", ge=1)
     log_every: int = key(10, "print and log the training loss every N steps", ge=1)
+    extend: bool = key(False, "let a resume continue to a larger train.steps (the learning-rate schedule is then "
+                              "recomputed over the new total); without it a changed train.steps is refused")
 
 
 @dataclass

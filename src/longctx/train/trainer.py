@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -101,6 +103,35 @@ def peak_memory_bytes() -> int:
     return peak_rss_bytes()
 
 
+class StopRequests:
+    """Ctrl-C while training: the first asks the run to stop once the current step is done, the second
+    stops it at once (KeyboardInterrupt). A checkpoint is only consistent between steps: one taken
+    mid-step would hold the random state the step had consumed (its dropout masks) and, past
+    ``optimizer.step()``, weights of a step it does not count, so the resumed run would differ from one
+    never stopped. Takes over each signal that would raise KeyboardInterrupt: SIGINT, and SIGUSR1 in a
+    comparison's child, whose parent sends it on Ctrl-C (longctx.experiments.variant)."""
+
+    def __enter__(self) -> "StopRequests":
+        self.requested = False
+        self._old = {}
+        if threading.current_thread() is threading.main_thread():  # where Python runs signal handlers
+            for sig in (signal.SIGINT, signal.SIGUSR1):
+                if signal.getsignal(sig) is signal.default_int_handler:
+                    self._old[sig] = signal.signal(sig, self._request)
+        return self
+
+    def _request(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("interrupted: the run stops after this step and saves a checkpoint (Ctrl-C again stops it at once, "
+              "without one)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
 def _rewind_metrics(path: Path, step: int) -> None:
     """Keep the rows up to ``step`` (the resumed checkpoint): the rows a killed run logged after it are
     logged again by the resumed run, and a torn last line would glue itself to the next row."""
@@ -120,6 +151,7 @@ class Trainer:
         self.total_steps = self.stage_ends[-1]
         self.state = {"step": 0, "tokens": 0, "train_time": 0.0, "world_size": 1}
         self.finished_result = None
+        self.extended_from = None  # train.steps of the checkpoints, when train.extend lengthens the run
         self._lock = None
         self.writer = None
         self.last_loss = float("nan")
@@ -162,9 +194,12 @@ class Trainer:
         self.n_params = sum(p.numel() for p in model.parameters())
         self._plan_compute(model)  # FLOPs per step; a train.budget decides the steps here, before the schedule
         optimizer = make_optimizer(model, self.cfg)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(self.cfg, self.stages))
+        schedule = lr_schedule(self.cfg, self.stages)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         if self.candidates:
             self._load(model, optimizer, scheduler)
+            if self.extended_from is not None:
+                self._extend_schedule(optimizer, scheduler, schedule)
         self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
         self.unwrapped = acc.unwrap_model(self.model)
         self.step_no = self.state["step"]
@@ -227,15 +262,33 @@ class Trainer:
             if adopt_saved_steps(self.cfg, saved):  # the steps the first start's budget decided
                 self._set_total_steps(self.cfg["train"]["steps"])
             unsafe, safe = config_changes(saved, self.cfg)
+            old_steps = saved["train"]["steps"]
             if unsafe:
+                longer = any(c.startswith("train.steps ") for c in unsafe) and self.total_steps > old_steps
                 raise LongctxError(
                     f"cannot resume {self.out}: the config differs from the one its checkpoints were trained with "
-                    f"in {', '.join(unsafe)}, which change the model, the data or the optimisation; resume with "
-                    f"the saved values (in {intact[0] / 'run_config.json'}) or start a new run with another --out")
-            if safe:
+                    f"in {', '.join(unsafe)}, which change the model, the data or the optimisation (train.steps: "
+                    f"the learning-rate schedule); resume with the saved values (in "
+                    f"{intact[0] / 'run_config.json'}) or start a new run with another --out"
+                    + ("; to lengthen this run instead, add train.extend=true" if longer else ""))
+            if any(c.startswith("train.steps ") for c in safe):
+                self.extended_from = old_steps  # said, with the new schedule, once the checkpoint is loaded
+            if [c for c in safe if not c.startswith(("train.steps ", "train.extend "))]:
                 self.say(f"resuming with changed {', '.join(safe)}: allowed, they change neither the model nor "
                          "the data", warning=True)
         return [(p, saved) for p in intact]
+
+    def _extend_schedule(self, optimizer, scheduler, schedule) -> None:
+        """train.extend: the schedule is recomputed over the new total; the optimizer, which holds the old
+        schedule's rate for the next step, gets the new one's, and the change is said."""
+        step, lr = self.state["step"], self.t["lr"]
+        for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+            group["lr"] = base * schedule(step)
+        old = lr_schedule(self.cfg, [{"steps": self.extended_from, "lr": lr}])
+        self.say(f"extending the run from {self.extended_from} to {self.total_steps} steps (train.extend): its "
+                 f"{self.t['schedule']} learning-rate schedule is recomputed over {self.total_steps} steps, so step "
+                 f"{step + 1} runs at {lr * schedule(step):.2e} (the old schedule's {lr * old(step):.2e}) and the "
+                 f"last at {lr * schedule(self.total_steps - 1):.2e}", warning=True)
 
     def _finished(self, newest: Path) -> bool:
         """A run whose newest checkpoint is its last step and whose results.json exists is done."""
@@ -368,39 +421,50 @@ class Trainer:
             cpu_cache.setup()
         self._window_tokens, window_start = 0, time.perf_counter()
         try:
-            while self.step_no < self.total_steps:
-                self.step()
-                step = self.step_no
-                if not (step % t["log_every"] == 0 or step == self.total_steps):
-                    self.show.update(1)
-                else:
-                    elapsed = time.perf_counter() - window_start
-                    tok_s = self._window_tokens / max(elapsed, 1e-9)
-                    lr = self.scheduler.get_last_lr()[0]
-                    self.show.update(1, log=True, loss=f"{self.last_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
-                    self.log({"type": "train", "step": step, "loss": self.last_loss, "lr": lr, "tokens_per_s": tok_s,
-                              "tokens": self.state["tokens"], "train_time": self.state["train_time"]})
-                    self._window_tokens, window_start = 0, time.perf_counter()
-                if t["eval_every"] and step % t["eval_every"] == 0 and step < self.total_steps:
-                    ev = self.evaluate()
-                    self.log({"type": "eval", "step": step, **ev, "train_time": self.state["train_time"]})
-                    if t["keep_best"]:
-                        self._keep_if_best(ev)
-                if t["save_every"] and step % t["save_every"] == 0 and step < self.total_steps:
-                    self.save()
-        except KeyboardInterrupt:
-            if self.step_no > 0 and self.main:
-                self.save()
-                print(f"interrupted: checkpoint of step {self.step_no} saved in {self.out / 'checkpoints'}; "
-                      "continue with --resume", file=sys.stderr)
+            with StopRequests() as stop:
+                while self.step_no < self.total_steps and not stop.requested:
+                    self.step()
+                    step = self.step_no
+                    if not (step % t["log_every"] == 0 or step == self.total_steps):
+                        self.show.update(1)
+                    else:
+                        elapsed = time.perf_counter() - window_start
+                        tok_s = self._window_tokens / max(elapsed, 1e-9)
+                        lr = self.scheduler.get_last_lr()[0]
+                        self.show.update(1, log=True, loss=f"{self.last_loss:.4f}", lr=f"{lr:.2e}",
+                                         tok_s=f"{tok_s:,.0f}")
+                        self.log({"type": "train", "step": step, "loss": self.last_loss, "lr": lr,
+                                  "tokens_per_s": tok_s, "tokens": self.state["tokens"],
+                                  "train_time": self.state["train_time"]})
+                        self._window_tokens, window_start = 0, time.perf_counter()
+                    if t["eval_every"] and step % t["eval_every"] == 0 and step < self.total_steps:
+                        ev = self.evaluate()
+                        self.log({"type": "eval", "step": step, **ev, "train_time": self.state["train_time"]})
+                        if t["keep_best"]:
+                            self._keep_if_best(ev)
+                    if t["save_every"] and step % t["save_every"] == 0 and step < self.total_steps:
+                        self.save()
+        except KeyboardInterrupt:  # the second Ctrl-C, mid-step: a state no checkpoint may hold
+            self.say(f"interrupted again: stopped during step {self.step_no + 1} without saving it", warning=True)
             raise
+        if stop.requested:
+            if self.step_no > 0:
+                if not self._saved_at_this_step():
+                    self.save()
+                # how to continue is the command's to say (longctx.cli): --resume, or compare's plain rerun
+                self.say(f"interrupted: checkpoint of step {self.step_no} saved in {self.out / 'checkpoints'}",
+                         warning=True)
+            raise KeyboardInterrupt
         return self.finish()
+
+    def _saved_at_this_step(self) -> bool:
+        done = checkpoint_dirs(self.out)
+        return bool(done) and done[-1].name == f"step-{self.step_no:06d}"
 
     def finish(self) -> dict:
         """The last checkpoint (unless the run resumed from it), the final evaluation, the model and
         results.json; each output is written whole or not at all, results.json last."""
-        done = checkpoint_dirs(self.out)
-        if not done or done[-1].name != f"step-{self.step_no:06d}":
+        if not self._saved_at_this_step():
             self.save()
         if self.phase is None:  # resumed from the last checkpoint: no step ran
             self._enter_phase_for_eval()
