@@ -67,7 +67,7 @@ def test_ctrl_c_mid_step_saves_and_the_rerun_ends_as_an_uninterrupted_run(compar
     ctrl_c_after_step(run, vdir, 3)
     _, err = run.communicate(timeout=60)
     assert run.returncode == 130, err
-    assert "variant 'full' is saving its checkpoint after its current step; rerunning the same command resumes" in err
+    assert "full pretraining is saving a checkpoint after the current step; rerunning the same command resumes" in err
     assert "--resume" not in err and "Traceback" not in err
     saved = checkpoint_dirs(vdir)
     assert saved and not (vdir / "results.json").exists()
@@ -90,13 +90,13 @@ def test_a_second_ctrl_c_stops_the_child_without_its_checkpoint(comparison, tmp_
     run = compare(comparison, tmp_path / "runs", {"LONGCTX_FAULT_DELAY": "save.start:30"}, start_new_session=True)
     ctrl_c_after_step(run, vdir, 2)
     first = run.stderr.readline()
-    while "is saving its checkpoint" not in first:  # the child's progress lines come first
+    while "is saving a checkpoint" not in first:  # the child's progress lines come first
         first = run.stderr.readline()
         assert first, "no line about the checkpoint"
     os.killpg(run.pid, signal.SIGINT)
     _, err = run.communicate(timeout=20)  # not the 30 s the checkpoint would take
     assert run.returncode == 130
-    assert "second interrupt: variant 'full' stopped without saving" in err
+    assert "second interrupt: [1/1] full pretraining stopped without saving" in err
     assert not checkpoint_dirs(vdir) and not (vdir / "results.json").exists()
 
 

@@ -11,7 +11,13 @@ def run_compare(args) -> int:
     comp = load_comparison(args.config, args.overrides)
     if args.name:
         comp["name"] = args.name
-    summary = run_comparison(comp, args.out, progress=not args.quiet, rerun_changed=args.rerun_changed)
+    if args.jobs is not None:
+        if args.jobs < 1:
+            from longctx.errors import LongctxError
+            raise LongctxError(f"--jobs must be 1 or more, not {args.jobs}")
+        comp["jobs"] = args.jobs
+    summary = run_comparison(comp, args.out, progress=not args.quiet, rerun_changed=args.rerun_changed,
+                             jobs=comp["jobs"])
     out = Path(args.out) / comp["name"]
     study = summary.get("study")
     print(table(summary["variants"], study))
@@ -39,6 +45,8 @@ def register(sub) -> None:
     p.add_argument("--out", default="runs", help="parent folder of the run (default runs/)")
     p.add_argument("--name", help="run name (default: the config's name)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--jobs", type=int, help="runs at once, each with cores // jobs threads (default: the config's "
+                                            "jobs, 1 if unset)")
     p.add_argument("--rerun-changed", action="store_true",
                    help="train again (deleting the old run) every finished or started run whose config differs from "
                         "the one asked for now; without it such a run is refused")

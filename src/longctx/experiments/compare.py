@@ -14,7 +14,8 @@ every variant at several budgets (longctx.experiments.compute).
 ...), and finetunes every pretrained model: the seeds vary what training draws (initial weights, data
 order, masks, dropout), never the data itself (``data.seed`` stays the base seed), so every run is scored
 on the same held-out sequences and test examples. ``reference:`` names the variant every other one is
-compared to (paired differences, longctx.experiments.study; default: the first variant).
+compared to (paired differences, longctx.experiments.study; default: the first variant). ``jobs: N`` runs
+up to N runs at once, each with cores // N threads (longctx.experiments.variant.run_children).
 
 Each run is its own process, so its peak memory is its own, and writes ``runs/<name>/<variant>/`` (the
 first seed; ``<variant>-seed<s>/`` for the others): checkpoints, metrics, TensorBoard logs, final model,
@@ -39,8 +40,8 @@ from longctx.train.config import load_yaml, merge, parse_overrides, resolve
 
 FIXED = ("seed", "data.corpus", "data.tokenizer", "data.seq_len", "data.text_field", "data.valid_fraction",
          "data.seed", "train.steps", "train.budget", "train.batch_size", "train.grad_accum", "stages")
-SECTIONS = ("name", "base", "variants", "seeds", "reference", "extrapolation", "finetune", "analysis", "compute")
-OWN_KEYS = ("name", "seeds", "reference", "extrapolation", "finetune", "analysis", "compute")  # overrides not for base
+SECTIONS = ("name", "base", "variants", "seeds", "reference", "jobs", "extrapolation", "finetune", "analysis", "compute")
+OWN_KEYS = ("name", "seeds", "reference", "jobs", "extrapolation", "finetune", "analysis", "compute")  # overrides not for base
 
 
 def default_config_path() -> Path:
@@ -74,7 +75,7 @@ def load_comparison(path: str | Path | None, overrides: list[str] | None) -> dic
     unknown = set(raw) - set(SECTIONS)
     if unknown:
         raise LongctxError(f"comparison config has unknown keys {sorted(unknown)}; use name, base, variants "
-                           "(and seeds, reference, extrapolation, finetune, analysis, compute)")
+                           "(and seeds, reference, jobs, extrapolation, finetune, analysis, compute)")
     given = parse_overrides(overrides or [])
     if "base" in given or "variants" in given:
         raise LongctxError("overrides set base keys directly (train.steps=20, not base.train.steps=20); variants "
@@ -113,7 +114,10 @@ def load_comparison(path: str | Path | None, overrides: list[str] | None) -> dic
     reference = raw.get("reference", out[0]["name"])
     if reference not in names:
         raise LongctxError(f"reference {reference!r} is not one of the variants ({', '.join(n['name'] for n in out)})")
-    comp = {"name": str(raw.get("name") or "compare"), "base": base, "variants": out,
+    jobs = raw.get("jobs", 1)
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise LongctxError(f"jobs must be the number of runs at once (1 or more), not {jobs!r}")
+    comp = {"name": str(raw.get("name") or "compare"), "base": base, "variants": out, "jobs": jobs,
             "seeds": _seeds(raw.get("seeds", 1), base["seed"]), "reference": reference}
     if raw.get("finetune") is not None:  # finetune every variant on downstream tasks (the study)
         from longctx.experiments.downstream import check_spec
@@ -146,16 +150,6 @@ def attention_flops_per_token(cfg: dict) -> float:
     return sum(m.flops(n) for m in mc.layer_mechanisms()) / n
 
 
-def seed_runs(comp: dict, v: dict, out: Path) -> list[dict]:
-    """One pretraining per seed of variant ``v``: {"config", "dir"} (the first seed in ``<variant>/``)."""
-    runs = []
-    for s in comp["seeds"]:
-        cfg = copy.deepcopy(v["config"])
-        cfg["seed"] = s
-        runs.append({"config": cfg, "dir": out / (v["name"] if s == comp["seeds"][0] else f"{v['name']}-seed{s}")})
-    return runs
-
-
 def over_seeds(runs: list[dict]) -> dict:
     """A variant's pretraining results over its seeds: the first seed's record, with the held-out loss the
     mean over seeds (per-sequence scores kept, one row per seed, and their interval over seeds and sequences),
@@ -183,43 +177,57 @@ def over_seeds(runs: list[dict]) -> dict:
     return r
 
 
-def run_comparison(comp: dict, out_root: str | Path, progress: bool = True, rerun_changed: bool = False) -> dict:
-    from longctx.experiments.runs import fingerprint, run_or_reuse
-
+def run_comparison(comp: dict, out_root: str | Path, progress: bool = True, rerun_changed: bool = False,
+                   jobs: int = 1) -> dict:
+    """Pretrain every variant at every seed, then finetune every pretrained model (up to ``jobs`` runs at
+    once), then evaluate and analyse, then write the report."""
     from longctx.data.corpus import corpus_identity
+    from longctx.experiments.runs import Run, run_all
 
     out = Path(out_root) / comp["name"]
     out.mkdir(parents=True, exist_ok=True)
     d = comp["base"]["data"]
     comp["corpus"] = corpus_identity(d["corpus"], d["text_field"])  # a run made on other text is a stale run
-    results = []
     n = len(comp["variants"])
+    pre = {}  # variant -> its pretraining runs, one per seed (the first seed in <variant>/)
     for i, v in enumerate(comp["variants"]):
-        pre = seed_runs(comp, v, out)
-        for p in pre:
-            seed = f" seed {p['config']['seed']}" if len(pre) > 1 else ""
-            what = f"[{i + 1}/{n}] {v['name']}{seed}"
-            if progress:
-                print(f"{what}: pretraining ({_describe(v)})", file=sys.stderr)
-            p["result"] = run_or_reuse(p["config"], p["dir"], what, progress, after=comp["corpus"]["sha256"],
-                                       rerun_changed=rerun_changed)
-            p["fingerprint"] = fingerprint({"config": p["config"], "after": comp["corpus"]["sha256"]})
-        r = over_seeds([p["result"] for p in pre])
+        pre[v["name"]] = []
+        for s in comp["seeds"]:
+            cfg = copy.deepcopy(v["config"])
+            cfg["seed"] = s
+            folder = v["name"] if s == comp["seeds"][0] else f"{v['name']}-seed{s}"
+            what = f"[{i + 1}/{n}] {v['name']}" + (f" seed {s}" if len(comp["seeds"]) > 1 else "") + " pretraining"
+            pre[v["name"]].append(Run(cfg, out / folder, what, after=comp["corpus"]["sha256"]))
+    if progress:
+        print(f"pretraining {n} variant(s) x {len(comp['seeds'])} seed(s)" + (f", {jobs} at once" if jobs > 1 else ""),
+              file=sys.stderr)
+    run_all([r for runs in pre.values() for r in runs], jobs, progress, rerun_changed)
+    ft = {}
+    if comp.get("finetune"):
+        from longctx.experiments import downstream
+        ft = {v["name"]: downstream.plan(v, pre[v["name"]], comp["finetune"], v.get("task_sets", {}))
+              for v in comp["variants"]}
+        if progress:
+            print(f"finetuning: {sum(map(len, ft.values()))} run(s)", file=sys.stderr)
+        run_all([r for runs in ft.values() for r in runs], jobs, progress, rerun_changed)
+    results = []
+    for i, v in enumerate(comp["variants"]):
+        r = over_seeds([p.result for p in pre[v["name"]]])
         r["variant"] = v["name"]
         r["set"] = v["set"]
-        r["seeds"] = [p["config"]["seed"] for p in pre]
+        r["seeds"] = list(comp["seeds"])
         if v.get("compute"):
             r["compute"] = v["compute"]
         r["attention_flops_per_token"] = attention_flops_per_token(v["config"])
-        vdir = pre[0]["dir"]  # extrapolation and attention analysis: of the first seed's model
+        vdir = pre[v["name"]][0].dir  # extrapolation and attention analysis: of the first seed's model
         if comp.get("extrapolation"):
             from longctx.eval.extrapolation import evaluate_variant
             if progress:
                 print(f"[{i + 1}/{n}] {v['name']}: extrapolation", file=sys.stderr)
             r["extrapolation"] = evaluate_variant(v["config"], vdir, comp["extrapolation"], progress)
-        if comp.get("finetune"):
-            from longctx.experiments.downstream import finetune_variant
-            r["finetune"] = finetune_variant(v, pre, comp["finetune"], v.get("task_sets", {}), progress, rerun_changed)
+        if ft:
+            from longctx.experiments.downstream import summaries
+            r["finetune"] = summaries(ft[v["name"]])
         if comp.get("analysis"):
             from longctx.eval.analysis import analyze_variant
             r["analysis"] = analyze_variant(v["name"], vdir, comp["analysis"], progress)

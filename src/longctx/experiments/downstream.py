@@ -110,40 +110,45 @@ def _lr_tag(lr: float) -> str:
     return f"{lr:g}".replace("+", "")
 
 
-def finetune_variant(variant: dict, pretrained: list[dict], spec: dict, task_sets: dict, progress: bool = True,
-                     rerun_changed: bool = False) -> dict:
-    """Finetune one variant's pretrained runs on every task of ``spec``; {task: summary}.
-
-    ``pretrained``: one entry per pretraining seed, ``{"config", "dir", "fingerprint"}``."""
-    from longctx.experiments.runs import run_or_reuse
+def plan(variant: dict, pretrained: list, spec: dict, task_sets: dict) -> list:
+    """The finetuning runs of one variant (``longctx.experiments.runs.Run``, with ``meta``: task, lr, seeds),
+    grid point by grid point; ``pretrained``: the variant's pretraining runs, one per seed, finished."""
+    from longctx.experiments.runs import Run, fingerprint
     from longctx.tasks.finetune import task_class
 
-    out = {}
+    runs = []
     for task_name, tspec in spec.items():
         tspec = dict(tspec)
         ft_seeds, grid = tspec.pop("seeds", 1), tspec.pop("lr", None)
         scratch = task_class(task_name).from_scratch
-        runs = []  # one per (lr, pretraining seed, finetuning seed), grid point by grid point
         for lr in grid or [None]:
             for pre in pretrained:
                 for k in range(ft_seeds):
-                    cfg = variant_config(task_name, tspec, pre["config"], task_sets, pre["dir"] / "model")
+                    cfg = variant_config(task_name, tspec, pre.cfg, task_sets, pre.dir / "model")
                     cfg["seed"] += k
                     if lr is not None:
                         cfg["train"]["lr"] = float(lr)
                     folder = (f"finetune-{task_name}" + (f"-lr{_lr_tag(lr)}" if grid and len(grid) > 1 else "")
                               + (f"-seed{k}" if k else ""))
-                    what = (f"{variant['name']} (seed {pre['config']['seed']}): {task_name}"
+                    what = (f"{variant['name']} (seed {pre.cfg['seed']}): {task_name}"
                             + (" from scratch" if scratch else "") + (f", lr {lr:g}" if lr is not None else "")
                             + (f", finetuning seed {cfg['seed']}" if ft_seeds > 1 else ""))
-                    if progress:
-                        print(f"  {what}", file=sys.stderr)
-                    # its own process, like pretraining: the score may not depend on what ran before it in this one
-                    r = run_or_reuse(cfg, pre["dir"] / folder, what, progress, task=task_name,
-                                     after=None if scratch else pre["fingerprint"], rerun_changed=rerun_changed)
-                    runs.append({"lr": cfg["train"]["lr"], "pretraining_seed": pre["config"]["seed"],
-                                 "seed": cfg["seed"], "dir": str(pre["dir"] / folder), "result": r})
-        out[task_name] = summarize(runs, grid, cfg["task"]["global_tokens"])
+                    # its own process, like pretraining: the score may not depend on what ran before it
+                    run = Run(cfg, pre.dir / folder, what, task=task_name,
+                              after=None if scratch else fingerprint(pre.requested))
+                    run.meta = {"task": task_name, "lr": cfg["train"]["lr"], "pretraining_seed": pre.cfg["seed"],
+                                "seed": cfg["seed"], "grid": grid, "global_tokens": cfg["task"]["global_tokens"]}
+                    runs.append(run)
+    return runs
+
+
+def summaries(runs: list) -> dict:
+    """{task: summary} of one variant's finished finetuning runs (``plan``'s)."""
+    out = {}
+    for task in dict.fromkeys(r.meta["task"] for r in runs):
+        mine = [r for r in runs if r.meta["task"] == task]
+        out[task] = summarize([{**r.meta, "dir": str(r.dir), "result": r.result} for r in mine], mine[0].meta["grid"],
+                              mine[0].meta["global_tokens"])
     return out
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from longctx.errors import LongctxError
@@ -43,31 +44,56 @@ def fingerprint(requested: dict) -> str:
     return hashlib.sha256(json.dumps(requested, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def run_or_reuse(cfg: dict, out_dir: Path, what: str, progress: bool, *, task: str | None = None,
-                 after: str | None = None, rerun_changed: bool = False) -> dict:
-    """``cfg`` run in ``out_dir`` (pretraining, or finetuning on ``task``) in its own process; its results.json.
-    ``what`` names the run in messages; ``after`` is the identity of what it starts from (module docstring)."""
-    from longctx.experiments.variant import run_isolated
+@dataclass
+class Run:
+    """A run the comparison asks for: ``cfg`` in ``dir`` (a finetuning when ``task`` is set), starting from
+    ``after`` (module docstring); ``result`` is its results.json once reused or run."""
+    cfg: dict
+    dir: Path
+    what: str
+    task: str | None = None
+    after: str | None = None
+    result: dict | None = None
 
-    requested = {"config": cfg, "after": after}
-    saved_path = out_dir / REQUESTED
-    started = (out_dir / "results.json").exists() or (out_dir / "run_config.json").exists()
-    if started:
-        saved = json.loads(saved_path.read_text()) if saved_path.exists() else None
-        changes = ["(no requested.json: a run of an older longctx)"] if saved is None else config_diff(saved, requested)
-        if changes and not rerun_changed:
-            shown = "; ".join(changes[:6]) + (f"; and {len(changes) - 6} more" if len(changes) > 6 else "")
-            raise LongctxError(f"{what} in {out_dir} was {'trained' if (out_dir / 'results.json').exists() else 'started'} "
-                               f"with another config ({shown}); rerun with --rerun-changed to train it again with "
-                               "this one, or use another --out")
-        if changes:
-            if progress:
-                print(f"  {what}: config changed, training it again ({len(changes)} key(s) differ)", file=sys.stderr)
-            shutil.rmtree(out_dir)
-        elif (out_dir / "results.json").exists():
-            if progress:
-                print(f"  {what}: finished earlier, skipped", file=sys.stderr)
-            return json.loads((out_dir / "results.json").read_text())
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(saved_path, requested)
-    return run_isolated(cfg, out_dir, progress, task=task)
+    @property
+    def requested(self) -> dict:
+        return {"config": self.cfg, "after": self.after}
+
+
+def _reuse(run: Run, progress: bool, rerun_changed: bool) -> bool:
+    """True when ``run`` finished earlier with the config asked for now (its result loaded); a finished or
+    started run with another config is refused, or deleted with ``rerun_changed``."""
+    out, saved_path = run.dir, run.dir / REQUESTED
+    if not ((out / "results.json").exists() or (out / "run_config.json").exists()):
+        return False
+    saved = json.loads(saved_path.read_text()) if saved_path.exists() else None
+    changes = ["(no requested.json: a run of an older longctx)"] if saved is None else config_diff(saved, run.requested)
+    if changes and not rerun_changed:
+        shown = "; ".join(changes[:6]) + (f"; and {len(changes) - 6} more" if len(changes) > 6 else "")
+        raise LongctxError(f"{run.what} in {out} was {'trained' if (out / 'results.json').exists() else 'started'} "
+                           f"with another config ({shown}); rerun with --rerun-changed to train it again with "
+                           "this one, or use another --out")
+    if changes:
+        if progress:
+            print(f"  {run.what}: config changed, training it again ({len(changes)} key(s) differ)", file=sys.stderr)
+        shutil.rmtree(out)
+        return False
+    if not (out / "results.json").exists():
+        return False  # started with this config: resumed
+    if progress:
+        print(f"  {run.what}: finished earlier, skipped", file=sys.stderr)
+    run.result = json.loads((out / "results.json").read_text())
+    return True
+
+
+def run_all(runs: list[Run], jobs: int, progress: bool, rerun_changed: bool = False) -> None:
+    """Every run's ``result``: reused when finished with the same config, else run in its own process, up to
+    ``jobs`` at once (longctx.experiments.variant.run_children). Every stale run is checked before any starts."""
+    from longctx.experiments.variant import Child, run_children
+
+    todo = [r for r in runs if not _reuse(r, progress, rerun_changed)]
+    for r in todo:
+        r.dir.mkdir(parents=True, exist_ok=True)
+        write_json(r.dir / REQUESTED, r.requested)
+    for r, result in zip(todo, run_children([Child(r.cfg, r.dir, r.what, r.task) for r in todo], jobs, progress)):
+        r.result = result
