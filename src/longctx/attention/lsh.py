@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
+from longctx.attention.functional import empty_batch
 from longctx.attention.mechanism import Capabilities, LayerContext, Mechanism, register
 
 SELF_VALUE = -1e5    # a token's score on itself: below any real score, above every masked key
@@ -132,6 +133,8 @@ class LSH(Mechanism):
 
     # -- fast path: sort, chunk, attend to neighbouring chunks, unsort, combine rounds --------------------
     def forward(self, q, k, v, *, key_padding=None, global_mask=None, positions=None, bias=None, cache=None):
+        if q.shape[0] == 0:  # the sort and the steps size their work by the batch
+            return empty_batch(q, k, v)
         n = q.shape[-2]
         q, v, real = self._pad(q, v, key_padding)
         B, H, n_pad, d = q.shape
