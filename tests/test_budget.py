@@ -111,6 +111,17 @@ def test_budget_to_steps():
     with pytest.raises(LongctxError, match="less than one training step") as e:
         steps_for({"flops": 1e9}, per)
     assert len(str(e.value).splitlines()) == 1
+    for flops in (float("inf"), 1e300, 3.0e9 * 1e9 * 1.01):
+        with pytest.raises(LongctxError, match="buys more than 1,000,000,000 training steps") as e:
+            steps_for({"flops": flops}, per)
+        assert len(str(e.value).splitlines()) == 1
+    assert steps_for({"flops": 3.0e9 * 1e9}, per) == 10**9
+
+
+def test_an_infinite_budget_is_one_sentence(corpus, tmp_path):
+    r = _cli(_tiny(corpus, tmp_path / "r", "train.budget.flops=.inf"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "train.budget.flops=inf buys more than" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 @pytest.fixture(scope="module")

@@ -366,6 +366,29 @@ def test_lsh_attends_to_self_only_when_nothing_else_is_visible():
     assert float(A.triu(1).abs().max()) == 0.0                          # causal
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_lsh_single_token_returns_its_value_in_fp32(causal):
+    """A token alone sees only itself: its output is v, exactly (not 0.9978 v from exp(s - logsumexp) with
+    both near the self value -1e5, where fp32's spacing is 2^-7)."""
+    mech = build("lsh", {}, ctx(2, 8, 32, causal=causal))
+    q, v = torch.randn(3, 2, 1, 8), torch.randn(3, 2, 1, 8)
+    torch.testing.assert_close(mech(q, q, v), v, atol=1e-6, rtol=1e-6)
+
+
+def test_lsh_fp32_equals_fp64_reference_when_tokens_see_only_themselves():
+    """Causal with two rounds: early tokens see only themselves, several times in a round (up to 5e-3 off
+    before); fp32 on the fp64 reference's inputs is within fp32 rounding."""
+    for seed in range(30):
+        g = torch.Generator().manual_seed(seed)
+        n = int(torch.randint(1, 40, (1,), generator=g))
+        mech = build("lsh", {"chunk_length": 4, "num_buckets": 4, "n_hashes": 2},
+                     ctx(2, 8, 64, causal=True, seed=seed)).double()
+        q, v = (torch.randn(2, 2, n, 8, generator=g, dtype=torch.float64) for _ in range(2))
+        ref = mech.reference(q, q, v)
+        out = mech.float()(q.float(), q.float(), v.float())
+        torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5, msg=lambda m: f"seed {seed}: {m}")
+
+
 def test_lsh_errors_are_one_sentence():
     with pytest.raises(LongctxError, match="even"):
         make_spec("lsh", {"num_buckets": 7})

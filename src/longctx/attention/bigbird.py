@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from longctx.attention import fused
-from longctx.attention.functional import _flex_available, _global_rows, attention, drop_padded, global_index
+from longctx.attention.functional import (_flex_available, _global_rows, attention, drop_padded, empty_batch,
+                                         global_index)
 from longctx.attention.mechanism import Capabilities, LayerContext, Mechanism, register
 from longctx.attention.patterns import compose, full_mask
 from longctx.attention.reference import dense_attention, masked_softmax
@@ -191,6 +192,8 @@ def layout_attention(q, k, v, pattern: BigBirdPattern, *, key_padding_mask=None,
     which recomputes each step's probabilities (FlashAttention's recompute). Memory O(n d + n G), and
     no (B, H, n / b, W b, b) scores or gathered copies of the whole sequence."""
     B, H, n, d = q.shape
+    if B == 0:  # the steps below size their work by the batch
+        return empty_batch(q, k, v)
     b, R = pattern.block, pattern.R
     nb = R.shape[-1]
     scale = d ** -0.5 if scale is None else scale

@@ -135,6 +135,12 @@ def check_inputs(q, k, v, key_padding_mask=None, global_mask=None, global_qkv=No
         raise LongctxError(f"attention: alibi_slopes must be one per head ({H},), got {shape(alibi_slopes)}")
 
 
+def empty_batch(q, k, v) -> torch.Tensor:
+    """The result (0, H, n, d_v) of attention over an empty batch, joined to q, k and v's graphs so that
+    backward gives their (empty) gradients: every tensor is empty, so no arithmetic happens."""
+    return v + (q.sum() + k.sum()).to(v.dtype)
+
+
 def drop_padded(x: torch.Tensor, key_padding_mask: torch.Tensor) -> torch.Tensor:
     """x (B, H, n, d) with the rows of padding tokens set to zero: padding is never attended, and a
     zero (unlike a NaN or inf the caller left there) times a zero weight stays zero."""

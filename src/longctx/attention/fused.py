@@ -42,7 +42,8 @@ log = logging.getLogger(__name__)
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 # one library: the band kernel and the caching CPU allocator (``longctx.cpu_cache``)
 SOURCES = (CSRC / "band_attention.cpp", CSRC / "cpu_cache.cpp")
-CFLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17"]
+# no -std: PyTorch passes the standard its own headers need (C++17 in older releases, C++20 in newer ones)
+CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 # dtypes the kernel takes; others (fp16, fp64) run the pure-PyTorch kernel
 DTYPES = (torch.float32, torch.bfloat16)
 
@@ -227,8 +228,9 @@ def fused_band_attention(q, k, v, pattern: AttentionPattern, pos, *, dilation: i
                          scale: float = 1.0):
     """``blocked.band_attention`` of ``scale * q`` on the fused kernel (same arguments, same result; the
     scale is applied inside, so q is not copied). fp32 and bf16 run here (bf16 products, fp32 softmax
-    statistics); other dtypes, tracing, or no extension: the pure-PyTorch kernel."""
-    if torch.compiler.is_compiling() or q.dtype not in DTYPES or not load(build=False):
+    statistics); other dtypes, tracing, empty inputs (the C++ side splits its work by batch and head), or
+    no extension: the pure-PyTorch kernel."""
+    if torch.compiler.is_compiling() or q.dtype not in DTYPES or q.numel() == 0 or not load(build=False):
         return band_attention(q * scale if scale != 1.0 else q, k, v, pattern, pos, dilation=dilation,
                               key_valid=key_valid, kg=kg, vg=vg, g_pos=g_pos, g_valid=g_valid,
                               alibi_slopes=alibi_slopes, chunk=chunk)

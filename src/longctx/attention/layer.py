@@ -133,7 +133,7 @@ class SelfAttention(nn.Module):
             extra["global_qkv"] = self.project(hidden, positions, glob=True)
         ctx = mech(q, k, v, key_padding=key_padding_mask, global_mask=global_mask, positions=positions,
                    bias=self.positions.bias, cache=cache, **extra)
-        return self.dropout(self.out(ctx.transpose(1, 2).reshape(B, n, -1)))
+        return self.dropout(self.out(ctx.transpose(1, 2).flatten(2)))
 
     # -- analysis -------------------------------------------------------------------------------------
     def attention_probs(self, hidden: torch.Tensor, key_padding_mask=None, global_mask=None, positions=None):

@@ -14,8 +14,8 @@ never attends to itself (q.k would dominate) unless nothing else is visible: its
 -1e5 while masked keys (padding, the future when causal) get -1e9, as in Hugging Face's Reformer.
 
 Fast path: the scores of a chunk against its neighbours are computed ``STEP`` chunks at a time and
-recomputed in backward (``_ChunkSteps``, FlashAttention's recompute with the row logsumexp kept, which
-the rounds' combination also needs): the (rounds n, 2 chunk_length) score, mask and probability
+recomputed in backward (``_ChunkSteps``, FlashAttention's recompute with the row max and sum kept; their
+logsumexp weights the rounds): the (rounds n, 2 chunk_length) score, mask and probability
 tensors (400 MB each at 32k tokens and 12 heads) are never held, so their passes stay in cache; only
 the sorted q, k, v (linear in n) are, and each step's neighbour chunks are gathered by index and their
 gradients added back by index (no halo copies of the sequence). The sort and its undoing are row
@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
+from longctx.attention.functional import empty_batch
 from longctx.attention.mechanism import Capabilities, LayerContext, Mechanism, register
 
 SELF_VALUE = -1e5    # a token's score on itself: below any real score, above every masked key
@@ -132,6 +133,8 @@ class LSH(Mechanism):
 
     # -- fast path: sort, chunk, attend to neighbouring chunks, unsort, combine rounds --------------------
     def forward(self, q, k, v, *, key_padding=None, global_mask=None, positions=None, bias=None, cache=None):
+        if q.shape[0] == 0:  # the sort and the steps size their work by the batch
+            return empty_batch(q, k, v)
         n = q.shape[-2]
         q, v, real = self._pad(q, v, key_padding)
         B, H, n_pad, d = q.shape
@@ -176,18 +179,25 @@ class LSH(Mechanism):
         offsets = torch.arange(-self.spec.chunks_before, self.spec.chunks_after + 1, device=device)
         return (torch.arange(i0, i1, device=device)[:, None] + offsets) % N
 
-    def attend_step(self, qs, ks, vs, ps, rs, i0, i1, lse=None):
+    def attend_step(self, qs, ks, vs, ps, rs, i0, i1, stats=None):
         """Chunks i0..i1 against their neighbours: probabilities (B, H, g, C, W C), live mask, neighbour
-        keys and values (B, H, g, W C, d), and the row logsumexp (computed unless given)."""
+        keys and values (B, H, g, W C, d), and the row statistics (max m, sum of exp(s - m); computed
+        unless given). The probabilities are exp(s - m) / sum, not exp(s - logsumexp): a row that sees
+        only its own token has scores and logsumexp near SELF_VALUE, where fp32's spacing (2^-7) would
+        put 0.2% into every weight; s - m is exact there."""
         B, H, N, C, d = ks.shape
         nbr = self.neighbours(i0, i1, N, ks.device)
         take = lambda x: x[:, :, nbr].flatten(3, 4)  # noqa: E731  (B, H, g, W, C, ...) -> (B, H, g, W C, ...)
         kk, vv = take(ks), take(vs)
         s, live = self._scores(qs[:, :, i0:i1], ps[:, :, i0:i1], take(ps), kk, take(rs)[..., None, :],
                                self.ctx.causal)
-        if lse is None:
-            lse = torch.logsumexp(s, dim=-1, keepdim=True)
-        return torch.exp(s - lse), live, kk, vv, lse, nbr
+        if stats is None:
+            m = s.amax(-1, keepdim=True)
+            p = torch.exp(s - m)
+            stats = (m, p.sum(-1, keepdim=True))
+            return p.div_(stats[1]), live, kk, vv, stats, nbr
+        m, total = stats
+        return torch.exp(s - m).div_(total), live, kk, vv, stats, nbr
 
     # -- reference: the dense matrix, each key weighted by how often the rounds saw it -------------------
     def visit_counts(self, q, real):
@@ -252,35 +262,36 @@ class _Rows(torch.autograd.Function):
 
 class _ChunkSteps(torch.autograd.Function):
     """Every sorted chunk against its neighbours, STEP / (B H) chunks at a time; only the output and the row
-    logsumexp are kept, backward recomputes each step's probabilities and adds the key and value
+    statistics are kept (and the logsumexp returned for the rounds' weights), backward recomputes each step's probabilities and adds the key and value
     gradients into their chunks (no halo copies, no per-step full-size gradients)."""
 
     @staticmethod
     def forward(ctx, qs, ks, vs, ps, rs, mech: LSH):
         N = qs.shape[2]
         out = torch.empty_like(qs)
-        lse = qs.new_empty(qs.shape[:-1] + (1,))
+        m, total = qs.new_empty(qs.shape[:-1] + (1,)), qs.new_empty(qs.shape[:-1] + (1,))
         group = max(1, STEP // (qs.shape[0] * qs.shape[1]))
         steps = [(i, min(N, i + group)) for i in range(0, N, group)]
         for i0, i1 in steps:
-            p, _, _, vv, lse[:, :, i0:i1], _ = mech.attend_step(qs, ks, vs, ps, rs, i0, i1)
+            p, _, _, vv, (m[:, :, i0:i1], total[:, :, i0:i1]), _ = mech.attend_step(qs, ks, vs, ps, rs, i0, i1)
             out[:, :, i0:i1] = p @ vv
-        ctx.save_for_backward(qs, ks, vs, ps, rs, out, lse)
+        ctx.save_for_backward(qs, ks, vs, ps, rs, out, m, total)
         ctx.mech, ctx.steps = mech, steps
-        return out, lse
+        return out, m + total.log()
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        qs, ks, vs, ps, rs, out, lse = ctx.saved_tensors
+        qs, ks, vs, ps, rs, out, m, total = ctx.saved_tensors
         B, H, N, C, d = qs.shape
         scale = d ** -0.5
         dout = torch.zeros_like(out) if dout is None else dout
-        dlse = torch.zeros_like(lse) if dlse is None else dlse
+        dlse = torch.zeros_like(m) if dlse is None else dlse
         # d lse / d s = P, so dS = P (dP - rowsum(dO O) + dlse)
         shift = dlse - (dout * out).sum(-1, keepdim=True)
         dq, dk, dv = torch.empty_like(qs), torch.zeros_like(ks), torch.zeros_like(vs)
         for i0, i1 in ctx.steps:
-            p, live, kk, vv, _, nbr = ctx.mech.attend_step(qs, ks, vs, ps, rs, i0, i1, lse[:, :, i0:i1])
+            p, live, kk, vv, _, nbr = ctx.mech.attend_step(qs, ks, vs, ps, rs, i0, i1,
+                                                           (m[:, :, i0:i1], total[:, :, i0:i1]))
             do_ = dout[:, :, i0:i1]
             ds = torch.where(live, p * (do_ @ vv.transpose(-1, -2) + shift[:, :, i0:i1]), 0.0) * scale
             dq[:, :, i0:i1] = ds @ kk

@@ -48,6 +48,10 @@ class AttentionPattern:
     def __post_init__(self):
         if self.kind not in KINDS:
             raise LongctxError(f"attention pattern kind {self.kind!r} is unknown; use one of {', '.join(KINDS)}")
+        for name in ("window", "block"):
+            val = getattr(self, name)
+            if not isinstance(val, int) or isinstance(val, bool):
+                raise LongctxError(f"attention {name} must be an integer, got {val!r}")
         if isinstance(self.dilation, list):
             object.__setattr__(self, "dilation", tuple(self.dilation))
         dils = self.dilation if isinstance(self.dilation, tuple) else (self.dilation,)

@@ -6,11 +6,18 @@ Output folder:
   rejects.jsonl     {"input", "reason", "detail"}
   stats.json        inputs seen, documents kept, rejects by reason, characters, headings per document
   .state/journal.jsonl  one line per finished input (the resume record)
+  .state/inputs.json    the inputs (keys) the finished corpus holds, in order
+  .lock                 held while a run writes the folder: a second writer is refused
 
 Every input's result is appended to the journal as soon as it is done; the four output files are then
 rebuilt from the journal, in input order, each written to a temporary file and renamed. An interrupted
 run leaves the previous outputs intact, and a rerun converts only the inputs the journal lacks (or whose
 size or modification time changed), so two runs over the same inputs give byte-identical corpora.
+
+A run into a finished corpus whose inputs lack some the corpus holds (other inputs, not the same folder
+again or grown) would drop their documents: it is refused unless ``--append`` (the corpus keeps its
+inputs and gains this run's; a paper with the same key is this run's version) or ``--overwrite`` (the
+corpus becomes this run's inputs alone) says which is meant.
 """
 from __future__ import annotations
 
@@ -24,9 +31,11 @@ from longctx.corpora.arxiv import Limits, Rejected, convert_source, discover, do
 from longctx.errors import LongctxError
 from longctx.memory import proc_status_bytes
 from longctx.progress import Progress
+from longctx.train.checkpoint import lock_run
 
 STATE_DIR = ".state"
 JOURNAL = "journal.jsonl"
+INPUTS = "inputs.json"
 OUTPUT_FILES = ("structured.jsonl", "text.jsonl", "rejects.jsonl", "stats.json")
 
 
@@ -53,6 +62,11 @@ def register(subparsers) -> None:
     a.add_argument("--latin1-fallback", action="store_true",
                    help="decode non-UTF-8 files as Latin-1 instead of rejecting the paper")
     a.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    existing = a.add_mutually_exclusive_group()
+    existing.add_argument("--append", action="store_true",
+                          help="OUT holds a corpus of other inputs: keep its documents and add these")
+    existing.add_argument("--overwrite", action="store_true",
+                          help="OUT holds a corpus of other inputs: replace it by these inputs' corpus")
     a.set_defaults(func=_run_cli)
 
 
@@ -74,7 +88,7 @@ def _run_cli(args) -> int:
                     max_text_bytes=int(args.max_text_mb * 2**20), latin1_fallback=args.latin1_fallback,
                     max_memory_bytes=int(args.max_memory_mb * 2**20))
     stats = build_arxiv_corpus(paths, out, workers=args.workers, limits=limits, timeout=args.timeout,
-                               progress=not args.quiet)
+                               progress=not args.quiet, append=args.append, overwrite=args.overwrite)
     print(f"{stats['documents_kept']} documents kept, {stats['rejected']} rejected, "
           f"{stats['run']['skipped']} already done; corpus in {out}")
     return 0
@@ -176,9 +190,11 @@ def _check_paths(inputs: list[str], out: str) -> None:
 
 
 def build_arxiv_corpus(inputs: list[str], out: str, workers: int = 1, limits: Limits = Limits(),
-                       timeout: float | None = 300.0, progress: bool = True, converter=convert_source) -> dict:
+                       timeout: float | None = 300.0, progress: bool = True, converter=convert_source,
+                       append: bool = False, overwrite: bool = False) -> dict:
     """Convert every paper under ``inputs`` into the corpus files in ``out``; returns the stats.
-    ``converter(path, limits) -> record`` is ``convert_source`` unless a test injects another."""
+    ``converter(path, limits) -> record`` is ``convert_source`` unless a test injects another.
+    ``append`` / ``overwrite``: what to do with a finished corpus of other inputs in ``out``."""
     _check_paths(inputs, out)
     t0 = time.monotonic()
     try:
@@ -192,35 +208,56 @@ def build_arxiv_corpus(inputs: list[str], out: str, workers: int = 1, limits: Li
         raise LongctxError(f"no arXiv sources (.tar.gz, .tgz, .tar, .gz, .tex) found under {', '.join(inputs)}.")
     journal_path = os.path.join(out, STATE_DIR, JOURNAL)
     try:
-        os.makedirs(os.path.join(out, STATE_DIR), exist_ok=True)
+        os.makedirs(os.path.join(out, STATE_DIR), exist_ok=True)  # before the lock: the folder is ours
+        lock = lock_run(out)
     except OSError as e:
         raise LongctxError(f"cannot create the output folder {out} ({e.strerror or e}); give a folder "
                            "you can write to.") from None
-    index = _load_journal(journal_path)
-
-    todo = []
-    for key, path in jobs_all:
-        sig = _signature(path)
-        if key in index and index[key][1] == sig:
-            continue
-        todo.append((key, path, sig, limits, timeout))
-    skipped = len(jobs_all) - len(todo)
-    if todo:
-        # the rate counts this run's papers; those already in the journal start the count
-        with Progress(len(jobs_all), "corpus arxiv", "docs", enabled=progress, initial=skipped) as prog:
-            try:
-                _convert_all(todo, journal_path, workers, converter, limits, prog)
-            except OSError as e:  # the journal could not be appended (a full disk): its lines so far count
-                raise _write_error(out, e) from None
+    with lock:  # closing the lock file releases it, however the block ends
+        keys = _corpus_keys(out, [k for k, _ in jobs_all], append, overwrite)
         index = _load_journal(journal_path)
 
-    elapsed = time.monotonic() - t0
-    run = {"processed": len(todo), "skipped": skipped, "workers": workers, "seconds": round(elapsed, 3),
-           "docs_per_second": round(len(todo) / elapsed, 3) if elapsed > 0 else None}
+        todo = []
+        for key, path in jobs_all:
+            sig = _signature(path)
+            if key in index and index[key][1] == sig:
+                continue
+            todo.append((key, path, sig, limits, timeout))
+        skipped = len(jobs_all) - len(todo)
+        if todo:
+            # the rate counts this run's papers; those already in the journal start the count
+            with Progress(len(jobs_all), "corpus arxiv", "docs", enabled=progress, initial=skipped) as prog:
+                try:
+                    _convert_all(todo, journal_path, workers, converter, limits, prog)
+                except OSError as e:  # the journal could not be appended (a full disk): its lines so far count
+                    raise _write_error(out, e) from None
+            index = _load_journal(journal_path)
+
+        elapsed = time.monotonic() - t0
+        run = {"processed": len(todo), "skipped": skipped, "workers": workers, "seconds": round(elapsed, 3),
+               "docs_per_second": round(len(todo) / elapsed, 3) if elapsed > 0 else None}
+        try:
+            return _write_outputs(out, journal_path, index, keys, run)
+        except OSError as e:
+            raise _write_error(out, e) from None
+
+
+def _corpus_keys(out: str, keys: list[str], append: bool, overwrite: bool) -> list[str]:
+    """The inputs the corpus will hold: this run's, and with ``append`` the finished corpus's too; a
+    run that would silently drop documents of the finished corpus is refused."""
     try:
-        return _write_outputs(out, journal_path, index, jobs_all, run)
-    except OSError as e:
-        raise _write_error(out, e) from None
+        with open(os.path.join(out, STATE_DIR, INPUTS), encoding="utf-8") as f:
+            held = json.load(f)
+    except FileNotFoundError:
+        return keys  # a new folder, or a run that never finished: nothing to drop
+    if append:
+        return sorted(set(held) | set(keys))
+    dropped = sorted(set(held) - set(keys))
+    if dropped and not overwrite:
+        raise LongctxError(f"{out} holds a finished corpus of {len(held)} inputs, {len(dropped)} of which "
+                           f"this run does not give (e.g. {dropped[0]}); add --append to add this run's "
+                           "documents to it or --overwrite to replace it by this run's, or choose another --out.")
+    return keys
 
 
 def _convert_all(todo: list, journal_path: str, workers: int, converter, limits: Limits, prog) -> None:
@@ -390,10 +427,12 @@ def _map(jobs: list, workers: int, converter=convert_source, memory: int = 1024 
             w.stop(kill=w.job is not None)
 
 
-def _write_outputs(out: str, journal_path: str, index: dict, jobs: list, run: dict) -> dict:
-    """Rebuild the four output files from the journal. All four are written to temporary files first
-    and renamed only when every one is complete, so a failure (a full disk) leaves the old ones."""
+def _write_outputs(out: str, journal_path: str, index: dict, keys: list[str], run: dict) -> dict:
+    """Rebuild the four output files and the list of inputs from the journal. All are written to
+    temporary files first and renamed only when every one is complete, so a failure (a full disk)
+    leaves the old ones."""
     paths = {name: os.path.join(out, name) for name in OUTPUT_FILES}
+    paths[INPUTS] = os.path.join(out, STATE_DIR, INPUTS)  # last: the corpus is finished once it is there
     tmps = {name: f"{p}.tmp.{os.getpid()}" for name, p in paths.items()}
     try:
         with open(journal_path, "rb") as jf, \
@@ -401,7 +440,7 @@ def _write_outputs(out: str, journal_path: str, index: dict, jobs: list, run: di
                 open(tmps["text.jsonl"], "w", encoding="utf-8", newline="\n") as ft, \
                 open(tmps["rejects.jsonl"], "w", encoding="utf-8", newline="\n") as fr:
             tally = _Tally()
-            for key, _ in jobs:
+            for key in keys:
                 jf.seek(index[key][0])
                 e = json.loads(jf.readline())
                 tally.add(key, e)
@@ -412,7 +451,7 @@ def _write_outputs(out: str, journal_path: str, index: dict, jobs: list, run: di
                     continue
                 fs.write(json.dumps(rec, ensure_ascii=False) + "\n")
                 ft.write(json.dumps({"id": rec["id"], "text": rec["text"]}, ensure_ascii=False) + "\n")
-            stats = {**tally.stats(len(jobs)), "run": run}
+            stats = {**tally.stats(len(keys)), "run": run}
             for f in (fs, ft, fr):
                 f.flush()
                 os.fsync(f.fileno())
@@ -420,7 +459,11 @@ def _write_outputs(out: str, journal_path: str, index: dict, jobs: list, run: di
             json.dump(stats, f, indent=2, sort_keys=True)
             f.flush()
             os.fsync(f.fileno())
-        for name in OUTPUT_FILES:
+        with open(tmps[INPUTS], "w", encoding="utf-8") as f:
+            json.dump(keys, f)
+            f.flush()
+            os.fsync(f.fileno())
+        for name in paths:
             os.replace(tmps[name], paths[name])
     finally:
         for t in tmps.values():

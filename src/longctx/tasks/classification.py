@@ -38,6 +38,7 @@ class ClassificationBase(FinetuneTask):
 
     def load_splits(self):
         from longctx.tasks.files import read_user_splits
+        self._first_label = None  # (label, where): every later label must be of its kind
         out = read_user_splits(self.opts, self.name, self._check)
         if out is None:
             out = self.builtin_splits()
@@ -46,10 +47,29 @@ class ClassificationBase(FinetuneTask):
 
     def _check(self, row: dict, where: str) -> dict:
         for field in (*self.fields(), self.opts["label_field"]):
-            if row.get(field) is None:
+            if field not in row:
                 raise LongctxError(f"{where} has no field '{field}' (fields: {', '.join(map(str, row))}); choose "
                                    "the columns with task.text_field / task.label_field")
-        return {"texts": [str(row[f]) for f in self.fields()], "label": row[self.opts["label_field"]]}
+            if row[field] is None or row[field] != row[field]:  # null, or NaN (Parquet's and CSV's missing value)
+                raise LongctxError(f"{where} has no value in '{field}' (missing, null or NaN); fill it in or "
+                                   "drop the row")
+        return {"texts": [str(row[f]) for f in self.fields()], "label": self._label(row[self.opts["label_field"]], where)}
+
+    def _label(self, label, where: str):
+        """A label as a class name: a string or an integer (an integral float, as a column with missing
+        values stores integers, taken as the integer), one kind in every split: the integer 0 and the
+        string '0' would be two classes."""
+        if isinstance(label, float) and label.is_integer():
+            label = int(label)
+        if not isinstance(label, (str, int)):
+            raise LongctxError(f"{where} has the label {label!r}; labels must be strings or integers")
+        if self._first_label is None:
+            self._first_label = (label, where)
+        first, first_where = self._first_label
+        if isinstance(label, str) != isinstance(first, str):
+            raise LongctxError(f"{where} has the label {label!r} but {first_where} has {first!r}; give every "
+                               "label as a string or every label as an integer")
+        return label
 
     def builtin_splits(self) -> dict[str, list[dict]]:
         raise NotImplementedError
@@ -59,8 +79,8 @@ class ClassificationBase(FinetuneTask):
         for s in ("dev", "test"):
             extra = {r["label"] for r in splits[s]} - train
             if extra:
-                raise LongctxError(f"the {s} split has label(s) {sorted(map(str, extra))} that the training split "
-                                   f"lacks (train labels: {sorted(map(str, train))}); the label sets must agree")
+                raise LongctxError(f"the {s} split has label(s) {sorted(extra)} that the training split "
+                                   f"lacks (train labels: {sorted(train)}); the label sets must agree")
         self.labels = sorted(train, key=lambda x: (str(type(x)), x))
         self.label_id = {label: i for i, label in enumerate(self.labels)}
 

@@ -23,10 +23,13 @@ def read_records(path: str | Path, what: str = "task data") -> list[dict]:
     if suffix not in BUILDERS:
         raise LongctxError(f"{what} file {path} has an unknown format ({suffix or 'no suffix'}); use .jsonl, "
                            ".json, .csv, .parquet or .arrow")
-    if suffix in (".jsonl", ".json", ".csv") and not p.read_bytes().strip():
-        return []  # empty: the caller names the empty split
+    if suffix in (".jsonl", ".json", ".csv"):
+        raw = p.read_bytes()
+        if not raw.strip():
+            return []  # empty: the caller names the empty split
+        _check_utf8(raw, what, path)
     if suffix == ".json":
-        nested = _squad_nested(p)
+        nested = _squad_nested(p, what, path)
         if nested is not None:
             return nested
     import datasets
@@ -45,14 +48,27 @@ def read_records(path: str | Path, what: str = "task data") -> list[dict]:
     return [dict(r) for r in ds]
 
 
-def _squad_nested(p: Path) -> list[dict] | None:
+def _check_utf8(raw: bytes, what: str, path) -> None:
+    """Text formats must be UTF-8: pyarrow takes other bytes as they are and fails on reading the row."""
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise LongctxError(f"{what} file {path} is not valid UTF-8 (byte {raw[e.start]:#04x} on line {line}); "
+                           "save it as UTF-8") from None
+
+
+def _squad_nested(p: Path, what: str, path) -> list[dict] | None:
     """The official SQuAD layout flattened, or None when the file is not in it."""
     try:
         raw = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except json.JSONDecodeError:
         return None  # JSON lines, or broken: datasets reports it
     if not (isinstance(raw, dict) and isinstance(raw.get("data"), list)):
         return None
+    if raw["data"] and not any(isinstance(a, dict) and "paragraphs" in a for a in raw["data"]):
+        raise LongctxError(f"{what} file {path} holds {{\"data\": [...]}}, the SQuAD layout, but none of its "
+                           "entries has 'paragraphs'; give one record per row as JSON lines or a JSON list")
     rows = []
     for article in raw["data"]:
         for para in article.get("paragraphs", []) if isinstance(article, dict) else []:

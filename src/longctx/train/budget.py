@@ -34,6 +34,8 @@ from longctx.errors import LongctxError
 
 SAMPLE_STEPS = 8        # steps whose batches give the FLOPs and tokens of an average step
 TIMING_STEPS = (1, 4)   # a seconds budget: 1 untimed step (first-call costs), then the median of 4
+# the most steps a budget may buy: past any real run (BERT pretrained for 1M); more is a typo or .inf
+MAX_STEPS = 10**9
 
 
 def matmul_weights(model: nn.Module) -> dict[str, int]:
@@ -151,11 +153,15 @@ def measure_step_seconds(model, task, cfg: dict, device, rank: int = 0, world: i
 
 
 def steps_for(budget: dict, per_step: dict) -> int:
-    """Whole steps that fit in ``budget`` ({flops|seconds|tokens: value}); a budget below one step is an error."""
+    """Whole steps that fit in ``budget`` ({flops|seconds|tokens: value}); a budget below one step, or
+    one that buys more than ``MAX_STEPS`` (infinity included), is an error."""
     unit, value = next((u, v) for u, v in budget.items() if v is not None)
     cost = per_step[{"flops": "flops_per_step", "seconds": "seconds_per_step", "tokens": "tokens_per_step"}[unit]]
     if cost is None:
         raise LongctxError(f"train.budget.{unit} cannot be used: the step's {unit} could not be counted")
+    if not value / cost <= MAX_STEPS:  # `not <=` also catches nan
+        raise LongctxError(f"train.budget.{unit}={value:g} buys more than {MAX_STEPS:,} training steps of "
+                           f"{cost:.4g} {unit}; give a finite budget that fits a run")
     steps = math.floor(value / cost * (1 + 1e-12))  # a budget of exactly k steps is k, not k - 1 by rounding
     if steps < 1:
         raise LongctxError(f"train.budget.{unit}={value:g} is less than one training step ({cost:.4g} {unit}); "
