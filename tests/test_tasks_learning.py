@@ -19,7 +19,8 @@ def test_listops_is_learned_above_the_majority_class(tmp_path):
 QA_TINY = ["data.tokenizer={train: bpe, vocab_size: 8192}", "data.seq_len=128", "model.window=4",
            "task.context_chars=500", "model.hidden_size=64", "model.num_hidden_layers=2",
            "model.num_attention_heads=4", "model.max_position_embeddings=128", "train.batch_size=16",
-           "train.lr=3e-3", "train.warmup_steps=20", "train.save_every=0", "task.bootstrap=200"]
+           "train.lr=3e-3", "train.warmup_steps=20", "train.save_every=0", "task.bootstrap=200",
+           "task.doc_stride=32", "task.max_question_tokens=16"]
 
 
 def _qa_dev(tmp_path, global_tokens, steps):

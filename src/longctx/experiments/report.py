@@ -244,7 +244,9 @@ def write_report(comp: dict, results: list[dict], out: Path) -> dict:
           corpus_line(summary["corpus"], summary["software"]), "",
           table(results, study), "",
           "Tokens/s: training tokens per second of training-step time (evaluation and checkpoints excluded), a single "
-          "measurement per run (mean over seeds) on a machine that may have been busy: read speed ratios as rough. "
+          "measurement per run (mean over seeds) on a machine that may have been busy: read speed ratios as rough"
+          + (f"; {comp.get('jobs')} runs at once shared the machine, so these are not each variant's speed alone. "
+             if comp.get("jobs", 1) > 1 else ". ") +
           "Peak memory: the variant process's peak resident memory (CPU) or peak allocated GPU memory. "
           "Held-out loss: the mean over seeds, 95% interval over seeds and held-out sequences in brackets; the paired "
           "column is the difference to the reference on the same sequences (negative: lower loss). "

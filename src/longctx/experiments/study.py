@@ -23,13 +23,24 @@ from longctx import stats
 LEVEL = 0.95
 
 
+def _by_pretraining_seed(rows, seeds: int) -> np.ndarray:
+    """(P x K, N) scores of P pretraining seeds x K finetuning seeds each -> (P, N), each row the mean over
+    that pretrained model's finetunings: the pretraining seed is the independent unit (finetunings of one
+    model share its pretraining noise, so counting them as seeds would understate the spread)."""
+    a = np.asarray(rows, float)
+    if a.shape[0] % seeds:
+        raise ValueError(f"{a.shape[0]} score rows are not a whole number of finetunings of {seeds} pretraining seeds")
+    return a.reshape(seeds, a.shape[0] // seeds, a.shape[1]).mean(axis=1)
+
+
 def columns(results: list[dict]) -> dict[str, dict]:
-    """{column: {"scores": {variant: (seeds, examples) array}, "higher_is_better", "metric", "from_scratch"}}
-    for every column whose every variant has per-example scores."""
+    """{column: {"scores": {variant: (pretraining seeds, examples) array}, "higher_is_better", "metric",
+    "from_scratch"}} for every column whose every variant has per-example scores."""
     cols = {}
+    p = len(results[0].get("seeds") or [0])
     per = {r["variant"]: r["eval"].get("per_example") for r in results}
     if all(p is not None for p in per.values()):
-        cols["pretraining loss"] = {"scores": {v: np.asarray(p, float) for v, p in per.items()},
+        cols["pretraining loss"] = {"scores": {v: _by_pretraining_seed(x, p) for v, x in per.items()},
                                     "higher_is_better": False, "metric": "held-out loss", "from_scratch": False}
     tasks = list(dict.fromkeys(t for r in results for t in (r.get("finetune") or {})))
     for t in tasks:
@@ -38,7 +49,7 @@ def columns(results: list[dict]) -> dict[str, dict]:
             continue
         first = next(iter(fts.values()))
         name = f"{t} (LRA, from scratch)" if first["from_scratch"] else t
-        cols[name] = {"scores": {v: np.asarray(ft["test"]["per_example"], float) for v, ft in fts.items()},
+        cols[name] = {"scores": {v: _by_pretraining_seed(ft["test"]["per_example"], p) for v, ft in fts.items()},
                       "higher_is_better": True, "metric": first["metric"], "from_scratch": first["from_scratch"]}
     # a column is usable only when every variant has the same seeds x examples shape
     return {k: c for k, c in cols.items() if len({a.shape for a in c["scores"].values()}) == 1}
@@ -91,7 +102,7 @@ def findings(st: dict) -> list[str]:
         parts = [f"{lab} than {ref}: " + ", ".join(f"{v} ({_fmt(rows[v])})" for v in by[lab])
                  for lab in ("better", "worse") if by[lab]]
         if by["not separated"]:
-            parts.append("not separated from it: " + ", ".join(by["not separated"]))
+            parts.append(f"not separated from {ref}: " + ", ".join(by["not separated"]))
         s, n = c["shape"]
         what = "held-out loss" if name == "pretraining loss" else f"{name} test {c['metric']}"
         lines.append(f"**{what}** ({s} seed{'s' if s > 1 else ''} x {n} examples, paired differences, Holm over "
