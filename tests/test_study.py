@@ -132,3 +132,24 @@ def test_stale_runs_are_refused_or_rerun_and_seeds_line_up(tmp_path):
     res = _longctx(["compare", "--config", str(cfg), "--out", str(out), "--quiet", "train.steps=3", "--rerun-changed"])
     assert res.returncode == 0, res.stderr[-3000:]
     assert all(v["steps"] == 3 for v in json.loads((run / "results.json").read_text())["variants"])
+
+
+def test_a_grid_on_the_first_seeds_then_the_choice_on_the_rest(tmp_path):
+    """``grid_seeds: 1``: the learning-rate grid runs on the first pretraining seed, the point chosen on its dev
+    score on the other seeds; the summary's rows are the chosen point's runs, one per seed, in seed order."""
+    listops = {"lr": [1e-3, 3e-3], "grid_seeds": 1, "data": {"seq_len": 32},
+               "train": {"steps": 2, "batch_size": 4, "save_every": 0},
+               "task": {"train_size": 8, "dev_size": 6, "test_size": 6, "max_depth": 2, "min_length": 3, "max_length": 30,
+                        "bootstrap": 20}}
+    cfg = _tiny_comparison(tmp_path, seeds=2, finetune={"listops": listops})
+    res = _longctx(["compare", "--config", str(cfg), "--out", str(tmp_path / "runs"), "--quiet", "--jobs", "2"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = tmp_path / "runs" / "tiny"
+    for v in json.loads((run / "results.json").read_text())["variants"]:
+        ft = v["finetune"]["listops"]
+        tag = f"{ft['lr']:g}"
+        assert sorted(p.name for p in (run / v["variant"]).glob("finetune-*")) == ["finetune-listops-lr0.001",
+                                                                                   "finetune-listops-lr0.003"]
+        assert [p.name for p in (run / f"{v['variant']}-seed1").glob("finetune-*")] == [f"finetune-listops-lr{tag}"]
+        assert set(ft["dev_by_lr"]) == {"0.001", "0.003"} and ft["seeds"] == 2
+        assert [r["pretraining_seed"] for r in ft["runs"] if r["lr"] == ft["lr"]] == [0, 1]

@@ -210,6 +210,14 @@ def run_comparison(comp: dict, out_root: str | Path, progress: bool = True, reru
         if progress:
             print(f"finetuning: {sum(map(len, ft.values()))} run(s)", file=sys.stderr)
         run_all([r for runs in ft.values() for r in runs], jobs, progress, rerun_changed)
+        rest = {v["name"]: downstream.plan(v, pre[v["name"]], comp["finetune"], v.get("task_sets", {}),
+                                           chosen=downstream.choices(ft[v["name"]])) for v in comp["variants"]}
+        if any(rest.values()):  # grids run on their first seeds: the chosen points on the others
+            if progress:
+                print(f"finetuning at the learning rates chosen on dev: {sum(map(len, rest.values()))} run(s)",
+                      file=sys.stderr)
+            run_all([r for runs in rest.values() for r in runs], jobs, progress, rerun_changed)
+            ft = {name: ft[name] + rest[name] for name in ft}
     results = []
     for i, v in enumerate(comp["variants"]):
         r = over_seeds([p.result for p in pre[v["name"]]])

@@ -15,6 +15,9 @@ variant alike, plus:
   point with the best mean dev score over its seeds (ties: the first in the grid). Only dev scores choose;
   test is read for the chosen point only. With ``train.keep_best`` each run's model is its best dev
   evaluation (every ``train.eval_every`` steps and the last).
+- ``grid_seeds: G``: the grid runs on the first G pretraining seeds only, and the chosen point on the others
+  (default: every seed runs the whole grid). The choice is still each variant's, on dev; the remaining seeds
+  then cost one run each instead of one per grid point.
 - ``seeds: K``: K finetuning runs of each pretrained model (seeds s, s + 1, ... for pretraining seed s).
 
 A variant may set task options that are part of its attention, not of the budget: ``task.global_tokens``
@@ -35,7 +38,7 @@ import numpy as np
 from longctx.errors import LongctxError
 
 VARIANT_TASK_KEYS = ("global_tokens",)  # what a variant may set for its finetuning
-SPEC_KEYS = ("model", "data", "train", "task", "seeds", "lr")
+SPEC_KEYS = ("model", "data", "train", "task", "seeds", "lr", "grid_seeds")
 
 
 def check_spec(spec) -> dict:
@@ -54,11 +57,14 @@ def check_spec(spec) -> dict:
         unknown = set(cfg) - set(SPEC_KEYS)
         if unknown:
             raise LongctxError(f"finetune.{name} has unknown keys {sorted(unknown)}; use model, data, train, task "
-                               "(and seeds, lr)")
+                               "(and seeds, lr, grid_seeds)")
         seeds = cfg.get("seeds", 1)
         if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
             raise LongctxError(f"finetune.{name}.seeds must be a whole number of finetuning runs (1 or more), "
                                f"not {seeds!r}")
+        g = cfg.get("grid_seeds", 1)
+        if isinstance(g, bool) or not isinstance(g, int) or g < 1:
+            raise LongctxError(f"finetune.{name}.grid_seeds must be a number of pretraining seeds (1 or more), not {g!r}")
         grid = cfg.get("lr")
         if grid is not None and (not isinstance(grid, list) or not grid or len(set(grid)) != len(grid) or any(
                 isinstance(x, bool) or not isinstance(x, (int, float)) or not x > 0 for x in grid)):
@@ -110,9 +116,13 @@ def _lr_tag(lr: float) -> str:
     return f"{lr:g}".replace("+", "")
 
 
-def plan(variant: dict, pretrained: list, spec: dict, task_sets: dict) -> list:
-    """The finetuning runs of one variant (``longctx.experiments.runs.Run``, with ``meta``: task, lr, seeds),
-    grid point by grid point; ``pretrained``: the variant's pretraining runs, one per seed, finished."""
+def plan(variant: dict, pretrained: list, spec: dict, task_sets: dict, chosen: dict | None = None) -> list:
+    """The finetuning runs of one variant (``longctx.experiments.runs.Run``, with ``meta``); ``pretrained``:
+    its pretraining runs, one per seed, finished.
+
+    Without ``chosen``: every task's runs, except that a task with a grid (``lr: [...]``) runs its grid on its
+    first ``grid_seeds`` pretraining seeds only (default: all). With ``chosen`` ({task: lr}, read off those
+    runs' dev scores by ``choose_lr``): the chosen point on the remaining seeds of each task with a grid."""
     from longctx.experiments.runs import Run, fingerprint
     from longctx.tasks.finetune import task_class
 
@@ -120,33 +130,49 @@ def plan(variant: dict, pretrained: list, spec: dict, task_sets: dict) -> list:
     for task_name, tspec in spec.items():
         tspec = dict(tspec)
         ft_seeds, grid = tspec.pop("seeds", 1), tspec.pop("lr", None)
+        g = tspec.pop("grid_seeds", None) or len(pretrained)
         scratch = task_class(task_name).from_scratch
-        for lr in grid or [None]:
-            for pre in pretrained:
-                for k in range(ft_seeds):
-                    cfg = variant_config(task_name, tspec, pre.cfg, task_sets, pre.dir / "model")
-                    cfg["seed"] += k
-                    if lr is not None:
-                        cfg["train"]["lr"] = float(lr)
-                    folder = (f"finetune-{task_name}" + (f"-lr{_lr_tag(lr)}" if grid and len(grid) > 1 else "")
-                              + (f"-seed{k}" if k else ""))
-                    what = (f"{variant['name']} (seed {pre.cfg['seed']}): {task_name}"
-                            + (" from scratch" if scratch else "") + (f", lr {lr:g}" if lr is not None else "")
-                            + (f", finetuning seed {cfg['seed']}" if ft_seeds > 1 else ""))
-                    # its own process, like pretraining: the score may not depend on what ran before it
-                    run = Run(cfg, pre.dir / folder, what, task=task_name,
-                              after=None if scratch else fingerprint(pre.requested))
-                    run.meta = {"task": task_name, "lr": cfg["train"]["lr"], "pretraining_seed": pre.cfg["seed"],
-                                "seed": cfg["seed"], "grid": grid, "global_tokens": cfg["task"]["global_tokens"]}
-                    runs.append(run)
+        if chosen is None:
+            points = [(lr, i) for lr in grid for i in range(min(g, len(pretrained)))] if grid else \
+                [(None, i) for i in range(len(pretrained))]
+        else:
+            points = [(chosen[task_name], i) for i in range(g, len(pretrained))] if grid else []
+        for lr, index in points:
+            pre = pretrained[index]
+            for k in range(ft_seeds):
+                cfg = variant_config(task_name, tspec, pre.cfg, task_sets, pre.dir / "model")
+                cfg["seed"] += k
+                if lr is not None:
+                    cfg["train"]["lr"] = float(lr)
+                folder = (f"finetune-{task_name}" + (f"-lr{_lr_tag(lr)}" if grid and len(grid) > 1 else "")
+                          + (f"-seed{k}" if k else ""))
+                what = (f"{variant['name']} (seed {pre.cfg['seed']}): {task_name}"
+                        + (" from scratch" if scratch else "") + (f", lr {lr:g}" if lr is not None else "")
+                        + (f", finetuning seed {cfg['seed']}" if ft_seeds > 1 else ""))
+                # its own process, like pretraining: the score may not depend on what ran before it
+                run = Run(cfg, pre.dir / folder, what, task=task_name,
+                          after=None if scratch else fingerprint(pre.requested))
+                run.meta = {"task": task_name, "lr": cfg["train"]["lr"], "pretraining_seed": pre.cfg["seed"],
+                            "index": index, "seed": cfg["seed"], "grid": grid, "grid_run": chosen is None,
+                            "global_tokens": cfg["task"]["global_tokens"]}
+                runs.append(run)
     return runs
+
+
+def choices(runs: list) -> dict:
+    """{task: the learning rate chosen on dev} for each task with a grid, from ``plan``'s first runs."""
+    out = {}
+    for task in dict.fromkeys(r.meta["task"] for r in runs if r.meta["grid"]):
+        mine = [{"lr": r.meta["lr"], "result": r.result} for r in runs if r.meta["task"] == task]
+        out[task] = choose_lr(mine, mine[0]["result"]["primary_metric"])[0]
+    return out
 
 
 def summaries(runs: list) -> dict:
     """{task: summary} of one variant's finished finetuning runs (``plan``'s)."""
     out = {}
     for task in dict.fromkeys(r.meta["task"] for r in runs):
-        mine = [r for r in runs if r.meta["task"] == task]
+        mine = sorted((r for r in runs if r.meta["task"] == task), key=lambda r: (r.meta["index"], r.meta["seed"]))
         out[task] = summarize([{**r.meta, "dir": str(r.dir), "result": r.result} for r in mine], mine[0].meta["grid"],
                               mine[0].meta["global_tokens"])
     return out
@@ -171,7 +197,8 @@ def summarize(runs: list[dict], grid, global_tokens) -> dict:
     over seeds), the per-seed scores and the per-example scores (one row per seed)."""
     first = runs[0]["result"]
     metric = first["primary_metric"]
-    lr, dev_by_lr = choose_lr(runs, metric)
+    # the choice is read off the grid's runs only (those on the first grid_seeds seeds), as it was made
+    lr, dev_by_lr = choose_lr([r for r in runs if r.get("grid_run", True)], metric)
     chosen = [r for r in runs if r["lr"] == lr]
     tests = [r["result"]["test"] for r in chosen]
     per_example = [t.get("per_example") for t in tests]

@@ -46,7 +46,8 @@ def vs_cell(vs_reference: dict, variant: str, digits: int = 3) -> str:
     if row is None:
         return "reference"
     lo, hi = row["ci"]
-    return f"{row['diff']:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}] {row['label']}"
+    holm = f" (Holm p {row['p_holm']:.2g})" if row.get("p_holm") is not None else ""
+    return f"{row['diff']:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}] {row['label']}{holm}"
 
 
 def downstream_lines(results: list[dict], study: dict | None) -> list[str]:
@@ -68,7 +69,8 @@ def downstream_lines(results: list[dict], study: dict | None) -> list[str]:
              "LRA-style tasks train the variant's attention from scratch, once per seed): the mean over seeds, with a "
              "95% interval over seeds and test examples; in parentheses the learning rate chosen for the variant on "
              "dev and the global tokens used. Paired differences to the reference: the same test examples and seeds, "
-             "95% interval, Holm-corrected label (longctx.experiments.study).", "",
+             "95% interval of the one comparison, and the label with Holm's adjusted p-value over the family (an "
+             "interval that excludes 0 next to \"not separated\" did not survive the correction).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         cells = [r["variant"]]
@@ -251,7 +253,8 @@ def write_report(comp: dict, results: list[dict], out: Path) -> dict:
           "Held-out loss: the mean over seeds, 95% interval over seeds and held-out sequences in brackets; the paired "
           "column is the difference to the reference on the same sequences (negative: lower loss). "
           "Attention MFLOP/token: forward QK^T and PV over the pairs the pattern allows. "
-          "Loss plots: the training loss smoothed (EMA, beta 0.9) and the held-out loss at each evaluation (points)."
+          "Loss plots (the first seed's runs): the training loss (an EMA whose beta falls with the number of points logged) "
+          "and the held-out loss at each evaluation with its 95% interval over held-out sequences."
           + (" Train FLOPs: steps x the FLOPs of a step (6 x matrix-product weights per position it runs on + 3 x the "
              "attention mechanism's forward FLOPs, global tokens included; the mean of the first steps' batches)."
              if budget else ""),
@@ -310,9 +313,14 @@ def _loss_series(rows: dict[str, list[dict]], key: str) -> list[dict]:
     for i, (variant, rs) in enumerate(rows.items()):
         tr = [m for m in rs if m.get("type") == "train" and m.get("loss") is not None and key in m]
         ev = [m for m in rs if m.get("type") == "eval" and m.get("loss") is not None and key in m]
-        series.append({"x": [m[key] for m in tr], "y": ema([m["loss"] for m in tr]), "color": f"C{i}",
-                       "label": f"{variant} train (EMA)"})
-        if ev:
+        # smoothing in proportion to the points logged: a 0.9 EMA over six points lags the last loss by most
+        # of the curve's drop, so a short run is drawn nearly raw
+        beta = min(0.9, max(0.0, 1 - 5 / max(len(tr), 1)))
+        series.append({"x": [m[key] for m in tr], "y": ema([m["loss"] for m in tr], beta), "color": f"C{i}",
+                       "label": f"{variant} train" + (f" (EMA {beta:.2f})" if beta else "")})
+        if ev:  # with the 95% interval over held-out sequences: differences inside it are not findings
+            cis = [m.get("loss_ci") or [m["loss"], m["loss"]] for m in ev]
             series.append({"x": [m[key] for m in ev], "y": [m["loss"] for m in ev], "style": "o--", "color": f"C{i}",
-                           "label": f"{variant} held-out"})
+                           "yerr": ([m["loss"] - c[0] for m, c in zip(ev, cis)], [c[1] - m["loss"] for m, c in zip(ev, cis)]),
+                           "label": f"{variant} held-out (95% interval)"})
     return series
