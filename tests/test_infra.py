@@ -158,8 +158,9 @@ def test_progress_without_interval_prints_only_when_asked_and_at_the_end(capsys)
 
 
 def test_compare_loss_plot_smooths_training_and_marks_held_out(tmp_path):
-    """The default compare's loss plot: per variant an EMA of the training loss and the held-out points,
-    in one colour; raw per-step losses (which coincide across variants) are not drawn."""
+    """The default compare's loss plot: per variant an EMA of the training loss (its beta falls with the
+    number of points: 1 - 5/points, at most 0.9) and the held-out points with their intervals, in one colour;
+    raw per-step losses (which coincide across variants) are not drawn."""
     from longctx.experiments.report import _loss_series
     from longctx.train.trainer import plot_losses
 
@@ -167,11 +168,20 @@ def test_compare_loss_plot_smooths_training_and_marks_held_out(tmp_path):
     for v, off in (("a", 0.0), ("b", 0.5)):
         rows[v] = [{"type": "train", "step": s, "loss": 5.0 - s / 10 + off + (0.3 if s % 2 else -0.3), "train_time": s}
                    for s in range(1, 11)] + [{"type": "eval", "step": 5, "loss": 4.6 + off, "train_time": 5.5},
-                                             {"type": "eval", "step": 10, "loss": 4.1 + off, "train_time": 10.5}]
+                                             {"type": "eval", "step": 10, "loss": 4.1 + off, "train_time": 10.5,
+                                              "loss_ci": [3.9 + off, 4.4 + off]}]
     series = _loss_series(rows, "step")
-    assert [s["label"] for s in series] == ["a train (EMA)", "a held-out", "b train (EMA)", "b held-out"]
+    assert [s["label"] for s in series] == ["a train (EMA 0.50)", "a held-out (95% interval)",
+                                            "b train (EMA 0.50)", "b held-out (95% interval)"]
     raw = [r["loss"] for r in rows["a"] if r["type"] == "train"]
-    assert series[0]["y"] == ema(raw) and series[0]["x"] == list(range(1, 11))
+    assert series[0]["y"] == ema(raw, 0.5) and series[0]["x"] == list(range(1, 11))
+    # error bars: the interval where one was measured, none where not
+    assert series[1]["yerr"][0] == [0.0, pytest.approx(0.2)] and series[1]["yerr"][1] == [0.0, pytest.approx(0.3)]
+    # a long run is smoothed at 0.9, a run of five points drawn raw
+    long = {"a": [{"type": "train", "step": s, "loss": 1.0} for s in range(100)]}
+    assert _loss_series(long, "step")[0]["label"] == "a train (EMA 0.90)"
+    short = {"a": [{"type": "train", "step": s, "loss": float(s)} for s in range(5)]}
+    assert _loss_series(short, "step")[0]["y"] == [0.0, 1.0, 2.0, 3.0, 4.0]
     jumps = lambda ys: max(abs(a - b) for a, b in zip(ys, ys[1:]))  # noqa: E731
     assert jumps(series[0]["y"][3:]) < jumps(raw[3:]) / 2  # smoothed (past the first points)
     assert series[1]["x"] == [5, 10] and series[1]["y"] == [4.6, 4.1]

@@ -200,7 +200,7 @@ def test_niah_single_is_learned_by_a_tiny_model_above_its_untrained_self(tmp_pat
     from longctx.tasks.finetune import run_finetune
 
     cfg = finetune_config("ruler_niah_single", {}, [
-        "task.haystack=noise", "task.length=240", "task.train_size=1600", "task.dev_size=100", "task.test_size=100",
+        "task.haystack=noise", "task.length=240", "task.doc_stride=32", "task.max_question_tokens=24", "task.train_size=1600", "task.dev_size=100", "task.test_size=100",
         "data.seq_len=128", "model.window=8", "model.hidden_size=64", "model.num_hidden_layers=2",
         "model.num_attention_heads=4", "model.max_position_embeddings=128", "train.batch_size=16", "train.lr=3e-3",
         "train.warmup_steps=10", "train.steps=100", "train.save_every=0", "train.eval_every=0", "task.bootstrap=200"])

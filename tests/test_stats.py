@@ -337,3 +337,24 @@ def test_mismatched_or_bad_tables_raise_clear_errors():
                                    higher_x=True, higher_y=True)
     with pytest.raises(ValueError, match=r"same \(seeds, examples\) shape"):
         stats.kendall_tau_interval({"a": a, "b": np.zeros((2, 9))}, {"a": a, "b": a}, higher_x=True, higher_y=True)
+
+
+def test_rows_interval_is_the_mean_interval_or_none_where_there_is_none_to_give():
+    from longctx.stats import mean_interval, rows_interval
+
+    rows = [[0.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 1.0]]
+    assert rows_interval(rows) == mean_interval(np.array(rows))
+    assert rows_interval([[1.0], [0.0]]) is None  # one example each: no interval over examples
+    assert rows_interval([[1.0, 0.0], [1.0]]) is None  # runs on different examples
+    assert rows_interval([[1.0, 0.0], None]) is None and rows_interval([]) is None
+
+
+def test_kendall_tau_of_a_ranking_that_is_all_ties_has_no_interval_and_no_warning():
+    import warnings
+
+    flat = {v: np.zeros((2, 5)) for v in "abc"}
+    moving = {v: np.full((2, 5), float(i)) + np.arange(5) for i, v in enumerate("abc")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        t = stats.kendall_tau_interval(flat, moving, higher_x=True, higher_y=True, resamples=50)
+    assert np.isnan(t["tau"]) and all(np.isnan(c) for c in t["ci"])

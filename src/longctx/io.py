@@ -3,7 +3,7 @@
 Every output of a long job (a checkpoint, a corpus, a tokenizer, a report) is first written beside
 its final place under a ``.tmp-`` name and then renamed onto it: a rename within one folder is atomic
 on POSIX, so a reader (or a run resumed after a kill) sees the old file or the new one, never half
-of one. The ``.tmp-`` prefix is what ``longctx.train.checkpoint.clean_temporaries`` removes after a kill.
+of one; a folder being written is held by `lock_run`. The ``.tmp-`` prefix is what ``longctx.train.checkpoint.clean_temporaries`` removes after a kill.
 """
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
+
+from longctx.errors import LongctxError
 
 TMP_PREFIX = ".tmp-"
 
@@ -112,8 +114,6 @@ def load_yaml(path: str | os.PathLike, what: str = "config file", hint: str = ""
     (``hint`` is added to the missing-file sentence)."""
     import yaml
 
-    from longctx.errors import LongctxError
-
     p = Path(path)
     if not p.is_file():
         raise LongctxError(f"{what} {p} does not exist{hint}")
@@ -128,3 +128,25 @@ def load_yaml(path: str | os.PathLike, what: str = "config file", hint: str = ""
     if not isinstance(data, dict):
         raise LongctxError(f"{what} {p} must hold a mapping of keys, got {type(data).__name__}")
     return data
+
+
+def lock_run(out_dir: Path):
+    """Take a run (or corpus) folder's advisory lock; returns the open lock file (keep it open while writing)."""
+    import fcntl
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    f = open(out / ".lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise LongctxError(f"{out} is being written by another run (process {holder}); wait for it to end "
+                           "or choose another --out") from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    return f

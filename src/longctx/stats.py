@@ -176,6 +176,14 @@ def mean_interval(scores, level: float = 0.95, resamples: int = 2000, seed: int 
     return _difference(_table(scores, "scores"), True, level, resamples, seed)["ci"]
 
 
+def rows_interval(rows, level: float = 0.95) -> list[float] | None:
+    """``mean_interval`` of per-example score rows (one row per seed), or None where there is no interval to
+    give: a row missing, rows of different lengths (runs on different examples), or fewer than 2 examples."""
+    if not rows or any(r is None for r in rows) or len({len(r) for r in rows}) != 1 or len(rows[0]) < 2:
+        return None
+    return mean_interval(np.asarray(rows, dtype=float), level=level)
+
+
 def _stack(scores: dict, names: list, what: str) -> np.ndarray:
     tables = [_table(scores[v], f"{what}[{v!r}]") for v in names]
     if len({t.shape for t in tables}) != 1:
@@ -232,4 +240,6 @@ def kendall_tau_interval(x: dict, y: dict, *, higher_x: bool, higher_y: bool, le
     taus = _tau_b_rows(sign_x * _resampled_means(tx, seed_counts, rng),
                        sign_y * _resampled_means(ty, seed_counts, rng))
     alpha = (1 - level) / 2
+    if np.isnan(taus).all():  # a ranking is all ties in every draw (e.g. every variant scores 0): no interval
+        return {"tau": tau, "ci": [float("nan"), float("nan")]}
     return {"tau": tau, "ci": [float(np.nanquantile(taus, alpha)), float(np.nanquantile(taus, 1 - alpha))]}

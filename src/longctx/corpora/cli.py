@@ -31,7 +31,7 @@ from longctx.corpora.arxiv import Limits, Rejected, convert_source, discover, do
 from longctx.errors import LongctxError
 from longctx.memory import proc_status_bytes
 from longctx.progress import Progress
-from longctx.train.checkpoint import lock_run
+from longctx.io import lock_run
 
 STATE_DIR = ".state"
 JOURNAL = "journal.jsonl"

@@ -166,10 +166,11 @@ def over_seeds(runs: list[dict]) -> dict:
     if "bits_per_char" in ev:
         ev["bits_per_char"] = float(np.mean([e["bits_per_char"] for e in evs]))
     ev.pop("per_example", None)
-    if all(p is not None for p in per) and len({len(p) for p in per}) == 1:
-        from longctx.stats import mean_interval
+    from longctx.stats import rows_interval
+    ci = rows_interval(per)
+    if ci is not None:  # None: one held-out sequence (or runs of an older longctx): no interval to give
         ev["per_example"] = per
-        ev["loss_ci"] = mean_interval(np.array(per))
+        ev["loss_ci"] = ci
     r["eval"] = ev
     r["tokens_per_s"] = float(np.mean([x["tokens_per_s"] for x in runs]))
     r["train_time_s"] = float(np.mean([x["train_time_s"] for x in runs]))

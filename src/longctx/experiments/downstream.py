@@ -204,11 +204,12 @@ def summarize(runs: list[dict], grid, global_tokens) -> dict:
     per_example = [t.get("per_example") for t in tests]
     test = {"split": "test", metric: float(np.mean([t[metric] for t in tests])), "examples": tests[0].get("examples"),
             f"{metric}_per_seed": [t[metric] for t in tests]}
-    if all(p is not None for p in per_example) and len({len(p) for p in per_example}) == 1:
+    from longctx.stats import rows_interval
+    ci = rows_interval(per_example)
+    if ci is not None:
         test["per_example"] = per_example
-        from longctx.stats import mean_interval
-        test[f"{metric}_ci"] = mean_interval(np.array(per_example))
-    else:  # runs of an older longctx: the one run's own bootstrap interval
+        test[f"{metric}_ci"] = ci
+    else:  # runs of an older longctx, or one test example: the one run's own interval, if any
         test[f"{metric}_ci"] = tests[0].get(f"{metric}_ci")
     return {"metric": metric, "from_scratch": first["from_scratch"], "global_tokens": global_tokens,
             "lr": lr, "lr_grid": list(grid) if grid else [lr], "dev_by_lr": {f"{k:g}": v for k, v in dev_by_lr.items()},

@@ -43,6 +43,9 @@ def columns(results: list[dict]) -> dict[str, dict]:
         cols["pretraining loss"] = {"scores": {v: _by_pretraining_seed(x, p) for v, x in per.items()},
                                     "higher_is_better": False, "metric": "held-out loss", "from_scratch": False}
     tasks = list(dict.fromkeys(t for r in results for t in (r.get("finetune") or {})))
+    # columns read left to right: pretraining, the tasks finetuned from it, then the LRA-style tasks trained
+    # from scratch (each group in the config's order)
+    tasks.sort(key=lambda t: any((r.get("finetune") or {}).get(t, {}).get("from_scratch") for r in results))
     for t in tasks:
         fts = {r["variant"]: (r.get("finetune") or {}).get(t) for r in results}
         if any(ft is None or "per_example" not in ft["test"] for ft in fts.values()):
@@ -51,8 +54,9 @@ def columns(results: list[dict]) -> dict[str, dict]:
         name = f"{t} (LRA, from scratch)" if first["from_scratch"] else t
         cols[name] = {"scores": {v: _by_pretraining_seed(ft["test"]["per_example"], p) for v, ft in fts.items()},
                       "higher_is_better": True, "metric": first["metric"], "from_scratch": first["from_scratch"]}
-    # a column is usable only when every variant has the same seeds x examples shape
-    return {k: c for k, c in cols.items() if len({a.shape for a in c["scores"].values()}) == 1}
+    # a column is usable only when every variant has the same seeds x examples shape, with 2 examples or more
+    return {k: c for k, c in cols.items()
+            if len({a.shape for a in c["scores"].values()}) == 1 and next(iter(c["scores"].values())).shape[1] >= 2}
 
 
 def analyse(results: list[dict], reference: str, level: float = LEVEL) -> dict:

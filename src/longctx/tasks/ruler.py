@@ -375,7 +375,7 @@ def depth_length_heatmap(path, evaluation: dict, depth_bins: int = 5, title: str
 class RulerTask(QATask):
     """A RULER task: its generator (``draw``) and its own options on top of the QA task's."""
     draw = None
-    OPTIONS = {"max_answer_length": 30, "doc_stride": 128, "max_question_tokens": 64,
+    OPTIONS = {**{k: QATask.OPTIONS[k] for k in ("max_answer_length", "doc_stride", "max_question_tokens", "max_chunks")},
                "length": None, "length_unit": "chars", "depth": None, "depth_bins": 5, "haystack": "corpus",
                "train_size": 2000, "dev_size": 200, "test_size": 200}
     CONFIG = {"data": {"seq_len": 1024}, "model": {"max_position_embeddings": 4096},

@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import load_file
 
 from longctx.errors import LongctxError
-from longctx.io import publish_dir
+from longctx.io import lock_run, publish_dir  # noqa: F401  (lock_run: the trainer takes it from here)
 
 MANIFEST = "manifest.json"
 STATE_KEYS = ("step", "tokens", "train_time")
@@ -60,28 +60,6 @@ def fault_point(name: str) -> None:
 
 
 # --- the run folder ---
-def lock_run(out_dir: Path):
-    """Take the run folder's advisory lock; returns the open lock file (keep it open while writing)."""
-    import fcntl
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    f = open(out / ".lock", "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "another process"
-        f.close()
-        raise LongctxError(f"{out} is being written by another run (process {holder}); wait for it to end "
-                           "or choose another --out") from None
-    f.seek(0)
-    f.truncate()
-    f.write(str(os.getpid()))
-    f.flush()
-    return f
-
-
 def clean_temporaries(out_dir: Path) -> list[Path]:
     """Remove the ``.tmp-*`` folders and files a killed run left (call with the lock held)."""
     out = Path(out_dir)
