@@ -1,4 +1,5 @@
-"""Peak resident memory of this process: one helper for the trainer's results and the benchmarks."""
+"""The machine's facts a result records: peak resident memory of this process (the trainer's results and
+the benchmarks) and the CPU's model name."""
 from __future__ import annotations
 
 import resource
@@ -27,3 +28,23 @@ def peak_rss_bytes() -> int:
         return hwm
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
+
+
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), or the platform's processor string where there is none."""
+    import platform
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_facts() -> dict:
+    """What a result records about the machine it ran on."""
+    import os
+    import platform
+    return {"platform": platform.platform(), "cpu": cpu_name(), "cpus": os.cpu_count()}

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from longctx import io
-from longctx.memory import peak_rss_bytes
+from longctx.memory import cpu_name, peak_rss_bytes
 from longctx.errors import LongctxError
 
 SCHEMA_VERSION = 1
@@ -119,15 +119,7 @@ def run_child(module: str, spec: dict, timeout: float) -> dict:
 
 
 def machine_info() -> dict:
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    cpu = cpu_name()
     mem = None
     try:
         with open("/proc/meminfo") as f:

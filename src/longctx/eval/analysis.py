@@ -387,7 +387,8 @@ def analyze_variant(name: str, vdir: Path, spec: dict, progress: bool = True) ->
     return res
 
 
-def _overall(res: dict, metric: str) -> float | None:
+def overall(res: dict, metric: str) -> float | None:
+    """A metric averaged over the layers of one analysis (None where no layer has it)."""
     vals = [layer["mean"][metric] for layer in res["layers"] if layer["mean"][metric] is not None]
     return sum(vals) / len(vals) if vals else None
 
@@ -421,7 +422,7 @@ def compare_lines(results: list[dict], out: Path) -> list[str]:
             m, te = ft["metric"], ft["test"]
             lo, hi = te.get(f"{m}_ci", [None, None])
             cells.append(f"{te[m]:.3f} [{lo:.3f}, {hi:.3f}]" if lo is not None else f"{te[m]:.3f}")
-        cells += [_fmt(_overall(a, m)) for m in ("heading_share", "global_share", "beyond_window", "mean_distance",
+        cells += [_fmt(overall(a, m)) for m in ("heading_share", "global_share", "beyond_window", "mean_distance",
                                                  "entropy")]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Per layer (mass on headings / mass beyond the window):", "",

@@ -167,7 +167,8 @@ def summarize(nll: torch.Tensor, n: int, bits_per_char: bool) -> dict:
     ci = interval95(per_doc)
     row = {"length": n, "loss": loss, "perplexity": math.exp(loss),
            "perplexity_ci95": [math.exp(ci[0]), math.exp(ci[1])] if ci else None,
-           "scored_tokens": int((~torch.isnan(nll)).sum()), "documents": len(per_doc)}
+           "scored_tokens": int((~torch.isnan(nll)).sum()), "documents": len(per_doc),
+           "per_example": per_doc.tolist()}  # per document, in order: lengths and models pair on them
     if bits_per_char:
         row["bits_per_char"] = loss / math.log(2)
         row["bits_per_char_ci95"] = [ci[0] / math.log(2), ci[1] / math.log(2)] if ci else None

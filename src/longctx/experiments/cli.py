@@ -54,3 +54,39 @@ def register(sub) -> None:
                    help="override config values: base keys for every variant (train.steps=40) or the comparison's "
                         "own (finetune.qa.train.steps=20, seeds=1, reference=full)")
     p.set_defaults(func=run_compare)
+    register_claims(sub)
+
+
+def run_claims(args) -> int:
+    from longctx.experiments.claims import evaluate_all, markdown
+    from longctx.io import write_text
+
+    if args.action == "conversion":
+        from longctx.experiments.conversion import run_conversion
+        run_conversion(args.out, args.overrides, progress=not args.quiet, rerun_changed=args.rerun_changed)
+    elif args.overrides:
+        from longctx.errors import LongctxError
+        raise LongctxError("`longctx claims table` takes no overrides (they belong to `longctx claims conversion`)")
+    md = markdown(evaluate_all(args.out))
+    print(md)
+    if args.write:
+        write_text(Path(args.write), md)
+        print(f"written: {args.write}")
+    return 0
+
+
+def register_claims(sub) -> None:
+    p = sub.add_parser("claims", help="the papers' claims: measured figures, intervals and verdicts",
+                       description="`longctx claims table` reads the runs under --out (each claim's command, printed "
+                                   "in the table, makes its run) and prints, or with --write writes, the table of the "
+                                   "papers' claims with the measured figure, its 95%% interval and the verdict. "
+                                   "`longctx claims conversion` runs Longformer's conversion recipe (a short masked LM "
+                                   "made long by copied or random positions) and then prints the table.")
+    p.add_argument("action", choices=["table", "conversion"], help="table: the verdicts; conversion: run that recipe")
+    p.add_argument("--out", default="runs", help="the folder the claims' runs are in (default runs/)")
+    p.add_argument("--write", metavar="FILE", help="also write the table as markdown (e.g. docs/claims.md)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--rerun-changed", action="store_true", help="conversion: retrain a short model whose config changed")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="conversion: overrides of its pretraining "
+                                                                      "(train.steps=100)")
+    p.set_defaults(func=run_claims)

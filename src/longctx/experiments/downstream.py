@@ -30,14 +30,15 @@ per seed) for the paired statistics of ``longctx.experiments.study``.
 from __future__ import annotations
 
 import copy
-import sys
 from pathlib import Path
 
 import numpy as np
 
 from longctx.errors import LongctxError
 
-VARIANT_TASK_KEYS = ("global_tokens",)  # what a variant may set for its finetuning
+# what a variant may set for its finetuning: which tokens are global (heading_global: the tasks that have it,
+# StructFormer's section_heading; the others ignore it)
+VARIANT_TASK_KEYS = ("global_tokens", "heading_global")
 SPEC_KEYS = ("model", "data", "train", "task", "seeds", "lr", "grid_seeds")
 
 
@@ -84,8 +85,8 @@ def split_variant_sets(name: str, sets: dict) -> tuple[dict, dict]:
         if key.startswith("task."):
             if key[5:] not in VARIANT_TASK_KEYS:
                 raise LongctxError(f"variant {name!r} sets '{key}': a variant may set only "
-                                   f"{', '.join('task.' + k for k in VARIANT_TASK_KEYS)} (the rest of the "
-                                   "finetuning is the same for every variant)")
+                                   f"{' and '.join('task.' + k for k in VARIANT_TASK_KEYS)} (which tokens are global; "
+                                   "the rest of the finetuning is the same for every variant)")
             task[key[5:]] = value
         else:
             pre[key] = value
@@ -102,7 +103,8 @@ def variant_config(task_name: str, spec: dict, variant_cfg: dict, task_sets: dic
     data_seed = (variant_cfg.get("data") or {}).get("seed")
     if data_seed is not None:  # the comparison's examples, whatever the training seed
         raw["data"] = {**raw.get("data", {}), "seed": data_seed}
-    raw["task"] = {**raw.get("task", {}), **task_sets}
+    raw["task"] = {**raw.get("task", {}), **{k: v for k, v in task_sets.items()
+                                              if k == "global_tokens" or k in task_class(task_name).OPTIONS}}
     if scratch:  # LRA-style: the variant's attention, trained from scratch
         raw["model"] = deep_merge(variant_cfg["model"], spec.get("model") or {})
         return finetune_config(task_name, raw)

@@ -1,12 +1,12 @@
 """The comparison report: results.json (machine-readable), report.md (the table people read) and plots."""
 from __future__ import annotations
 
+import datetime
 import json
-import os
-import platform
 from pathlib import Path
 
 from longctx.io import read_jsonl, write_text
+from longctx.memory import machine_facts
 
 
 def _with_ci(value: float, ci) -> str:
@@ -227,8 +227,8 @@ def write_report(comp: dict, results: list[dict], out: Path) -> dict:
                        "steps": None if budget else base["train"]["steps"], "batch_size": base["train"]["batch_size"],
                        "tokens_per_variant": None if budget else results[0]["tokens"], "budget": budget,
                        "objective": base["objective"]},
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpus": os.cpu_count()},
+        "machine": machine_facts(),
+        "date": datetime.date.today().isoformat(),
         "software": software_versions(),
         "corpus": comp.get("corpus"),
         "seeds": comp.get("seeds", [base["seed"]]),
@@ -283,7 +283,8 @@ def write_report(comp: dict, results: list[dict], out: Path) -> dict:
     if any(r.get("analysis") for r in results):  # StructFormer: where each variant's attention goes
         from longctx.eval.analysis import compare_lines
         md += [""] + compare_lines(results, out)
-    md += ["", f"Machine: {summary['machine']['platform']}, {summary['machine']['cpus']} CPUs.", ""]
+    m = summary["machine"]
+    md += ["", f"Machine: {m.get('cpu', '?')}, {m['cpus']} CPUs, {m['platform']}; run {summary.get('date', '?')}.", ""]
     write_text(out / "report.md", "\n".join(md))
     return summary
 

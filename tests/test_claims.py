@@ -1,0 +1,184 @@
+"""The papers' claims table (longctx.experiments.claims): each recipe's verdict logic on synthetic results
+whose answer is known (a clear effect holds, a null effect is not reproduced, an effect in the right
+direction inside the noise holds in direction only), the table from a runs folder, and the conversion
+recipe's extension against the short model it starts from."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from longctx import stats
+from longctx.experiments import claims
+from longctx.experiments.claims import DIRECTION, HOLDS, NOT_REPRODUCED
+
+RNG = np.random.default_rng(0)
+
+
+def test_the_rules():
+    assert claims.greater(0.5, [0.1, 0.9], 0.0) == HOLDS
+    assert claims.greater(0.5, [-0.1, 0.9], 0.0) == DIRECTION
+    assert claims.greater(-0.1, [-0.3, 0.1], 0.0) == NOT_REPRODUCED
+    assert claims.greater(0.0, [0.0, 0.0], 0.0) == NOT_REPRODUCED  # no effect is not an effect
+    assert claims.greater(9.0, None, 0.0) == DIRECTION  # one number without an interval never "holds"
+    assert claims.less(-0.5, [-0.9, -0.1], 0.0) == HOLDS and claims.less(-0.5, [-0.9, 0.1], 0.0) == DIRECTION
+    assert claims.less(0.2, [0.1, 0.3], 0.0) == NOT_REPRODUCED
+    assert claims.within(0.01, [-0.02, 0.04], -0.05, 0.05) == HOLDS
+    assert claims.within(0.01, [-0.2, 0.2], -0.05, 0.05) == DIRECTION
+    assert claims.within(0.1, [0.08, 0.12], -0.05, 0.05) == NOT_REPRODUCED
+    assert claims.weakest([HOLDS, DIRECTION, HOLDS]) == DIRECTION
+    assert claims.weakest([HOLDS, NOT_REPRODUCED, DIRECTION]) == NOT_REPRODUCED
+
+
+def _losses(effect: float, noise: float, seeds: int = 2, n: int = 200) -> dict:
+    """Per-sequence held-out losses of two variants on the same sequences: 'increasing' = 'decreasing' +
+    effect + zero-mean noise (so the paired mean difference is exactly ``effect``)."""
+    base = 1.0 + RNG.random((seeds, n))
+    e = RNG.normal(0, noise, (seeds, n)) if noise else np.zeros((seeds, n))
+    e -= e.mean()
+    return {"increasing": base + effect + e, "decreasing": base}
+
+
+@pytest.mark.parametrize("effect, noise, verdict", [
+    (-0.05 * math.log(2), 0.01, HOLDS),          # 0.05 BPC better, tight
+    (0.0, 0.0, NOT_REPRODUCED),                  # no difference at all
+    (0.02 * math.log(2), 0.01, NOT_REPRODUCED),  # the other way
+    (-0.002, 0.5, DIRECTION),                    # the right way, inside the noise
+])
+def test_char_lm_windows_verdict(effect, noise, verdict):
+    scores = _losses(effect, noise)
+    results = {"study": {"columns": {"pretraining loss": {"pairwise": stats.pairwise(scores, higher_is_better=False)}}}}
+    (part,) = claims.measure_windows(results)
+    assert part.verdict == verdict, part
+    assert part.ours.startswith(f"{effect / math.log(2):+.4f}")  # reported in bits per character
+
+
+def _lex_results(rope_growth: float, xpos_growth: float, noise: float = 0.02, docs: int = 16) -> dict:
+    L = 128
+    base = 3.0 + RNG.random(docs)
+
+    def rows(growth_per_doubling):
+        out = []
+        for m in (1, 2, 4, 8):
+            e = RNG.normal(0, noise, docs) if m > 1 else 0.0
+            per = base + growth_per_doubling * math.log2(m) + e
+            out.append({"length": m * L, "loss": float(per.mean()), "perplexity": math.exp(per.mean()),
+                        "per_example": per.tolist(), "attention_resolution": 0.5})
+        return out
+
+    xb = rows(xpos_growth)
+    xb[0]["attention_resolution"] = 0.9
+    variant = lambda name, runs: {"name": name, "extrapolation": {"training_length": L, "runs": runs}}  # noqa: E731
+    return {"variants": [variant("rope", {"plain": {"rows": rows(rope_growth)}}),
+                         variant("xpos", {"plain": {"rows": rows(0.5)}, "blockwise": {"rows": xb}})]}
+
+
+def test_lex_verdicts():
+    # RoPE's perplexity x e^2 = 7.4 at 4L, xPos + blockwise flat: both hold; resolution has no interval
+    parts = claims.measure_lex(_lex_results(rope_growth=1.0, xpos_growth=0.0))
+    assert [p.verdict for p in parts] == [HOLDS, HOLDS, DIRECTION]
+    assert parts[0].ours.startswith(f"{math.exp(2.0):.2f}x") and "at 8L" in parts[0].ours
+    # RoPE barely grows (1.2x < 2x): not reproduced; xPos grows 10% per doubling: not within 5%
+    parts = claims.measure_lex(_lex_results(rope_growth=0.05, xpos_growth=0.05))
+    assert [p.verdict for p in parts[:2]] == [NOT_REPRODUCED, NOT_REPRODUCED]
+
+
+def test_conversion_and_compute_verdicts():
+    copy_ = 2.0 + RNG.random(64)
+    ev = lambda per: {"per_example": list(per), "loss": float(np.mean(per))}  # noqa: E731
+    res = {"long_length": 512, "short_length": 128,
+           "evaluations": {"short": ev(copy_ - 0.1), "copy": ev(copy_), "random": ev(copy_ + 4 + RNG.normal(0, .1, 64))}}
+    assert claims.measure_conversion(res)[0].verdict == HOLDS
+    res["evaluations"]["random"] = ev(copy_ + 0.01)  # random new rows cost nothing: the claim fails
+    assert claims.measure_conversion(res)[0].verdict == NOT_REPRODUCED
+
+    f1 = RNG.random((3, 300))
+
+    def compute(shift, noise):
+        other = f1 + shift + RNG.normal(0, noise, f1.shape) if noise else f1 + shift
+        v = lambda name, b, s: {"compute": {"variant": name, "budget": b},  # noqa: E731
+                                "finetune": {"qa": {"test": {"per_example": s.tolist()}}}}
+        return {"variants": [v("sliding-global", 1e12, f1), v("blocks", 5e11, other),
+                             v("sliding-global", 5e11, f1 - 0.2), v("blocks", 1e12, f1)]}
+    assert claims.measure_compute(compute(0.0, 0.01))[0].verdict == HOLDS           # the same F1
+    assert claims.measure_compute(compute(-0.2, 0.01))[0].verdict == NOT_REPRODUCED  # 0.2 F1 worse
+    assert claims.measure_compute(compute(0.02, 1.0))[0].verdict == DIRECTION       # close, but noisy
+
+
+def test_study_and_structformer_verdicts_read_the_studys_pairs():
+    qa = {"sliding-global": RNG.random((2, 100))}
+    qa["blocks"] = qa["sliding-global"] - 0.2   # local clearly better than blocks
+    qa["linformer"] = qa["sliding-global"] + 0.2  # local clearly worse than linformer
+    study = {"reference": "sliding-global", "kendall_tau": {"qa vs listops (LRA, from scratch)": {"tau": 0.1, "ci": [-0.1, 0.3]}},
+             "columns": {"qa": {"pairwise": stats.pairwise(qa, higher_is_better=True)}}}
+    parts = claims.measure_study({"study": study, "variants": [{"variant": v} for v in ["full", *qa]]})
+    assert [(p.what.split(" minus ")[1].split(" ")[0], p.verdict) for p in parts[:2]] == [
+        ("blocks", HOLDS), ("linformer", NOT_REPRODUCED)]
+    assert parts[2].verdict == HOLDS  # tau below 0.5, interval and all
+
+    sh = {"text-only": RNG.random((1, 200))}
+    sh["text-only+ft-headings"] = sh["text-only"] + 0.3
+    sh["headings-global+ft-text"] = sh["text-only"] + 0.1
+    sh["headings-global"] = sh["text-only+ft-headings"]  # pretraining adds nothing once headings are reachable
+    res = {"study": {"columns": {"section_heading": {"pairwise": stats.pairwise(sh, higher_is_better=True)}}},
+           "variants": [{"variant": v} for v in sh]}
+    parts = claims.measure_structformer(res)
+    assert [p.verdict for p in parts] == [NOT_REPRODUCED, HOLDS, "(reported)"]
+    assert not parts[2].in_verdict
+
+
+def test_the_table_from_a_runs_folder(tmp_path):
+    from longctx.cli import main
+
+    (tmp_path / "charlm-windows").mkdir()
+    scores = _losses(-0.05, 0.01)
+    (tmp_path / "charlm-windows" / "results.json").write_text(json.dumps({
+        "date": "2026-12-07", "machine": {"cpu": "Test CPU", "cpus": 2},
+        "study": {"columns": {"pretraining loss": {"pairwise": stats.pairwise(scores, higher_is_better=False)}}}}))
+    rows = {r["key"]: r for r in claims.evaluate_all(tmp_path)}
+    assert rows["charlm-windows"]["verdict"] == HOLDS
+    assert all(r["verdict"] == "not run" for k, r in rows.items() if k != "charlm-windows")
+    assert main(["claims", "table", "--out", str(tmp_path), "--write", str(tmp_path / "claims.md")]) == 0
+    md = (tmp_path / "claims.md").read_text()
+    assert "| holds | 2026-12-07, Test CPU (2 CPUs) |" in md
+    assert "`longctx compare --config configs/lex-extrapolation.yaml` | | | | not run |" in md
+    assert main(["claims", "table", "--out", str(tmp_path), "train.steps=3"]) == 2  # overrides: conversion only
+
+
+def test_extension_keeps_the_short_model_on_its_own_positions():
+    """The copied table repeats the learned rows; the random one keeps the first L rows and draws the rest.
+    On an input of L tokens both give the short model's logits (the extension changes nothing it had)."""
+    from longctx.experiments.conversion import extended
+    from longctx.models import LongctxConfig, LongctxForMaskedLM
+
+    torch.manual_seed(0)
+    short = LongctxForMaskedLM(LongctxConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                             attention="sliding", window=4, position="learned",
+                                             max_position_embeddings=16)).eval()
+    ids = torch.randint(5, 50, (2, 16))
+    table = next(v for k, v in short.state_dict().items() if k.endswith("position_embeddings.weight"))
+    for how in ("copy", "random"):
+        long = extended(short, 64, how)
+        new = next(v for k, v in long.state_dict().items() if k.endswith("position_embeddings.weight"))
+        assert new.shape[0] == 64 and torch.equal(new[:16], table)
+        if how == "copy":
+            assert torch.equal(new[16:32], table) and torch.equal(new[48:], table)
+        else:
+            assert not torch.equal(new[16:32], table)
+        with torch.no_grad():
+            assert torch.allclose(long(input_ids=ids).logits, short(input_ids=ids).logits, atol=1e-6)
+
+
+def test_conversion_recipe_runs_and_writes_what_the_claim_reads(tmp_path):
+    from longctx.cli import main
+
+    assert main(["claims", "conversion", "--out", str(tmp_path), "--quiet", "train.steps=3", "train.save_every=0",
+                 "model.hidden_size=16", "model.num_hidden_layers=1", "model.num_attention_heads=2"]) == 0
+    res = json.loads((tmp_path / "conversion" / "results.json").read_text())
+    assert res["long_length"] == 4 * res["short_length"] == 512
+    ev = res["evaluations"]
+    assert len(ev["copy"]["per_example"]) == len(ev["random"]["per_example"]) == 64
+    (row,) = [r for r in claims.evaluate_all(tmp_path) if r["key"] == "conversion"]
+    assert row["verdict"] in (HOLDS, DIRECTION, NOT_REPRODUCED) and row["parts"][0]["ours"].startswith(
+        f"{np.mean(ev['random']['per_example']) - np.mean(ev['copy']['per_example']):+.3f}")
