@@ -24,6 +24,11 @@ def test_the_rules():
     assert claims.greater(9.0, None, 0.0) == DIRECTION  # one number without an interval never "holds"
     assert claims.less(-0.5, [-0.9, -0.1], 0.0) == HOLDS and claims.less(-0.5, [-0.9, 0.1], 0.0) == DIRECTION
     assert claims.less(0.2, [0.1, 0.3], 0.0) == NOT_REPRODUCED
+    # a claimed size (1) apart from no effect (0): the right direction, clearly, but smaller than claimed
+    assert claims.greater(0.45, [0.38, 0.51], 1.0, none=0.0) == DIRECTION
+    assert claims.greater(1.5, [1.2, 1.8], 1.0, none=0.0) == HOLDS
+    assert claims.greater(-0.1, [-0.2, 0.0], 1.0, none=0.0) == NOT_REPRODUCED
+    assert claims.less(1.02, [0.99, 1.05], 0.5, none=1.0) == NOT_REPRODUCED
     assert claims.within(0.01, [-0.02, 0.04], -0.05, 0.05) == HOLDS
     assert claims.within(0.01, [-0.2, 0.2], -0.05, 0.05) == DIRECTION
     assert claims.within(0.1, [0.08, 0.12], -0.05, 0.05) == NOT_REPRODUCED
@@ -79,9 +84,11 @@ def test_lex_verdicts():
     parts = claims.measure_lex(_lex_results(rope_growth=1.0, xpos_growth=0.0))
     assert [p.verdict for p in parts] == [HOLDS, HOLDS, DIRECTION]
     assert parts[0].ours.startswith(f"{math.exp(2.0):.2f}x") and "at 8L" in parts[0].ours
-    # RoPE barely grows (1.2x < 2x): not reproduced; xPos grows 10% per doubling: not within 5%
+    # RoPE grows 1.1x (the direction, not the size 2x); xPos grows 10% per doubling: not within 5%
     parts = claims.measure_lex(_lex_results(rope_growth=0.05, xpos_growth=0.05))
-    assert [p.verdict for p in parts[:2]] == [NOT_REPRODUCED, NOT_REPRODUCED]
+    assert [p.verdict for p in parts[:2]] == [DIRECTION, NOT_REPRODUCED]
+    # RoPE better at 4L than at L: not reproduced
+    assert claims.measure_lex(_lex_results(rope_growth=-0.05, xpos_growth=0.0))[0].verdict == NOT_REPRODUCED
 
 
 def test_conversion_and_compute_verdicts():
@@ -90,13 +97,16 @@ def test_conversion_and_compute_verdicts():
     res = {"long_length": 512, "short_length": 128,
            "evaluations": {"short": ev(copy_ - 0.1), "copy": ev(copy_), "random": ev(copy_ + 4 + RNG.normal(0, .1, 64))}}
     assert claims.measure_conversion(res)[0].verdict == HOLDS
-    res["evaluations"]["random"] = ev(copy_ + 0.01)  # random new rows cost nothing: the claim fails
+    res["evaluations"]["random"] = ev(copy_ + 0.3 + RNG.normal(0, .1, 64))  # worse, by less than 1 bit
+    assert claims.measure_conversion(res)[0].verdict == DIRECTION
+    res["evaluations"]["random"] = ev(copy_ - 0.01)  # random new rows cost nothing: the claim fails
     assert claims.measure_conversion(res)[0].verdict == NOT_REPRODUCED
 
     f1 = RNG.random((3, 300))
 
     def compute(shift, noise):
-        other = f1 + shift + RNG.normal(0, noise, f1.shape) if noise else f1 + shift
+        e = RNG.normal(0, noise, f1.shape)
+        other = f1 + shift + (e - e.mean())  # the paired mean difference is exactly shift
         v = lambda name, b, s: {"compute": {"variant": name, "budget": b},  # noqa: E731
                                 "finetune": {"qa": {"test": {"per_example": s.tolist()}}}}
         return {"variants": [v("sliding-global", 1e12, f1), v("blocks", 5e11, other),
@@ -180,5 +190,5 @@ def test_conversion_recipe_runs_and_writes_what_the_claim_reads(tmp_path):
     ev = res["evaluations"]
     assert len(ev["copy"]["per_example"]) == len(ev["random"]["per_example"]) == 64
     (row,) = [r for r in claims.evaluate_all(tmp_path) if r["key"] == "conversion"]
-    assert row["verdict"] in (HOLDS, DIRECTION, NOT_REPRODUCED) and row["parts"][0]["ours"].startswith(
-        f"{np.mean(ev['random']['per_example']) - np.mean(ev['copy']['per_example']):+.3f}")
+    bits = (np.mean(ev['random']['per_example']) - np.mean(ev['copy']['per_example'])) / math.log(2)
+    assert row["verdict"] in (HOLDS, DIRECTION, NOT_REPRODUCED) and row["parts"][0]["ours"].startswith(f"{bits:+.3f}")
