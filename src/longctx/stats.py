@@ -9,13 +9,10 @@ example's F1 or 0/1 accuracy), the same examples in the same order for every var
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from itertools import combinations
 
 import numpy as np
-from scipy import optimize
-from scipy.stats import norm
-
-from longctx.tasks.metrics import kendall_tau
 
 METHOD_ONE_SEED = "paired t over examples (one seed: training noise not measured)"
 METHOD_SEEDS = "seeds x examples variance components, generalized pivotal interval"
@@ -71,6 +68,9 @@ def _interval(diff: float, sd: np.ndarray, level: float) -> tuple[float, float]:
     normals (Student's t with N - 1 df for one seed). Averaging the normal probabilities over the draws,
     instead of taking quantiles of simulated means, gives smooth small p-values for Holm; p < 1 - level
     exactly when the interval at that level excludes 0 (the label and the interval never disagree)."""
+    from scipy import optimize  # here: longctx.tasks.metrics re-exports kendall_tau and imports without scipy
+    from scipy.stats import norm
+
     if not sd.any():  # every difference the same: no noise seen
         return 0.0, float(diff == 0)
     sd = sd[sd > 0]  # (a zero draw is a point mass at diff: it never covers 0 unless diff is 0)
@@ -207,7 +207,7 @@ def _resampled_means(tables: np.ndarray, seed_counts: np.ndarray, rng) -> np.nda
 
 
 def _tau_b_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Kendall's tau-b between the rows of x and y, (R, V) each -> (R,): metrics.kendall_tau per row,
+    """Kendall's tau-b between the rows of x and y, (R, V) each -> (R,): kendall_tau per row,
     vectorised over the bootstrap draws; nan where a row is constant."""
     i, j = np.triu_indices(x.shape[1], k=1)
     dx, dy = np.sign(x[:, i] - x[:, j]), np.sign(y[:, i] - y[:, j])
@@ -216,6 +216,30 @@ def _tau_b_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     denom = np.sqrt((dx != 0).sum(axis=1) * (dy != 0).sum(axis=1).astype(float))
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(denom > 0, concordant_minus_discordant / denom, np.nan)
+
+
+def kendall_tau(x: Sequence[float], y: Sequence[float]) -> float:
+    """Kendall's tau-b between two score lists over the same items (ties in either list handled as
+    tau-b does: tau = (C - D) / sqrt((n0 - n1) (n0 - n2))); nan when either list is constant."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if len(x) != len(y):
+        raise ValueError("kendall_tau needs two lists of the same length")
+    concordant = discordant = ties_x = ties_y = 0
+    for i in range(len(x)):
+        for j in range(i + 1, len(x)):
+            dx, dy = np.sign(x[i] - x[j]), np.sign(y[i] - y[j])
+            if dx == 0 and dy == 0:
+                continue
+            if dx == 0:
+                ties_x += 1
+            elif dy == 0:
+                ties_y += 1
+            elif dx == dy:
+                concordant += 1
+            else:
+                discordant += 1
+    denom = np.sqrt((concordant + discordant + ties_x) * (concordant + discordant + ties_y))
+    return float((concordant - discordant) / denom) if denom > 0 else float("nan")
 
 
 def kendall_tau_interval(x: dict, y: dict, *, higher_x: bool, higher_y: bool, level: float = 0.95,

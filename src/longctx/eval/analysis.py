@@ -21,7 +21,6 @@ heatmaps and distance curves), for one model or two side by side.
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -213,15 +212,6 @@ def analyze_model(model, windows: list[dict], global_tokens: str = "none", batch
 
 
 # ---- a saved model -------------------------------------------------------------------------------------
-def run_settings(model_dir: str | Path) -> dict:
-    """What the model's training run recorded (``run_config.json`` beside or above the model folder)."""
-    p = Path(model_dir)
-    for cand in (p / "run_config.json", p.parent / "run_config.json"):
-        if cand.is_file():
-            return json.loads(cand.read_text())
-    return {}
-
-
 def analysis_documents(data: str | None, run: dict, max_docs: int) -> tuple[list[dict], str]:
     """The documents to analyse and a phrase saying which: ``data`` when given, else the held-out
     documents of the corpus the model was trained on."""
@@ -244,7 +234,7 @@ def analyze_saved(model_dir: str | Path, data: str | None = None, max_docs: int 
                   global_tokens: str = "auto", window: int | None = None) -> dict:
     """Load the model and its tokenizer from ``model_dir`` and analyse it (see ``analyze_model``)."""
     from longctx.data.tokenizer import load_tokenizer
-    from longctx.models.loading import load_longctx_model
+    from longctx.models.loading import load_longctx_model, run_settings
 
     model = load_longctx_model(model_dir, what="model")
     run = run_settings(model_dir)

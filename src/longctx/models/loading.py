@@ -51,6 +51,15 @@ def read_longctx_config(path: str | os.PathLike, what: str = "model folder") -> 
     return cfg
 
 
+def run_settings(model_dir: str | Path) -> dict:
+    """What the model's training run recorded (``run_config.json`` beside or above the model folder)."""
+    p = Path(model_dir)
+    for cand in (p / "run_config.json", p.parent / "run_config.json"):
+        if cand.is_file():
+            return json.loads(cand.read_text())
+    return {}
+
+
 def load_longctx_model(path: str | os.PathLike, cls=None, what: str = "model folder", **config_overrides):
     """The longctx model saved in folder ``path``, as ``cls`` (a longctx model class; default: the
     causal LM for a causal config, else the masked LM), in eval mode, or LongctxError (one sentence).

@@ -71,3 +71,22 @@ def data_seed(cfg: dict) -> int:
     or the run's ``seed`` when it is not set."""
     s = (cfg.get("data") or {}).get("seed")
     return cfg["seed"] if s is None else s
+
+
+def stage_list(cfg: dict) -> list[dict]:
+    """The phases of staged training, each {steps, seq_len, window, lr}; [] when not staged. Here, below
+    the trainer that runs them (``longctx.train``), because a task checks its data against every phase's
+    length (``mlm.LanguageModelTask.prepare``)."""
+    stages = cfg.get("stages")
+    if not stages:
+        return []
+    if isinstance(stages, dict):
+        n = int(stages.get("phases", 3))
+        steps = int(stages.get("steps") or max(1, cfg["train"]["steps"] // n))
+        w0 = cfg["model"].get("window", 64)
+        w0 = w0[0] if isinstance(w0, list) else w0
+        return [{"steps": steps, "seq_len": cfg["data"]["seq_len"] * 2 ** i, "window": w0 * 2 ** i,
+                 "lr": cfg["train"]["lr"] / 2 ** i} for i in range(n)]
+    return [{"steps": int(s["steps"]), "seq_len": int(s.get("seq_len") or cfg["data"]["seq_len"]),
+             "window": s["window"] if s.get("window") is not None else cfg["model"].get("window"),
+             "lr": float(s.get("lr") or cfg["train"]["lr"])} for s in stages]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 def run(args) -> int:
     from longctx.tasks.finetune import finetune_config, run_finetune, summary_line
-    from longctx.train.config import load_yaml
+    from longctx.io import load_yaml
 
     cfg = finetune_config(args.task, load_yaml(args.config) if args.config else {}, args.overrides, args.init_from)
     out = Path(args.out or Path("runs") / f"finetune-{args.task}")

@@ -15,6 +15,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from longctx.stats import kendall_tau  # noqa: F401  (re-exported: Kendall's tau is one of the metrics)
+
 _PUNCT = set(string.punctuation)
 
 
@@ -104,30 +106,6 @@ def t_interval(values: Sequence[float], level: float = 0.95) -> list[float]:
         return [float("nan"), float("nan")]
     half = float(t.ppf(1 - (1 - level) / 2, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v)))
     return [float(v.mean()) - half, float(v.mean()) + half]
-
-
-def kendall_tau(x: Sequence[float], y: Sequence[float]) -> float:
-    """Kendall's tau-b between two score lists over the same items (ties in either list handled as
-    tau-b does: tau = (C - D) / sqrt((n0 - n1) (n0 - n2))); nan when either list is constant."""
-    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    if len(x) != len(y):
-        raise ValueError("kendall_tau needs two lists of the same length")
-    concordant = discordant = ties_x = ties_y = 0
-    for i in range(len(x)):
-        for j in range(i + 1, len(x)):
-            dx, dy = np.sign(x[i] - x[j]), np.sign(y[i] - y[j])
-            if dx == 0 and dy == 0:
-                continue
-            if dx == 0:
-                ties_x += 1
-            elif dy == 0:
-                ties_y += 1
-            elif dx == dy:
-                concordant += 1
-            else:
-                discordant += 1
-    denom = np.sqrt((concordant + discordant + ties_x) * (concordant + discordant + ties_y))
-    return float((concordant - discordant) / denom) if denom > 0 else float("nan")
 
 
 def ranks(scores: Sequence[float], higher_is_better: bool) -> list[int]:

@@ -13,7 +13,7 @@ import torch
 
 from longctx.data.collate import EVAL_BATCH_OFFSET  # noqa: F401  (re-exported)
 from longctx.errors import LongctxError
-from longctx.tasks.base import Task, data_seed, register
+from longctx.tasks.base import Task, data_seed, register, stage_list
 
 
 def lm_loss(model, dataset, collator, batches: int, batch_size: int, device=None, allow_empty: bool = False,
@@ -81,7 +81,6 @@ class LanguageModelTask(Task):
 
     def prepare(self) -> None:
         from longctx.data.packing import prepare_data
-        from longctx.train.config import stage_list
 
         d = self.cfg["data"]
         self.data = prepare_data(d["corpus"], d["tokenizer"], d["valid_fraction"], data_seed(self.cfg), d["text_field"])

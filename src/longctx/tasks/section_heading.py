@@ -100,7 +100,7 @@ class SectionHeadingTask(QATask):
         return str(given) if given and given != "default" else "texdoc"
 
     def _pretraining_run(self) -> dict:
-        from longctx.eval.analysis import run_settings
+        from longctx.models.loading import run_settings
         init = self.cfg.get("init_from")
         return run_settings(init) if init else {}
 

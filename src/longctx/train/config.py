@@ -28,6 +28,7 @@ import yaml
 
 from longctx import io
 from longctx.errors import LongctxError
+from longctx.tasks.base import stage_list  # noqa: F401  (re-exported: the phases of staged training)
 
 
 def key(default=dataclasses.MISSING, help: str = "", **limits):
@@ -483,23 +484,6 @@ def _check_model_whole(cfg: dict) -> None:
 
 def _max_seq_len(cfg: dict) -> int:
     return max([cfg["data"]["seq_len"]] + [s["seq_len"] for s in stage_list(cfg)])
-
-
-def stage_list(cfg: dict) -> list[dict]:
-    """The phases of staged training, each {steps, seq_len, window, lr}; [] when not staged."""
-    stages = cfg.get("stages")
-    if not stages:
-        return []
-    if isinstance(stages, dict):
-        n = int(stages.get("phases", 3))
-        steps = int(stages.get("steps") or max(1, cfg["train"]["steps"] // n))
-        w0 = cfg["model"].get("window", 64)
-        w0 = w0[0] if isinstance(w0, list) else w0
-        return [{"steps": steps, "seq_len": cfg["data"]["seq_len"] * 2 ** i, "window": w0 * 2 ** i,
-                 "lr": cfg["train"]["lr"] / 2 ** i} for i in range(n)]
-    return [{"steps": int(s["steps"]), "seq_len": int(s.get("seq_len") or cfg["data"]["seq_len"]),
-             "window": s["window"] if s.get("window") is not None else cfg["model"].get("window"),
-             "lr": float(s.get("lr") or cfg["train"]["lr"])} for s in stages]
 
 
 # ---------------------------------------------------------------------------------------------------

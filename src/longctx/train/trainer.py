@@ -38,10 +38,10 @@ from longctx.errors import LongctxError
 from longctx.io import publish_dir, read_jsonl, write_json, write_text
 from longctx.memory import peak_rss_bytes
 from longctx.progress import Progress
+from longctx.tasks.base import stage_list
 from longctx.train.checkpoint import (CorruptCheckpoint, checkpoint_dirs, clean_temporaries, config_changes,
                                       fault_point, load_checkpoint, lock_run, plain, read_json, save_checkpoint,
                                       verify_checkpoint)
-from longctx.train.config import stage_list
 
 # The rows of a metrics.jsonl; a line cut by a kill is skipped (kept under the trainer's name for callers).
 read_metrics = read_jsonl
