@@ -37,7 +37,6 @@ and by length, and ``depth_length_heatmap`` draws them. Each split has its own r
 """
 from __future__ import annotations
 
-import math
 import random
 import re
 from collections import Counter
