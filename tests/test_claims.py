@@ -4,6 +4,7 @@ direction inside the noise holds in direction only), the table from a runs folde
 recipe's extension against the short model it starts from."""
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from longctx.experiments import claims
 from longctx.experiments.claims import DIRECTION, HOLDS, NOT_REPRODUCED
 
 RNG = np.random.default_rng(0)
+ROOT = Path(__file__).parents[1]
 
 
 def test_the_rules():
@@ -193,3 +195,22 @@ def test_conversion_recipe_runs_and_writes_what_the_claim_reads(tmp_path):
     (row,) = [r for r in claims.evaluate_all(tmp_path) if r["key"] == "conversion"]
     bits = (np.mean(ev['random']['per_example']) - np.mean(ev['copy']['per_example'])) / math.log(2)
     assert row["verdict"] in (HOLDS, DIRECTION, NOT_REPRODUCED) and row["parts"][0]["ours"].startswith(f"{bits:+.3f}")
+
+
+def test_every_claims_recipe_loads_and_a_finetune_section_that_cannot_chunk_is_refused_before_pretraining(tmp_path):
+    """The recipes' configs pass every check that can be made before an hour of pretraining (the compute
+    recipe's QA once had chunks that could not advance: found only after pretraining)."""
+    import yaml
+
+    from longctx.errors import LongctxError
+    from longctx.experiments.compare import load_comparison
+
+    for c in claims.CLAIMS:
+        if c.command.startswith("longctx compare"):
+            argv = c.command.split()
+            load_comparison(str(ROOT / argv[argv.index("--config") + 1]) if "--config" in argv else None, [])
+    bad = yaml.safe_load((ROOT / "configs/compute-blocks-vs-longformer.yaml").read_text())
+    bad["finetune"]["qa"]["task"] = {"context_chars": 500}  # doc_stride 128 beside 64 question tokens in 128
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    with pytest.raises(LongctxError, match="finetune.qa: data.seq_len=128 leaves 61 context tokens"):
+        load_comparison(str(tmp_path / "bad.yaml"), [])

@@ -43,7 +43,7 @@ SPEC_KEYS = ("model", "data", "train", "task", "seeds", "lr", "grid_seeds")
 
 
 def check_spec(spec) -> dict:
-    from longctx.tasks.finetune import TASK_NAMES
+    from longctx.tasks.finetune import TASK_NAMES, task_class
     from longctx.train.config import _check_tree
 
     if not isinstance(spec, dict) or not spec:
@@ -73,6 +73,10 @@ def check_spec(spec) -> dict:
                                f"chosen from on dev), not {grid!r}")
         try:  # the sections' keys and types now, not after an hour of pretraining
             _check_tree({k: v for k, v in cfg.items() if k in ("model", "data", "train")})
+            cls = task_class(name)
+            seq_len = (cfg.get("data") or {}).get("seq_len") or (getattr(cls, "CONFIG", {}).get("data") or {}).get("seq_len")
+            if hasattr(cls, "check_chunking") and seq_len:  # QA-style tasks: the chunks must advance
+                cls.check_chunking({**cls.OPTIONS, **(cfg.get("task") or {})}, seq_len)
         except LongctxError as e:
             raise LongctxError(f"finetune.{name}: {e}") from None
     return {name: copy.deepcopy(cfg or {}) for name, cfg in spec.items()}

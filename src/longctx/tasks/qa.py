@@ -94,7 +94,7 @@ class QATask(FinetuneTask):
         if tok.sep_id is None or tok.cls_id is None:
             raise LongctxError("QA needs a tokenizer with a <cls> and a <sep> token")
         o = self.opts
-        self._check_chunking(seq_len)
+        self.check_chunking(self.opts, seq_len)
         feats = []
         for ri, r, (q, _), (c, offs) in self._encoded(records):
             q = q[:o["max_question_tokens"]]
@@ -154,9 +154,10 @@ class QATask(FinetuneTask):
             contexts = tok.encode_batch([r["context"] for r in part])
             yield from zip(range(g, g + len(part)), part, questions, contexts)
 
-    def _check_chunking(self, seq_len: int) -> None:
-        """Chunks must advance: the context room beside the longest question must exceed the overlap."""
-        o = self.opts
+    @classmethod
+    def check_chunking(cls, o: dict, seq_len: int) -> None:
+        """Chunks must advance: the context room beside the longest question must exceed the overlap
+        (``o``: the task's options; a comparison calls it on its finetune section before pretraining)."""
         if o["doc_stride"] < 0 or o["max_question_tokens"] < 1 or o["max_chunks"] < 1:
             raise LongctxError("task.doc_stride must be at least 0, task.max_question_tokens and task.max_chunks "
                                "at least 1")
