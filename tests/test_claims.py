@@ -214,3 +214,9 @@ def test_every_claims_recipe_loads_and_a_finetune_section_that_cannot_chunk_is_r
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
     with pytest.raises(LongctxError, match="finetune.qa: data.seq_len=128 leaves 61 context tokens"):
         load_comparison(str(tmp_path / "bad.yaml"), [])
+    # a variant's finetuning setting of the wrong type: refused at load, naming the variant and the task
+    sf = yaml.safe_load((ROOT / "configs/structformer.yaml").read_text())
+    sf["variants"][1]["set"]["task.heading_global"] = 3
+    (tmp_path / "sf.yaml").write_text(yaml.safe_dump(sf))
+    with pytest.raises(LongctxError, match=r"variant 'text-only\+ft-headings', finetune.section_heading: .*expects str or bool"):
+        load_comparison(str(tmp_path / "sf.yaml"), [])

@@ -69,3 +69,25 @@ def test_corpus_to_global_headings_to_pretraining(tmp_path, monkeypatch):
     result = pretrain(cfg, tmp_path / "run", progress=False)
     assert result["steps"] == 4 and result["eval"]["loss"] > 0
     assert json.loads((tmp_path / "run" / "model" / "config.json").read_text())["global_projections"] is True
+
+
+def test_heading_global_takes_auto_true_or_false():
+    """StructFormer's 2 x 2 sets task.heading_global per variant: auto, true and false are accepted
+    (false once failed as "expects str"), anything else is one sentence."""
+    import pytest
+
+    from longctx.errors import LongctxError
+    from longctx.tasks.common import task_options
+    from longctx.tasks.finetune import task_class
+
+    cls = task_class("section_heading")
+    for v in ("auto", True, False):
+        assert task_options(cls, {"heading_global": v})["heading_global"] == v
+    with pytest.raises(LongctxError, match="'task.heading_global' expects str or bool, got 3"):
+        task_options(cls, {"heading_global": 3})
+    t = cls.__new__(cls)
+    t.opts, t.cfg = {"heading_global": "maybe"}, {}
+    with pytest.raises(LongctxError, match="auto, true or false"):
+        t.headings_global()
+    t.opts = {"heading_global": False}
+    assert t.headings_global() is False

@@ -120,8 +120,10 @@ def load_comparison(path: str | Path | None, overrides: list[str] | None) -> dic
     comp = {"name": str(raw.get("name") or "compare"), "base": base, "variants": out, "jobs": jobs,
             "seeds": _seeds(raw.get("seeds", 1), base["seed"]), "reference": reference}
     if raw.get("finetune") is not None:  # finetune every variant on downstream tasks (the study)
-        from longctx.experiments.downstream import check_spec
+        from longctx.experiments.downstream import check_spec, check_variant_task_options
         comp["finetune"] = check_spec(raw["finetune"])
+        for v in out:  # what a variant sets for its finetuning, checked against every task's options now
+            check_variant_task_options(v["name"], v["task_sets"], comp["finetune"])
     if raw.get("compute") is not None:  # every variant at several pretraining budgets
         from longctx.experiments import compute
         comp["compute"] = compute.check_spec(raw["compute"], base, comp.get("finetune"))

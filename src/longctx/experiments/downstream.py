@@ -97,6 +97,23 @@ def split_variant_sets(name: str, sets: dict) -> tuple[dict, dict]:
     return pre, task
 
 
+def task_sets_for(task_name: str, task_sets: dict) -> dict:
+    """The variant's finetuning settings that ``task_name`` has (global_tokens for every task)."""
+    from longctx.tasks.finetune import task_class
+    return {k: v for k, v in task_sets.items() if k == "global_tokens" or k in task_class(task_name).OPTIONS}
+
+
+def check_variant_task_options(name: str, task_sets: dict, spec: dict) -> None:
+    """Each finetune task's options with the variant's settings, checked before any run starts."""
+    from longctx.tasks.common import task_options
+    from longctx.tasks.finetune import task_class
+    for task_name, tspec in spec.items():
+        try:
+            task_options(task_class(task_name), {**((tspec or {}).get("task") or {}), **task_sets_for(task_name, task_sets)})
+        except LongctxError as e:
+            raise LongctxError(f"variant {name!r}, finetune.{task_name}: {e}") from None
+
+
 def variant_config(task_name: str, spec: dict, variant_cfg: dict, task_sets: dict, model_dir: Path) -> dict:
     """The finetuning config of one task for one pretrained run (``variant_cfg``: its pretraining config,
     whose seed and data seed the finetuning takes); ``spec`` without ``seeds`` and ``lr``."""
@@ -107,8 +124,7 @@ def variant_config(task_name: str, spec: dict, variant_cfg: dict, task_sets: dic
     data_seed = (variant_cfg.get("data") or {}).get("seed")
     if data_seed is not None:  # the comparison's examples, whatever the training seed
         raw["data"] = {**raw.get("data", {}), "seed": data_seed}
-    raw["task"] = {**raw.get("task", {}), **{k: v for k, v in task_sets.items()
-                                              if k == "global_tokens" or k in task_class(task_name).OPTIONS}}
+    raw["task"] = {**raw.get("task", {}), **task_sets_for(task_name, task_sets)}
     if scratch:  # LRA-style: the variant's attention, trained from scratch
         raw["model"] = deep_merge(variant_cfg["model"], spec.get("model") or {})
         return finetune_config(task_name, raw)

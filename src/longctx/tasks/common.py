@@ -38,7 +38,12 @@ def task_options(cls, given: dict | None) -> dict:
             raise LongctxError(f"unknown config key 'task.{key}' for task {cls.name!r}; its keys are "
                                f"{', '.join(sorted(defaults))}")
         d = defaults[key]
-        if d is not None and value is not None:
+        types = getattr(cls, "OPTION_TYPES", {}).get(key)  # an option of several types (e.g. "auto" or a bool)
+        if types is not None and value is not None:
+            if not isinstance(value, types):
+                raise LongctxError(f"config key 'task.{key}' expects {' or '.join(t.__name__ for t in types)}, "
+                                   f"got {value!r}")
+        elif d is not None and value is not None:
             if isinstance(d, bool):
                 ok = isinstance(value, bool)
             elif isinstance(d, int):

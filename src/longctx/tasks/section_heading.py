@@ -81,6 +81,7 @@ class SectionHeadingTask(QATask):
     name = "section_heading"
     primary_metric = "f1"
     default_global = "question"
+    OPTION_TYPES = {"heading_global": (str, bool)}  # "auto", true or false
     OPTIONS = {"max_answer_length": 24, "doc_stride": 128, "max_question_tokens": 64, "max_chunks": 512,
                "corpus": None, "context_chars": 1600, "per_section": 2, "min_gap": 200, "heading_global": "auto"}
     CONFIG = {"data": {"seq_len": 512}, "model": {"max_position_embeddings": 4096},
