@@ -1,8 +1,18 @@
 import os
 
-import pytest
-import torch
-from hypothesis import HealthCheck, settings
+# Settings of the whole test session, made before longctx is imported and inherited by every process a
+# test starts (a variable the shell already sets wins):
+# - LONGCTX_FUSED=prebuilt: code that does not ask for the fused CPU kernel uses it only if it is already
+#   built, so no test of something else waits a minute for a compiler (tests/test_fused.py builds it);
+# - LONGCTX_CPU_CACHE_MB=0: the caching CPU allocator stays off where the main commands and benchmarks
+#   would turn it on (the suite runs many models of many sizes; tests/test_cpu_cache.py turns it on in
+#   processes of its own).
+os.environ.setdefault("LONGCTX_FUSED", "prebuilt")
+os.environ.setdefault("LONGCTX_CPU_CACHE_MB", "0")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 # CI replays the same examples every run (a red CI is then reproducible); locally hypothesis explores.
 settings.register_profile("ci", derandomize=True, deadline=None, suppress_health_check=list(HealthCheck))

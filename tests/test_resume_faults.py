@@ -246,10 +246,10 @@ def test_start_cleans_temporaries_and_tolerates_a_torn_metrics_line(finished, co
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]  # all parse
     assert [r["step"] for r in rows if r["type"] == "train"] == [1, 2, 3, 4, 5]
     assert same_weights(out / "model", finished / "model")
-    from longctx.train.loop import read_metrics
+    from longctx.io import read_jsonl
     with open(out / "metrics.jsonl", "a") as f:
         f.write('{"type": "tr')
-    assert len(read_metrics(out / "metrics.jsonl")) == len(rows)
+    assert len(read_jsonl(out / "metrics.jsonl")) == len(rows)
 
 
 # --- item 13: no metrics from nothing ---

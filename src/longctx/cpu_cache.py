@@ -100,12 +100,12 @@ def stats() -> dict[str, int]:
 
 def setup() -> str:
     """What the main commands and the benchmark processes call: the cache on with the default cap, unless
-    ``LONGCTX_CPU_CACHE_MB=0``. Inside a test run it stays off unless ``LONGCTX_CPU_CACHE_MB`` asks for it
-    (the suite's process runs many models of many sizes; tests/test_cpu_cache.py checks the cache in
-    processes of its own). Returns the setting, for the run's records: "off" or the cap in MB."""
+    ``LONGCTX_CPU_CACHE_MB=0``. The test suite sets that unless it is already set (tests/conftest.py: the
+    suite's process runs many models of many sizes; tests/test_cpu_cache.py checks the cache in processes
+    of its own). Returns the setting, for the run's records: "off" or the cap in MB."""
     from longctx.attention import fused
 
     cap = default_cap()
-    if cap == 0 or ("PYTEST_CURRENT_TEST" in os.environ and "LONGCTX_CPU_CACHE_MB" not in os.environ):
+    if cap == 0:
         return "off"
     return f"{cap >> 20} MB" if enable(cap, build=fused._wants_build()) else "off"

@@ -130,18 +130,12 @@ def profile(reset: bool = True) -> dict[str, float]:
     return dict(zip(PHASES, torch.ops.longctx_fused.band_profile(reset).tolist()))
 
 
-def available(build: bool = True) -> bool:
-    return load(build)
-
-
 def _wants_build() -> bool:
-    """``LONGCTX_FUSED``: "0" never uses the extension, "1" builds it wherever needed; by default it is
-    built on first use, except inside a test run, where only an already-built copy is used (a test of
-    something else should not wait a minute for a compiler; tests/test_fused.py builds it)."""
-    mode = os.environ.get("LONGCTX_FUSED", "auto")
-    if mode == "1":
-        return True
-    return "PYTEST_CURRENT_TEST" not in os.environ
+    """``LONGCTX_FUSED``: "0" never uses the extension; "prebuilt" uses only an already-built copy, never
+    compiling it for code that does not ask for it (backend "fused" still builds it): the test suite's
+    setting (tests/conftest.py), so that a test of something else does not wait a minute for a compiler
+    (tests/test_fused.py builds it); by default ("auto", or "1") it is built on first use."""
+    return os.environ.get("LONGCTX_FUSED", "auto") != "prebuilt"
 
 
 def use_fused(q: torch.Tensor) -> bool:

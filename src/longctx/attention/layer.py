@@ -87,10 +87,6 @@ class SelfAttention(nn.Module):
         """The mask pattern, for mask mechanisms (None for the approximate families)."""
         return getattr(self.mechanism, "pattern", None)
 
-    @pattern.setter
-    def pattern(self, pattern: AttentionPattern) -> None:
-        self.set_attention(pattern)
-
     # -- forward --------------------------------------------------------------------------------------
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         B, n, _ = x.shape

@@ -8,12 +8,17 @@ as ``attention``:
 - a name, the shorthand: ``attention="sliding"`` with the flat keys ``window`` (one int, one per layer,
   or ``window_schedule="grow"`` for Longformer's window that grows with depth), ``dilation`` and
   ``block`` filled in for the mask patterns; other mechanisms by name take their defaults;
-- the older ``layers``: one dict per layer with ``kind`` instead of ``type`` (still read).
+
+A config saved before the per-layer ``attention`` list may hold ``layers`` instead (one dict per layer,
+``kind`` for ``type``): it is no field, but ``__init__`` reads it, and only there, turning it into the
+explicit ``attention`` list (``_legacy_layers``), so an old saved model loads as it was trained.
 
 ``window`` is one-sided (a token sees w keys on each side; Hugging Face Longformer's
 ``attention_window`` is 2 * window).
 """
 from __future__ import annotations
+
+import dataclasses
 
 from transformers import PretrainedConfig
 
@@ -53,7 +58,6 @@ class LongctxConfig(PretrainedConfig):
         causal: bool = False,
         global_projections: bool = True,
         attention_backend: str = "auto",
-        layers: list[dict] | None = None,
         attention_seed: int = 0,
         pad_token_id: int = 0,
         bos_token_id: int | None = None,
@@ -78,7 +82,8 @@ class LongctxConfig(PretrainedConfig):
         self.position_offset = position_offset
         self.rope_base = rope_base
         self.xpos_scale_base = xpos_scale_base
-        self.attention = attention
+        legacy = kwargs.pop("layers", None)  # an old saved config's per-layer attention (see the module's doc)
+        self.attention = attention if legacy is None else _legacy_layers(legacy, num_hidden_layers)
         self.window = window
         self.window_schedule = window_schedule
         self.window_min = window_min
@@ -87,7 +92,6 @@ class LongctxConfig(PretrainedConfig):
         self.causal = causal
         self.global_projections = global_projections
         self.attention_backend = attention_backend
-        self.layers = layers
         self.attention_seed = attention_seed  # seeds the mechanisms' own random draws (BigBird's blocks, ...)
         self.classifier_dropout = classifier_dropout
         super().__init__(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
@@ -116,15 +120,11 @@ class LongctxConfig(PretrainedConfig):
         if self.position in ("rope", "xpos"):
             need((self.hidden_size // self.num_attention_heads) % 2 == 0, "position",
                  "rotary positions need an even head size")
-        if self.layers is not None:
-            need(isinstance(self.layers, list) and len(self.layers) == self.num_hidden_layers, "layers",
-                 f"needs one entry per layer ({self.num_hidden_layers}), got {self.layers!r}")
         if isinstance(self.window, list):
             need(len(self.window) == self.num_hidden_layers, "window",
                  f"a per-layer list needs {self.num_hidden_layers} values, got {len(self.window)}")
         for i, (name, fields, causal) in enumerate(self.layer_attention()):
-            where = f"config field '{'layers' if self.layers is not None else 'attention'}' (layer {i})"
-            spec = make_spec(name, fields, where)
+            spec = make_spec(name, fields, f"config field 'attention' (layer {i})")
             if isinstance(spec, tuple(_mask_specs())):
                 pattern = MECHANISMS[name].make_pattern(spec, causal)
                 try:
@@ -136,20 +136,6 @@ class LongctxConfig(PretrainedConfig):
         """Every layer's mechanism, bottom to top: (type, fields, causal)."""
 
         L = self.num_hidden_layers
-        if self.layers is not None:
-            out = []
-            for i, spec in enumerate(self.layers):
-                spec = dict(spec)
-                if "kind" in spec:
-                    spec["type"] = spec.pop("kind")
-                spec.setdefault("type", "sliding")
-                cls = MECHANISMS.get(spec["type"])
-                if cls is not None:  # the old form gave every key to every kind: keep the kind's own
-                    import dataclasses
-                    known = {f.name for f in dataclasses.fields(cls.Spec)} | {"type", "causal"}
-                    spec = {k: v for k, v in spec.items() if k in known or v not in (0, 1, None)}
-                out.append(_entry(spec, self.causal, f"layers[{i}]"))
-            return out
         att = self.attention
         if isinstance(att, list):
             if len(att) != L:
@@ -212,6 +198,28 @@ def _tuple(x):
 def _mask_specs():
     from longctx.attention.masked import MaskMechanism
     return {cls.Spec for cls in MECHANISMS.values() if issubclass(cls, MaskMechanism)}
+
+
+def _legacy_layers(layers, num_layers: int) -> list[dict]:
+    """An old saved config's ``layers`` (one dict per layer, ``kind`` for ``type``, every kind's keys in
+    every entry) as the explicit per-layer ``attention`` list; errors name ``layers``."""
+    if not (isinstance(layers, list) and len(layers) == num_layers):
+        raise LongctxError(f"config field 'layers': needs one entry per layer ({num_layers}), got {layers!r}")
+    out = []
+    for spec in layers:
+        spec = dict(spec)
+        if "kind" in spec:
+            spec["type"] = spec.pop("kind")
+        spec.setdefault("type", "sliding")
+        cls = MECHANISMS.get(spec["type"])
+        if cls is not None:  # the old form gave every key to every kind: keep the kind's own
+            known = {f.name for f in dataclasses.fields(cls.Spec)} | {"type", "causal"}
+            spec = {k: v for k, v in spec.items() if k in known or v not in (0, 1, None)}
+        out.append(spec)
+    entries = [_entry(spec, False, f"layers[{i}]") for i, spec in enumerate(out)]
+    for i, (name, fields, _) in enumerate(entries):
+        make_spec(name, fields, f"config field 'layers' (layer {i})")
+    return out
 
 
 def _entry(att, causal: bool, where: str) -> tuple[str, dict, bool]:

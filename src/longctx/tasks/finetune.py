@@ -51,8 +51,6 @@ def saved_model_fields(path: str | Path) -> dict:
         from longctx.models import LongctxConfig
         mc = LongctxConfig.from_pretrained(str(path))
         out["attention"] = [{"type": name, **fields} for name, fields, _ in mc.layer_attention()]
-        if "layers" in out:
-            out["layers"] = None
     return out
 
 

@@ -168,7 +168,6 @@ MODEL_HELP = {
     "causal": ("causal attention (set by objective=clm)", {}),
     "global_projections": ("separate query/key/value projections for global tokens (Longformer)", {}),
     "attention_backend": ("kernel: auto, blocked, sdpa, flex, dense", {}),
-    "layers": ("explicit per-layer attention specs (overrides attention/window)", {}),
     "attention_seed": ("seed of random attention layouts (BigBird's random blocks)", {"ge": 0}),
     "pad_token_id": ("padding token id (set from the tokenizer when training)", {"ge": 0}),
     "bos_token_id": ("beginning-of-sequence id (from the tokenizer)", {"ge": 0}),

@@ -9,15 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from longctx.tasks.mlm import EVAL_BATCH_OFFSET, lm_loss  # noqa: F401  (re-exported)
-from longctx.train.trainer import peak_memory_bytes, plot_losses, read_metrics, task_for, train  # noqa: F401
-
-
-def build_model(cfg: dict, tokenizer):
-    """A fresh model from the config's ``model`` section, or the model saved at ``init_from``."""
-    task = task_for(cfg)
-    task.tokenizer = tokenizer
-    return task.build_model(cfg.get("init_from"))
+from longctx.tasks.mlm import lm_loss
+from longctx.train.trainer import task_for, train
 
 
 def set_windows(model, window) -> None:
@@ -43,7 +36,6 @@ def set_windows(model, window) -> None:
         entries.append(entry)
     cfg.attention = entries
     cfg.window = window
-    cfg.layers = None
 
 
 def evaluate(model, dataset, collator, batches: int, batch_size: int, accelerator=None) -> dict:

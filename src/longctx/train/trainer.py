@@ -43,9 +43,6 @@ from longctx.train.checkpoint import (CorruptCheckpoint, checkpoint_dirs, clean_
                                       fault_point, load_checkpoint, lock_run, plain, read_json, save_checkpoint,
                                       verify_checkpoint)
 
-# The rows of a metrics.jsonl; a line cut by a kill is skipped (kept under the trainer's name for callers).
-read_metrics = read_jsonl
-
 
 def lr_schedule(cfg: dict, stages: list[dict]):
     """LR multiplier per step: linear warm-up, then the phase's LR (relative to train.lr) decayed as
@@ -136,7 +133,7 @@ def _rewind_metrics(path: Path, step: int) -> None:
     """Keep the rows up to ``step`` (the resumed checkpoint): the rows a killed run logged after it are
     logged again by the resumed run, and a torn last line would glue itself to the next row."""
     if path.exists():
-        rows = [r for r in read_metrics(path) if isinstance(r.get("step"), int) and r["step"] <= step]
+        rows = [r for r in read_jsonl(path) if isinstance(r.get("step"), int) and r["step"] <= step]
         write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
@@ -540,7 +537,7 @@ class Trainer:
         self.last_loss = self._last_logged_loss()
 
     def _last_logged_loss(self) -> float:
-        rows = [r for r in read_metrics(self.out / "metrics.jsonl") if r.get("type") == "train"]
+        rows = [r for r in read_jsonl(self.out / "metrics.jsonl") if r.get("type") == "train"]
         return rows[-1]["loss"] if rows else float("nan")
 
 
@@ -581,9 +578,3 @@ def task_for(cfg: dict, task_name: str | None = None):
             raise
         # registered by another module, or unknown: get_task says which exist
     return get_task(name)(cfg)
-
-
-def finetune(cfg: dict, task_name: str, out_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:
-    """Finetune (or train from scratch) on the registered task ``task_name``: the same trainer as
-    pretraining, so exact resume, atomic checkpoints, NaN stop, DDP and bf16 apply alike."""
-    return train(cfg, task_for(cfg, task_name), out_dir, resume=resume, progress=progress)
