@@ -131,3 +131,33 @@ def test_folder_without_tokenizer_json_and_bad_file(tmp_path):
     (tmp_path / "tokenizer.json").write_text(json.dumps({"not": "a tokenizer"}))
     with pytest.raises(LongctxError, match="could not be read"):
         load_tokenizer(tmp_path / "tokenizer.json")
+
+
+def test_a_training_that_loses_the_race_to_the_cache_uses_the_cached_tokenizer(docs, tmp_path, monkeypatch):
+    """Two processes (a comparison's first two runs) train the same spec at once: the one that saves second
+    must use the tokenizer the first saved, not its own (WordPiece training is not deterministic, and the
+    variants of one comparison must read the same tokens: once a silent confound with jobs: 2)."""
+    import longctx.data.tokenizer as T
+
+    spec = {"train": "wordpiece", "vocab_size": 800}
+    winner = train_tokenizer(docs, "wordpiece", 800)
+    real = T.train_tokenizer
+
+    # the other process saves first (its folder lands under the cache's name below); this one's training
+    # gives a different tokenizer
+    def publish_then_train(documents, kind, size, minf):
+        winner.save(tmp_path / "pending")
+        return real(documents[:3], kind, 500, minf)
+
+    monkeypatch.setattr(T, "train_tokenizer", publish_then_train)
+    orig_publish = T.publish_dir
+
+    def publish_dir(folder, replace, prefix):  # the winner's folder lands under the cache's own name
+        if not folder.exists():
+            (tmp_path / "pending").rename(folder)
+        return orig_publish(folder, replace=replace, prefix=prefix)
+
+    monkeypatch.setattr(T, "publish_dir", publish_dir)
+    got = load_tokenizer(spec, documents=docs, cache_dir=tmp_path)
+    assert got.fingerprint() == winner.fingerprint()
+    assert load_tokenizer(spec, documents=docs, cache_dir=tmp_path).fingerprint() == winner.fingerprint()

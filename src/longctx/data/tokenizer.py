@@ -24,7 +24,8 @@ Interface (both ``ByteTokenizer`` and ``HFTokenizer``)::
   BERT). Pass ``cache_dir`` to keep the result keyed by corpus + spec, so a rerun reuses it
   (``prepare_data`` does). Byte-level BPE training is deterministic; the ``tokenizers`` WordPiece
   trainer breaks ties between equally frequent merges in hash order, so two WordPiece trainings on
-  the same corpus can differ in a few marginal tokens: reuse the cached/saved folder.
+  the same corpus can differ in a few marginal tokens: reuse the cached/saved folder (with ``cache_dir``
+  every caller gets the cached one, also a process that trained at the same time as another).
 
 ``save`` writes files that ``transformers.AutoTokenizer.from_pretrained(folder)`` loads (as a
 ``PreTrainedTokenizerFast``; its default ``add_special_tokens=True`` adds ``cls ... sep``) and that
@@ -278,7 +279,9 @@ def load_tokenizer(spec, documents: list[dict] | None = None, cache_dir: str | P
         tok = train_tokenizer(documents, kind, size, minf)
         with publish_dir(folder, replace=False, prefix=".tok-") as tmp:  # kept if another process saved it first
             tok.save(tmp)
-        return tok
+        # the cached one, whoever saved it: two processes that trained at once (a comparison's first runs)
+        # must use the same tokenizer, and WordPiece training is not deterministic (module doc)
+        return load_tokenizer(folder)
     if str(spec) == "bytes":
         return ByteTokenizer()
     path = Path(str(spec)).expanduser()
