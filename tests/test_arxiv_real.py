@@ -169,6 +169,7 @@ def real_run(tmp_path_factory):
     return expected, recs, rejects, stats, out
 
 
+@pytest.mark.slow
 def test_every_real_document_is_kept(real_run):
     expected, recs, rejects, stats, _ = real_run
     assert rejects == []

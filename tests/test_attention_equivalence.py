@@ -63,6 +63,7 @@ def _grads(out, inputs, seed, query_valid=None):
     return torch.autograd.grad(out, inputs, upstream, allow_unused=True)
 
 
+@pytest.mark.slow
 @settings(max_examples=700)
 @given(data=st.data())
 def test_kernels_equal_dense_reference(data):
@@ -127,6 +128,7 @@ def test_alibi_slope_gradients_in_float64(pattern):
             torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
 
 
+@pytest.mark.slow
 @settings(max_examples=300)
 @given(data=st.data())
 def test_layer_fast_equals_dense_for_every_position_encoding(data):
@@ -156,6 +158,7 @@ def test_layer_fast_equals_dense_for_every_position_encoding(data):
         torch.testing.assert_close(a, b, **TOL)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pattern", [
     AttentionPattern("sliding", window=5, dilation=(1, 2, 3)),
     AttentionPattern("sliding", window=7, causal=True),

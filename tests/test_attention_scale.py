@@ -1,4 +1,5 @@
 """The blocked kernel at n = 65,536: linear memory, and exact where checked."""
+import pytest
 import subprocess
 import sys
 import textwrap
@@ -35,6 +36,7 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_sliding_window_at_65536_tokens_runs_in_linear_memory():
     """A dense 65,536^2 boolean mask alone is 4 GiB; the whole forward and backward must stay far below.
     Peak memory is the child's own (VmHWM): its ru_maxrss would carry over the test run's size."""

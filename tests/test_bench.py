@@ -25,6 +25,7 @@ def _load(out):
     return r
 
 
+@pytest.mark.slow
 def test_bench_attention_smoke(tmp_path, capsys):
     out = tmp_path / "att"
     (tmp_path / "tiny.yaml").write_text(ATTENTION_TARGETS)
@@ -61,6 +62,7 @@ def test_bench_attention_smoke(tmp_path, capsys):
     assert "[6/6] hf-longformer n=256 float32: skipped" in err and "bench attention: 6/6 cases" in err and "ETA" in err
 
 
+@pytest.mark.slow
 def test_bench_train_smoke(tmp_path):
     out = tmp_path / "train"
     rc = main(["bench", "train", "--lengths", "128", "--layers", "1", "--hidden", "32", "--heads", "2",

@@ -118,6 +118,7 @@ def test_budget_to_steps():
     assert steps_for({"flops": 3.0e9 * 1e9}, per) == 10**9
 
 
+@pytest.mark.slow
 def test_an_infinite_budget_is_one_sentence(corpus, tmp_path):
     r = _cli(_tiny(corpus, tmp_path / "r", "train.budget.flops=.inf"))
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
@@ -150,6 +151,7 @@ def _weights(out):
     return load_file(str(out / "model" / "model.safetensors"))
 
 
+@pytest.mark.slow
 def test_flops_budget_run_equals_its_steps_and_a_seconds_budget_resumes_exactly(corpus, tmp_path):
     """A FLOPs budget decides floor(budget / FLOPs per step) steps, recorded in run_config.json. A seconds
     budget killed at its second
@@ -178,6 +180,7 @@ def test_flops_budget_run_equals_its_steps_and_a_seconds_budget_resumes_exactly(
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_compare_under_a_flops_budget_with_a_compute_section(corpus, tmp_path):
     """Full attention costs more per step than a sliding window at 128 tokens: under the same FLOPs budget
     it takes fewer steps. The report's tables and results.json say the same steps, tokens and FLOPs; the

@@ -183,6 +183,7 @@ def test_extension_keeps_the_short_model_on_its_own_positions():
             assert torch.allclose(long(input_ids=ids).logits, short(input_ids=ids).logits, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_conversion_recipe_runs_and_writes_what_the_claim_reads(tmp_path):
     from longctx.cli import main
 

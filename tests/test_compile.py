@@ -64,6 +64,7 @@ def _batch(n=50):
     return ids, mask
 
 
+@pytest.mark.slow
 def test_compile_fullgraph_sliding_mlm_matches_eager_forward_and_backward():
     torch._dynamo.reset()
     model = _mlm(hidden_dropout_prob=0.0)  # training mode, without dropout's random draws
@@ -85,6 +86,7 @@ def test_compile_fullgraph_sliding_mlm_matches_eager_forward_and_backward():
         assert a is None or torch.allclose(a, b, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_compile_with_global_tokens_matches_eager_and_breaks_per_layer_not_per_chunk():
     torch._dynamo.reset()
     model = _mlm().eval()

@@ -324,6 +324,7 @@ def _one_line_error(capsys, argv) -> str:
     return err
 
 
+@pytest.mark.slow
 def test_missing_source_exits_2_with_one_line_and_no_output(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-m", "longctx.cli", "convert", "longformer", str(tmp_path / "nope"),
@@ -480,6 +481,7 @@ def _cached_files(base: Path) -> list[str]:
     return sorted(str(p) for p in (base / "hf").rglob("*") if p.is_file())
 
 
+@pytest.mark.slow
 def test_hostile_fixture_runs_its_code_when_trusted(hostile_folders, tmp_path):
     """The oracle for the next test: the fixture is live (trusted, Hugging Face runs evil.py and copies
     it into the modules cache), so its absence there means longctx refused it."""
@@ -492,6 +494,7 @@ def test_hostile_fixture_runs_its_code_when_trusted(hostile_folders, tmp_path):
     assert any(f.endswith("evil.py") for f in _cached_files(tmp_path))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stdin", ["terminal", "pipe"])
 def test_no_command_runs_or_caches_code_from_a_model_folder(hostile_folders, tmp_path, stdin):
     """convert longformer / extend, eval and init_from on folders whose config.json and
@@ -646,6 +649,7 @@ print(json.dumps({"measured": status("VmHWM") - base, "estimate": conversion_byt
 '''
 
 
+@pytest.mark.slow
 def test_extend_memory_estimate_bounds_the_measured_peak(tmp_path):
     """The estimate that refuses long lengths is an upper bound of the measured peak (one million
     positions, hidden 64: a 256 MB table), and not a loose one."""

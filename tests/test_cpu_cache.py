@@ -77,6 +77,7 @@ def test_a_miss_gives_back_other_classes_so_the_process_stays_within_its_peak_us
     assert s1["cached_bytes"] + s1["in_use_bytes"] <= s1["peak_in_use_bytes"]
 
 
+@pytest.mark.slow
 def test_training_through_the_cache_is_bit_identical():
     code = """
         import json, os, torch

@@ -22,6 +22,7 @@ def built(tmp_path_factory):
     mp.undo()
 
 
+@pytest.mark.slow
 def test_pydoc_corpus_is_real_prose_with_headings(built):
     cache, docs = built
     text = sum(len(d["text"]) for d in docs)

@@ -28,6 +28,7 @@ def two_threads():
     torch.set_num_threads(before)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_gradients_are_identical_on_every_pass_with_two_threads(name, two_threads):
     torch.manual_seed(0)

@@ -46,6 +46,7 @@ def test_attention_on_an_empty_batch_on_every_backend():
     assert out.strip() == "ok"
 
 
+@pytest.mark.slow
 def test_masked_lm_on_an_empty_batch():
     out = _run("""
         import torch

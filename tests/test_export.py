@@ -46,6 +46,7 @@ def _expected(model, ids, mask, names):
 OTHER_SHAPES = [(1, 30), (3, 101)]
 
 
+@pytest.mark.slow
 def test_onnx_runs_in_onnxruntime_like_pytorch(tmp_path):
     ort = pytest.importorskip("onnxruntime")
     model = _model(LongctxForMaskedLM)
@@ -61,6 +62,7 @@ def test_onnx_runs_in_onnxruntime_like_pytorch(tmp_path):
             assert np.abs(g - want).max() < 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cls", [LongctxForSequenceClassification, LongctxForQuestionAnswering])
 def test_pt2_through_the_cli_equals_pytorch(cls, tmp_path):
     model = _model(cls, num_labels=3) if cls is LongctxForSequenceClassification else _model(cls)
@@ -87,6 +89,7 @@ def _question(n: int, question: int):
     return ids, mask
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("max_global", [None, 201])
 def test_exported_qa_equals_pytorch_for_every_question_length(max_global, tmp_path):
     """QA exported by default (slots for <cls> and the 64 question tokens finetuning keeps) equals PyTorch

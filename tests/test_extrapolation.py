@@ -139,6 +139,7 @@ def test_bad_arguments_get_one_sentence_and_exit_2(saved, tmp_path, capsys, argv
     assert words in err and len(err.splitlines()) == 1 and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_comparison_with_an_extrapolation_section_reports_positions_by_lengths(saved, tmp_path):
     import yaml
     base = {"objective": "clm", "data": {"corpus": str(saved / "corpus"), "tokenizer": "bytes", "seq_len": 32,
@@ -171,6 +172,7 @@ def test_comparison_with_an_extrapolation_section_reports_positions_by_lengths(s
         load_comparison(bad, [])
 
 
+@pytest.mark.slow
 def test_longformer_charlm_ablations_run_on_a_text8_style_file_and_report_dev_bpc(tmp_path):
     """A tiny version of a recipe (dilation on/off) on a text8-format file (one line of lowercase letters
     and spaces): the file is split by position and every variant reports dev bits per character. The

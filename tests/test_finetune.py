@@ -28,6 +28,7 @@ def _finetune(out, args, env_extra=None):
                            "--quiet", *args], env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_finetune_killed_with_sigkill_and_resumed_is_bit_identical(tmp_path):
     args = TINY + _files(tmp_path) + ["train.steps=6", "train.save_every=2"]
     full = _finetune(tmp_path / "full", args)
@@ -45,6 +46,7 @@ def test_finetune_killed_with_sigkill_and_resumed_is_bit_identical(tmp_path):
     assert ra["test"]["f1"] == rb["test"]["f1"] and ra["final_train_loss"] == rb["final_train_loss"]
 
 
+@pytest.mark.slow
 def test_compare_with_a_finetune_section(tmp_path):
     corpus = tmp_path / "corpus"
     corpus.mkdir()

@@ -83,6 +83,7 @@ def _rows(kpm):  # padding queries' outputs are discarded by every model (and ge
     return torch.ones(1, 1, 1, 1, dtype=torch.bool) if kpm is None else kpm[:, None, :, None]
 
 
+@pytest.mark.slow
 @settings(max_examples=200)
 @given(data=st.data())
 def test_fused_equals_dense_reference_fp32(data):
@@ -140,6 +141,7 @@ def test_mkl_products_equal_dense_reference(pattern, monkeypatch):
         torch.testing.assert_close(a, b.float(), **TOL)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pattern", [AttentionPattern("sliding", window=40, dilation=(1, 3)),
                                      AttentionPattern("blockwise_causal", block=24),
                                      AttentionPattern("sliding", window=30, causal=True)])
@@ -218,6 +220,7 @@ FALLBACK = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_fallback_without_compiler(tmp_path):
     """A machine with no C++ compiler on PATH (and an empty cache): the pure-PyTorch kernel, announced
     once, equal to the reference; backend "fused" is one sentence."""

@@ -165,6 +165,7 @@ def test_from_pretrained_and_clear_errors(tmp_path):
         model(ids)
 
 
+@pytest.mark.slow
 def test_bench_hf_case_runs(tmp_path):
     """`longctx bench hf` (the memory comparison lives there, not in a timed test) runs a case end to end."""
     import json

@@ -58,6 +58,7 @@ def ctrl_c_after_step(proc, vdir: Path, step: int) -> None:
     os.killpg(proc.pid, signal.SIGINT)
 
 
+@pytest.mark.slow
 def test_ctrl_c_mid_step_saves_and_the_rerun_ends_as_an_uninterrupted_run(comparison, tmp_path):
     ref = compare(comparison, tmp_path / "ref")
     _, err = ref.communicate(timeout=120)
@@ -85,6 +86,7 @@ def test_ctrl_c_mid_step_saves_and_the_rerun_ends_as_an_uninterrupted_run(compar
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+@pytest.mark.slow
 def test_a_second_ctrl_c_stops_the_child_without_its_checkpoint(comparison, tmp_path):
     vdir = tmp_path / "runs" / "tiny" / "full"
     run = compare(comparison, tmp_path / "runs", {"LONGCTX_FAULT_DELAY": "save.start:30"}, start_new_session=True)
@@ -100,6 +102,7 @@ def test_a_second_ctrl_c_stops_the_child_without_its_checkpoint(comparison, tmp_
     assert not checkpoint_dirs(vdir) and not (vdir / "results.json").exists()
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_pretrain_saves_at_a_step_boundary_and_says_to_resume(comparison, tmp_path):
     base = yaml.safe_load(comparison.read_text())["base"]
     out = tmp_path / "run"

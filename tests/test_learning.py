@@ -1,4 +1,5 @@
 """Tiny models learn small synthetic long-range tasks on CPU: the loss falls far below chance."""
+import pytest
 import math
 
 import torch
@@ -38,6 +39,7 @@ def _train_copy(global_first: bool, steps=150):
     return sum(losses[-10:]) / 10
 
 
+@pytest.mark.slow
 def test_encoder_copies_a_distant_token_through_a_global_token():
     chance = math.log(N_CLASSES)
     with_global = _train_copy(True)
@@ -47,6 +49,7 @@ def test_encoder_copies_a_distant_token_through_a_global_token():
     assert without > 0.8 * chance, without
 
 
+@pytest.mark.slow
 def test_decoder_learns_a_periodic_sequence_within_its_window():
     """x[t] = x[t - 8]: after the first period every token is predictable from 8 back (window 10)."""
     torch.manual_seed(0)

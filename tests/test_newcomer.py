@@ -103,6 +103,7 @@ def test_the_cli_parser_imports_neither_torch_nor_transformers():
     assert out == "[]"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("imports", ["import longctx, transformers", "import transformers, longctx"])
 def test_importing_longctx_registers_with_transformers_in_either_order(imports):
     out = _run_python(f"{imports}\nfrom transformers import AttentionInterface, AutoConfig\n"

@@ -121,6 +121,7 @@ def test_run_killed_after_its_last_checkpoint_finishes_on_resume(finished, corpu
     assert len(list((out / "tb").iterdir())) >= 1 and train_rows(out) == [1, 2, 3, 4, 5]
 
 
+@pytest.mark.slow
 def test_compare_finishes_a_variant_killed_after_its_last_checkpoint(corpus, tmp_path):
     import yaml
     base = {"data": {"corpus": str(corpus), "tokenizer": "bytes", "seq_len": 64},
@@ -369,6 +370,7 @@ DRIVER = textwrap.dedent("""
 HOOKS = ["save.start", "save.model", "save.files", "save.manifest", "save.renamed", "save.prune"]
 
 
+@pytest.mark.slow
 def test_sigkill_at_30_moments_then_resume_ends_bit_identical(corpus, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")  # same threads as the forked attempts
     env.pop("LONGCTX_FAULT", None)

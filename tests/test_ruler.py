@@ -70,6 +70,7 @@ def test_the_eight_tasks_are_registered_qa_tasks_a_comparison_can_list():
         assert isinstance(task, QATask) and task.name == name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", RULER_NAMES)
 @pytest.mark.parametrize("haystack", ["noise", "corpus"])
 def test_records_are_valid_exact_length_labelled_by_rule_and_at_the_requested_depth(name, haystack):
@@ -88,6 +89,7 @@ def test_records_are_valid_exact_length_labelled_by_rule_and_at_the_requested_de
     assert {_requested_depth(r) for r in splits["train"]} >= set(DEPTHS)  # the sweep covers every depth
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["ruler_niah_single", "ruler_niah_multikey", "ruler_niah_multivalue",
                                   "ruler_niah_multiquery", "ruler_vt"])
 def test_the_label_is_right_for_a_thousand_draws(name):
@@ -192,6 +194,7 @@ def test_the_heatmap_png_has_depth_rows_and_length_columns(tmp_path, monkeypatch
         depth_length_heatmap(tmp_path / "x.png", {"f1": 0.5})
 
 
+@pytest.mark.slow
 def test_niah_single_is_learned_by_a_tiny_model_above_its_untrained_self(tmp_path):
     """Niah single in a noise haystack of 240 characters (about 87 tokens), a 2-layer model, 100 steps:
     exact match on dev, paired with the same model untrained (measured: 0.32 against 0.00)."""

@@ -96,6 +96,7 @@ def test_deterministic_given_seed():
 
 # ---- paired_difference by simulation ----
 
+@pytest.mark.slow
 @pytest.mark.parametrize("s,seed_sd", [(1, 0.0), (2, 0.0), (2, 0.1), (2, 0.5), (3, 0.0), (3, 0.1), (3, 0.5),
                                        (5, 0.0), (5, 0.5)])
 def test_coverage_of_the_true_difference_is_near_nominal(s, seed_sd):
@@ -110,6 +111,7 @@ def test_one_seed_cannot_see_training_noise():
     assert coverage(ours, 1, 200, seed_sd=0.5) < 0.6
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("s,seed_sd", [(1, 0.0), (2, 0.3), (3, 0.3), (3, 0.0)])
 def test_identical_variants_are_rarely_separated(s, seed_sd):
     rng = np.random.default_rng(10 + s)
@@ -156,6 +158,7 @@ def banerjee(a, b):
     return mean - half, mean + half
 
 
+@pytest.mark.slow
 def test_why_a_pivot_and_not_a_bootstrap_or_a_plug_in_t_with_two_seeds():
     # where training noise dominates, resampling 2 seeds sees half their variance with a normal tail, and
     # a plug-in variance with t quantiles misses whenever the 1-df seed part is small by chance

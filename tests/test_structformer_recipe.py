@@ -163,6 +163,7 @@ def saved_models(corpus, tmp_path, monkeypatch):
     return out
 
 
+@pytest.mark.slow
 def test_analyze_cli_side_by_side_on_held_out_documents(saved_models, tmp_path, capsys):
     out = tmp_path / "an"
     assert main(["analyze", "attention", str(saved_models["headings"]), "--compare", str(saved_models["none"]),

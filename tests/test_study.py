@@ -101,6 +101,7 @@ def test_keep_best_makes_the_best_dev_evaluation_the_model(tmp_path):
     assert not all(torch.equal(model[k], at6[k]) for k in model)
 
 
+@pytest.mark.slow
 def test_stale_runs_are_refused_or_rerun_and_seeds_line_up(tmp_path):
     cfg = _tiny_comparison(tmp_path, seeds=2)
     out = tmp_path / "runs"
@@ -134,6 +135,7 @@ def test_stale_runs_are_refused_or_rerun_and_seeds_line_up(tmp_path):
     assert all(v["steps"] == 3 for v in json.loads((run / "results.json").read_text())["variants"])
 
 
+@pytest.mark.slow
 def test_a_grid_on_the_first_seeds_then_the_choice_on_the_rest(tmp_path):
     """``grid_seeds: 1``: the learning-rate grid runs on the first pretraining seed, the point chosen on its dev
     score on the other seeds; the summary's rows are the chosen point's runs, one per seed, in seed order."""

@@ -4,6 +4,7 @@ import pytest
 from longctx.tasks.finetune import finetune_config, run_finetune
 
 
+@pytest.mark.slow
 def test_listops_is_learned_above_the_majority_class(tmp_path):
     """Depth-2 ListOps (one operator over up to 5 digits, or a digit): 150 steps of a 2-layer model."""
     cfg = finetune_config("listops", {}, [
@@ -28,6 +29,7 @@ def _qa_dev(tmp_path, global_tokens, steps):
     return run_finetune(cfg, "qa", tmp_path / global_tokens, progress=False)["eval"]
 
 
+@pytest.mark.slow
 def test_qa_is_learned_with_global_question_tokens_and_not_without(tmp_path):
     """The built-in QA at 128 tokens, window 4 over 2 layers (reach 8), evidence 62-113 tokens away
     (10%-90%): with the question tokens global the model matches the question against the context;
@@ -44,6 +46,7 @@ def test_qa_is_learned_with_global_question_tokens_and_not_without(tmp_path):
     assert d["ci"][0] > 0.05, (d, dev["f1"], blind["f1"])
 
 
+@pytest.mark.slow
 def test_classification_is_learned_above_the_majority_class(tmp_path):
     """The built-in section task (a 600-character stretch, labelled with the pydoc section it ends in, the
     heading in its second half): a 2-layer model with its first token global, 150 steps."""

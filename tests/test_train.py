@@ -50,6 +50,7 @@ def _weights(out):
     return load_file(str(Path(out) / "model" / "model.safetensors"))
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_bit_identical(corpus, tmp_path):
     env = _env(tmp_path)
     ref = _longctx(_args(corpus, tmp_path / "ref"), env)
@@ -78,6 +79,7 @@ def test_killed_run_resumes_bit_identical(corpus, tmp_path):
     assert json.loads((out / "results.json").read_text())["steps"] == 12
 
 
+@pytest.mark.slow
 def test_two_process_gloo_run_trains_and_checkpoints(corpus, tmp_path):
     env = _env(tmp_path)
     out = tmp_path / "ddp"
@@ -110,6 +112,7 @@ def test_user_errors_are_one_clear_sentence(corpus, tmp_path, extra, message, ca
     assert not (tmp_path / "err" / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_empty_corpus_is_a_clear_error(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -119,6 +122,7 @@ def test_empty_corpus_is_a_clear_error(tmp_path):
     assert "empty" in res.stderr.lower() or "no documents" in res.stderr.lower(), res.stderr
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(corpus, tmp_path):
     res = _longctx(_args(corpus, tmp_path / "nan", steps=8, extra=["train.lr=1e30", "train.clip=0.0",
                                                                     "train.warmup_steps=1"]), _env(tmp_path))
@@ -129,6 +133,7 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(corpus
         assert all(torch.isfinite(w).all() for w in weights.values()), ckpt
 
 
+@pytest.mark.slow
 def test_staged_training_doubles_length_and_window(corpus, tmp_path):
     res = _longctx(_args(corpus, tmp_path / "staged", steps=6, extra=[
         "data.seq_len=64", "model.window=4", "stages={preset: double, phases: 2, steps: 3}"]), _env(tmp_path))
@@ -142,6 +147,7 @@ def test_staged_training_doubles_length_and_window(corpus, tmp_path):
     assert lrs[3] < lrs[2]  # the second phase runs at half the learning rate
 
 
+@pytest.mark.slow
 def test_compare_runs_variants_identically_and_resumes(corpus, tmp_path):
     cfg = tmp_path / "cmp.yaml"
     base = {"data": {"corpus": str(corpus), "tokenizer": "bytes", "seq_len": 128},
@@ -179,6 +185,7 @@ def test_compare_runs_variants_identically_and_resumes(corpus, tmp_path):
     assert res.returncode == 2 and "keeps data, seed and budget identical" in res.stderr
 
 
+@pytest.mark.slow
 def test_eval_extrapolation_lengths_blockwise_and_resolution(corpus, tmp_path):
     env = _env(tmp_path)
     out = tmp_path / "lex"
