@@ -91,6 +91,7 @@ def draw_layout(H: int, nb: int, random: int, global_blocks: int, generator: tor
 class BigBird(Mechanism):
     name = "bigbird"
     Spec = Spec
+    examples = {"test": {"block": 4, "random": 1}, "bench": {"block": 64, "random": 3, "global_blocks": 1}}
     supports = Capabilities(global_tokens=True)
 
     def __init__(self, spec: Spec, ctx: LayerContext):

@@ -149,8 +149,11 @@ class SelfAttention(nn.Module):
             from longctx.attention.reference import masked_softmax
 
             qg, kg, _ = self.project(hidden, positions, glob=True)
-            # a global query sees every real key (causally in a decoder): the full pattern's rows
-            rows = AttentionPattern("full", causal=self.mechanism.ctx.causal)
+            # a global query sees every real key (causally in a decoder, or where the pattern is causal by
+            # definition, as blockwise_causal): the full pattern's rows
+            pattern = self.pattern
+            causal = self.mechanism.ctx.causal or (isinstance(pattern, AttentionPattern) and pattern.causal)
+            rows = AttentionPattern("full", causal=causal)
             s = (qg * self.head_dim ** -0.5) @ kg.transpose(-1, -2)
             bias = self.positions.bias
             if bias is not None:

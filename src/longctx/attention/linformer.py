@@ -53,6 +53,7 @@ def _init(shape, k: int, gen: torch.Generator) -> nn.Parameter:
 class Linformer(Mechanism):
     name = "linformer"
     Spec = Spec
+    examples = {"test": {"k": 8}, "bench": {"k": 256, "share": "headwise"}}
     supports = Capabilities()
 
     def __init__(self, spec: Spec, ctx: LayerContext):

@@ -77,6 +77,8 @@ def rms_normalise(x: torch.Tensor) -> torch.Tensor:
 class LSH(Mechanism):
     name = "lsh"
     Spec = Spec
+    examples = {"test": {"chunk_length": 8, "num_buckets": 4},
+                "bench": {"chunk_length": 64, "num_buckets": 64, "n_hashes": 2}}
     supports = Capabilities(causal=True)
 
     def __init__(self, spec: Spec, ctx: LayerContext):

@@ -151,6 +151,7 @@ class Full(MaskMechanism):
 class Sliding(MaskMechanism):
     name = "sliding"
     Spec = SlidingSpec
+    examples = {"test": {"window": 3, "dilation": [1, 2]}}
 
     @staticmethod
     def make_pattern(spec, causal):
@@ -161,6 +162,7 @@ class Sliding(MaskMechanism):
 class Blocks(MaskMechanism):
     name = "blocks"
     Spec = BlockSpec
+    examples = {"test": {"block": 8}}
 
     @staticmethod
     def make_pattern(spec, causal):
@@ -171,6 +173,7 @@ class Blocks(MaskMechanism):
 class BlockwiseCausal(MaskMechanism):
     name = "blockwise_causal"
     Spec = BlockSpec
+    examples = {"test": {"block": 8}}
 
     @staticmethod
     def make_pattern(spec, causal):

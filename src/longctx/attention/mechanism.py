@@ -3,9 +3,14 @@
 A mechanism is one file: a ``Spec`` dataclass (its config keys; an unknown key is a one-sentence
 error), capability flags, ``forward`` (the fast path), ``reference`` (the readable oracle the tests
 hold ``forward`` to), ``flops`` (useful work), ``describe`` and, where it is defined, the effective
-attention matrix ``attention_map`` (what ``longctx analyze`` reads). One ``@register`` line makes it
-selectable everywhere: model configs (``attention: {type: NAME, ...}``), ``longctx compare`` variants,
-``longctx bench`` and the report.
+attention matrix ``attention_map`` (what ``longctx analyze`` reads), and ``examples``: the settings it is
+tested and benchmarked with. One ``@register`` line makes it selectable everywhere: model configs
+(``attention: {type: NAME, ...}``), ``longctx compare`` variants, the report, ``longctx bench attention
+--impl longctx-NAME`` (with its ``bench`` example) and the tests, with no table to edit:
+tests/test_mechanism_contract.py holds every registered mechanism to this contract (forward equals
+reference on outputs and gradients, ``attention_map @ v`` equals forward, ``flops`` and ``describe``,
+unknown keys refused, seeded builds identical) on its ``test`` example, and tests/test_analysis.py runs
+the model-level attention-map test on every mechanism with an ``attention_map``.
 
 Shapes: q, k, v are (B, H, n, d), already projected and, for rotary positions, rotated; the mechanism
 applies the 1/sqrt(d) scale itself. ``key_padding`` and ``global_mask`` are (B, n) bool (True = real
@@ -17,6 +22,7 @@ config are identical, and deterministic in evaluation mode.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -70,11 +76,23 @@ class LayerCache:
 
 class Mechanism(nn.Module):
     """Base class. Subclasses set ``name``, ``Spec`` and ``supports`` and implement ``forward``,
-    ``reference``, ``flops`` and ``describe``."""
+    ``reference``, ``flops`` and ``describe``; ``examples`` where the Spec defaults do not suit."""
 
     name: ClassVar[str] = ""
     Spec: ClassVar[type] = object
     supports: ClassVar[Capabilities] = Capabilities()
+    # config keys to run the mechanism with, by purpose; a purpose not given runs on the Spec defaults.
+    # "test": small, for the contract and analysis tests (2 heads of dimension 8, up to 64 tokens, fp32
+    # and fp64); "bench": ``longctx bench attention --impl longctx-NAME`` (hidden 768, 12 heads, 1k-64k tokens)
+    examples: ClassVar[dict[str, dict]] = {}
+
+    @classmethod
+    def example(cls, purpose: str) -> dict:
+        """The config keys for ``purpose`` ("test" or "bench"): ``examples[purpose]``, else {} (the Spec
+        defaults)."""
+        if purpose not in ("test", "bench"):
+            raise ValueError(f"example purpose must be 'test' or 'bench', got {purpose!r}")
+        return copy.deepcopy(cls.examples.get(purpose, {}))
 
     def __init__(self, spec: Any, ctx: LayerContext):
         super().__init__()

@@ -93,6 +93,8 @@ def segment_ids(n: int, m: int, device=None) -> torch.Tensor:
 class Nystrom(Mechanism):
     name = "nystrom"
     Spec = Spec
+    examples = {"test": {"num_landmarks": 4, "conv_kernel_size": 0},
+                "bench": {"num_landmarks": 64, "conv_kernel_size": 33}}
     supports = Capabilities()
 
     def __init__(self, spec: Spec, ctx: LayerContext):

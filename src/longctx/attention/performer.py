@@ -186,6 +186,7 @@ def causal_linear(qf, kf, v, chunk: int, S=None, z=None):
 class Performer(Mechanism):
     name = "performer"
     Spec = Spec
+    examples = {"test": {"nb_features": 16}, "bench": {"nb_features": 256}}
     supports = Capabilities(causal=True, cache=True)
 
     def __init__(self, spec: Spec, ctx: LayerContext):

@@ -24,7 +24,10 @@ Implementations ("impl" in the results):
   sdpa-masked              SDPA with the sliding pattern's n x n boolean mask
   hf-longformer            transformers' LongformerSelfAttention (attention_window = window) + output proj.
   local-attention          lucidrains' local-attention (causal, window_size window/2, look_backward 1)
-  longctx-linformer        the Linformer mechanism (k = 256, E/F per layer) in the same projected layer
+  longctx-NAME             any other registered mechanism NAME (attention/mechanism.py: MECHANISMS) with
+                           its ``bench`` example settings (``Mechanism.examples``), in the same projected
+                           layer; in the default list:
+  longctx-linformer        the Linformer mechanism (k = 256, E/F per layer)
   longctx-performer        Performer FAVOR+ (256 orthogonal random features)
   longctx-nystrom          Nystromformer (64 landmarks, conv skip 33)
   longctx-lsh              Reformer LSH attention (chunk 64, 64 buckets, 2 hashes; shared QK projection)
@@ -74,22 +77,34 @@ TORCH_KERNEL = "-torch"  # suffix: the case on the pure-PyTorch blocked kernel, 
 def _base(impl: str) -> str:
     return impl[:-len(TORCH_KERNEL)] if impl.endswith(TORCH_KERNEL) else impl
 
-# the approximate families: implementation -> (mechanism, its config keys); the papers' usual settings
-FAMILIES = {
-    "longctx-linformer": ("linformer", {"k": 256, "share": "headwise"}),
-    "longctx-performer": ("performer", {"nb_features": 256}),
-    "longctx-nystrom": ("nystrom", {"num_landmarks": 64, "conv_kernel_size": 33}),
-    "longctx-lsh": ("lsh", {"chunk_length": 64, "num_buckets": 64, "n_hashes": 2}),
-    "longctx-bigbird": ("bigbird", {"block": 64, "random": 3, "global_blocks": 1}),
-}
+# the cases whose attention follows from ``attention_window`` (the mask family and its peers)
+WINDOW_CASES = ("longctx-sliding", "longctx-sliding-half", "longctx-dilated", "longctx-blocks", "longctx-global16",
+                "longctx-blockwise-causal", "longctx-causal", "core-sliding", "core-sliding-half", "sdpa-dense",
+                "sdpa-masked", "hf-longformer", "local-attention")
+
+
+def families() -> dict[str, tuple[str, dict]]:
+    """``longctx-NAME`` -> (NAME, its ``bench`` example) for every registered mechanism whose name no
+    window case takes (longctx-sliding and longctx-blocks stay the window's): the approximate families,
+    BigBird, and any mechanism registered later, read from the registry at each call."""
+    import longctx.attention  # noqa: F401  (registers every mechanism)
+    from longctx.attention.mechanism import MECHANISMS
+    return {f"longctx-{name}": (name, cls.example("bench")) for name, cls in sorted(MECHANISMS.items())
+            if f"longctx-{name}" not in WINDOW_CASES}
+
+
+def impls() -> list[str]:
+    """Every implementation a run may name: the listed ones and a ``longctx-NAME`` per mechanism."""
+    return IMPLS + [i for i in families() if i not in IMPLS]
 
 
 def _attention_spec(impl: str, cfg: dict) -> tuple[str, dict, bool]:
     """The registry mechanism a case computes: (type, its config keys, causal). ``attention_window`` is
     two-sided, the mechanisms' ``window`` one-sided (half of it)."""
     impl, w, H = _base(impl), cfg["attention_window"], cfg["heads"]
-    if impl in FAMILIES:
-        return (*FAMILIES[impl], False)
+    fams = families()
+    if impl in fams:
+        return (*fams[impl], False)
     if impl in ("longctx-sliding", "core-sliding", "longctx-global16", "sdpa-masked", "hf-longformer"):
         return "sliding", {"window": w // 2}, False
     if impl in ("longctx-sliding-half", "core-sliding-half"):
@@ -123,10 +138,17 @@ def useful_flops(impl: str, n: int, cfg: dict) -> tuple[float, float]:
     """(forward, forward+backward) useful FLOPs of the case: the mechanism's own count plus projections."""
     B, D = cfg["batch"], cfg["hidden"]
     num_global = min(cfg["global_tokens"], n) if _base(impl) == "longctx-global16" else 0
-    attn = _mechanism(impl, n, cfg).flops(n, num_global) * B
-    n_proj = 0 if impl.startswith("core-") else (7 if impl == "longctx-global16" else 3 if impl == "longctx-lsh" else 4)
+    mech = _mechanism(impl, n, cfg)
+    attn = mech.flops(n, num_global) * B
+    n_proj = 0 if impl.startswith("core-") else (7 if impl == "longctx-global16" else 3 if _shared_qk(mech) else 4)
     proj = 2.0 * B * n * D * D * n_proj
     return attn + proj, 3 * (attn + proj)
+
+
+def _shared_qk(mech) -> bool:
+    """Reformer's LSH attention takes k = q: its layer has one query-key projection."""
+    from longctx.attention.lsh import LSH
+    return isinstance(mech, LSH)
 
 
 # -- building one case (in the child) -----------------------------------------------------------------------
@@ -183,8 +205,8 @@ def build(impl: str, n: int, cfg: dict, dtype: torch.dtype):
         qkv = [torch.randn(B, H, n, D // H, dtype=dtype, requires_grad=True) for _ in range(3)]
         return None, qkv, lambda q, k, v: attention(q, k, v, pattern, backend=backend)
     x = torch.randn(B, n, D, dtype=dtype, requires_grad=True)
-    if impl in FAMILIES:  # before the mask family's "longctx-" cases: these names start so too
-        layer = _ProjectedLayer(D, H, mech, shared_qk=impl == "longctx-lsh")
+    if impl in families():  # before the mask family's "longctx-" cases: these names start so too
+        layer = _ProjectedLayer(D, H, mech, shared_qk=_shared_qk(mech))
         return layer.to(dtype), [x], layer
     if impl.startswith("longctx-"):
         glob = impl == "longctx-global16"
@@ -215,7 +237,7 @@ def build(impl: str, n: int, cfg: dict, dtype: torch.dtype):
                             use_rotary_pos_emb=False)
         layer = _ProjectedLayer(D, H, lambda q, k, v: la(q, k, v))
         return layer.to(dtype), [x], layer
-    raise LongctxError(f"benchmark implementation {impl!r} is unknown; use one of {', '.join(IMPLS)}")
+    raise LongctxError(f"benchmark implementation {impl!r} is unknown; use one of {', '.join(impls())}")
 
 
 def run_case(spec: dict) -> dict:
@@ -256,10 +278,11 @@ def _predict(prev: dict | None, impl: str, n: int, cfg: dict):
 
 
 def run(cfg: dict, out_dir: Path, command: str, log=print) -> dict:
+    known = impls()
     for impl in cfg["implementations"]:
-        if impl not in IMPLS:
-            raise LongctxError(f"benchmark implementation {impl!r} is unknown; use one of {', '.join(IMPLS)}")
-    common.check_targets(cfg["targets"], "impl", IMPLS)
+        if impl not in known:
+            raise LongctxError(f"benchmark implementation {impl!r} is unknown; use one of {', '.join(known)}")
+    common.check_targets(cfg["targets"], "impl", known)
     out_dir.mkdir(parents=True, exist_ok=True)
     log(f"longctx bench attention -> {out_dir}")
     from longctx.attention import fused  # built here, once, so no case's time or memory includes the build
