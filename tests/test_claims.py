@@ -34,6 +34,10 @@ def test_the_rules():
     assert claims.within(0.01, [-0.02, 0.04], -0.05, 0.05) == HOLDS
     assert claims.within(0.01, [-0.2, 0.2], -0.05, 0.05) == DIRECTION
     assert claims.within(0.1, [0.08, 0.12], -0.05, 0.05) == NOT_REPRODUCED
+    # an estimate outside its own (percentile) interval, on the wrong side: never "holds"
+    assert claims.less(0.6, [-0.2, 0.45], 0.5) == NOT_REPRODUCED
+    with pytest.raises(ValueError, match="no-effect line"):
+        claims.greater(-0.1, [0.1, 0.2], 0.0, none=0.5)
     assert claims.weakest([HOLDS, DIRECTION, HOLDS]) == DIRECTION
     assert claims.weakest([HOLDS, NOT_REPRODUCED, DIRECTION]) == NOT_REPRODUCED
 
@@ -105,24 +109,34 @@ def test_conversion_and_compute_verdicts():
     res["evaluations"]["random"] = ev(copy_ - 0.01)  # random new rows cost nothing: the claim fails
     assert claims.measure_conversion(res)[0].verdict == NOT_REPRODUCED
 
+    # units: 0.8 nats is 1.15 bits, above the claimed 1 bit (undivided by ln 2 it would read "direction only")
+    res["evaluations"]["random"] = ev(copy_ + 0.8 + RNG.normal(0, .01, 64))
+    (part,) = claims.measure_conversion(res)
+    assert part.verdict == HOLDS and part.ours.startswith(f"{0.8 / math.log(2):+.3f}"[:5])
+
     f1 = RNG.random((3, 300))
 
     def compute(shift, noise):
+        """The study's pairs of a compute run: blocks at 5e11 = sliding-global at 1e12 + shift (+ noise);
+        the sliding-global name sorts first, so the study holds the pair as 'sliding-global-1e12 vs
+        blocks-5e11' and the claim must turn it round."""
         e = RNG.normal(0, noise, f1.shape)
-        other = f1 + shift + (e - e.mean())  # the paired mean difference is exactly shift
-        v = lambda name, b, s: {"compute": {"variant": name, "budget": b},  # noqa: E731
-                                "finetune": {"qa": {"test": {"per_example": s.tolist()}}}}
-        return {"variants": [v("sliding-global", 1e12, f1), v("blocks", 5e11, other),
-                             v("sliding-global", 5e11, f1 - 0.2), v("blocks", 1e12, f1)]}
-    assert claims.measure_compute(compute(0.0, 0.01))[0].verdict == HOLDS           # the same F1
-    assert claims.measure_compute(compute(-0.2, 0.01))[0].verdict == NOT_REPRODUCED  # 0.2 F1 worse
-    assert claims.measure_compute(compute(0.02, 1.0))[0].verdict == DIRECTION       # close, but noisy
+        tables = {"sliding-global-1e12": f1, "blocks-5e11": f1 + shift + (e - e.mean()),
+                  "sliding-global-5e11": f1 - 0.2, "blocks-1e12": f1}
+        v = lambda name, budget: {"variant": f"{name}-{budget:.0e}".replace("+", ""),  # noqa: E731
+                                  "compute": {"variant": name, "budget": budget}}
+        return {"variants": [v("sliding-global", 1e12), v("blocks", 5e11), v("sliding-global", 5e11), v("blocks", 1e12)],
+                "study": {"columns": {"qa": {"pairwise": stats.pairwise(tables, higher_is_better=True)}}}}
+    (part,) = claims.measure_compute(compute(0.0, 0.01))
+    assert part.verdict == HOLDS                                                        # the same F1
+    (part,) = claims.measure_compute(compute(-0.2, 0.01))
+    assert part.verdict == NOT_REPRODUCED and part.ours.startswith("-0.200")            # 0.2 F1 worse, signed
+    assert claims.measure_compute(compute(0.02, 1.0))[0].verdict == DIRECTION           # close, but noisy
 
 
 def test_study_and_structformer_verdicts_read_the_studys_pairs():
-    qa = {"sliding-global": RNG.random((2, 100))}
-    qa["blocks"] = qa["sliding-global"] - 0.2   # local clearly better than blocks
-    qa["linformer"] = qa["sliding-global"] + 0.2  # local clearly worse than linformer
+    base = RNG.random((2, 100))  # the study keeps pairs in variant order: blocks and linformer before the reference
+    qa = {"blocks": base - 0.2, "linformer": base + 0.2, "sliding-global": base}  # local better / worse
     study = {"reference": "sliding-global", "kendall_tau": {"qa vs listops (LRA, from scratch)": {"tau": 0.1, "ci": [-0.1, 0.3]}},
              "columns": {"qa": {"pairwise": stats.pairwise(qa, higher_is_better=True)}}}
     parts = claims.measure_study({"study": study, "variants": [{"variant": v} for v in ["full", *qa]]})
