@@ -4,7 +4,7 @@ import re
 import pytest
 
 from longctx.tasks.builtin import corpus_splits
-from longctx.tasks.finetune import finetune_config, task_class
+from longctx.train.finetune import finetune_config, task_class
 from longctx.tasks.qa import QATask, check_record
 from longctx.tasks.qa_describe import definitions, describe_records
 

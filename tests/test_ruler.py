@@ -9,7 +9,7 @@ import pytest
 
 from longctx.errors import LongctxError
 from longctx.tasks.builtin import corpus_splits
-from longctx.tasks.finetune import RULER_NAMES, TASK_NAMES, finetune_config, task_class
+from longctx.train.finetune import RULER_NAMES, TASK_NAMES, finetune_config, task_class
 from longctx.tasks.qa import QATask, check_record
 from longctx.tasks.ruler import NOISE, Source, depth_length_heatmap, fit, generate, place
 
@@ -200,7 +200,7 @@ def test_niah_single_is_learned_by_a_tiny_model_above_its_untrained_self(tmp_pat
     exact match on dev, paired with the same model untrained (measured: 0.32 against 0.00)."""
     import torch
 
-    from longctx.tasks.finetune import run_finetune
+    from longctx.train.finetune import run_finetune
 
     cfg = finetune_config("ruler_niah_single", {}, [
         "task.haystack=noise", "task.length=240", "task.doc_stride=32", "task.max_question_tokens=24", "task.train_size=1600", "task.dev_size=100", "task.test_size=100",

@@ -78,7 +78,7 @@ def test_heading_global_takes_auto_true_or_false():
 
     from longctx.errors import LongctxError
     from longctx.tasks.common import task_options
-    from longctx.tasks.finetune import task_class
+    from longctx.train.finetune import task_class
 
     cls = task_class("section_heading")
     for v in ("auto", True, False):

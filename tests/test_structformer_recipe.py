@@ -67,7 +67,7 @@ def test_each_record_asks_for_the_heading_of_the_section_holding_the_sentence(co
 
 
 def _cfg(corpus, tmp_path, **task):
-    from longctx.tasks.finetune import finetune_config
+    from longctx.train.finetune import finetune_config
     return finetune_config("section_heading", {
         "data": {"seq_len": 256, "tokenizer": {"train": "bpe", "vocab_size": 300}},
         "model": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "window": 8,

@@ -10,7 +10,7 @@ import torch
 from longctx.cli import main
 from longctx.errors import LongctxError
 from longctx.tasks import listops
-from longctx.tasks.finetune import finetune_config, task_class
+from longctx.train.finetune import finetune_config, task_class
 
 TINY = ["model.hidden_size=32", "model.num_hidden_layers=1", "model.num_attention_heads=2", "model.window=8",
         "model.max_position_embeddings=256", "data.seq_len=256", "data.tokenizer=bytes", "train.steps=2",

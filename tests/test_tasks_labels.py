@@ -5,7 +5,7 @@ import json
 import pytest
 
 from longctx.cli import main
-from longctx.tasks.finetune import finetune_config, task_class
+from longctx.train.finetune import finetune_config, task_class
 from test_tasks import TINY
 
 

@@ -1,7 +1,7 @@
 """Tiny models learn the built-in tasks above chance within the test budget (through the one trainer)."""
 import pytest
 
-from longctx.tasks.finetune import finetune_config, run_finetune
+from longctx.train.finetune import finetune_config, run_finetune
 
 
 @pytest.mark.slow

@@ -18,7 +18,7 @@ COMMAND_MODULES = [
     "longctx.train.cli",
     "longctx.eval.cli",
     "longctx.eval.analyze_cli",
-    "longctx.tasks.cli",
+    "longctx.train.finetune_cli",
     "longctx.corpora.cli",
     "longctx.bench.cli",
     "longctx.convert.cli",

@@ -39,7 +39,7 @@ def check_spec(spec, base: dict, finetune: dict | None) -> dict:
         raise LongctxError(f"compute.{unit} must be a list of distinct positive budgets, got {budgets!r}")
     if base["train"].get("budget"):
         raise LongctxError("the compute section sets each run's budget: remove train.budget from base")
-    from longctx.tasks.finetune import task_class
+    from longctx.train.finetune import task_class
     scratch = [t for t in finetune or {} if task_class(t).from_scratch]
     if scratch:
         raise LongctxError(f"finetune task(s) {', '.join(scratch)} train from scratch, which no pretraining budget "

@@ -43,7 +43,7 @@ SPEC_KEYS = ("model", "data", "train", "task", "seeds", "lr", "grid_seeds")
 
 
 def check_spec(spec) -> dict:
-    from longctx.tasks.finetune import TASK_NAMES, task_class
+    from longctx.train.finetune import TASK_NAMES, task_class
     from longctx.train.config import _check_tree
 
     if not isinstance(spec, dict) or not spec:
@@ -99,14 +99,14 @@ def split_variant_sets(name: str, sets: dict) -> tuple[dict, dict]:
 
 def task_sets_for(task_name: str, task_sets: dict) -> dict:
     """The variant's finetuning settings that ``task_name`` has (global_tokens for every task)."""
-    from longctx.tasks.finetune import task_class
+    from longctx.train.finetune import task_class
     return {k: v for k, v in task_sets.items() if k == "global_tokens" or k in task_class(task_name).OPTIONS}
 
 
 def check_variant_task_options(name: str, task_sets: dict, spec: dict) -> None:
     """Each finetune task's options with the variant's settings, checked before any run starts."""
     from longctx.tasks.common import task_options
-    from longctx.tasks.finetune import task_class
+    from longctx.train.finetune import task_class
     for task_name, tspec in spec.items():
         try:
             task_options(task_class(task_name), {**((tspec or {}).get("task") or {}), **task_sets_for(task_name, task_sets)})
@@ -117,7 +117,7 @@ def check_variant_task_options(name: str, task_sets: dict, spec: dict) -> None:
 def variant_config(task_name: str, spec: dict, variant_cfg: dict, task_sets: dict, model_dir: Path) -> dict:
     """The finetuning config of one task for one pretrained run (``variant_cfg``: its pretraining config,
     whose seed and data seed the finetuning takes); ``spec`` without ``seeds`` and ``lr``."""
-    from longctx.tasks.finetune import deep_merge, finetune_config, task_class
+    from longctx.train.finetune import deep_merge, finetune_config, task_class
 
     scratch = task_class(task_name).from_scratch
     raw = deep_merge({"seed": variant_cfg["seed"], "name": f"{variant_cfg['name']}-{task_name}"}, spec)
@@ -146,7 +146,7 @@ def plan(variant: dict, pretrained: list, spec: dict, task_sets: dict, chosen: d
     first ``grid_seeds`` pretraining seeds only (default: all). With ``chosen`` ({task: lr}, read off those
     runs' dev scores by ``choose_lr``): the chosen point on the remaining seeds of each task with a grid."""
     from longctx.experiments.runs import Run, fingerprint
-    from longctx.tasks.finetune import task_class
+    from longctx.train.finetune import task_class
 
     runs = []
     for task_name, tspec in spec.items():

@@ -170,7 +170,7 @@ def main(argv=None) -> int:
         signal.signal(signal.SIGUSR1, signal.default_int_handler)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
         if task:
-            from longctx.tasks.finetune import run_finetune
+            from longctx.train.finetune import run_finetune
             run_finetune(cfg, task, out_dir, resume=True, progress=not quiet)
         else:
             from longctx.train.loop import pretrain

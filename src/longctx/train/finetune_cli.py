@@ -5,7 +5,7 @@ from pathlib import Path
 
 
 def run(args) -> int:
-    from longctx.tasks.finetune import finetune_config, run_finetune, summary_line
+    from longctx.train.finetune import finetune_config, run_finetune, summary_line
     from longctx.io import load_yaml
 
     cfg = finetune_config(args.task, load_yaml(args.config) if args.config else {}, args.overrides, args.init_from)
@@ -17,7 +17,7 @@ def run(args) -> int:
 
 
 def register(sub) -> None:
-    from longctx.tasks.finetune import TASK_NAMES
+    from longctx.train.finetune import TASK_NAMES
 
     p = sub.add_parser("finetune", help="finetune on a downstream task (QA, classification, LRA-style)",
                        description="Finetune a saved model (--init-from) or train from scratch on a task: "
