@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -108,6 +109,24 @@ def publish_dir(final: str | os.PathLike, replace: bool = True, prefix: str | No
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def yaml_value(text: str):
+    """``text`` parsed as YAML, with YAML 1.2's numbers: ``1e-3`` is the float 0.001 (YAML 1.1, PyYAML's
+    default, reads it as the string '1e-3', so ``lr: 1e-3`` would be refused as not a number)."""
+    import yaml
+
+    global _LOADER
+    if _LOADER is None:
+        class Loader(yaml.SafeLoader):
+            pass
+        Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(
+            r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+        _LOADER = Loader
+    return yaml.load(text, Loader=_LOADER)
+
+
+_LOADER = None
+
+
 def load_yaml(path: str | os.PathLike, what: str = "config file", hint: str = "") -> dict:
     """A YAML file's top-level mapping (an empty file: ``{}``); a missing file, text that is not UTF-8,
     bad YAML or a top level that is not a mapping is a one-sentence ``LongctxError`` naming ``what``
@@ -118,7 +137,7 @@ def load_yaml(path: str | os.PathLike, what: str = "config file", hint: str = ""
     if not p.is_file():
         raise LongctxError(f"{what} {p} does not exist{hint}")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = yaml_value(p.read_text(encoding="utf-8"))
     except UnicodeDecodeError as e:
         raise LongctxError(f"{what} {p} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     except yaml.YAMLError as e:

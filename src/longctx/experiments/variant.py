@@ -1,29 +1,36 @@
-"""One run of a comparison in its own process: a variant's pretraining
-(``python -m longctx.experiments.variant CFG.json DIR``) or one of its finetunings (``... --task NAME``).
+"""One run of a comparison in its own process: a variant's pretraining or one of its finetunings.
 
-Every run starts from a fresh interpreter, so what it computes cannot depend on what ran before it in the
-comparison (which variants were trained, skipped as finished, or resumed: the state of allocators,
-loaded kernels, caches and random generators), and its peak memory is its own.
+Every run is a process forked from a zygote that has imported torch, transformers and longctx's trainer
+and done nothing else (multiprocessing's forkserver with those modules preloaded; started once per
+driver process, then each run starts in a fraction of a second instead of the seconds an interpreter
+spends importing). What a run computes cannot depend on what ran before it in the comparison (which
+variants were trained, skipped as finished, or resumed: the state of allocators, loaded kernels, caches
+and random generators), since the zygote never runs any of it, and its peak memory is its own. The
+driver's environment at the start of each run is the run's environment (the zygote's, taken when it
+started, is replaced), and its output goes to the driver's stderr at that moment or to the run's log.
 
 Resumes from DIR's last checkpoint if there is one. A user error is written to DIR/error.txt (the
 parent reports it) and the exit code is 2.
 
-Ctrl-C is the parent's to pass on. The terminal sends SIGINT to the parent and the child alike; the child
-ignores it and stops on the parent's SIGUSR1 instead, so that it is told once: it finishes its step,
+Ctrl-C is the parent's to pass on. The terminal sends SIGINT to the parent, the zygote and the child
+alike; the zygote and the child ignore it (the zygote is started with SIGINT ignored, which its children
+keep) and the child stops on the parent's SIGUSR1 instead, so that it is told once: it finishes its step,
 saves a checkpoint and exits with 130 while the parent waits for it (``subprocess.run`` would kill it
 0.25 s after the interrupt, before a long step or a large checkpoint is done). A second Ctrl-C kills
-the child.
+the child. SIGUSR1 stays blocked from the fork until the child has its handler, so that an early
+request is taken, not fatal.
 """
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from multiprocessing import reduction
 from pathlib import Path
 
 from longctx.errors import LongctxError
@@ -39,12 +46,6 @@ class Child:
     task: str | None = None
 
 
-def run_isolated(cfg: dict, out_dir: Path, progress: bool, task: str | None = None) -> dict:
-    """Run ``cfg`` (pretraining, or finetuning on ``task``) in a child process; its results.json."""
-    what = f"finetuning {cfg['name']!r} on {task}" if task else f"variant {cfg['name']!r}"
-    return run_children([Child(cfg, out_dir, what, task)], 1, progress)[0]
-
-
 def run_children(children: list[Child], jobs: int, progress: bool) -> list[dict]:
     """Each child's results.json, in order, with up to ``jobs`` children at once.
 
@@ -52,7 +53,7 @@ def run_children(children: list[Child], jobs: int, progress: bool) -> list[dict]
     ``log.txt`` in its folder, this process prints a line as each starts and ends, and each child gets
     ``cores // jobs`` threads (unless OMP_NUM_THREADS is set): on a small CPU model two single-thread runs
     side by side do more work than one run on two threads. A child's failure stops new starts; the running
-    ones finish, then it is raised. Ctrl-C asks every running child to save a checkpoint (``wait_for_child``)."""
+    ones finish, then it is raised. Ctrl-C asks every running child to save a checkpoint (``stop_children``)."""
     results: list[dict | None] = [None] * len(children)
     queue, running, failed = list(enumerate(children)), {}, None
     try:
@@ -80,31 +81,79 @@ def run_children(children: list[Child], jobs: int, progress: bool) -> list[dict]
     return results
 
 
-def _start(child: Child, jobs: int, progress: bool) -> subprocess.Popen:
+# what the zygote imports once for every run (and nothing else: no computation, no threads)
+PRELOAD = ["torch", "transformers", "longctx.train.loop", "longctx.train.finetune"]
+
+
+def _context():
+    """The forkserver context with PRELOAD (spawn where the platform has no forkserver: slower, the same)."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
+    return ctx
+
+
+class _Fd:
+    """A file descriptor handed to the child (sent over the zygote's socket, as multiprocessing sends a
+    connection's); the child receives it as an int."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def __reduce__(self):
+        return _received_fd, (reduction.DupFd(self.fd),)
+
+
+def _received_fd(dup) -> int:
+    return dup.detach()
+
+
+class Run:
+    """A started child: ``poll()`` / ``returncode`` (None while it runs), ``wait()``, ``send_signal``, ``kill``."""
+
+    def __init__(self, process):
+        self.process = process
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.exitcode
+
+    def poll(self) -> int | None:
+        return self.process.exitcode
+
+    def wait(self) -> int:
+        self.process.join()
+        return self.process.exitcode
+
+    def send_signal(self, sig: int) -> None:
+        if self.process.exitcode is None:
+            os.kill(self.process.pid, sig)
+
+    def kill(self) -> None:
+        self.process.kill()
+
+
+def _start(child: Child, jobs: int, progress: bool) -> Run:
     out_dir = child.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", suffix=".json", dir=out_dir, prefix=".tmp-cfg-", delete=False) as f:
         json.dump(child.cfg, f)
-    cmd = [sys.executable, "-m", "longctx.experiments.variant", f.name, str(out_dir)]
-    cmd += ["--task", child.task] if child.task else []
+    argv = [f.name, str(out_dir)] + (["--task", child.task] if child.task else [])
     (out_dir / "error.txt").unlink(missing_ok=True)
-    env = None
+    env = dict(os.environ)
     if jobs == 1:
-        out = sys.stderr if progress else subprocess.DEVNULL
-        cmd += [] if progress else ["--quiet"]
+        out = os.dup(sys.stderr.fileno()) if progress else os.open(os.devnull, os.O_WRONLY)
+        argv += [] if progress else ["--quiet"]
     else:
-        out = open(out_dir / "log.txt", "a")
-        env = dict(os.environ)
+        out = os.open(out_dir / "log.txt", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
         if progress:
             print(f"  start: {child.what}", file=sys.stderr, flush=True)
     try:
-        proc = start_child(cmd, stdout=out, stderr=subprocess.STDOUT if jobs > 1 else (None if progress else out),
-                           env=env)
+        return start_child(argv, env, out)
     finally:
-        if jobs > 1:
-            out.close()  # the child holds its own copy
-    return proc
+        os.close(out)  # the child holds its own copy
 
 
 def _collect(child: Child, returncode: int) -> dict:
@@ -116,26 +165,34 @@ def _collect(child: Child, returncode: int) -> dict:
     return json.loads((child.out_dir / "results.json").read_text())
 
 
-def start_child(cmd: list[str], **popen_args) -> subprocess.Popen:
-    """``cmd`` started with the terminal's SIGINT ignored and SIGUSR1 held until the child takes it
-    (``main``), so that an interrupt sent during its imports is not lost: the ignored disposition and the
-    signal mask pass through exec (set here around the start, not in a preexec_fn, which is unsafe with
-    threads)."""
+def start_child(argv: list[str], env: dict, out: int) -> Run:
+    """``main(argv)`` in a child forked from the zygote, with ``env`` as its environment and ``out`` as its
+    stdout and stderr. SIGINT is ignored and SIGUSR1 blocked around the start, so that the zygote (started
+    by the first call) is born with them and its children inherit them until ``main`` takes SIGUSR1."""
     old = signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
     try:
-        return subprocess.Popen(cmd, **popen_args)
+        process = _context().Process(target=_child_main, args=(argv, env, _Fd(out)), name="longctx-run")
+        process.start()
+        return Run(process)
     finally:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
         signal.signal(signal.SIGINT, old)
 
 
-def wait_for_child(proc: subprocess.Popen, what: str) -> int:
-    """The exit code of ``proc`` (started by ``start_child``); on Ctrl-C, ``stop_children``."""
-    try:
-        return proc.wait()
-    except KeyboardInterrupt:
-        stop_children([proc], what)
+def _child_main(argv: list[str], env: dict, out: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # also where the platform spawns instead of forking
+    os.environ.clear()
+    os.environ.update(env)
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+    os.close(out)
+    threads = env.get("OMP_NUM_THREADS")
+    if threads and threads.isdigit() and int(threads) > 0:
+        import torch
+        torch.set_num_threads(int(threads))
+    sys.stdout.flush()
+    sys.exit(main(argv))
 
 
 def stop_children(procs: list, what: str) -> None:
@@ -157,8 +214,8 @@ def stop_children(procs: list, what: str) -> None:
     raise KeyboardInterrupt
 
 
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+def main(argv: list[str]) -> int:
+    """The run ``argv`` names (CFG.json DIR [--task NAME] [--quiet]); its exit code."""
     cfg_path, out_dir = argv[0], Path(argv[1])
     quiet = "--quiet" in argv
     task = argv[argv.index("--task") + 1] if "--task" in argv else None
@@ -182,7 +239,3 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         return 130
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""Experiment configs: YAML files (read with yaml.safe_load) checked against typed declarations, with
+"""Experiment configs: YAML files (read with ``io.yaml_value``: safe, YAML 1.2 numbers) checked against typed declarations, with
 command-line overrides written ``section.key=value`` (the value is parsed as YAML: ``train.steps=200``,
 ``model.window=[32,64]``, ``data.corpus=my_docs/``).
 
@@ -399,7 +399,7 @@ def parse_overrides(items: list[str]) -> dict:
             raise LongctxError(f"override {item!r} is not of the form section.key=value")
         name, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = io.yaml_value(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
         node = out
