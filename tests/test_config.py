@@ -255,3 +255,12 @@ def test_bench_takes_attention_window_and_refuses_the_old_window(tmp_path, capsy
     from longctx.bench import attention, train
     assert "attention_window" in attention.DEFAULTS and "window" not in attention.DEFAULTS
     assert "attention_window" in train.DEFAULTS and "window" not in train.DEFAULTS
+
+
+def test_numbers_in_scientific_notation_are_numbers_in_overrides_and_files(tmp_path):
+    """YAML 1.1 (PyYAML's default) reads 1e-3 as a string; configs and overrides read it as 0.001."""
+    assert C.parse_overrides(["train.lr=1e-3", "finetune.qa.lr=[1e-3, 3E-4]", "data.corpus=1e3x"]) == {
+        "train": {"lr": 0.001}, "finetune": {"qa": {"lr": [0.001, 0.0003]}}, "data": {"corpus": "1e3x"}}
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  lr: 2e-4\n")
+    assert C.resolve(C.load_yaml(f))["train"]["lr"] == 0.0002

@@ -151,7 +151,7 @@ def _start(child: Child, jobs: int, progress: bool) -> Run:
         if progress:
             print(f"  start: {child.what}", file=sys.stderr, flush=True)
     try:
-        return start_child(argv, env, out)
+        return start_child(main, argv, env, out)
     finally:
         os.close(out)  # the child holds its own copy
 
@@ -165,14 +165,14 @@ def _collect(child: Child, returncode: int) -> dict:
     return json.loads((child.out_dir / "results.json").read_text())
 
 
-def start_child(argv: list[str], env: dict, out: int) -> Run:
-    """``main(argv)`` in a child forked from the zygote, with ``env`` as its environment and ``out`` as its
+def start_child(target, argv: list[str], env: dict, out: int) -> Run:
+    """``target(argv)`` (its return value the exit code) in a child forked from the zygote, with ``env`` as its environment and ``out`` as its
     stdout and stderr. SIGINT is ignored and SIGUSR1 blocked around the start, so that the zygote (started
     by the first call) is born with them and its children inherit them until ``main`` takes SIGUSR1."""
     old = signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
     try:
-        process = _context().Process(target=_child_main, args=(argv, env, _Fd(out)), name="longctx-run")
+        process = _context().Process(target=_child_main, args=(target, argv, env, _Fd(out)), name="longctx-run")
         process.start()
         return Run(process)
     finally:
@@ -180,7 +180,7 @@ def start_child(argv: list[str], env: dict, out: int) -> Run:
         signal.signal(signal.SIGINT, old)
 
 
-def _child_main(argv: list[str], env: dict, out: int) -> None:
+def _child_main(target, argv: list[str], env: dict, out: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # also where the platform spawns instead of forking
     os.environ.clear()
     os.environ.update(env)
@@ -191,8 +191,7 @@ def _child_main(argv: list[str], env: dict, out: int) -> None:
     if threads and threads.isdigit() and int(threads) > 0:
         import torch
         torch.set_num_threads(int(threads))
-    sys.stdout.flush()
-    sys.exit(main(argv))
+    sys.exit(target(argv))
 
 
 def stop_children(procs: list, what: str) -> None:
