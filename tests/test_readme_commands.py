@@ -1,63 +1,29 @@
-"""The README's `longctx eval` command lines run exactly as printed (on tiny stand-in models saved where
-the LeX recipe would put its models)."""
-import json
+"""Every `longctx ...` command printed in README.md and docs/*.md, in a bash block or quoted in the prose,
+names real subcommands and flags, and its KEY=VALUE overrides pass the config checks of its command.
+(tests/test_docs_commands.py runs the bash blocks' commands; this checks the prose's too, in a second.)"""
 import re
 import shlex
 from pathlib import Path
 
 import pytest
-import torch
-
-from longctx.cli import main
-from longctx.models import LongctxConfig, LongctxForCausalLM
 
 ROOT = Path(__file__).parents[1]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
-def readme_eval_lines() -> list[str]:
-    """Every `longctx eval` line of a README code block that names a model folder under runs/."""
-    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
-    return [line.strip() for b in blocks for line in b.splitlines() if line.strip().startswith("longctx eval runs/")]
-
-
-def test_the_readme_has_eval_examples():
-    lines = readme_eval_lines()
-    assert len(lines) >= 2 and any("--blockwise" in line for line in lines) and any("--config" in line for line in lines)
-
-
-@pytest.mark.parametrize("line", readme_eval_lines())
-def test_readme_eval_line_runs_as_printed(line, tmp_path, monkeypatch, capsys):
-    argv = shlex.split(line, comments=True)[1:]
-    folder = Path(argv[1])  # runs/lex/<position>/model
-    torch.manual_seed(0)
-    model = LongctxForCausalLM(LongctxConfig(vocab_size=261, hidden_size=16, num_hidden_layers=1,
-                                             num_attention_heads=2, causal=True, norm="pre",
-                                             position=folder.parent.name, attention="full",
-                                             max_position_embeddings=1024))
-    model.save_pretrained(tmp_path / folder)
-    (tmp_path / folder.parent / "results.json").write_text(json.dumps({"seq_len": 128}))
-    (tmp_path / folder.parent / "run_config.json").write_text(json.dumps(  # as `compare` writes it
-        {"data": {"corpus": "default", "tokenizer": "bytes", "seq_len": 128}}))
-    (tmp_path / "configs").symlink_to(ROOT / "configs")
-    monkeypatch.chdir(tmp_path)
-    assert main(argv) == 0, capsys.readouterr().err[-2000:]
-    out = capsys.readouterr().out
-    lengths = [int(n) for n in argv[argv.index("--lengths") + 1].split(",")]
-    assert [int(m) for m in re.findall(r"^length +(\d+):", out, re.M)] == lengths
-    if "--blockwise" in argv:
-        assert "blocks of 64" in out  # half the training length
-
-
-def readme_command_lines() -> list[str]:
-    """Every `longctx ...` line of the README's bash blocks (continuations joined)."""
-    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
-    lines = []
-    for b in blocks:
-        for line in b.replace("\\\n", " ").splitlines():
-            line = line.strip()
-            if line.startswith("longctx "):
-                lines.append(line)
-    return lines
+def printed_commands() -> list[tuple[str, str]]:
+    """(file name, command): bash-block lines (continuations joined) and `longctx ...` code spans in prose."""
+    out = []
+    for doc in DOCS:
+        text = doc.read_text()
+        for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+            for line in block.replace("\\\n", " ").splitlines():
+                line = re.sub(r"\s+", " ", line.strip())
+                if line.startswith("longctx "):
+                    out.append((doc.name, line))
+        prose = re.sub(r"```.*?```", "", text, flags=re.S).replace("\n", " ")
+        out += [(doc.name, re.sub(r"\s+", " ", m)) for m in re.findall(r"`(longctx [^`]+)`", prose)]
+    return out
 
 
 def _is_synopsis(line: str) -> bool:
@@ -66,25 +32,49 @@ def _is_synopsis(line: str) -> bool:
     return bool(re.search(r" \[|\.\.\.|\|| [A-Z][A-Z_]{2,}\b", code))
 
 
-@pytest.mark.parametrize("line", [l for l in readme_command_lines() if not _is_synopsis(l)])
-def test_readme_command_line_parses_as_printed(line):
-    """Commands printed without placeholders name real subcommands and flags (argparse exits 2 on any
-    unknown one); their KEY=VALUE overrides are accepted by the config checks where the command has them."""
+def test_the_docs_print_commands_in_blocks_and_prose():
+    found = printed_commands()
+    assert len({d for d, _ in found}) >= 8 and len(found) >= 80
+
+
+@pytest.mark.parametrize("line", sorted({l for _, l in printed_commands() if not _is_synopsis(l)}))
+def test_printed_command_parses_and_its_overrides_check(line):
+    """argparse exits 2 on an unknown subcommand or flag; overrides go through the command's own checks."""
     from longctx.cli import build_parser
     argv = shlex.split(line, comments=True)[1:]
+    if all(not w.startswith("-") and "=" not in w and "/" not in w for w in argv) and len(argv) <= 2:
+        return _names_a_command(argv)  # prose naming a command (`longctx claims`), not a command line
     args = build_parser().parse_args(argv)
     assert callable(getattr(args, "func", None)), line
+    overrides = getattr(args, "overrides", None) or []
+    if any(o.startswith("init_from=") for o in overrides):
+        return  # the saved model sets its limits: test_docs_commands runs it after making that model
     if args.command == "pretrain":
         from longctx.train.config import load_yaml, resolve
-        resolve(load_yaml(ROOT / args.config) if args.config else {}, args.overrides)
+        resolve(load_yaml(ROOT / args.config) if args.config else {}, overrides)
     elif args.command == "compare":
         from longctx.experiments.compare import load_comparison
-        load_comparison(ROOT / args.config if args.config else None, args.overrides)
+        load_comparison(ROOT / args.config if args.config else None, overrides)
+    elif args.command == "finetune" and not args.init_from:
+        from longctx.io import load_yaml
+        from longctx.train.finetune import finetune_config
+        finetune_config(args.task, load_yaml(ROOT / args.config) if args.config else {}, overrides, None)
 
 
-def test_readme_synopses_name_real_subcommands():
+def _names_a_command(words: list[str]) -> None:
+    from longctx.cli import build_parser
+    parser = build_parser()
+    for word in words:
+        sub = next((a for a in parser._actions if a.choices and not a.option_strings), None)
+        assert sub is not None and word in sub.choices, f"longctx {' '.join(words)}: {word!r} is not a command"
+        if not isinstance(sub.choices, dict):  # `claims table`: a positional's choice, the last word
+            break
+        parser = sub.choices[word]
+
+
+def test_synopses_name_real_subcommands():
     from longctx.cli import build_parser
     parser = build_parser()
     sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
-    for line in readme_command_lines():
+    for _, line in printed_commands():
         assert line.split()[1] in sub.choices, line

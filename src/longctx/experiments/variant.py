@@ -143,7 +143,7 @@ def _start(child: Child, jobs: int, progress: bool) -> Run:
     (out_dir / "error.txt").unlink(missing_ok=True)
     env = dict(os.environ)
     if jobs == 1:
-        out = os.dup(sys.stderr.fileno()) if progress else os.open(os.devnull, os.O_WRONLY)
+        out = os.dup(_stderr_fd()) if progress else os.open(os.devnull, os.O_WRONLY)
         argv += [] if progress else ["--quiet"]
     else:
         out = os.open(out_dir / "log.txt", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -163,6 +163,14 @@ def _collect(child: Child, returncode: int) -> dict:
         why = error_file.read_text().strip() if error_file.exists() else f"exit code {returncode}"
         raise LongctxError(f"{child.what} failed: {why}")
     return json.loads((child.out_dir / "results.json").read_text())
+
+
+def _stderr_fd() -> int:
+    """The file descriptor behind sys.stderr; 2 where sys.stderr is not a file (a test's capture)."""
+    try:
+        return sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError
+        return 2
 
 
 def start_child(target, argv: list[str], env: dict, out: int) -> Run:
