@@ -198,3 +198,63 @@ def test_progress_delay_keeps_short_jobs_silent(capsys):
     with Progress(total=3, desc="tokenising", stream=sys.stdout, interval=0, delay=60) as bar:
         bar.update(3)
     assert capsys.readouterr().out == ""
+
+
+def _tick_labels(monkeypatch):
+    """Record each saved figure's axes' tick labels (drawn, as a reader sees them) before it is closed."""
+    import longctx.plots as plots
+
+    seen = []
+    real = plots.save
+
+    def save(fig, path, dpi=100):
+        fig.canvas.draw()
+        seen.append([([t.get_text() for t in ax.get_xticklabels()], [t.get_text() for t in ax.get_yticklabels()],
+                      ax.get_title()) for ax in fig.axes])
+        return real(fig, path, dpi)
+
+    monkeypatch.setattr(plots, "save", save)
+    return seen
+
+
+def test_attention_heatmaps_label_layers_and_heads_at_their_cells(tmp_path, monkeypatch):
+    """Issue 30: with one layer the heatmaps' layer axis read -0.4, -0.2, 0.0, 0.2, 0.4 (imshow's ticks);
+    now one tick per layer, named as analysis.md and the report name it (from 0), one per head."""
+    from longctx.eval.analysis import METRICS, plot_analysis
+
+    def res(layers, heads):
+        return {"distance_bins": [0, 1, 2, 4], "layers": [{"layer": i, "heads": [
+            {**{m: 0.1 * h + 0.01 * i for m in METRICS}, "distance_profile": [0.5, 0.3, 0.2]} for h in range(heads)]}
+            for i in range(layers)]}
+
+    seen = _tick_labels(monkeypatch)
+    plot_analysis({"a": res(1, 4), "b": res(1, 4)}, tmp_path)
+    heatmaps = [ax for ax in seen[0] if ax[2]]  # the colour bars have no title
+    assert len(heatmaps) == 2 * len(METRICS)
+    for x, y, _ in heatmaps:
+        assert y == ["layer 0"] and x == ["0", "1", "2", "3"]
+    seen.clear()
+    plot_analysis({"a": res(3, 2)}, tmp_path)
+    assert all(y == ["layer 0", "layer 1", "layer 2"] and x == ["0", "1"] for x, y, t in seen[0] if t)
+    assert [t for _, _, t in seen[1]] == ["layer 0", "layer 1", "layer 2"]  # the distance plot: the same names
+
+
+def test_score_vs_compute_ticks_are_the_runs_flops(tmp_path, monkeypatch):
+    """Issue 30: FLOPs spanning less than a power of 2 showed one tick, "2^36", on the log x axis; now
+    ticks at the runs' FLOPs in plain scientific notation (close ones thinned so labels do not overlap)."""
+    from longctx.experiments import compute
+    from longctx.plots import data_ticks, sci
+
+    results = []
+    for variant, flops in (("sliding", (7.0e10, 1.1e11)), ("blocks", (7.1e10, 1.12e11))):
+        for budget, f in zip((1, 2), flops):
+            results.append({"compute": {"variant": variant, "budget": budget}, "train_flops": f, "eval": {"loss": 5.0},
+                            "finetune": {"qa": {"metric": "f1", "from_scratch": False,
+                                                "test": {"f1": 0.3, "f1_ci": [0.25, 0.35]}}}})
+    seen = _tick_labels(monkeypatch)
+    (png,) = compute.plots(results, tmp_path)
+    assert png.name == "qa_vs_compute.png"
+    (x, _, _), = seen[0]
+    assert x == ["7e10", "1.1e11"]
+    assert sci(6.9e10) == "6.9e10" and sci(1.31e11) == "1.3e11" and sci(300.0) == "300"
+    assert data_ticks([1.0, 1.01, 2.0, 4.0], log=True) == [1.0, 2.0, 4.0]
