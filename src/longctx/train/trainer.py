@@ -489,7 +489,7 @@ class Trainer:
             with publish_dir(self.out / "model", prefix=".tmp-model-") as tmp:
                 self.unwrapped.save_pretrained(tmp)
                 if self.task.tokenizer is not None and hasattr(self.task.tokenizer, "save"):
-                    self.task.tokenizer.save(tmp)
+                    save_tokenizer(self.task.tokenizer, tmp, self.unwrapped.config)
                 fault_point("finish.model")
             plot_losses(read_jsonl(self.out / "metrics.jsonl"), self.out / "loss.png")
             fault_point("finish.plot")
@@ -555,6 +555,18 @@ def plot_losses(rows: list[dict], png: Path) -> Path:
         series.append({"x": [r["step"] for r in ev], "y": [r["loss"] for r in ev], "style": "o-",
                        "label": "held-out", "color": "C1"})
     return line_figure(png, series, "step", "loss", figsize=(6, 4))
+
+
+def save_tokenizer(tokenizer, folder: Path, model_config) -> None:
+    """The tokenizer saved beside its model with ``model_max_length`` the model's positions
+    (``max_position_embeddings``: the learned or sinusoidal table's length, and the length relative-position
+    models are declared for), not "no limit"; a task's own tokenizer class without ``max_length`` as it saves."""
+    import inspect
+
+    if "max_length" in inspect.signature(tokenizer.save).parameters:
+        tokenizer.save(folder, max_length=int(model_config.max_position_embeddings))
+    else:
+        tokenizer.save(folder)
 
 
 def train(cfg: dict, task, out_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:
