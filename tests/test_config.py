@@ -264,3 +264,74 @@ def test_numbers_in_scientific_notation_are_numbers_in_overrides_and_files(tmp_p
     f = tmp_path / "c.yaml"
     f.write_text("train:\n  lr: 2e-4\n")
     assert C.resolve(C.load_yaml(f))["train"]["lr"] == 0.0002
+
+
+def _comparison_listing(capsys, *args) -> dict[str, list[str]]:
+    """`config show --config COMPARISON`: {key: [type, value, help]} (columns split on two spaces)."""
+    import re
+    assert main(["config", "show", *args]) == 0
+    out = {}
+    for line in capsys.readouterr().out.splitlines():
+        if line and not line.startswith("#"):
+            key, kind, value, help_ = re.split(r"\s{2,}", line, maxsplit=3)
+            out[key] = [kind, value, help_]
+    return out
+
+
+def test_config_show_lists_a_comparisons_keys(capsys):
+    """Issue 30: a comparison config (``variants:``) is listed key by key under the names `longctx compare`
+    overrides use: its own keys, the base keys with the values it gives them, each finetuning task's keys
+    and the task's own ``task.*`` options (set ones and defaults)."""
+    import json
+
+    from longctx.experiments.compare import default_config_path
+    from longctx.tasks.common import COMMON_OPTIONS
+    from longctx.train.finetune import task_class
+
+    rows = _comparison_listing(capsys, "--config", str(default_config_path()))
+    value = {k: json.loads(v[1]) for k, v in rows.items() if not k.startswith("variants.") and v[1] != "-"}
+    assert value["seeds"] == [0, 1, 2, 3, 4] and value["reference"] == "sliding-global" and value["jobs"] == 2
+    # base keys: the comparison's values, not the defaults (train.steps 100, hidden_size 128)
+    assert value["train.steps"] == 150 and value["model.hidden_size"] == 64 and value["data.seq_len"] == 256
+    assert value["train.log_every"] == 25 and value["model.window"] == 16
+    assert "set by the variants" in rows["model.attention"][2] and "blocks" in rows["model.attention"][2]
+    assert "set by the variants" not in rows["train.lr"][2]
+    assert rows["variants.linformer"][1] == 'model.attention={"type": "linformer", "k": 64}, task.global_tokens="none"'
+    # finetune.<task>.*: the comparison's own keys, the sections and every task option
+    assert value["finetune.qa.lr"] == [1.0e-3, 3.0e-3] and value["finetune.qa.grid_seeds"] == 1
+    assert value["finetune.qa.train.steps"] == 400 and value["finetune.qa.data.seq_len"] == 128
+    assert value["finetune.qa.train.log_every"] == 10  # not set: the default
+    for task in ("qa", "listops"):
+        for option, default in {**COMMON_OPTIONS, **task_class(task).OPTIONS}.items():
+            assert f"finetune.{task}.task.{option}" in rows, (task, option)
+    assert value["finetune.qa.task.context_chars"] == 500  # set by the comparison (QA's default: 6000)
+    assert value["finetune.qa.task.far_fraction"] == 0.5  # QA's default, not set
+    assert value["finetune.qa.task.global_tokens"] == "question" and "sliding" in rows["finetune.qa.task.global_tokens"][2]
+    assert value["finetune.listops.task.max_depth"] == 3 and value["finetune.listops.task.global_tokens"] == "first"
+    assert value["finetune.listops.model.max_position_embeddings"] == 512
+    assert rows["finetune.qa.task.doc_stride"][0] == "int" and rows["finetune.qa.task.doc_stride"][2]  # typed, helped
+    assert "name" in rows and value["name"] == "default"  # the comparison's name, not base's "run"
+
+
+def test_config_show_comparison_takes_overrides_and_every_shipped_comparison(capsys):
+    root = Path(__file__).resolve().parent.parent / "configs"
+    rows = _comparison_listing(capsys, "--config", str(root / "structformer.yaml"), "seeds=2", "train.steps=9",
+                               "finetune.section_heading.task.context_chars=900")
+    assert rows["seeds"][1] == "[0, 1]" and rows["train.steps"][1] == "9"
+    assert rows["finetune.section_heading.task.context_chars"][1] == "900"
+    assert rows["finetune.section_heading.task.heading_global"][0] == "str | bool"
+    assert "text-only+ft-headings: true" in rows["finetune.section_heading.task.heading_global"][2]
+    assert rows["analysis.max_docs"][1] == "16" and rows["data.corpus"][1] == '"texdoc"'
+    rows = _comparison_listing(capsys, "--config", str(root / "lex-extrapolation.yaml"))
+    assert rows["objective"][1] == '"clm"' and rows["extrapolation.tokens"][1] == "1024"
+    assert rows["extrapolation.multiples"][1] == "[1, 2, 4, 8]" and not any(k.startswith("finetune.") for k in rows)
+    rows = _comparison_listing(capsys, "--config", str(root / "compute-blocks-vs-longformer.yaml"))
+    assert rows["compute.flops"][1] == "[500000000000.0, 1000000000000.0]"
+    assert sorted(k for k in rows if k.startswith("variants.")) == ["variants.blocks", "variants.sliding-global"]
+    assert rows["reference"][1] == '"sliding-global"'
+    # a listed key is an override `longctx compare` takes, and the listing shows what it set
+    from longctx.experiments.compare import load_comparison
+    comp = load_comparison(root / "compute-blocks-vs-longformer.yaml", ["finetune.qa.task.max_chunks=77"])
+    assert comp["finetune"]["qa"]["task"]["max_chunks"] == 77
+    assert main(["config", "show", "--config", str(root / "structformer.yaml"), "seeds=0"]) == 2  # checked as compare
+    assert "seeds" in capsys.readouterr().err

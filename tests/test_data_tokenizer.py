@@ -161,3 +161,45 @@ def test_a_training_that_loses_the_race_to_the_cache_uses_the_cached_tokenizer(d
     got = load_tokenizer(spec, documents=docs, cache_dir=tmp_path)
     assert got.fingerprint() == winner.fingerprint()
     assert load_tokenizer(spec, documents=docs, cache_dir=tmp_path).fingerprint() == winner.fingerprint()
+
+
+def test_a_tokenizer_saved_with_a_model_carries_its_positions(tmp_path):
+    """Issue 30: tokenizer_config.json said model_max_length 1e9 (AutoTokenizer then never warned of a
+    too-long input); saved beside a model, it is the model's max_position_embeddings."""
+    import json
+    from types import SimpleNamespace
+
+    from longctx.data.tokenizer import ByteTokenizer
+    from longctx.train.trainer import save_tokenizer
+
+    save_tokenizer(ByteTokenizer(), tmp_path / "m", SimpleNamespace(max_position_embeddings=96))
+    assert json.loads((tmp_path / "m" / "tokenizer_config.json").read_text())["model_max_length"] == 96
+    hf = AutoTokenizer.from_pretrained(str(tmp_path / "m"))
+    assert hf.model_max_length == 96 and len(hf("x" * 500, truncation=True)["input_ids"]) == 96
+
+    class Own:  # a task's own tokenizer class, saved as it saves
+        def save(self, folder):
+            self.folder = folder
+    own = Own()
+    save_tokenizer(own, tmp_path / "o", SimpleNamespace(max_position_embeddings=96))
+    assert own.folder == tmp_path / "o"
+
+
+def test_pretrain_saves_the_tokenizer_with_the_models_positions(tmp_path, monkeypatch):
+    import json
+
+    from longctx.cli import main
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(12):
+        (corpus / f"d{i}.txt").write_text(" ".join(f"word{(i * 7 + j) % 31}" for j in range(200)) + "\n")
+    monkeypatch.setenv("LONGCTX_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    assert main(["pretrain", "--out", str(out), "--quiet", f"data.corpus={corpus}", "data.tokenizer=bytes",
+                 "data.seq_len=32", "model.hidden_size=16", "model.num_hidden_layers=1", "model.num_attention_heads=2",
+                 "model.window=4", "model.max_position_embeddings=80", "train.steps=2", "train.batch_size=1",
+                 "train.eval_batches=1", "train.warmup_steps=1"]) == 0
+    saved = json.loads((out / "model" / "tokenizer_config.json").read_text())
+    assert saved["model_max_length"] == 80
+    assert AutoTokenizer.from_pretrained(str(out / "model")).model_max_length == 80

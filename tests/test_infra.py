@@ -198,3 +198,128 @@ def test_progress_delay_keeps_short_jobs_silent(capsys):
     with Progress(total=3, desc="tokenising", stream=sys.stdout, interval=0, delay=60) as bar:
         bar.update(3)
     assert capsys.readouterr().out == ""
+
+
+def _tick_labels(monkeypatch):
+    """Record each saved figure's axes' tick labels (drawn, as a reader sees them) before it is closed."""
+    import longctx.plots as plots
+
+    seen = []
+    real = plots.save
+
+    def save(fig, path, dpi=100):
+        fig.canvas.draw()
+        seen.append([([t.get_text() for t in ax.get_xticklabels()], [t.get_text() for t in ax.get_yticklabels()],
+                      ax.get_title()) for ax in fig.axes])
+        return real(fig, path, dpi)
+
+    monkeypatch.setattr(plots, "save", save)
+    return seen
+
+
+def test_attention_heatmaps_label_layers_and_heads_at_their_cells(tmp_path, monkeypatch):
+    """Issue 30: with one layer the heatmaps' layer axis read -0.4, -0.2, 0.0, 0.2, 0.4 (imshow's ticks);
+    now one tick per layer, named as analysis.md and the report name it (from 0), one per head."""
+    from longctx.eval.analysis import METRICS, plot_analysis
+
+    def res(layers, heads):
+        return {"distance_bins": [0, 1, 2, 4], "layers": [{"layer": i, "heads": [
+            {**{m: 0.1 * h + 0.01 * i for m in METRICS}, "distance_profile": [0.5, 0.3, 0.2]} for h in range(heads)]}
+            for i in range(layers)]}
+
+    seen = _tick_labels(monkeypatch)
+    plot_analysis({"a": res(1, 4), "b": res(1, 4)}, tmp_path)
+    heatmaps = [ax for ax in seen[0] if ax[2]]  # the colour bars have no title
+    assert len(heatmaps) == 2 * len(METRICS)
+    for x, y, _ in heatmaps:
+        assert y == ["layer 0"] and x == ["0", "1", "2", "3"]
+    seen.clear()
+    plot_analysis({"a": res(3, 2)}, tmp_path)
+    assert all(y == ["layer 0", "layer 1", "layer 2"] and x == ["0", "1"] for x, y, t in seen[0] if t)
+    assert [t for _, _, t in seen[1]] == ["layer 0", "layer 1", "layer 2"]  # the distance plot: the same names
+
+
+def test_score_vs_compute_ticks_are_the_runs_flops(tmp_path, monkeypatch):
+    """Issue 30: FLOPs spanning less than a power of 2 showed one tick, "2^36", on the log x axis; now
+    ticks at the runs' FLOPs in plain scientific notation (close ones thinned so labels do not overlap)."""
+    from longctx.experiments import compute
+    from longctx.plots import data_ticks, sci
+
+    results = []
+    for variant, flops in (("sliding", (7.0e10, 1.1e11)), ("blocks", (7.1e10, 1.12e11))):
+        for budget, f in zip((1, 2), flops):
+            results.append({"compute": {"variant": variant, "budget": budget}, "train_flops": f, "eval": {"loss": 5.0},
+                            "finetune": {"qa": {"metric": "f1", "from_scratch": False,
+                                                "test": {"f1": 0.3, "f1_ci": [0.25, 0.35]}}}})
+    seen = _tick_labels(monkeypatch)
+    (png,) = compute.plots(results, tmp_path)
+    assert png.name == "qa_vs_compute.png"
+    (x, _, _), = seen[0]
+    assert x == ["7e10", "1.1e11"]
+    assert sci(6.9e10) == "6.9e10" and sci(1.31e11) == "1.3e11" and sci(300.0) == "300"
+    assert data_ticks([1.0, 1.01, 2.0, 4.0], log=True) == [1.0, 2.0, 4.0]
+
+
+def test_a_setup_phase_says_itself_only_when_it_takes_a_while(capsys):
+    """Issue 30: the first ~40 s of a run (corpus, tokenizer, model, first step) printed nothing into a
+    file. A phase that runs past its threshold says so while it runs, and how long it took; a short one
+    prints nothing."""
+    import time
+
+    from longctx.progress import phase
+
+    with phase("loading the corpus", stream=sys.stdout, after=0.05):
+        time.sleep(0.3)
+        said_while_running = capsys.readouterr().out
+    assert said_while_running == "loading the corpus ...\n"  # before the phase ended
+    assert capsys.readouterr().out.startswith("loading the corpus: done in ")
+    with phase("quick", stream=sys.stdout, after=5.0):
+        pass
+    with phase("off", stream=sys.stdout, after=0.0, enabled=False):
+        time.sleep(0.01)
+    time.sleep(0.1)
+    assert capsys.readouterr().out == ""
+
+
+@pytest.mark.slow
+def test_training_into_a_file_prints_between_log_steps_and_its_setup(tmp_path, monkeypatch, capsys):
+    """Issue 30: with output not a terminal the trainer printed a line only every train.log_every steps
+    (minutes apart at long lengths); now also one at least every LONGCTX_PROGRESS_INTERVAL seconds (30 by
+    default; 0 here: after every step), and a line for each setup phase that lasts (threshold 0 here)."""
+    import longctx.progress as progress
+    from longctx.cli import main
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(12):
+        (corpus / f"d{i}.txt").write_text(" ".join(f"word{(i * 7 + j) % 31}" for j in range(200)) + "\n")
+    monkeypatch.setenv("LONGCTX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("LONGCTX_PROGRESS_INTERVAL", "0")
+    monkeypatch.setattr(progress, "PHASE_AFTER", 0.0)
+    assert main(["pretrain", "--out", str(tmp_path / "run"), f"data.corpus={corpus}", "data.tokenizer=bytes",
+                 "data.seq_len=32", "model.hidden_size=16", "model.num_hidden_layers=1", "model.num_attention_heads=2",
+                 "model.window=4", "model.max_position_embeddings=32", "train.steps=4", "train.log_every=100",
+                 "train.batch_size=1", "train.eval_batches=1", "train.warmup_steps=1"]) == 0
+    err = capsys.readouterr().err
+    steps = [line.split(" | ")[0] for line in err.splitlines() if line.startswith("train: ")]
+    assert steps == [f"train: {i}/4 step" for i in range(1, 5)]  # log_every=100: before, only 4/4
+    rate = [line for line in err.splitlines() if line.startswith("train: 2/4")][0]
+    assert " step/s | elapsed " in rate and "ETA " in rate
+    for what in ("loading the corpus", "loading the tokenizer", "preparing the data", "building the model",
+                 "the first training step"):
+        assert f"{what}" in err and any(line.startswith(what) and ": done in " in line for line in err.splitlines()), what
+
+
+def test_progress_restart_clock_leaves_setup_out_of_the_rate(capsys):
+    import time
+
+    from longctx.progress import Progress
+
+    with Progress(total=4, desc="train", unit="step", interval=None, stream=sys.stdout) as bar:
+        time.sleep(0.5)  # a kernel build before the first step
+        bar.restart_clock()
+        for _ in range(4):
+            time.sleep(0.01)
+            bar.update(1)
+    (line,) = capsys.readouterr().out.splitlines()
+    assert float(line.split(" | ")[1].removesuffix(" step/s")) > 20  # 4 steps in ~0.04 s, not in 0.54 s

@@ -156,3 +156,34 @@ def test_compare_variants_select_a_mechanism_by_one_key(tmp_path, corpus, monkey
     assert _pretrain(corpus, out, monkeypatch, tmp_path, "model.num_hidden_layers=1", "train.steps=3",
                      "model.attention={type: bigbird, block: 8, random: 1}") == 0
     assert json.loads((out / "results.json").read_text())["attention"] == "bigbird b=8 r=1 (x1)"
+
+
+def _readme_decay_blocks() -> tuple[str, str]:
+    """The README's worked example: the mechanism file and the lines that train with it, as printed."""
+    import re
+    from pathlib import Path
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    mechanism = next(b for b in blocks if 'name = "decay"' in b)
+    run = next(b for b in blocks if "import my_decay" in b)
+    return mechanism, run
+
+
+@pytest.mark.slow
+def test_the_readmes_decay_example_runs_as_printed(tmp_path):
+    """Issue 30: the README's call ended in a literal `...` (a TypeError when copied). Both blocks run as
+    printed: the first saved as my_decay.py, the second executed beside it, in a fresh process."""
+    import os
+    import subprocess
+    import sys
+
+    mechanism, run = _readme_decay_blocks()
+    assert "..." not in run
+    (tmp_path / "my_decay.py").write_text(mechanism)
+    (tmp_path / "run.py").write_text(run)
+    env = dict(os.environ, LONGCTX_CACHE=str(tmp_path / "cache"), PYTHONPATH=os.pathsep.join(
+        [str(tmp_path)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    res = subprocess.run([sys.executable, "run.py"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    result = json.loads((tmp_path / "runs" / "decay" / "results.json").read_text())
+    assert result["attention"] == "decay tau=2.0 (x2)" and result["steps"] == 3

@@ -32,12 +32,43 @@ def save(fig, path: str | os.PathLike, dpi: int = 100) -> Path:
     return path
 
 
+def sci(value: float) -> str:
+    """A tick label a reader takes in at once: 6.9e10, 1.3e11, 0.002, 300 (two significant digits)."""
+    text = f"{value:.2g}"
+    if 1e-3 <= abs(value) < 1e4:
+        return f"{float(text):g}"
+    if "e" not in text:
+        return text
+    mantissa, exp = text.split("e")
+    return f"{mantissa}e{int(exp)}"
+
+
+def data_ticks(xs: Sequence[float], log: bool, min_gap: float = 0.08) -> list[float]:
+    """The x values of the data to put ticks at, ascending, leaving out any closer than ``min_gap`` of the
+    axis span (in log space on a log axis) to the tick before it, so labels do not overlap."""
+    import math
+
+    values = sorted({float(x) for x in xs if x is not None and (x > 0 or not log)})
+    if not values:
+        return []
+    at = (lambda v: math.log(v)) if log else (lambda v: v)
+    span = (at(values[-1]) - at(values[0])) or 1.0
+    kept = [values[0]]
+    for v in values[1:]:
+        if at(v) - at(kept[-1]) >= min_gap * span:
+            kept.append(v)
+    return kept
+
+
 def line_figure(path: str | os.PathLike, series: Sequence[dict], xlabel: str, ylabel: str, *,
                 title: str | None = None, log_x: int | None = None, log_y: bool = False,
-                xticks: Sequence[int] | None = None, figsize=(6.5, 4), legend_size: int = 8, dpi: int = 100) -> Path:
+                xticks: Sequence[int] | None = None, xticks_at_data: bool = False, figsize=(6.5, 4),
+                legend_size: int = 8, dpi: int = 100) -> Path:
     """One line per entry of ``series``: ``{"x", "y", "label"}`` and optionally ``"style"`` (a format
     string such as ``"o--"``), ``"alpha"``, ``"color"``, ``"yerr"`` (error bars: one list of half-widths,
-    or (below, above) lists). ``log_x``: the base of a log x axis."""
+    or (below, above) lists). ``log_x``: the base of a log x axis. ``xticks_at_data``: x ticks at the data's
+    x values, labelled in plain scientific notation (``6.9e10``; a log axis's own ticks can be one "2^36"
+    when the data span less than one power)."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=figsize)
     for s in series:
@@ -52,6 +83,11 @@ def line_figure(path: str | os.PathLike, series: Sequence[dict], xlabel: str, yl
         ax.set_yscale("log")
     if xticks is not None:
         ax.set_xticks(list(xticks), [str(n) for n in xticks])
+    elif xticks_at_data:
+        from matplotlib.ticker import NullLocator
+        ticks = data_ticks([x for s in series for x in s["x"]], log=bool(log_x))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xticks(ticks, [sci(t) for t in ticks])
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if title:

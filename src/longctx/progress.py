@@ -9,9 +9,60 @@ a terminal (a log file, a pipe, CI), where a redrawn bar would be one endless li
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import sys
+import threading
 import time
+
+# seconds between two plain lines of a long job when the output is not a terminal (a log file, a pipe), so
+# that a file shows the run moving between its logged steps (LONGCTX_PROGRESS_INTERVAL overrides it)
+PLAIN_INTERVAL = 30.0
+# a setup phase that lasts longer than this says so (before it ends) and how long it took; shorter ones stay
+# silent, so a short run prints no more than before
+PHASE_AFTER = 2.0
+
+
+def plain_interval() -> float:
+    try:
+        return max(0.0, float(os.environ.get("LONGCTX_PROGRESS_INTERVAL", PLAIN_INTERVAL)))
+    except ValueError:
+        return PLAIN_INTERVAL
+
+
+@contextlib.contextmanager
+def phase(desc: str, *, enabled: bool = True, stream=None, after: float | None = None):
+    """A step of a job's setup (loading the corpus, the tokenizer, building the model, the first step):
+    once it has run ``after`` seconds, ``desc ...`` is printed (while it runs, from a timer thread), and at
+    its end ``desc: done in 12s``; a phase that ends sooner prints nothing."""
+    if not enabled:
+        yield
+        return
+    stream = stream if stream is not None else sys.stderr
+    after = PHASE_AFTER if after is None else after
+    start = time.monotonic()
+    lock, state = threading.Lock(), {"done": False, "said": False}
+
+    def announce():
+        with lock:
+            if not state["done"]:
+                state["said"] = True
+                print(f"{desc} ...", file=stream, flush=True)
+
+    timer = threading.Timer(after, announce)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+        with lock:
+            state["done"] = True
+            said = state["said"]
+        took = time.monotonic() - start
+        if said or took >= after:
+            print(f"{desc}: done in {format_seconds(took)}", file=stream, flush=True)
 
 
 def format_seconds(s: float) -> str:
@@ -46,6 +97,13 @@ class Progress:
             from tqdm import tqdm
             self.bar = tqdm(total=total, desc=desc, unit=unit, initial=initial, file=self.stream, dynamic_ncols=True,
                             smoothing=0.1, delay=delay)
+
+    def restart_clock(self) -> None:
+        """Count rate, elapsed time and ETA from now (after a setup that is not the work counted, such as
+        a kernel build: otherwise the first lines would report its minute as slow steps)."""
+        self.start = self.last_line = time.monotonic()
+        if self.bar is not None:
+            self.bar.start_t = self.bar.last_print_t = self.bar._time()
 
     # ---- counting ----
     def update(self, n: int = 1, log: bool = False, **postfix) -> None:

@@ -43,7 +43,7 @@ from longctx.data.structure import HEADING_KINDS, heading_spans
 from longctx.data.tokenizer import ByteTokenizer, load_tokenizer
 from longctx.errors import LongctxError
 from longctx.io import publish_dir
-from longctx.progress import Progress
+from longctx.progress import Progress, phase
 from longctx.paths import cache_root
 
 CACHE_VERSION = 1
@@ -194,10 +194,12 @@ def prepare_data(source="default", tokenizer="bytes", valid_fraction: float = 0.
     text gets a test part as large as the valid one, several documents get none).
     """
     root = Path(cache_dir) if cache_dir is not None else cache_root()
-    docs = load_documents(source, text_field=text_field)
-    train_docs, valid_docs, test_docs = split_corpus(docs, valid_fraction, seed, test_fraction)
+    with phase(f"loading the corpus ({source})"):  # said only when it takes a while, as the tokenising bar
+        docs = load_documents(source, text_field=text_field)
+        train_docs, valid_docs, test_docs = split_corpus(docs, valid_fraction, seed, test_fraction)
     del docs
-    tok = load_tokenizer(tokenizer, documents=train_docs, cache_dir=root / "tokenizers")
+    with phase("loading the tokenizer" if isinstance(tokenizer, str) else "training the tokenizer (cached after)"):
+        tok = load_tokenizer(tokenizer, documents=train_docs, cache_dir=root / "tokenizers")
 
     def tokens(part):
         return tokenize_documents(part, tok, root / "tokens", heading_kinds)

@@ -7,7 +7,7 @@ Interface (both ``ByteTokenizer`` and ``HFTokenizer``)::
     ids, offsets = tok.encode(text)      # no special tokens added; offsets = (start, end) characters
     tok.encode_batch(texts)              # list of (ids, offsets)
     tok.decode(ids)                      # special tokens dropped
-    tok.save(folder)                     # tokenizer.json + tokenizer_config.json + special_tokens_map.json
+    tok.save(folder, max_length=None)    # tokenizer.json + tokenizer_config.json + special_tokens_map.json
     tok.fingerprint()                    # sha256 of what defines the ids: a cache key
 
 ``load_tokenizer(spec, documents=None)`` with ``spec``:
@@ -117,9 +117,10 @@ class ByteTokenizer:
             special_tokens=[("<cls>", self.cls_id), ("<eos>", self.eos_id)])
         return tok
 
-    def save(self, folder: str | Path) -> None:
+    def save(self, folder: str | Path, max_length: int | None = None) -> None:
+        """The tokenizer files; ``max_length``: the positions of the model saved with it (see ``_save_hf``)."""
         roles = {"pad": "<pad>", "mask": "<mask>", "bos": "<bos>", "eos": "<eos>", "cls": "<cls>", "sep": "<eos>"}
-        _save_hf(self.hf_tokenizer(), roles, folder, extra={"longctx_tokenizer": "bytes"})
+        _save_hf(self.hf_tokenizer(), roles, folder, extra={"longctx_tokenizer": "bytes"}, max_length=max_length)
 
     def __repr__(self) -> str:
         return "ByteTokenizer(vocab_size=261)"
@@ -171,15 +172,23 @@ class HFTokenizer:
     def fingerprint(self) -> str:
         return hashlib.sha256((self._tok.to_str() + json.dumps(self.roles, sort_keys=True)).encode()).hexdigest()
 
-    def save(self, folder: str | Path) -> None:
-        _save_hf(self._tok, self.roles, folder)
+    def save(self, folder: str | Path, max_length: int | None = None) -> None:
+        """The tokenizer files; ``max_length``: the positions of the model saved with it (see ``_save_hf``)."""
+        _save_hf(self._tok, self.roles, folder, max_length=max_length)
 
     def __repr__(self) -> str:
         return f"HFTokenizer(vocab_size={self.vocab_size}, roles={self.roles})"
 
 
-def _save_hf(tok, roles: dict[str, str], folder: str | Path, extra: dict | None = None) -> None:
-    """Write ``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json`` atomically."""
+NO_MAX_LENGTH = 1_000_000_000  # model_max_length of a tokenizer saved without a model (the cache): no limit
+
+
+def _save_hf(tok, roles: dict[str, str], folder: str | Path, extra: dict | None = None,
+             max_length: int | None = None) -> None:
+    """Write ``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json`` atomically.
+    ``model_max_length`` is ``max_length``: the positions of the model the tokenizer is saved with (so that
+    Hugging Face's truncation warnings and ``truncation=True`` use the model's real limit); without a model,
+    no limit."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     folder.mkdir(exist_ok=True)
@@ -187,7 +196,7 @@ def _save_hf(tok, roles: dict[str, str], folder: str | Path, extra: dict | None 
     added = {str(i): {"content": t.content, "lstrip": t.lstrip, "rstrip": t.rstrip, "normalized": t.normalized,
                       "single_word": t.single_word, "special": t.special}
              for i, t in sorted(tok.get_added_tokens_decoder().items())}
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 1_000_000_000,
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": int(max_length or NO_MAX_LENGTH),
               "clean_up_tokenization_spaces": False, "added_tokens_decoder": added, **special_map, **(extra or {})}
     files = {"tokenizer.json": tok.to_str(pretty=True), "tokenizer_config.json": json.dumps(config, indent=2),
              "special_tokens_map.json": json.dumps(special_map, indent=2)}

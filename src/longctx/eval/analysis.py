@@ -326,8 +326,12 @@ def plot_analysis(results: dict[str, dict], out: Path) -> dict[str, Path]:
                              if h[m] is not None] or [0.0])
             im = axes[r, c].imshow(grid, aspect="auto", cmap="viridis", vmin=allv.min(), vmax=max(allv.max(), allv.min() + 1e-9))
             axes[r, c].set_title(f"{name}\n{LABELS[m]}" if c == 0 else LABELS[m], fontsize=8)
+            # a tick per layer and head at the cell centres, numbered from 0 as analysis.md and the report
+            # number them (imshow's default ticks read -0.5, 0.0, 0.5 for one layer)
+            axes[r, c].set_yticks(range(grid.shape[0]), [f"layer {layer['layer']}" for layer in results[name]["layers"]],
+                                  fontsize=7)
+            axes[r, c].set_xticks(range(grid.shape[1]), [str(h) for h in range(grid.shape[1])], fontsize=7)
             axes[r, c].set_xlabel("head", fontsize=7)
-            axes[r, c].set_ylabel("layer", fontsize=7)
             fig.colorbar(im, ax=axes[r, c])
     paths["heatmaps"] = save(fig, out / "attention_heatmaps.png", dpi=110)
     fig, ax = plt.subplots(1, len(results[names[0]]["layers"]), figsize=(3.2 * len(results[names[0]]["layers"]), 2.8),

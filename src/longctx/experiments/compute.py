@@ -150,5 +150,6 @@ def plots(results: list[dict], out: Path) -> list[Path]:
     for task in _finetuned(results) or [None]:
         ylabel = f"{task} {_metric(results, task)} (test, 95% interval)" if task else "held-out loss (95% interval)"
         paths.append(line_figure(out / f"{task or 'loss'}_vs_compute.png", series(results, task),
-                                 "pretraining FLOPs", ylabel, log_x=2))
+                                 "pretraining FLOPs (ticks at the runs' FLOPs)", ylabel, log_x=2,
+                                 xticks_at_data=True))
     return paths

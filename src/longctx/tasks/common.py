@@ -28,6 +28,66 @@ COMMON_OPTIONS = {"train_file": None, "dev_file": None, "test_file": None, "glob
                   "eval_examples": 0, "bootstrap": 1000}
 SPLITS = ("train", "dev", "test")
 
+# one line of help per task option (``longctx config show --config COMPARISON`` prints them with each task's
+# defaults); an option a task declares without an entry here is listed with its default only
+OPTION_HELP = {
+    "train_file": "the training split: a JSONL, JSON, CSV or Parquet file (none: the task's built-in data)",
+    "dev_file": "the dev split (learning rates and best checkpoints are chosen on it)",
+    "test_file": "the test split (scored once, on the final or chosen model)",
+    "global_tokens": "the task's global-attention preset (question for QA, first for classification) or none",
+    "eval_examples": "evaluate on the first N examples of a split (0: all)",
+    "bootstrap": "resamples of the 95% bootstrap intervals",
+    "max_answer_length": "longest answer span predicted, in tokens",
+    "doc_stride": "tokens of overlap between consecutive chunks of a context longer than one sequence",
+    "max_question_tokens": "question tokens kept (the rest are cut)",
+    "max_chunks": "most chunks of one context (a longer context is refused)",
+    "context_chars": "characters of each built-in context",
+    "far_fraction": "the evidence lies beyond this fraction of the context (built-in data)",
+    "questions_per_context": "questions drawn from each context (built-in QA)",
+    "answer_offset": "0: the answer is the question word's occurrence; 1: the word right after it (built-in QA)",
+    "min_answer_words": "shortest answer sentence, in words (built-in data)",
+    "max_answer_chars": "longest answer sentence, in characters (built-in data)",
+    "text_field": "the field holding the text in the user's files",
+    "text_pair_field": "the field holding the second text of a pair in the user's files",
+    "label_field": "the field holding the label in the user's files",
+    "pairs_per_doc": "pairs drawn from each document (built-in data)",
+    "train_size": "generated training examples",
+    "dev_size": "generated dev examples",
+    "test_size": "generated test examples",
+    "max_depth": "deepest nesting of operators (ListOps)",
+    "max_args": "most arguments of an operator (ListOps)",
+    "min_length": "shortest sequence, in symbols (exclusive; ListOps)",
+    "max_length": "longest sequence, in symbols (exclusive; ListOps)",
+    "corpus": "the structured corpus the examples come from (none: the pretraining run's, else texdoc)",
+    "per_section": "questions drawn from each section",
+    "min_gap": "characters between a heading and a question sentence taken from its section",
+    "heading_global": "heading tokens global at finetuning too: auto (as the model was pretrained), true or false",
+    "length": "context length, an integer or a list to sweep, in length_unit (none: 2,000 chars or 512 tokens)",
+    "length_unit": "unit of length: chars or tokens",
+    "depth": "the needle's depth, a fraction of the haystack before it, or a list to sweep (none: uniform)",
+    "depth_bins": "bins of the accuracy-by-depth breakdown",
+    "haystack": "the text around the needles: corpus or noise",
+}
+
+
+def option_keys(cls) -> list[tuple[str, str, object, str]]:
+    """(option, type, default, help) of every ``task.*`` option of task class ``cls``: the common ones,
+    then its own, typed as ``task_options`` checks them (``OPTION_TYPES``, else the default's type)."""
+    defaults = {**COMMON_OPTIONS, **cls.OPTIONS}
+    types_ = getattr(cls, "OPTION_TYPES", {})
+    out = []
+    for name, d in defaults.items():
+        if name in types_:
+            kind = " | ".join(t.__name__ for t in types_[name])
+        elif name == "global_tokens":
+            kind, d = f"one of none, {cls.default_global}", cls.default_global
+        elif d is None:
+            kind = "any"
+        else:
+            kind = type(d).__name__
+        out.append((name, kind, d, OPTION_HELP.get(name, "")))
+    return out
+
 
 def task_options(cls, given: dict | None) -> dict:
     """The task's options: its defaults overridden by ``given``, unknown keys and wrong types refused."""

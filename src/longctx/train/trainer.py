@@ -37,7 +37,7 @@ import torch
 from longctx.errors import LongctxError
 from longctx.io import publish_dir, read_jsonl, write_json, write_text
 from longctx.memory import peak_rss_bytes
-from longctx.progress import Progress
+from longctx.progress import Progress, phase, plain_interval
 from longctx.tasks.base import stage_list
 from longctx.train.checkpoint import (CorruptCheckpoint, checkpoint_dirs, clean_temporaries, config_changes,
                                       fault_point, load_checkpoint, lock_run, plain, read_json, save_checkpoint,
@@ -181,11 +181,14 @@ class Trainer:
         self.candidates = self._resume_candidates()
         if self.candidates and self._finished(self.candidates[0][0]):
             return
-        self.task.prepare()
+        say = self.main and self.progress  # setup phases that take a while say so (progress.phase)
+        with phase("preparing the data", enabled=say):
+            self.task.prepare()
         # seeded right before the weights are drawn: whatever prepare() did (built its data, or read it from
         # the cache) cannot shift the initialisation
         seed_everything(self.cfg["seed"])
-        model = self.task.build_model(self.cfg.get("init_from"))
+        with phase("building the model", enabled=say):
+            model = self.task.build_model(self.cfg.get("init_from"))
         if self.t["activation_checkpointing"]:
             model.gradient_checkpointing_enable()
         self.n_params = sum(p.numel() for p in model.parameters())
@@ -201,8 +204,10 @@ class Trainer:
         self.unwrapped = acc.unwrap_model(self.model)
         self.step_no = self.state["step"]
         self.phase, self.train_data = None, None
-        self.show = Progress(self.total_steps, "train", "step", enabled=self.main and self.progress, interval=None,
-                             initial=self.step_no)
+        # a line at every log step, and (output not a terminal) one at least every plain_interval() seconds
+        # between them, so that a log file shows a run at long lengths moving
+        self.show = Progress(self.total_steps, "train", "step", enabled=self.main and self.progress,
+                             interval=plain_interval(), initial=self.step_no)
         self._window_tokens = 0
         if self.main:
             from torch.utils.tensorboard import SummaryWriter
@@ -414,13 +419,18 @@ class Trainer:
             # activation in afresh (longctx.cpu_cache; LONGCTX_CPU_CACHE_MB=0 turns it off)
             from longctx import cpu_cache
             from longctx.attention import fused
-            fused.use_fused(torch.empty(0))
-            cpu_cache.setup()
+            with phase("loading the fused CPU kernel (built once, then cached)", enabled=self.main and self.progress):
+                fused.use_fused(torch.empty(0))
+                cpu_cache.setup()
+            self.show.restart_clock()  # the steps' rate and ETA, not the kernel's build
         self._window_tokens, window_start = 0, time.perf_counter()
         try:
             with StopRequests() as stop:
+                first = True
                 while self.step_no < self.total_steps and not stop.requested:
-                    self.step()
+                    with phase("the first training step", enabled=first and self.main and self.progress):
+                        self.step()
+                    first = False
                     step = self.step_no
                     if not (step % t["log_every"] == 0 or step == self.total_steps):
                         self.show.update(1)
@@ -489,7 +499,7 @@ class Trainer:
             with publish_dir(self.out / "model", prefix=".tmp-model-") as tmp:
                 self.unwrapped.save_pretrained(tmp)
                 if self.task.tokenizer is not None and hasattr(self.task.tokenizer, "save"):
-                    self.task.tokenizer.save(tmp)
+                    save_tokenizer(self.task.tokenizer, tmp, self.unwrapped.config)
                 fault_point("finish.model")
             plot_losses(read_jsonl(self.out / "metrics.jsonl"), self.out / "loss.png")
             fault_point("finish.plot")
@@ -555,6 +565,18 @@ def plot_losses(rows: list[dict], png: Path) -> Path:
         series.append({"x": [r["step"] for r in ev], "y": [r["loss"] for r in ev], "style": "o-",
                        "label": "held-out", "color": "C1"})
     return line_figure(png, series, "step", "loss", figsize=(6, 4))
+
+
+def save_tokenizer(tokenizer, folder: Path, model_config) -> None:
+    """The tokenizer saved beside its model with ``model_max_length`` the model's positions
+    (``max_position_embeddings``: the learned or sinusoidal table's length, and the length relative-position
+    models are declared for), not "no limit"; a task's own tokenizer class without ``max_length`` as it saves."""
+    import inspect
+
+    if "max_length" in inspect.signature(tokenizer.save).parameters:
+        tokenizer.save(folder, max_length=int(model_config.max_position_embeddings))
+    else:
+        tokenizer.save(folder)
 
 
 def train(cfg: dict, task, out_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:
