@@ -6,8 +6,8 @@ driver process, then each run starts in a fraction of a second instead of the se
 spends importing). What a run computes cannot depend on what ran before it in the comparison (which
 variants were trained, skipped as finished, or resumed: the state of allocators, loaded kernels, caches
 and random generators), since the zygote never runs any of it, and its peak memory is its own. The
-driver's environment at the start of each run is the run's environment (the zygote's, taken when it
-started, is replaced), and its output goes to the driver's stderr at that moment or to the run's log.
+driver's environment and working folder at the start of each run are the run's (the zygote's, taken when
+it started, are replaced), and its output goes to the driver's stderr at that moment or to the run's log.
 
 Resumes from DIR's last checkpoint if there is one. A user error is written to DIR/error.txt (the
 parent reports it) and the exit code is 2.
@@ -174,13 +174,15 @@ def _stderr_fd() -> int:
 
 
 def start_child(target, argv: list[str], env: dict, out: int) -> Run:
-    """``target(argv)`` (its return value the exit code) in a child forked from the zygote, with ``env`` as its environment and ``out`` as its
-    stdout and stderr. SIGINT is ignored and SIGUSR1 blocked around the start, so that the zygote (started
-    by the first call) is born with them and its children inherit them until ``main`` takes SIGUSR1."""
+    """``target(argv)`` (its return value the exit code) in a child forked from the zygote, with ``env`` as its
+    environment, this process's working folder as its own, and ``out`` as its stdout and stderr. SIGINT is
+    ignored and SIGUSR1 blocked around the start, so that the zygote (started by the first call) is born
+    with them and its children inherit them until ``main`` takes SIGUSR1."""
     old = signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
     try:
-        process = _context().Process(target=_child_main, args=(target, argv, env, _Fd(out)), name="longctx-run")
+        process = _context().Process(target=_child_main, args=(target, argv, env, os.getcwd(), _Fd(out)),
+                                     name="longctx-run")
         process.start()
         return Run(process)
     finally:
@@ -188,10 +190,11 @@ def start_child(target, argv: list[str], env: dict, out: int) -> Run:
         signal.signal(signal.SIGINT, old)
 
 
-def _child_main(target, argv: list[str], env: dict, out: int) -> None:
+def _child_main(target, argv: list[str], env: dict, cwd: str, out: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # also where the platform spawns instead of forking
     os.environ.clear()
     os.environ.update(env)
+    os.chdir(cwd)
     os.dup2(out, 1)
     os.dup2(out, 2)
     os.close(out)
