@@ -413,8 +413,8 @@ class Trainer:
             # and the caching allocator goes on, so that steps at long lengths do not fault every large
             # activation in afresh (longctx.cpu_cache; LONGCTX_CPU_CACHE_MB=0 turns it off)
             from longctx import cpu_cache
-            from longctx.attention import fused
-            fused.use_fused(torch.empty(0))
+            from longctx.attention import dispatch
+            dispatch.prepare_fused()
             cpu_cache.setup()
         self._window_tokens, window_start = 0, time.perf_counter()
         try:
