@@ -24,7 +24,6 @@ projections (``global_qkv``) those rows use qg . kg over vg, as in Hugging Face'
 from __future__ import annotations
 
 import functools
-import logging
 import os
 
 import torch
@@ -37,7 +36,6 @@ from longctx.attention.patterns import AttentionPattern, compose
 from longctx.attention.reference import alibi_bias, dense_attention, masked_softmax
 from longctx.errors import LongctxError
 
-log = logging.getLogger(__name__)
 BACKENDS = dispatch.REQUESTS
 BAND_BACKENDS = dispatch.BAND_KERNELS
 
