@@ -3,6 +3,7 @@ global tokens), on the PyTorch steps and on the fused C++ tiles (fp32 and bf16, 
 the fused one is bit-identical on one and two threads); the random layout is seeded and the same in
 training and evaluation, and with the layout Hugging Face draws, longctx's BigBird gives Hugging Face's
 outputs."""
+import os
 from unittest import mock
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from longctx.attention import LayerContext, SelfAttention, bigbird, build, fused
+from longctx.attention import LayerContext, SelfAttention, bigbird, build
 from longctx.errors import LongctxError
 
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -26,8 +27,8 @@ def _mech(H, block, random, global_blocks=1, seed=0, layer=0, backend="auto", he
                               backend=backend))
 
 
-def _no_fused(q):  # the PyTorch steps, whatever the extension's state
-    return False
+def _no_fused():  # the PyTorch steps, whatever the extension's state (the dispatcher's policy: never)
+    return mock.patch.dict(os.environ, {"LONGCTX_FUSED": "0"})
 
 
 @settings(max_examples=60)
@@ -48,7 +49,7 @@ def test_layout_kernel_equals_dense_reference(data):
     # query blocks per step of the kernel (None: sized by memory, one step at these lengths); the PyTorch
     # steps (the fused tiles: test_fused_layout_equals_dense_reference)
     with mock.patch.object(bigbird, "GROUP_BLOCKS", data.draw(st.sampled_from([None, 1, 2, 3]))), \
-            mock.patch.object(fused, "use_fused", _no_fused):
+            _no_fused():
         out = mech(q, k, v, key_padding=kpm, global_mask=gm)
     rows = torch.ones(1, 1, n, 1, dtype=torch.bool) if kpm is None else kpm[:, None, :, None]
     torch.testing.assert_close(torch.where(rows, out, 0), torch.where(rows, ref.float(), 0), **TOL)
@@ -197,8 +198,8 @@ def test_fused_layout_bf16_within_bf16_precision(data):
 @pytest.mark.parametrize("B, H, n, d, block, random, global_blocks", [
     (2, 3, 250, 16, 16, 3, 1), (1, 2, 203, 8, 7, 2, 2), (3, 1, 64, 64, 64, 0, 0), (2, 2, 90, 32, 10, 4, 0)])
 def test_fused_layout_agrees_with_pytorch_steps(B, H, n, d, block, random, global_blocks):
-    """The automatic choice: fp32 on the fused tiles, the same inputs on the PyTorch steps (use_fused
-    False) give the same outputs and gradients; float64 runs the PyTorch steps by itself."""
+    """The automatic choice: fp32 on the fused tiles, the same inputs on the PyTorch steps (with
+    LONGCTX_FUSED=0) give the same outputs and gradients; float64 runs the PyTorch steps by itself."""
     mech = _mech(H, block, random, global_blocks, seed=4, head_dim=d)
     g = torch.Generator().manual_seed(n)
     inputs = [torch.randn(B, H, n, d, generator=g).requires_grad_() for _ in range(3)]
@@ -206,7 +207,7 @@ def test_fused_layout_agrees_with_pytorch_steps(B, H, n, d, block, random, globa
     rows = kw["key_padding"][:, None, :, None]
     up = torch.randn(B, H, n, d, generator=g) * rows
     out, grads = _fused_run(mech, inputs, kw, up)
-    with mock.patch.object(fused, "use_fused", _no_fused):
+    with _no_fused():
         out2 = mech(*inputs, **kw)
         grads2 = torch.autograd.grad(out2, inputs, up)
     torch.testing.assert_close(torch.where(rows, out, 0), torch.where(rows, out2, 0), **TOL)

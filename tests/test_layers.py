@@ -11,7 +11,7 @@ Layers, lowest first (a module's layer is that of its top-level name under src/l
 0. errors, io, paths, progress, memory, plots, stats: leaf utilities (they import only each other).
 1. positions, attention, cpu_cache. cpu_cache is part of attention, not a leaf utility: the caching CPU
    allocator is compiled into one C++ extension with the fused band kernel (csrc/), and it loads through
-   ``attention/fused.py`` (``fused.load``, ``fused._wants_build``); its users (train's trainer, bench) are
+   ``attention/fused.py`` (``fused.load``) and its policy in ``attention/dispatch.py``; its users (train's trainer, bench) are
    above layer 1.
 2. models, hf, and the package root ``longctx`` (``__init__.py``). hf/ is longctx attention inside Hugging
    Face models: it imports only attention and errors, and the root imports it with models to register
@@ -23,10 +23,11 @@ Layers, lowest first (a module's layer is that of its top-level name under src/l
 5. train.
 6. eval (its cli imports train's config and evaluation loop: downward).
 7. experiments.
-8. convert, bench, export, export_cli, config_cli, cli: entry points and integrations. Nothing in the
-   package imports them except cli (by name, through importlib) and export_cli (export); otherwise they
+8. convert, bench, export, export_cli, config_cli, attention_cli, cli: entry points and integrations.
+   Nothing in the package imports them except cli (by name, through importlib) and export_cli (export); otherwise they
    import from layers 0-5 (convert: models, positions; bench: attention, models, cpu_cache, the root;
-   export: attention, models, tasks; config_cli: train's config; cli: errors).
+   export: attention, models, tasks; config_cli: train's config; attention_cli: attention, models,
+   positions, train's config; cli: errors).
 
 Not seen by the scan: imports by a computed name (``importlib.import_module``). They are cli's
 ``COMMAND_MODULES`` (layer 8, the top), the task registries in ``train/trainer.py`` (``task_for``: train ->
@@ -59,7 +60,7 @@ LAYERS = {
     "train": 5,
     "eval": 6,
     "experiments": 7,
-    "convert": 8, "bench": 8, "export": 8, "export_cli": 8, "config_cli": 8, "cli": 8,
+    "convert": 8, "bench": 8, "export": 8, "export_cli": 8, "config_cli": 8, "attention_cli": 8, "cli": 8,
 }
 
 # (importing module, imported module): why it stays for now

@@ -276,12 +276,12 @@ def test_trainer_runs_any_task_and_resumes_it_exactly(tmp_path):
 def test_fused_kernel_loads_before_the_first_timed_step(tmp_path, monkeypatch):
     """The fused CPU kernel's first use (a build or a cached load: seconds) happens before the trainer starts
     its clock, not inside the first step, where it would count in the run's tokens/s."""
-    from longctx.attention import fused
+    from longctx.attention import dispatch
     from longctx.train import trainer as trainer_mod
     from longctx.train.config import resolve
     events = []
-    real_use, real_step = fused.use_fused, trainer_mod.Trainer.step
-    monkeypatch.setattr(fused, "use_fused", lambda q: events.append("kernel") or real_use(q))
+    real_use, real_step = dispatch.prepare_fused, trainer_mod.Trainer.step
+    monkeypatch.setattr(dispatch, "prepare_fused", lambda: events.append("kernel") or real_use())
     monkeypatch.setattr(trainer_mod.Trainer, "step", lambda self: events.append("step") or real_step(self))
     cfg = resolve({}, ["name=toy", "data.seq_len=32", "model.window=4", "model.max_position_embeddings=32",
                        "train.steps=2", "train.batch_size=4", "train.eval_every=0", "train.eval_batches=1",

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from longctx.errors import LongctxError
+
+EXPLAIN_ENV = "LONGCTX_EXPLAIN_ATTENTION"  # read by longctx.attention.dispatch (not imported here: no torch)
 
 # subcommand modules, in the order `longctx --help` lists them
 COMMAND_MODULES = [
@@ -24,11 +27,15 @@ COMMAND_MODULES = [
     "longctx.convert.cli",
     "longctx.export_cli",
     "longctx.config_cli",
+    "longctx.attention_cli",
 ]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="longctx", description=__doc__.splitlines()[0])
+    parser.add_argument("--explain-attention", action="store_true",
+                        help=f"log which attention kernel runs, and why the others do not, at the first call of "
+                             f"each distinct shape (as {EXPLAIN_ENV}=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
@@ -54,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*(args.overrides or []), *extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.explain_attention:  # the environment, so that the processes a command starts explain too
+        os.environ[EXPLAIN_ENV] = "1"
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

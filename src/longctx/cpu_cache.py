@@ -103,9 +103,9 @@ def setup() -> str:
     ``LONGCTX_CPU_CACHE_MB=0``. The test suite sets that unless it is already set (tests/conftest.py: the
     suite's process runs many models of many sizes; tests/test_cpu_cache.py checks the cache in processes
     of its own). Returns the setting, for the run's records: "off" or the cap in MB."""
-    from longctx.attention import fused
+    from longctx.attention import dispatch
 
     cap = default_cap()
     if cap == 0:
         return "off"
-    return f"{cap >> 20} MB" if enable(cap, build=fused._wants_build()) else "off"
+    return f"{cap >> 20} MB" if enable(cap, build=dispatch.fused_builds_on_demand()) else "off"

@@ -17,8 +17,8 @@ Fast path (``layout_attention``): for each query block, gather its W = 3 + r key
 instead of the sliding kernel's band) plus the G global keys, one dense product per block, the
 composed predicate as mask, a few query blocks per step with the probabilities recomputed in backward;
 the rows of global queries are computed over every key. Memory O(n (d + G)), time linear in n for
-fixed block and r. For fp32 and bf16 on CPU, with longctx's C++ extension available (chosen like the
-band kernel: ``fused.use_fused``), the non-global rows run on fused tiles instead (``_FusedLayout``,
+fixed block and r. For fp32 and bf16 on CPU, with longctx's C++ extension available (the dispatcher's
+choice, ``dispatch.py``: kernel "layout-fused"), the non-global rows run on fused tiles instead (``_FusedLayout``,
 band_attention.cpp's layout_forward / layout_backward): one (head, query block) at a time, its scores
 against the allowed key blocks and the global keys kept in a thread buffer from the products through
 the softmax; the PyTorch steps stay the fallback (other dtypes, tracing, no compiler).
@@ -31,9 +31,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from longctx.attention import fused
-from longctx.attention.functional import (_flex_available, _global_rows, attention, drop_padded, empty_batch,
-                                         global_index)
+from longctx.attention import dispatch, fused
+from longctx.attention.functional import _global_rows, attention, drop_padded, empty_batch, global_index
 from longctx.attention.mechanism import Capabilities, LayerContext, Mechanism, register
 from longctx.attention.patterns import compose, full_mask
 from longctx.attention.reference import dense_attention, masked_softmax
@@ -93,6 +92,7 @@ class BigBird(Mechanism):
     Spec = Spec
     examples = {"test": {"block": 4, "random": 1}, "bench": {"block": 64, "random": 3, "global_blocks": 1}}
     supports = Capabilities(global_tokens=True)
+    kernel_route = "layout"  # its block-layout kernels, FlexAttention or the reference (dispatch.py)
 
     def __init__(self, spec: Spec, ctx: LayerContext):
         super().__init__(spec, ctx)
@@ -140,12 +140,14 @@ class BigBird(Mechanism):
         gm = gm.expand(q.shape[0], n)
         if key_padding is not None:  # padded keys contribute nothing, whatever their values
             k, v = drop_padded(k, key_padding), drop_padded(v, key_padding)
-        backend = self.ctx.backend
-        if backend == "dense":
+        kernel = dispatch.choose(dispatch.layout_call(self.ctx.backend, q, k, v, key_padding_mask=key_padding,
+                                                      global_mask=gm))
+        if kernel == "dense":
             return dense_attention(q, k, v, pattern, key_padding_mask=key_padding, global_mask=gm)
-        if backend == "flex" or (backend == "auto" and q.is_cuda and _flex_available()):
-            return attention(q, k, v, pattern, key_padding_mask=key_padding, global_mask=gm, backend="flex")
-        return layout_attention(q, k, v, pattern, key_padding_mask=key_padding, global_mask=gm)
+        if kernel == "flex":
+            return attention(q, k, v, pattern, key_padding_mask=key_padding, global_mask=gm, backend="flex",
+                             mechanism=self.name)
+        return layout_attention(q, k, v, pattern, key_padding_mask=key_padding, global_mask=gm, kernel=kernel)
 
     def reference(self, q, k, v, *, key_padding=None, global_mask=None, positions=None, bias=None):
         n = q.shape[2]
@@ -184,9 +186,12 @@ GROUP_BLOCKS: int | None = None
 STEP_ELEMENTS = 2**21
 
 
-def layout_attention(q, k, v, pattern: BigBirdPattern, *, key_padding_mask=None, global_mask=None, scale=None):
+def layout_attention(q, k, v, pattern: BigBirdPattern, *, key_padding_mask=None, global_mask=None, scale=None,
+                     kernel: str | None = None):
     """Block-sparse attention from a block layout (no n x n tensor). q, k, v (B, H, n, d); global_mask
-    (B, n) with at least the global blocks; returns (B, H, n, d).
+    (B, n) with at least the global blocks; returns (B, H, n, d). ``kernel``: "layout-fused" (the C++
+    tiles) or "layout-torch" (the PyTorch steps); None asks the dispatcher (backend "blocked": the fused
+    tiles where they take the call).
 
     The non-global rows run in steps of a few query blocks (``_LayoutSteps``): a step gathers its W key
     blocks and the G global keys, and only the output and the row log-sum-exp are kept for backward,
@@ -195,6 +200,9 @@ def layout_attention(q, k, v, pattern: BigBirdPattern, *, key_padding_mask=None,
     B, H, n, d = q.shape
     if B == 0:  # the steps below size their work by the batch
         return empty_batch(q, k, v)
+    if kernel is None:
+        kernel = dispatch.choose(dispatch.layout_call("blocked", q, k, v, key_padding_mask=key_padding_mask,
+                                                      global_mask=global_mask))
     b, R = pattern.block, pattern.R
     nb = R.shape[-1]
     scale = d ** -0.5 if scale is None else scale
@@ -219,7 +227,7 @@ def layout_attention(q, k, v, pattern: BigBirdPattern, *, key_padding_mask=None,
     vg = torch.gather(v, 2, idx[:, None, :, None].expand(B, H, idx.shape[1], d))
     group = GROUP_BLOCKS or max(1, STEP_ELEMENTS // max(1, B * H * (W * b + idx.shape[1]) * d))
     layout = _Layout(cols, col_ok, valid, g_valid, group)
-    if _use_fused(q, k, v):
+    if kernel == "layout-fused":
         def rows(x):  # (B, H, nb b, d), zero-padded; the layer's strided projections go in as they are
             return x if pad == 0 else F.pad(x, (0, 0, 0, pad))
         with torch.autocast(q.device.type, enabled=False):
@@ -229,14 +237,6 @@ def layout_attention(q, k, v, pattern: BigBirdPattern, *, key_padding_mask=None,
         out = out.reshape(B, H, nb * b, d)[:, :, :n]
     # the rows of global queries attend to every real key
     return _global_rows(out, q, k, v, pattern, kpm, gm, None)
-
-
-def _use_fused(q, k, v) -> bool:
-    """The fused C++ layout kernel (band_attention.cpp: layout_forward, layout_backward) for fp32 and bf16
-    CPU tensors when the extension is available, chosen like the band kernel; the PyTorch steps below
-    otherwise (other dtypes, tracing, no compiler)."""
-    return (not torch.compiler.is_compiling() and q.dtype in fused.DTYPES and k.dtype == q.dtype
-            and v.dtype == q.dtype and fused.use_fused(q))
 
 
 class _Layout:

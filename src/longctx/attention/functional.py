@@ -1,15 +1,19 @@
 """``attention()``: one call for every pattern and kernel.
 
-Backends (all compute the same function; the tests hold each to the dense reference):
+Backends (all compute the same function; the tests hold each to the dense reference). Which kernel runs
+is the dispatcher's choice (``dispatch.py``: one priority list per backend, and every kernel's reasons
+for not taking a call; ``longctx attention-backends`` prints them):
 - "dense":   the reference (n x n mask), for tests and tiny inputs;
 - "blocked": the band kernel, the CPU path for training and inference: the fused C++ kernel of
-             ``fused.py`` where a compiler is present (built once, cached), else the pure-PyTorch kernel
-             of ``blocked.py`` (announced once in the log);
-- "fused":   the fused C++ kernel, or an error if it cannot be built;
+             ``fused.py`` where it takes the call (fp32/bf16 on CPU, eager, the extension built or
+             buildable under ``LONGCTX_FUSED``), else the pure-PyTorch kernel of ``blocked.py``;
+- "fused":   the fused C++ kernel, or an error if it cannot be built (inputs it does not take run on
+             the pure-PyTorch kernel);
 - "blocked-torch": the pure-PyTorch band kernel, always;
 - "sdpa":    PyTorch's scaled_dot_product_attention, the fast path for the "full" pattern;
 - "flex":    FlexAttention with the pattern's predicate as ``mask_mod`` (CUDA; CPU forward only);
 - "auto":    flex on CUDA, sdpa for "full", blocked otherwise.
+A general score bias (not ALiBi) runs on the dense reference whatever the backend.
 
 Global tokens (Longformer) are handled the same way by every fast backend: each query attends to the
 global keys on top of its local band, and the rows of global queries, which attend to every key, are
@@ -20,59 +24,44 @@ projections (``global_qkv``) those rows use qg . kg over vg, as in Hugging Face'
 from __future__ import annotations
 
 import functools
-import logging
 import os
 
 import torch
 import torch.nn.functional as F
 
+from longctx.attention import dispatch
 from longctx.attention import fused as fused_kernel
 from longctx.attention.blocked import band_attention, dilation_permutation
 from longctx.attention.patterns import AttentionPattern, compose
 from longctx.attention.reference import alibi_bias, dense_attention, masked_softmax
 from longctx.errors import LongctxError
 
-log = logging.getLogger(__name__)
-BACKENDS = ("auto", "dense", "blocked", "fused", "blocked-torch", "sdpa", "flex")
-BAND_BACKENDS = ("blocked", "fused", "blocked-torch")
+BACKENDS = dispatch.REQUESTS
+BAND_BACKENDS = dispatch.BAND_KERNELS
 
 
-def resolve_backend(backend: str, q: torch.Tensor, pattern: AttentionPattern) -> str:
-    if backend not in BACKENDS:
-        raise LongctxError(f"attention backend {backend!r} is unknown; use one of {', '.join(BACKENDS)}")
-    if backend == "fused":
-        fused_kernel.require()
-    if backend == "blocked":  # the fused kernel where it builds, the pure-PyTorch one otherwise
-        return "fused" if fused_kernel.use_fused(q) else "blocked-torch"
-    if backend != "auto":
-        return backend
-    if q.is_cuda:
-        if _flex_available():
-            return "flex"
-        _warn_once("FlexAttention is not available in this PyTorch: CUDA inputs use the blocked kernel")
-    return "sdpa" if pattern.kind == "full" else resolve_backend("blocked", q, pattern)
-
-
-_warned: set[str] = set()
-
-
-def _warn_once(msg: str) -> None:
-    if msg not in _warned:
-        _warned.add(msg)
-        log.warning(msg)
+def resolve_backend(backend: str, q: torch.Tensor, pattern: AttentionPattern, **call) -> str:
+    """The kernel ``attention(q, ..., pattern, backend=backend, **call)`` runs: the dispatcher's choice
+    (``dispatch.py``), one of "dense", "sdpa", "flex", "fused", "blocked-torch"."""
+    return dispatch.choose(dispatch.mask_call(backend, q, pattern, **call))
 
 
 def attention(q, k, v, pattern: AttentionPattern, *, key_padding_mask=None, global_mask=None,
-              global_qkv=None, alibi_slopes=None, scale=None, backend: str = "auto", chunk=None):
+              global_qkv=None, alibi_slopes=None, scale=None, backend: str = "auto", chunk=None,
+              score_bias=None, mechanism: str | None = None):
     """Attention of q over k, v under ``pattern``. q, k, v: (B, H, n, d); returns (B, H, n, d).
 
     key_padding_mask (B, n) bool: True for real tokens. global_mask (B, n) bool: True for global tokens.
     global_qkv: optional (qg, kg, vg) from separate global projections. alibi_slopes (H,): ALiBi bias.
-    scale defaults to 1/sqrt(d). Any length works; the output has the input's length.
+    score_bias: a general bias callable ``bias(q_pos, k_pos) -> (H, tq, tk)`` (only the dense reference
+    takes one, whatever ``backend`` says). scale defaults to 1/sqrt(d). Any length works; the output has
+    the input's length. The kernel is the dispatcher's choice for ``backend`` (``dispatch.py``);
+    ``mechanism`` names the calling mechanism in its explanation.
     """
     check_inputs(q, k, v, key_padding_mask, global_mask, global_qkv, alibi_slopes)
     B, H, n, d = q.shape
-    backend = resolve_backend(backend, q, pattern)
+    backend = resolve_backend(backend, q, pattern, key_padding_mask=key_padding_mask, global_mask=global_mask,
+                              alibi_slopes=alibi_slopes, score_bias=score_bias, mechanism=mechanism)
     if key_padding_mask is not None:  # padded keys contribute nothing, whatever their values (NaN too)
         k, v = drop_padded(k, key_padding_mask), drop_padded(v, key_padding_mask)
         if global_qkv is not None:
@@ -80,7 +69,8 @@ def attention(q, k, v, pattern: AttentionPattern, *, key_padding_mask=None, glob
                           drop_padded(global_qkv[2], key_padding_mask))
     if backend == "dense":
         return dense_attention(q, k, v, pattern, key_padding_mask=key_padding_mask, global_mask=global_mask,
-                               global_qkv=global_qkv, alibi_slopes=alibi_slopes, scale=scale)
+                               global_qkv=global_qkv, alibi_slopes=alibi_slopes, scale=scale,
+                               score_bias=score_bias)
     scale = d ** -0.5 if scale is None else scale
     if global_mask is not None:
         global_mask = global_mask.bool()
@@ -94,8 +84,6 @@ def attention(q, k, v, pattern: AttentionPattern, *, key_padding_mask=None, glob
     if backend == "flex":
         out = _flex(q * scale, k, v, pattern, key_padding_mask, global_mask, alibi_slopes)
     elif backend == "sdpa":
-        if pattern.kind != "full":
-            raise LongctxError(f"backend 'sdpa' runs the full pattern only, not {pattern.kind!r}; use 'blocked'")
         out = _sdpa(q * scale, k, v, pattern, key_padding_mask, alibi_slopes)
     else:
         out = _blocked(q, k, v, pattern, key_padding_mask, global_mask, alibi_slopes, chunk,
@@ -194,7 +182,6 @@ def _blocked(q, k, v, pattern, key_padding_mask, global_mask, alibi_slopes, chun
     run in fp32 (the kernel's own buffers and softmax are fp32; the result is cast back), except bf16 on
     the fused kernel, whose products run in bf16 with fp32 softmax statistics. The fused kernel applies
     the scale itself; the pure-PyTorch kernel gets a scaled copy of q."""
-    fused = fused and q.dtype in fused_kernel.DTYPES
     if q.element_size() < 4 and not fused:
         with torch.autocast(q.device.type, enabled=False):
             out = _blocked(q.float(), k.float(), v.float(), pattern, key_padding_mask, global_mask,
@@ -281,14 +268,6 @@ def _sdpa(q, k, v, pattern, key_padding_mask, alibi_slopes):
     return out * has_any.to(out.dtype)
 
 
-def _flex_available() -> bool:
-    try:
-        from torch.nn.attention import flex_attention  # noqa: F401
-        return True
-    except ImportError:
-        return False
-
-
 _compiled_flex = None
 
 
@@ -298,8 +277,6 @@ def _flex(q, k, v, pattern, key_padding_mask, global_mask, alibi_slopes):
     global _compiled_flex
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    if not q.is_cuda and torch.is_grad_enabled() and q.requires_grad:
-        raise LongctxError("FlexAttention has no CPU backward in this PyTorch; use backend 'blocked' for training")
     B, H, n, d = q.shape
     heads = pattern.head_params(H, q.device).view(H)
 

@@ -14,7 +14,9 @@ The extension is compiled on first use with ``torch.utils.cpp_extension.load`` (
 cached under ``longctx.paths.cache_root()/ext``, keyed by the source, the PyTorch version and the CPU's
 flags (it is built with ``-march=native``). Without a C++ compiler (or ninja), or if the build fails,
 ``attention(backend="blocked")`` runs the pure-PyTorch kernel and says so once in the log;
-``backend="fused"`` asks for this kernel and raises instead.
+``backend="fused"`` asks for this kernel and raises instead. When this kernel runs, and the
+``LONGCTX_FUSED`` policy (never / only a prebuilt copy / build on first use), are decided in
+``dispatch.py``, which asks ``load`` here.
 
 Masks are what ``blocked.BandGeometry`` already builds from the pattern's predicate and ``compose``:
 the pattern on one chunk (or per chunk for a permuted, dilated sequence) and the key validity; the C++
@@ -32,7 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from longctx.attention.blocked import BandGeometry, band_attention
+from longctx.attention.blocked import BandGeometry
 from longctx.attention.patterns import AttentionPattern
 from longctx.errors import LongctxError
 from longctx.paths import cache_root
@@ -130,21 +132,6 @@ def profile(reset: bool = True) -> dict[str, float]:
     return dict(zip(PHASES, torch.ops.longctx_fused.band_profile(reset).tolist()))
 
 
-def _wants_build() -> bool:
-    """``LONGCTX_FUSED``: "0" never uses the extension; "prebuilt" uses only an already-built copy, never
-    compiling it for code that does not ask for it (backend "fused" still builds it): the test suite's
-    setting (tests/conftest.py), so that a test of something else does not wait a minute for a compiler
-    (tests/test_fused.py builds it); by default ("auto", or "1") it is built on first use."""
-    return os.environ.get("LONGCTX_FUSED", "auto") != "prebuilt"
-
-
-def use_fused(q: torch.Tensor) -> bool:
-    """The choice of backend "blocked": the fused kernel for fp32/bf16 CPU tensors when it is available."""
-    if os.environ.get("LONGCTX_FUSED") == "0" or q.device.type != "cpu" or q.dtype not in DTYPES:
-        return False
-    return load(build=_wants_build())
-
-
 def require() -> None:
     """For backend "fused": build or raise one sentence."""
     if os.environ.get("LONGCTX_FUSED") == "0":
@@ -222,12 +209,8 @@ def fused_band_attention(q, k, v, pattern: AttentionPattern, pos, *, dilation: i
                          scale: float = 1.0):
     """``blocked.band_attention`` of ``scale * q`` on the fused kernel (same arguments, same result; the
     scale is applied inside, so q is not copied). fp32 and bf16 run here (bf16 products, fp32 softmax
-    statistics); other dtypes, tracing, empty inputs (the C++ side splits its work by batch and head), or
-    no extension: the pure-PyTorch kernel."""
-    if torch.compiler.is_compiling() or q.dtype not in DTYPES or q.numel() == 0 or not load(build=False):
-        return band_attention(q * scale if scale != 1.0 else q, k, v, pattern, pos, dilation=dilation,
-                              key_valid=key_valid, kg=kg, vg=vg, g_pos=g_pos, g_valid=g_valid,
-                              alibi_slopes=alibi_slopes, chunk=chunk)
+    statistics), eagerly, on non-empty CPU tensors with the extension loaded: what the dispatcher
+    (``dispatch.py``) checks before it chooses this kernel."""
     B, H = q.shape[:2]
     geo = BandGeometry(pattern, dilation, pos, key_valid, g_pos, g_valid, alibi_slopes, B, H, chunk,
                        torch.float32)

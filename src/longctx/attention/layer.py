@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from longctx.attention import dispatch
 from longctx.attention.mechanism import MECHANISMS, LayerCache, LayerContext, Mechanism, build
 from longctx.attention.patterns import AttentionPattern
 from longctx.errors import LongctxError
@@ -124,6 +125,9 @@ class SelfAttention(nn.Module):
         if cache is not None and not mech.supports.cache:
             raise LongctxError(f"attention {mech.name!r} has no key-value cache; generate with use_cache=False")
         q, k, v = self.project(hidden, positions)
+        if mech.kernel_route == "approx":  # one kernel: the dispatcher records (and explains) the call
+            dispatch.choose(dispatch.approx_call(mech, q, causal=mech.ctx.causal, key_padding=key_padding_mask,
+                                                 global_mask=global_mask, bias=self.positions.bias))
         extra = {}
         if self.global_projections and global_mask is not None and cache is None:
             extra["global_qkv"] = self.project(hidden, positions, glob=True)

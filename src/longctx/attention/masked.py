@@ -6,7 +6,8 @@ padding, global tokens and causality in one place (``patterns.compose``). Causal
 model (``LayerContext.causal``); ``blockwise_causal`` is causal by definition.
 
 A score bias (ALiBi) arrives as the ``bias`` callable; the kernels take a linear distance bias natively
-(its ``slopes``), and any other callable runs on the dense reference.
+(its ``slopes``), and any other callable runs on the dense reference. Which kernel runs is the
+dispatcher's choice (``dispatch.py``).
 """
 from __future__ import annotations
 
@@ -52,6 +53,7 @@ class MaskMechanism(Mechanism):
 
     supports = Capabilities(causal=True, global_tokens=True, cache=True, score_bias=True,
                             global_projections=True)
+    kernel_route = "mask"  # attention()'s kernels (dispatch.py)
 
     def __init__(self, spec, ctx: LayerContext):
         super().__init__(spec, ctx)
@@ -68,21 +70,21 @@ class MaskMechanism(Mechanism):
     # -- the fast path --------------------------------------------------------------------------------
     def forward(self, q, k, v, *, key_padding=None, global_mask=None, positions=None, bias=None, cache=None,
                 global_qkv=None):
-        slopes, backend, score_bias = _bias_parts(bias, self.ctx.backend)
+        slopes, score_bias = _bias_parts(bias)
         slopes = None if slopes is None else slopes.to(q.dtype)
         if cache is not None:
             return self._cached(q, k, v, positions, slopes, cache)
-        if score_bias is not None:
-            return self.reference(q, k, v, key_padding=key_padding, global_mask=global_mask, bias=bias,
-                                  global_qkv=global_qkv)
+        # the kernel is the dispatcher's choice (a general score bias: the dense reference)
         return attention(q, k, v, self.pattern, key_padding_mask=key_padding, global_mask=global_mask,
-                         global_qkv=global_qkv, alibi_slopes=slopes, backend=backend)
+                         global_qkv=global_qkv, alibi_slopes=slopes, score_bias=score_bias,
+                         backend=self.ctx.backend, mechanism=self.name)
 
     def _cached(self, q, k, v, positions, slopes, cache: LayerCache):
         """Generation: new tokens at ``positions`` attend to the cached keys too; the cache keeps only
         the keys the pattern can still reach (its cache rule, ``min_visible_key``)."""
         if len(cache) == 0:  # prefill: the fast kernel over the prompt
-            out = attention(q, k, v, self.pattern, alibi_slopes=slopes, backend=self.ctx.backend)
+            out = attention(q, k, v, self.pattern, alibi_slopes=slopes, backend=self.ctx.backend,
+                            mechanism=self.name)
         else:
             out = attention_at(q, torch.cat([cache.k, k], 2), torch.cat([cache.v, v], 2), positions,
                                torch.cat([cache.pos, positions]), self.pattern, alibi_slopes=slopes)
@@ -93,7 +95,7 @@ class MaskMechanism(Mechanism):
     def reference(self, q, k, v, *, key_padding=None, global_mask=None, positions=None, bias=None,
                   global_qkv=None):
         from longctx.attention.reference import dense_attention
-        slopes, _, score_bias = _bias_parts(bias, "dense")
+        slopes, score_bias = _bias_parts(bias)
         return dense_attention(q, k, v, self.pattern, key_padding_mask=key_padding, global_mask=global_mask,
                                global_qkv=global_qkv, alibi_slopes=slopes, score_bias=score_bias)
 
@@ -125,16 +127,16 @@ class MaskMechanism(Mechanism):
         return s
 
 
-def _bias_parts(bias, backend: str):
-    """(ALiBi slopes for the kernels, backend, a general bias callable or None). A bias callable with a
-    ``slopes`` attribute is linear in |i - j| (ALiBi) and runs on every kernel; any other callable needs
-    the dense reference."""
+def _bias_parts(bias):
+    """(ALiBi slopes for the kernels, a general bias callable or None). A bias callable with a ``slopes``
+    attribute is linear in |i - j| (ALiBi) and runs on every kernel; any other callable needs the dense
+    reference (the dispatcher sends it there)."""
     if bias is None:
-        return None, backend, None
+        return None, None
     slopes = getattr(bias, "slopes", None)
     if slopes is not None:
-        return slopes, backend, None
-    return None, "dense", bias
+        return slopes, None
+    return None, bias
 
 
 @register

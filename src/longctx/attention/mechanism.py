@@ -81,6 +81,8 @@ class Mechanism(nn.Module):
     name: ClassVar[str] = ""
     Spec: ClassVar[type] = object
     supports: ClassVar[Capabilities] = Capabilities()
+    # which kernels can run it (dispatch.py): "mask" (attention()'s), "layout" (BigBird's), "approx" (its own, one)
+    kernel_route: ClassVar[str] = "approx"
     # config keys to run the mechanism with, by purpose; a purpose not given runs on the Spec defaults.
     # "test": small, for the contract and analysis tests (2 heads of dimension 8, up to 64 tokens, fp32
     # and fp64); "bench": ``longctx bench attention --impl longctx-NAME`` (hidden 768, 12 heads, 1k-64k tokens)

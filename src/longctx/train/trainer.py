@@ -418,9 +418,9 @@ class Trainer:
             # and the caching allocator goes on, so that steps at long lengths do not fault every large
             # activation in afresh (longctx.cpu_cache; LONGCTX_CPU_CACHE_MB=0 turns it off)
             from longctx import cpu_cache
-            from longctx.attention import fused
+            from longctx.attention import dispatch
             with phase("loading the fused CPU kernel (built once, then cached)", enabled=self.main and self.progress):
-                fused.use_fused(torch.empty(0))
+                dispatch.prepare_fused()
                 cpu_cache.setup()
             self.show.restart_clock()  # the steps' rate and ETA, not the kernel's build
         self._window_tokens, window_start = 0, time.perf_counter()
