@@ -235,3 +235,18 @@ def test_every_claims_recipe_loads_and_a_finetune_section_that_cannot_chunk_is_r
     (tmp_path / "sf.yaml").write_text(yaml.safe_dump(sf))
     with pytest.raises(LongctxError, match=r"variant 'text-only\+ft-headings', finetune.section_heading: .*expects str or bool"):
         load_comparison(str(tmp_path / "sf.yaml"), [])
+
+
+def test_a_run_made_with_other_settings_than_the_recipe_is_said_not_crashed(tmp_path, capsys):
+    """`longctx compare --config configs/lex-extrapolation.yaml extrapolation.multiples=[1,2]` has no 4L row."""
+    from longctx.cli import main
+
+    (tmp_path / "lex").mkdir()
+    rows = [{"length": n, "perplexity": 3.0, "per_example": [1.0, 1.1]} for n in (128, 256)]
+    ext = {"training_length": 128, "runs": {"plain": {"rows": rows}, "blockwise": {"rows": rows}}}
+    (tmp_path / "lex" / "results.json").write_text(json.dumps({
+        "variants": [{"name": p, "extrapolation": ext} for p in ("rope", "xpos")]}))
+    row = next(r for r in claims.evaluate_all(tmp_path) if r["key"] == "lex")
+    assert row["verdict"] == "not run as the recipe" and "no 512" in row["parts"][0]["ours"]
+    assert main(["claims", "table", "--out", str(tmp_path)]) == 0
+    assert "not run as the recipe" in capsys.readouterr().out

@@ -28,7 +28,7 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 # the default comparison (5 variants x 5 seeds, QA and ListOps finetuning) at a size that runs in seconds
 TINY_DEFAULT = ("seeds=1 train.steps=2 train.save_every=0 train.eval_batches=1 finetune.qa.lr=[1e-3] "
-                "finetune.qa.train.steps=2 finetune.qa.train.eval_every=2 finetune.qa.task.bootstrap=50 "
+                "finetune.qa.train.steps=2 finetune.qa.train.eval_every=2 finetune.qa.task.bootstrap=50 finetune.qa.task.eval_examples=24 "
                 "finetune.listops.train.steps=2 finetune.listops.task.train_size=64 "
                 "finetune.listops.task.dev_size=32 finetune.listops.task.test_size=32 "
                 "finetune.listops.task.bootstrap=50")
@@ -41,7 +41,7 @@ TINY = {
     "longctx compare --out runs-quick train.steps=10 finetune.qa.train.steps=20 finetune.qa.train.eval_every=10 "
     "finetune.listops.train.steps=10": TINY_DEFAULT,
     "longctx compare --config configs/lex-extrapolation.yaml":
-        TINY_CLM + " extrapolation.multiples=[1,2] extrapolation.tokens=256 extrapolation.max_docs=2",
+        TINY_CLM + " extrapolation.multiples=[1,2,4] extrapolation.tokens=512 extrapolation.max_docs=2",
     "longctx claims conversion": "train.steps=2 train.save_every=0 train.eval_batches=1",
     "longctx compare --config configs/longformer-charlm-windows.yaml": TINY_CLM,
     "longctx compare --config configs/longformer-charlm-dilation.yaml": TINY_CLM,

@@ -83,7 +83,14 @@ class Claim:
         if not path.exists():
             return {**row, "verdict": "not run", "parts": []}
         results = json.loads(path.read_text())
-        parts = self.measure(results)
+        try:
+            parts = self.measure(results)
+        except (KeyError, StopIteration, IndexError) as e:  # a run made with other settings than the recipe
+            what = f"no {e}" if isinstance(e, KeyError) else "a missing variant or row"
+            return {**row, "verdict": "not run as the recipe", "parts": [vars(Part(
+                "the run", "", f"{self.run}/results.json lacks what the claim reads ({what}): it was made with other "
+                f"settings than the recipe; rerun the command as printed", "not run as the recipe"))],
+                    "date": results.get("date") or _date(path), "machine": results.get("machine")}
         return {**row, "verdict": weakest(p.verdict for p in parts if p.in_verdict), "parts": [vars(p) for p in parts],
                 "date": results.get("date") or _date(path), "machine": results.get("machine")}
 
