@@ -335,3 +335,18 @@ def test_config_show_comparison_takes_overrides_and_every_shipped_comparison(cap
     assert comp["finetune"]["qa"]["task"]["max_chunks"] == 77
     assert main(["config", "show", "--config", str(root / "structformer.yaml"), "seeds=0"]) == 2  # checked as compare
     assert "seeds" in capsys.readouterr().err
+
+
+def test_overrides_merge_into_mappings_at_every_depth_unless_they_name_another_type():
+    cfg = C.resolve({"data": {"tokenizer": {"train": "wordpiece", "vocab_size": 4096}, "seq_len": 64},
+                     "stages": {"preset": "double", "phases": 2, "steps": 40},
+                     "model": {"attention": {"type": "bigbird", "block": 8, "random": 1}, "max_position_embeddings": 128}},
+                    ["data.tokenizer.vocab_size=1024", "stages.steps=5", "model.attention.random=2"])
+    assert cfg["data"]["tokenizer"] == {"train": "wordpiece", "vocab_size": 1024}
+    assert C.stage_list(cfg)[0]["steps"] == 5 and len(C.stage_list(cfg)) == 2
+    assert cfg["model"]["attention"] == {"type": "bigbird", "block": 8, "random": 2}
+    other = C.resolve({"model": {"attention": {"type": "bigbird", "block": 8, "random": 1}}},
+                      ["model.attention={type: sliding, window: 4}"])
+    assert other["model"]["attention"] == {"type": "sliding", "window": 4}  # not bigbird's block and random
+    assert C.resolve({"data": {"tokenizer": {"train": "bpe", "vocab_size": 512}}},
+                     ["data.tokenizer=bytes"])["data"]["tokenizer"] == "bytes"

@@ -47,9 +47,10 @@ TINY = {
     "longctx compare --config configs/longformer-charlm-dilation.yaml": TINY_CLM,
     "longctx compare --config configs/structformer.yaml":
         "train.steps=2 train.save_every=0 train.eval_every=2 train.eval_batches=1 finetune.section_heading.train.steps=2 "
-        "analysis.max_docs=2",
+        "finetune.section_heading.task.eval_examples=16 analysis.max_docs=2 data.seq_len=128 "
+        "finetune.section_heading.data.seq_len=128 data.tokenizer.vocab_size=1024",
     "longctx compare --config configs/compute-blocks-vs-longformer.yaml":
-        "seeds=1 compute.flops=[2e8,4e8] finetune.qa.lr=[1e-3] finetune.qa.train.steps=2 finetune.qa.train.eval_every=2 "
+        "seeds=1 compute.flops=[1.6e10,3.2e10] finetune.qa.lr=[1e-3] finetune.qa.train.steps=2 finetune.qa.train.eval_every=2 "
         "finetune.qa.task.bootstrap=50 train.eval_batches=1",
     "longctx compare train.steps=400 data.seq_len=8192 model.max_position_embeddings=8192":
         TINY_DEFAULT + " data.seq_len=1024 model.max_position_embeddings=1024 finetune.qa.train.eval_every=2",
@@ -59,14 +60,15 @@ TINY = {
     "longctx pretrain model.attention=sliding model.window=[32,64,128,256] model.num_hidden_layers=4": TINY_PRETRAIN,
     "longctx compare --config configs/structformer.yaml data.corpus=corpus/arxiv/structured.jsonl":
         "train.steps=2 train.save_every=0 train.eval_every=2 train.eval_batches=1 finetune.section_heading.train.steps=2 "
-        "analysis.max_docs=2 data.tokenizer.vocab_size=512",
+        "finetune.section_heading.task.eval_examples=16 analysis.max_docs=2 data.seq_len=128 "
+        "finetune.section_heading.data.seq_len=128 data.tokenizer.vocab_size=512",
     "longctx finetune --task qa --init-from runs/default/sliding-global/model":
         "train.steps=2 train.eval_every=2 task.bootstrap=50",
     "longctx finetune --task qa --init-from MODEL_DIR task.train_file=train.json task.dev_file=dev.json "
     "task.test_file=test.json": "train.steps=2 train.eval_every=2 task.bootstrap=50",
     "longctx finetune --task listops":
         "train.steps=2 task.train_size=64 task.dev_size=32 task.test_size=32 task.bootstrap=50",
-    "longctx compare train.budget.flops=1e12": TINY_DEFAULT + " train.budget.flops=2e8",
+    "longctx compare train.budget.flops=1e12": TINY_DEFAULT + " train.budget.flops=1.6e10",
     "longctx pretrain train.budget.seconds=120": "train.budget.seconds=2 train.save_every=0 train.eval_batches=1",
     "longctx bench attention --config benchmarks/attention.yaml":
         "--lengths 256 --repeats 1 --warmup 0 --impl longctx-sliding",

@@ -378,17 +378,36 @@ def _check_tree(update: dict) -> dict:
 # the public functions
 # ---------------------------------------------------------------------------------------------------
 def merge(base: dict, update: dict) -> dict:
-    """Deep-merge ``update`` into a copy of ``base`` (the sections model, data and train key by key;
-    any other value, a tokenizer spec or stages included, replaced whole), checking ``update``'s keys
-    and types against the declarations."""
-    checked = _check_tree(update or {})
-    out = copy.deepcopy(base)
-    for name, value in checked.items():
-        if name in ("model", *SECTIONS) and isinstance(out.get(name), dict):
-            out[name] = {**out[name], **copy.deepcopy(value)}
+    """Deep-merge ``update`` into a copy of ``base``, checking ``update``'s keys and types against the
+    declarations. Mappings merge key by key at every depth (``stages.steps=5`` keeps the stages' preset,
+    ``data.tokenizer.vocab_size=1024`` the tokenizer's algorithm), except that a mapping naming another
+    ``type`` (``model.attention={type: sliding, window: 32}`` over a BigBird spec) replaces the old one whole;
+    any other value (a list, a string such as ``data.tokenizer=bytes``) is replaced."""
+    if not isinstance(update or {}, dict):
+        return _check_tree(update)  # the one-sentence error
+    return _merged(base, _check_tree(_filled(base, update or {})))
+
+
+def _filled(base: dict, update: dict) -> dict:
+    """``update``'s keys with each value deep-merged over ``base``'s (a partial tokenizer spec or stages
+    mapping is checked as the whole it becomes)."""
+    out = {}
+    for name, value in update.items():
+        old = base.get(name)
+        if name in ("model", *SECTIONS) and isinstance(value, dict) and isinstance(old, dict):
+            out[name] = {k: _merged(old[k], v) if k in old else v for k, v in value.items()}
         else:
-            out[name] = copy.deepcopy(value)
+            out[name] = _merged(old, value) if old is not None else value
     return out
+
+
+def _merged(old, new):
+    if isinstance(old, dict) and isinstance(new, dict) and new.get("type", old.get("type")) == old.get("type"):
+        out = copy.deepcopy(old)
+        for key, value in new.items():
+            out[key] = _merged(old[key], value) if key in old else copy.deepcopy(value)
+        return out
+    return copy.deepcopy(new)
 
 
 def parse_overrides(items: list[str]) -> dict:
