@@ -48,10 +48,10 @@ TINY = {
     "longctx compare --config configs/structformer.yaml":
         "train.steps=2 train.save_every=0 train.eval_every=2 train.eval_batches=1 finetune.section_heading.train.steps=2 "
         "finetune.section_heading.task.eval_examples=16 analysis.max_docs=2 data.seq_len=128 "
-        "finetune.section_heading.data.seq_len=128 data.tokenizer.vocab_size=1024",
+        "data.tokenizer.vocab_size=1024",
     "longctx compare --config configs/compute-blocks-vs-longformer.yaml":
         "seeds=1 compute.flops=[1.6e10,3.2e10] finetune.qa.lr=[1e-3] finetune.qa.train.steps=2 finetune.qa.train.eval_every=2 "
-        "finetune.qa.task.bootstrap=50 train.eval_batches=1",
+        "finetune.qa.task.bootstrap=50 finetune.qa.task.eval_examples=24 train.eval_batches=1",
     "longctx compare train.steps=400 data.seq_len=8192 model.max_position_embeddings=8192":
         TINY_DEFAULT + " data.seq_len=1024 model.max_position_embeddings=1024 finetune.qa.train.eval_every=2",
     "longctx pretrain --config configs/longformer-charlm-staged.yaml data.corpus=my_text/":
@@ -61,7 +61,7 @@ TINY = {
     "longctx compare --config configs/structformer.yaml data.corpus=corpus/arxiv/structured.jsonl":
         "train.steps=2 train.save_every=0 train.eval_every=2 train.eval_batches=1 finetune.section_heading.train.steps=2 "
         "finetune.section_heading.task.eval_examples=16 analysis.max_docs=2 data.seq_len=128 "
-        "finetune.section_heading.data.seq_len=128 data.tokenizer.vocab_size=512",
+        "data.tokenizer.vocab_size=512",
     "longctx finetune --task qa --init-from runs/default/sliding-global/model":
         "train.steps=2 train.eval_every=2 task.bootstrap=50",
     "longctx finetune --task qa --init-from MODEL_DIR task.train_file=train.json task.dev_file=dev.json "
