@@ -202,9 +202,11 @@ def software_versions() -> dict:
     import sys
     from importlib import metadata
     out = {"python": sys.version.split()[0]}
-    for pkg in ("longctx", "torch", "transformers", "numpy", "tokenizers"):
+    # longctx's distribution is longctx-toolkit ("longctx" on PyPI is another project)
+    for pkg, dist in (("longctx", "longctx-toolkit"), ("torch", "torch"), ("transformers", "transformers"),
+                      ("numpy", "numpy"), ("tokenizers", "tokenizers")):
         try:
-            out[pkg] = metadata.version(pkg)
+            out[pkg] = metadata.version(dist)
         except metadata.PackageNotFoundError:
             out[pkg] = None
     return out
