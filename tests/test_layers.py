@@ -23,7 +23,7 @@ Layers, lowest first (a module's layer is that of its top-level name under src/l
 5. train.
 6. eval (its cli imports train's config and evaluation loop: downward).
 7. experiments.
-8. convert, bench, export, export_cli, config_cli, attention_cli, cli: entry points and integrations.
+8. convert, bench, export, export_cli, config_cli, attention_cli, cli, lm_eval: entry points and integrations.
    Nothing in the package imports them except cli (by name, through importlib) and export_cli (export); otherwise they
    import from layers 0-5 (convert: models, positions; bench: attention, models, cpu_cache, the root;
    export: attention, models, tasks; config_cli: train's config; attention_cli: attention, models,
@@ -61,6 +61,7 @@ LAYERS = {
     "eval": 6,
     "experiments": 7,
     "convert": 8, "bench": 8, "export": 8, "export_cli": 8, "config_cli": 8, "attention_cli": 8, "cli": 8,
+    "lm_eval": 8,
 }
 
 # (importing module, imported module): why it stays for now

@@ -65,7 +65,7 @@ def test_onnx_export_without_onnxscript_names_the_export_extra(lm_512, tmp_path,
     monkeypatch.setitem(sys.modules, "onnxscript", None)  # as after the README's install: not importable
     assert main(["export", str(lm_512), str(tmp_path / "x.onnx")]) == 2
     err = capsys.readouterr().err
-    assert "pip install 'longctx[export]'" in err.strip().splitlines()[-1] and "Traceback" not in err, err
+    assert "pip install 'longctx-toolkit[export]'" in err.strip().splitlines()[-1] and "Traceback" not in err, err
     assert not list(tmp_path.iterdir())
 
 
@@ -74,7 +74,7 @@ def test_the_test_extra_includes_the_export_extra():
     from pathlib import Path
 
     extras = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-    assert set(extras["export"]) == {"onnxscript", "onnxruntime"} and "longctx[export]" in extras["test"]
+    assert set(extras["export"]) == {"onnxscript", "onnxruntime"} and "longctx-toolkit[export]" in extras["test"]
 
 
 # --- item 6: eval refuses a model without a language-model head ---

@@ -214,3 +214,27 @@ def test_niah_single_is_learned_by_a_tiny_model_above_its_untrained_self(tmp_pat
     trained = run_finetune(cfg, "ruler_niah_single", tmp_path / "run", progress=False)["eval"]
     diff = np.array(trained["per_example_exact_match"]) - np.array(untrained["per_example_exact_match"])
     assert diff.mean() > 0.15 and (diff > 0).sum() > 5 * max(1, (diff < 0).sum()), (trained, untrained)
+
+
+def test_a_comparison_draws_a_depth_length_heatmap_for_every_ruler_task(tmp_path):
+    """report.ruler_heatmaps: one PNG per ruler_* task and variant from the chosen runs' test evaluations
+    (pooled over seeds); other tasks and runs of another learning rate are not drawn."""
+    import json as _json
+    from longctx.experiments.report import ruler_heatmaps
+
+    def run(name, em):
+        d = tmp_path / name
+        d.mkdir()
+        test = {"per_example_depth": [0.1, 0.5, 0.9, 0.1], "per_example_length": [100, 100, 200, 200],
+                "per_example_exact_match": em}
+        (d / "results.json").write_text(_json.dumps({"test": test}))
+        (d / "run_config.json").write_text(_json.dumps({"task": {"depth_bins": 2}}))
+        return str(d)
+
+    results = [{"variant": "sliding", "finetune": {
+        "ruler_niah_single": {"runs": [{"lr": 1e-3, "dir": run("a", [1, 0, 1, 1]), "test": 0.75},
+                                       {"lr": 1e-3, "dir": run("b", [1, 1, 0, 1]), "test": 0.75},
+                                       {"lr": 1e-4, "dir": run("c", [0, 0, 0, 0])}]},
+        "qa": {"runs": [{"lr": 1e-3, "dir": run("d", [0, 0, 0, 0]), "test": 0.0}]}}}]
+    paths = ruler_heatmaps(results, tmp_path)
+    assert [p.name for p in paths] == ["ruler_niah_single_sliding.png"] and paths[0].stat().st_size > 1000

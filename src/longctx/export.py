@@ -147,7 +147,7 @@ def export_onnx(model: nn.Module, path: str | Path, *, max_global: int | None = 
         import onnxscript  # noqa: F401
     except ImportError:
         raise LongctxError("exporting to ONNX needs onnxscript, which is not installed: pip install "
-                           "'longctx[export]' (in a clone: pip install -e '.[export]')") from None
+                           "'longctx-toolkit[export]' (in a clone: pip install -e '.[export]')") from None
     program, spec = export_program(model, max_global=max_global, example_len=example_len)
     path = Path(path)
     with _tracing_settings(spec.max_global):

@@ -202,9 +202,11 @@ def software_versions() -> dict:
     import sys
     from importlib import metadata
     out = {"python": sys.version.split()[0]}
-    for pkg in ("longctx", "torch", "transformers", "numpy", "tokenizers"):
+    # longctx's distribution is longctx-toolkit ("longctx" on PyPI is another project)
+    for pkg, dist in (("longctx", "longctx-toolkit"), ("torch", "torch"), ("transformers", "transformers"),
+                      ("numpy", "numpy"), ("tokenizers", "tokenizers")):
         try:
-            out[pkg] = metadata.version(pkg)
+            out[pkg] = metadata.version(dist)
         except metadata.PackageNotFoundError:
             out[pkg] = None
     return out
@@ -274,6 +276,12 @@ def write_report(comp: dict, results: list[dict], out: Path) -> dict:
                    extrapolation_table(results, "attention_resolution"), ""]
         md += ["![perplexity_vs_length](perplexity_vs_length.png)"]
     md += [""] + downstream_lines(results, study)
+    heatmaps = ruler_heatmaps(results, out)
+    if heatmaps:
+        md += ["", "### RULER: exact match by needle depth and context length", "",
+               "One heatmap per RULER task and variant (test split, the chosen learning rate's runs; a cell is the mean "
+               "exact match over its examples and seeds, blank where no example fell):", ""]
+        md += [f"- `{p.name}`: ![{p.stem}]({p.name})" for p in heatmaps] + [""]
     if not any(r.get("finetune") for r in results):
         md += ranking_lines(study)
     md += shows_lines(study)
@@ -287,6 +295,44 @@ def write_report(comp: dict, results: list[dict], out: Path) -> dict:
     md += ["", f"Machine: {m.get('cpu', '?')}, {m['cpus']} CPUs, {m['platform']}; run {summary.get('date', '?')}.", ""]
     write_text(out / "report.md", "\n".join(md))
     return summary
+
+
+def ruler_heatmaps(results: list[dict], out: Path) -> list[Path]:
+    """``ruler_<task>_<variant>.png`` for every ruler_* task of the finetune section: exact match by needle
+    depth and context length on the test split, pooled over the chosen learning rate's runs (seeds; same
+    test examples); a run folder without per-example depths (an older longctx) is skipped."""
+    import numpy as np
+
+    from longctx.tasks.ruler import depth_length_table
+    from longctx.plots import heatmap_figure
+
+    paths = []
+    for r in results:
+        for task, ft in sorted((r.get("finetune") or {}).items()):
+            if not task.startswith("ruler_"):
+                continue
+            tests, bins = [], 5
+            for run in ft.get("runs", []):
+                if "test" not in run:  # not the chosen learning rate
+                    continue
+                d = Path(run["dir"])
+                try:
+                    res = json.loads((d / "results.json").read_text())
+                    cfg = json.loads((d / "run_config.json").read_text()) if (d / "run_config.json").exists() else {}
+                except (OSError, json.JSONDecodeError):
+                    continue
+                t = res.get("test") or {}
+                if "per_example_depth" in t:
+                    tests.append(t)
+                    bins = int(((cfg.get("task") or {}).get("depth_bins")) or bins)
+            if not tests:
+                continue
+            em = np.mean([t["per_example_exact_match"] for t in tests], axis=0)
+            m, rows, cols = depth_length_table(tests[0]["per_example_depth"], tests[0]["per_example_length"], em, bins)
+            paths.append(heatmap_figure(out / f"{task}_{r['variant']}.png", m, rows, [str(c) for c in cols],
+                                        "context length", "needle depth",
+                                        title=f"{task}, {r['variant']}: exact match ({len(tests)} run(s))"))
+    return paths
 
 
 def _plots(results: list[dict], out: Path) -> list[Path]:

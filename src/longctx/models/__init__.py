@@ -4,6 +4,7 @@ from transformers import (
     AutoModel,
     AutoModelForCausalLM,
     AutoModelForMaskedLM,
+    AutoModelForMultipleChoice,
     AutoModelForQuestionAnswering,
     AutoModelForSequenceClassification,
 )
@@ -13,6 +14,7 @@ from longctx.models.loading import load_longctx_model
 from longctx.models.modeling import (
     LongctxForCausalLM,
     LongctxForMaskedLM,
+    LongctxForMultipleChoice,
     LongctxForQuestionAnswering,
     LongctxForSequenceClassification,
     LongctxModel,
@@ -24,9 +26,10 @@ AutoConfig.register("longctx", LongctxConfig, exist_ok=True)
 for auto, cls in [(AutoModel, LongctxModel), (AutoModelForMaskedLM, LongctxForMaskedLM),
                   (AutoModelForCausalLM, LongctxForCausalLM),
                   (AutoModelForQuestionAnswering, LongctxForQuestionAnswering),
-                  (AutoModelForSequenceClassification, LongctxForSequenceClassification)]:
+                  (AutoModelForSequenceClassification, LongctxForSequenceClassification),
+                  (AutoModelForMultipleChoice, LongctxForMultipleChoice)]:
     auto.register(LongctxConfig, cls, exist_ok=True)
 
 __all__ = ["LongctxConfig", "LongctxModel", "LongctxPreTrainedModel", "LongctxForMaskedLM",
-           "LongctxForCausalLM", "LongctxForQuestionAnswering", "LongctxForSequenceClassification",
+           "LongctxForCausalLM", "LongctxForQuestionAnswering", "LongctxForSequenceClassification", "LongctxForMultipleChoice",
            "question_global_mask", "load_longctx_model"]

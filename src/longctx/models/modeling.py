@@ -14,6 +14,7 @@ from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
+    MultipleChoiceModelOutput,
     BaseModelOutputWithPast,
     CausalLMOutputWithPast,
     MaskedLMOutput,
@@ -289,6 +290,40 @@ class LongctxForSequenceClassification(LongctxPreTrainedModel):
             else:
                 loss = F.binary_cross_entropy_with_logits(logits.float(), labels.float())
         return SequenceClassifierOutput(loss=loss, logits=logits, attentions=base.attentions)
+
+
+class LongctxForMultipleChoice(LongctxPreTrainedModel):
+    """Multiple choice (QuALITY-style): ``input_ids`` (batch, options, n), one sequence per option; each is
+    scored from its first token and the options' scores are a softmax (cross-entropy over the options).
+    ``option_mask`` (batch, options) marks real options where a batch pads their number (padding scores
+    -inf). Global tokens: ``global_attention_mask`` (batch, options, n); none given: the first token."""
+
+    def __init__(self, config: LongctxConfig):
+        super().__init__(config)
+        self.longctx = LongctxModel(config)
+        drop = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dropout = nn.Dropout(drop)
+        self.classifier = nn.Linear(config.hidden_size, 1)
+        self.post_init()
+
+    def forward(self, input_ids, attention_mask=None, global_attention_mask=None, position_ids=None,
+                labels=None, option_mask=None, output_attentions: bool = False, **kwargs):
+        if input_ids.dim() != 3:
+            raise LongctxError(f"multiple choice takes input_ids of shape (batch, options, length), got {tuple(input_ids.shape)}")
+        b, c, n = input_ids.shape
+        flat = lambda t: None if t is None else t.reshape(b * c, *t.shape[2:])  # noqa: E731
+        if global_attention_mask is None:
+            global_attention_mask = torch.zeros_like(input_ids, dtype=torch.bool)
+            global_attention_mask[..., 0] = True
+        base = self.longctx(flat(input_ids), flat(attention_mask), flat(global_attention_mask), flat(position_ids),
+                            output_attentions=output_attentions)
+        h = base.last_hidden_state[:, 0]
+        logits = self.classifier(self.dropout(torch.tanh(self.dense(self.dropout(h))))).view(b, c).float()
+        if option_mask is not None:
+            logits = logits.masked_fill(~option_mask.bool(), float("-inf"))
+        loss = F.cross_entropy(logits, labels) if labels is not None else None
+        return MultipleChoiceModelOutput(loss=loss, logits=logits, attentions=base.attentions)
 
 
 def question_global_mask(input_ids: torch.Tensor, sep_token_id: int | None) -> torch.Tensor:

@@ -39,7 +39,7 @@ class ClassificationBase(FinetuneTask):
     def load_splits(self):
         from longctx.tasks.files import read_user_splits
         self._first_label = None  # (label, where): every later label must be of its kind
-        out = read_user_splits(self.opts, self.name, self._check)
+        out = read_user_splits(self.opts, self.name, self._check, task=self.name, seed=data_seed(self.cfg))
         if out is None:
             out = self.builtin_splits()
         self._label_set(out)

@@ -8,6 +8,8 @@ line); each task declares them with defaults in ``OPTIONS``, and the experiment 
 
 - ``train_file`` / ``dev_file`` / ``test_file``: the user's data (JSONL, JSON, CSV, Parquet); none given:
   the task's built-in data, made from what ships on the machine;
+- ``dataset`` / ``schema``: the user's data as one path and the published schema of its rows
+  (``longctx.tasks.schemas``: TriviaQA, HotpotQA, Qasper, NarrativeQA, QuALITY, SCROLLS);
 - ``global_tokens``: the task's global-attention preset (``question`` for QA, ``first`` for
   classification) or ``none`` (no global token: a sliding window then sees only its window);
 - ``eval_examples``: evaluate on the first N examples of a split (0: all);
@@ -24,7 +26,8 @@ import torch
 from longctx.errors import LongctxError
 from longctx.tasks.base import Task
 
-COMMON_OPTIONS = {"train_file": None, "dev_file": None, "test_file": None, "global_tokens": None,
+COMMON_OPTIONS = {"train_file": None, "dev_file": None, "test_file": None, "dataset": None, "schema": None,
+                  "global_tokens": None,
                   "eval_examples": 0, "bootstrap": 1000}
 SPLITS = ("train", "dev", "test")
 
@@ -34,6 +37,10 @@ OPTION_HELP = {
     "train_file": "the training split: a JSONL, JSON, CSV or Parquet file (none: the task's built-in data)",
     "dev_file": "the dev split (learning rates and best checkpoints are chosen on it)",
     "test_file": "the test split (scored once, on the final or chosen model)",
+    "dataset": "the user's data as one path: a datasets save_to_disk folder, a folder of Parquet / JSON / CSV files "
+               "or one file (splits from their names; docs/tasks.md)",
+    "schema": "the published schema of task.dataset's rows: squad, triviaqa, hotpotqa, qasper, narrativeqa, quality, "
+              "scrolls_* (none: the task's own fields)",
     "global_tokens": "the task's global-attention preset (question for QA, first for classification) or none",
     "eval_examples": "evaluate on the first N examples of a split (0: all)",
     "bootstrap": "resamples of the 95% bootstrap intervals",
@@ -158,7 +165,7 @@ class FinetuneTask(Task):
         self.splits = self.load_splits()
         for split in SPLITS:
             if not self.splits.get(split):
-                where = self.opts.get(f"{split}_file") or "the built-in data"
+                where = self.opts.get(f"{split}_file") or self.opts.get("dataset") or "the built-in data"
                 raise LongctxError(f"the {split} split of task {self.name!r} is empty ({where}); give it examples")
         self.tokenizer = self.make_tokenizer()
 

@@ -78,17 +78,52 @@ def _squad_nested(p: Path, what: str, path) -> list[dict] | None:
     return rows
 
 
-def read_user_splits(opts: dict, what: str, check) -> dict | None:
-    """train / dev / test from the user's ``task.{split}_file`` options, each row passed through
-    ``check(row, where)``; None when no file is given (the task then uses its built-in data)."""
+def read_user_splits(opts: dict, what: str, check, task: str | None = None, seed: int = 0) -> dict | None:
+    """train / dev / test from the user's data, each row passed through ``check(row, where)``; None when
+    none is given (the task then uses its built-in data). The data: ``task.dataset`` (a ``save_to_disk``
+    folder, a folder of data files or one file) or ``task.{split}_file`` (train and dev at least), each
+    row read in ``task.schema`` (``longctx.tasks.schemas``) when one is given. A missing dev or test split
+    is made as ``schemas.assemble`` says, and the log says so."""
+    from longctx.tasks import schemas
+
     splits = ("train", "dev", "test")
-    if not any(opts[f"{s}_file"] for s in splits):
+    dataset, schema = opts.get("dataset"), opts.get("schema")
+    files = {s: opts[f"{s}_file"] for s in splits if opts.get(f"{s}_file")}
+    if not dataset and not files:
+        if schema:
+            raise LongctxError(f"task.schema={schema} names the fields of your data, but no data is given; add "
+                               "task.dataset=PATH (or task.train_file and task.dev_file)")
         return None
-    out = {}
+    schemas.check_schema(schema, task or what)
+    if dataset and files:
+        raise LongctxError("give task.dataset or task.train_file / dev_file / test_file, not both")
+    if dataset:
+        source = f"task.dataset {dataset}"
+        raw = schemas.read_dataset(dataset)
+    else:
+        source = "task.train_file / dev_file"
+        for s in ("train", "dev"):
+            if s not in files:
+                raise LongctxError(f"task.{s}_file is missing: with your own data give train_file, dev_file "
+                                   "and test_file (or train_file and dev_file: the test split is then your dev file "
+                                   "and a dev split is carved from train)")
+        raw = {s: read_records(f, f"{what} {s}") for s, f in files.items()}
+    notes: list[str] = []
+    converted = {}
+    for s, rows in raw.items():
+        where = opts.get(f"{s}_file") or f"{source} {s}"
+        records, dropped, unlabelled = schemas.convert(rows, schema, where)
+        if unlabelled and s != "train":
+            notes.append(f"{source}: the {s} split has no answers (a published test split); left out")
+            continue
+        if dropped:
+            notes.append(f"{source}: {sum(dropped.values())} of the {s} split's questions dropped ("
+                         + "; ".join(f"{n}: {r}" for r, n in dropped.most_common()) + f"), {len(records)} kept")
+        converted[s] = records
+    out = schemas.assemble(converted, seed, notes, source)
+    checked = {}
     for s in splits:
-        if not opts[f"{s}_file"]:
-            raise LongctxError(f"task.{s}_file is missing: with your own data give train_file, dev_file "
-                               "and test_file")
-        rows = read_records(opts[f"{s}_file"], f"{what} {s}")
-        out[s] = [check(r, f"{opts[f'{s}_file']} row {i + 1}") for i, r in enumerate(rows)]
-    return out
+        where = opts.get(f"{s}_file") if not dataset and s in files else f"{source} {s}"
+        checked[s] = [check(r, f"{where} row {i + 1}") for i, r in enumerate(out.get(s, []))]
+    schemas.say(notes)
+    return checked

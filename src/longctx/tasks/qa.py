@@ -28,13 +28,16 @@ from longctx.tasks.common import SPLITS, FinetuneTask, pad_batch
 
 def _answers(row: dict, where: str) -> tuple[list[str], list[int]]:
     ans = row["answers"]
+    if isinstance(ans, str):  # a CSV's column: JSON, or what datasets' to_csv writes
+        from longctx.tasks.schemas import parse_answers_string
+        ans = parse_answers_string(ans)
     if isinstance(ans, dict) and "text" in ans and "answer_start" in ans:
         texts, starts = list(ans["text"]), list(ans["answer_start"])
     elif isinstance(ans, list) and all(isinstance(a, dict) and "text" in a and "answer_start" in a for a in ans):
         texts, starts = [a["text"] for a in ans], [a["answer_start"] for a in ans]
     else:
         raise LongctxError(f"{where}: 'answers' must be {{text: [...], answer_start: [...]}} or a list of "
-                           f"{{text, answer_start}}, got {ans!r:.80}")
+                           f"{{text, answer_start}}, got {row['answers']!r:.80}")
     if not texts or len(texts) != len(starts):
         raise LongctxError(f"{where}: 'answers' needs at least one answer and as many answer_start as text")
     return [str(t) for t in texts], [int(s) for s in starts]
@@ -74,7 +77,7 @@ class QATask(FinetuneTask):
 
     def load_splits(self):
         from longctx.tasks.files import read_user_splits
-        out = read_user_splits(self.opts, "QA", check_record)
+        out = read_user_splits(self.opts, "QA", check_record, task="qa", seed=data_seed(self.cfg))
         if out is not None:
             return out
         from longctx.tasks.builtin import corpus_splits, qa_records

@@ -57,16 +57,25 @@ def matmul_weights(model: nn.Module) -> dict[str, int]:
     return out
 
 
+def _flat(batch: dict) -> dict:
+    """A multiple-choice batch's (B, options, n) tensors as the (B * options, n) sequences the model runs."""
+    if batch["input_ids"].dim() != 3:
+        return batch
+    return {k: v.reshape(-1, v.shape[-1]) if k in ("input_ids", "attention_mask", "global_attention_mask")
+            and v is not None else v for k, v in batch.items()}
+
+
 def _global_mask(model, batch: dict) -> torch.Tensor | None:
     """(B, n) bool: the batch's global tokens, or the ones the model's head puts there by default."""
-    from longctx.models.modeling import (LongctxForQuestionAnswering, LongctxForSequenceClassification,
-                                         question_global_mask)
+    from longctx.models.modeling import (LongctxForMultipleChoice, LongctxForQuestionAnswering,
+                                         LongctxForSequenceClassification, question_global_mask)
 
+    batch = _flat(batch)
     ids = batch["input_ids"]
     gm = batch.get("global_attention_mask")
     if gm is None and isinstance(model, LongctxForQuestionAnswering):
         gm = question_global_mask(ids, model.config.sep_token_id)
-    elif gm is None and isinstance(model, LongctxForSequenceClassification):
+    elif gm is None and isinstance(model, (LongctxForSequenceClassification, LongctxForMultipleChoice)):
         gm = torch.zeros_like(ids, dtype=torch.bool)
         gm[:, 0] = True
     return None if gm is None or not bool(gm.bool().any()) else gm.bool()
@@ -75,12 +84,13 @@ def _global_mask(model, batch: dict) -> torch.Tensor | None:
 def head_positions(model, batch: dict) -> int:
     """Positions the task head runs on: the masked positions of a masked LM (``LongctxForMaskedLM`` skips
     the rest), the first token of each sequence for classification, every position otherwise."""
-    from longctx.models.modeling import LongctxForMaskedLM, LongctxForSequenceClassification
+    from longctx.models.modeling import LongctxForMaskedLM, LongctxForMultipleChoice, LongctxForSequenceClassification
 
+    batch = _flat(batch)
     B, n = batch["input_ids"].shape
     if isinstance(model, LongctxForMaskedLM) and batch.get("labels") is not None:
         return int((batch["labels"] != -100).sum())
-    if isinstance(model, LongctxForSequenceClassification):
+    if isinstance(model, (LongctxForSequenceClassification, LongctxForMultipleChoice)):
         return B
     return B * n
 
@@ -90,6 +100,7 @@ def step_flops(model, batch: dict) -> float:
     it runs on, plus 3 x every layer mechanism's forward FLOPs for every sequence, with its global tokens."""
     from longctx.attention.mechanism import Mechanism
 
+    batch = _flat(batch)
     B, n = batch["input_ids"].shape
     w = matmul_weights(model)
     gm = _global_mask(model, batch)

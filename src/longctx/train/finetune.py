@@ -20,7 +20,8 @@ from longctx.errors import LongctxError
 
 RULER_NAMES = ("ruler_niah_single", "ruler_niah_multikey", "ruler_niah_multivalue", "ruler_niah_multiquery",
                "ruler_vt", "ruler_cwe", "ruler_fwe", "ruler_qa")  # all in tasks/ruler.py
-TASK_NAMES = ("qa", "qa_describe", "classification", "listops", "text", "retrieval", "section_heading", *RULER_NAMES)
+TASK_NAMES = ("qa", "qa_describe", "classification", "multiple_choice", "listops", "text", "retrieval", "section_heading",
+              *RULER_NAMES)
 
 
 def task_class(name: str):
