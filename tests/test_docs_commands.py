@@ -52,7 +52,7 @@ TINY = {
     "longctx compare --config configs/compute-blocks-vs-longformer.yaml":
         "seeds=1 compute.flops=[1.6e10,3.2e10] finetune.qa.lr=[1e-3] finetune.qa.train.steps=2 finetune.qa.train.eval_every=2 "
         "finetune.qa.task.bootstrap=50 finetune.qa.task.eval_examples=24 train.eval_batches=1",
-    "longctx compare train.steps=400 data.seq_len=8192 model.max_position_embeddings=8192":
+    "longctx compare --out runs-8k train.steps=400 data.seq_len=8192 model.max_position_embeddings=8192":
         TINY_DEFAULT + " data.seq_len=1024 model.max_position_embeddings=1024 finetune.qa.train.eval_every=2",
     "longctx pretrain --config configs/longformer-charlm-staged.yaml data.corpus=my_text/":
         "train.steps=3 stages.steps=1 train.eval_every=0 train.save_every=0 train.eval_batches=1 train.batch_size=2 "
@@ -68,7 +68,7 @@ TINY = {
     "task.test_file=test.json": "train.steps=2 train.eval_every=2 task.bootstrap=50",
     "longctx finetune --task listops":
         "train.steps=2 task.train_size=64 task.dev_size=32 task.test_size=32 task.bootstrap=50",
-    "longctx compare train.budget.flops=1e12": TINY_DEFAULT + " train.budget.flops=1.6e10",
+    "longctx compare --out runs-flops train.budget.flops=1e12": TINY_DEFAULT + " train.budget.flops=1.6e10",
     "longctx pretrain train.budget.seconds=120": "train.budget.seconds=2 train.save_every=0 train.eval_batches=1",
     "longctx bench attention --config benchmarks/attention.yaml":
         "--lengths 256 --repeats 1 --warmup 0 --impl longctx-sliding",
