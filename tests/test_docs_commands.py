@@ -58,7 +58,7 @@ TINY = {
         "train.steps=3 stages.steps=1 train.eval_every=0 train.save_every=0 train.eval_batches=1 train.batch_size=2 "
         "model.num_hidden_layers=2",
     "longctx pretrain model.attention=sliding model.window=[32,64,128,256] model.num_hidden_layers=4": TINY_PRETRAIN,
-    "longctx compare --config configs/structformer.yaml data.corpus=corpus/arxiv/structured.jsonl":
+    "longctx compare --config configs/structformer.yaml --out runs-arxiv data.corpus=corpus/arxiv/structured.jsonl":
         "train.steps=2 train.save_every=0 train.eval_every=2 train.eval_batches=1 finetune.section_heading.train.steps=2 "
         "finetune.section_heading.task.eval_examples=16 analysis.max_docs=2 data.seq_len=128 "
         "data.tokenizer.vocab_size=512",
