@@ -244,3 +244,22 @@ def test_bench_hf_train_case_runs(tmp_path):
         assert c["status"] == "ok" and c["finite"] and c["tokens_per_s"] == pytest.approx(64 / c["step_s"])
         assert c["peak_bytes"] >= 0
     assert "Finetuning step" in (out / "results.md").read_text()
+
+
+@pytest.mark.parametrize("name", ["qwen2", "gemma3"])
+def test_right_padded_causal_global_layers_run_sdpa_flash(name):
+    """A causal global layer with right padding only (how causal-LM finetuning batches are padded) runs
+    SDPA's causal flash kernel, forward and backward, with no mask: the loss and gradients equal eager's."""
+    cls, cfg = _model(name)
+    eager, ours = _twins(cls, cfg)
+    ids, _, _ = _batch(name)
+    mask = (torch.arange(N)[None, :] < torch.tensor([[N], [29], [17]])).long()
+    labels = ids.masked_fill(mask == 0, -100)
+    le, ge = _loss_and_grads(eager, ids, mask, labels)
+    ll, gl = _loss_and_grads(ours, ids, mask, labels)
+    assert abs(le.item() - ll.item()) < 1e-5
+    for k in ge:
+        err = (ge[k] - gl[k]).abs().max().item()
+        assert err <= 1e-5 * max(1.0, ge[k].abs().max().item()) and err <= 1e-4 * ge[k].abs().max().item(), k
+    nodes = _backward_nodes(ours(input_ids=ids, attention_mask=mask, labels=labels).loss)
+    assert "ScaledDotProductFlashAttentionForCpuBackward0" in nodes and nodes & BAND, sorted(nodes)

@@ -9,8 +9,10 @@ the name "longctx":
   first query and key. Nothing of size n x n is ever made; the pattern itself comes from the layer
   (``sliding_window``, ``is_causal``) when attention runs;
 - the attention function runs sliding layers on longctx's blocked kernel (memory O(n * w)) and global
-  layers on PyTorch's SDPA (or, for a causal layer with padding, which SDPA could only take as an n x n
-  mask, on the blocked kernel with the full causal pattern). A decoding step (few queries against the
+  layers on PyTorch's SDPA (or, for a causal layer with left padding, which SDPA could only take as an
+  n x n mask, on the blocked kernel with the full causal pattern; right padding needs no mask causally).
+  Backward runs on the same kernels: the band kernel's own (recomputing each block's probabilities) and
+  SDPA's flash backward, so a training step holds nothing of size n x n either. A decoding step (few queries against the
   key-value cache) is a small dense product over the cached keys.
 
 Hugging Face's ``sliding_window`` counts the query itself: flash-attention's convention, which every
@@ -156,8 +158,20 @@ def _self_attention(q, k, v, pattern: AttentionPattern, key_valid, scale: float)
         return F.scaled_dot_product_attention(q, k, v, is_causal=pattern.causal, scale=scale)
     if not pattern.causal:  # key padding broadcasts as (B, 1, 1, n): no n x n mask
         return F.scaled_dot_product_attention(q, k, v, attn_mask=key_valid[:, None, None, :], scale=scale)
-    # causal with padding: SDPA would need the n x n mask; the blocked kernel needs none
+    if not _is_tracing() and _right_padded(key_valid):
+        # padding only at the ends of rows: a real query never reaches a padded key causally, so SDPA's
+        # causal kernel (flash, forward and backward) gives every real position the same result; padded
+        # positions' outputs are garbage under every implementation, and no real position reads them
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    # causal with left or inner padding: SDPA would need the n x n mask; the blocked kernel needs none
     return attention(q, k, v, pattern, key_padding_mask=key_valid, scale=scale, backend=_backend(q))
+
+
+def _right_padded(key_valid: torch.Tensor) -> bool:
+    """Every row is its real keys first, then only padding."""
+    n = key_valid.shape[-1]
+    first = torch.arange(n, device=key_valid.device) < key_valid.sum(-1, keepdim=True)
+    return bool(torch.equal(key_valid, first))
 
 
 def _documents_attention(q, k, v, pattern: AttentionPattern, mask: LongctxMask, scale: float) -> torch.Tensor:
