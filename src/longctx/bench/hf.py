@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -163,6 +164,7 @@ def run(cfg: dict, out_dir: Path, command: str, log=print) -> dict:
     common.check_targets(cfg["targets"], "impl", IMPLEMENTATIONS)
     out_dir.mkdir(parents=True, exist_ok=True)
     log(f"longctx bench hf -> {out_dir}")
+    load_start = os.getloadavg()  # a shared machine's other work moves the times: say how much there was
     todo = [(mode, m, dt, n, i) for mode in cfg["modes"] for m in cfg["models"] for dt in cfg["dtypes"]
             for n in sorted(cfg["lengths"]) for i in cfg["implementations"]]
     cases, last = [], {}
@@ -184,7 +186,8 @@ def run(cfg: dict, out_dir: Path, command: str, log=print) -> dict:
             bar.update(1)
     result = {"schema": common.SCHEMA_VERSION, "benchmark": "hf", "name": cfg["name"],
               "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": command,
-              "config": cfg, "machine": common.machine_info(), "cases": cases}
+              "config": cfg, "machine": common.machine_info(), "cases": cases,
+              "load_average": {"start": list(load_start), "end": list(os.getloadavg())}}
     result["targets"] = targets(result)
     common.write_reports(result, out_dir, markdown(result))
     for t in result["targets"]:
@@ -238,6 +241,10 @@ def markdown(result: dict) -> str:
              f"Batch 1, {m['cpu']} ({m['cores']} cores, torch {m['torch']}), {result['created']}; "
              f"{cfg['repeats']} timed runs (median) after {cfg['warmup']} warm-up. bfloat16 = CPU autocast over "
              "fp32 weights."]
+    if "load_average" in result:
+        la = result["load_average"]
+        lines[-1] += (f" Load average (1, 5, 15 min) at the start {', '.join(f'{x:.2f}' for x in la['start'])}, "
+                      f"at the end {', '.join(f'{x:.2f}' for x in la['end'])}.")
     for mode in MODES:
         rows = [c for c in result["cases"] if c.get("mode", "forward") == mode]
         if not rows:
