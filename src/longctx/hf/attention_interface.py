@@ -131,6 +131,7 @@ def longctx_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
         raise LongctxError("attn_implementation 'longctx' got a ready-made 4D attention mask; pass a 2D "
                            "padding mask (1 = token, 0 = padding) instead")
     mask = attention_mask or LongctxMask(None, 0, 0)
+    query, key, value = _common_dtype(query, key, value)
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     groups = query.shape[1] // key.shape[1]
     key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
@@ -146,6 +147,15 @@ def longctx_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
     else:
         out = _step_attention(query, key, value, pattern, mask, scale)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _common_dtype(q, k, v):
+    """q, k, v in one dtype, as longctx's kernels take them: under autocast the autocast dtype (what eager's
+    products and SDPA run in there; a model's rotary embedding can leave q and k in fp32 beside a bf16 v),
+    else the query's."""
+    dev = q.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else q.dtype
+    return tuple(x if x.dtype == dtype else x.to(dtype) for x in (q, k, v))
 
 
 def _self_attention(q, k, v, pattern: AttentionPattern, key_valid, scale: float) -> torch.Tensor:
