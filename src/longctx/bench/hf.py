@@ -16,12 +16,13 @@ The models keep the shapes that matter for attention and shrink the rest:
               layer every third layer (ModernBERT-base's attention shape), 3 layers;
   mistral     MistralModel, hidden 1024, 16 query and 4 key-value heads (head 64), FFN 2816,
               sliding_window 4096 (Mistral 7B v0.1's window), 2 layers.
+``hidden:`` (``--hidden``) narrows both, heads of 64 (benchmarks/hf-train.yaml trains at hidden 512).
 The base models (no LM head): a 50k-vocabulary projection at 16k tokens would hide attention's memory.
 Peak memory is the resident memory a forward (a step) adds over the loaded model, each case in its own
 process. Eager attention holds H x n x n scores per layer (12 x 16k^2 fp32 = 12 GB; in training every
 layer's probabilities are kept for backward): cases predicted over the memory cap (from the same case at a
-shorter length, and never below eager's own n x n tensors, ``eager_bytes``) are skipped and say so. The acceptance targets are the config's ``targets:`` section (see
-benchmarks/hf.yaml).
+shorter length, and never below eager's own n x n tensors, ``eager_bytes``) are skipped and say so. The
+acceptance targets are the config's ``targets:`` section (see benchmarks/hf.yaml and hf-train.yaml).
 """
 from __future__ import annotations
 
