@@ -95,7 +95,8 @@ def test_bench_targets_from_yaml():
     from longctx.bench import attention, common, hf, train
     root = Path(__file__).resolve().parents[1] / "benchmarks"
     for f in sorted(root.glob("*.yaml")):
-        mod, key, names = {"train": (train, "model", train.MODELS), "hf": (hf, "impl", hf.IMPLEMENTATIONS)}.get(
+        mod, key, names = {"train": (train, "model", train.MODELS), "hf": (hf, "impl", hf.IMPLEMENTATIONS),
+                             "hf-train": (hf, "impl", hf.IMPLEMENTATIONS)}.get(
             f.stem, (attention, "impl", attention.IMPLS))
         cfg = common.load_config(str(f), mod.DEFAULTS, f.stem)
         assert cfg["targets"], f

@@ -43,14 +43,18 @@ def register(subparsers) -> None:
     t.add_argument("--window", type=int, help=argparse.SUPPRESS)  # the old spelling: refused with a hint
     t.set_defaults(func=_run_train)
 
-    h = sub.add_parser("hf", help="Hugging Face ModernBERT/Mistral forward: attn_implementation longctx vs "
-                                  "sdpa vs eager", description="Time and peak memory of a forward pass of "
-                                  "ModernBERT- and Mistral-shaped models per attention implementation and length.")
+    h = sub.add_parser("hf", help="Hugging Face ModernBERT/Mistral forward and finetuning step: attn_implementation "
+                                  "longctx vs sdpa vs eager", description="Time and peak memory of a forward pass "
+                                  "or a finetuning step of ModernBERT- and Mistral-shaped models per attention "
+                                  "implementation, length and dtype.")
     _common(h)
     h.add_argument("--lengths", type=int, nargs="+", help="sequence lengths (default 4096 16384)")
     h.add_argument("--models", nargs="+", help="modernbert and/or mistral")
     h.add_argument("--impl", nargs="+", dest="implementations", help="longctx, sdpa and/or eager")
     h.add_argument("--layers", type=int, help="layers per model (default: ModernBERT 3, Mistral 2)")
+    h.add_argument("--hidden", type=int, help="model width, heads of 64 (default: ModernBERT 768, Mistral 1024)")
+    h.add_argument("--modes", nargs="+", help="forward and/or train (a finetuning step; default forward)")
+    h.add_argument("--dtypes", nargs="+", help="float32 and/or bfloat16 (CPU autocast; default float32)")
     h.set_defaults(func=_run_hf)
 
 
@@ -125,7 +129,7 @@ def _run_hf(args) -> int:
     from longctx.bench import common, hf
     cfg = common.load_config(args.config, hf.DEFAULTS, "hf")
     over = _overrides(args, ["name", "repeats", "warmup", "time_cap_s", "memory_cap_gb", "lengths", "models",
-                             "implementations", "layers"])
+                             "implementations", "layers", "hidden", "modes", "dtypes"])
     cfg.update(over)
     _check(cfg)
     hf.run(cfg, _out_dir(args, cfg), _command("hf", args, over))

@@ -172,12 +172,12 @@ def progress(total: int, kind: str):
 #   {target: "sliding speed-up over HF at 4096", field: train_s, of: hf-longformer, over: longctx-sliding,
 #    n: 4096, goal: ">= 3"}
 # ``of`` / ``over`` select a case: a name (the benchmark's implementation or model), or a mapping of case
-# keys (impl, model, n, dtype); ``n`` at the top applies to both. The value is ``field`` of ``of``, divided
+# keys (impl, model, n, dtype, mode); ``n`` at the top applies to both. The value is ``field`` of ``of``, divided
 # by ``over``'s where given (``compare: relative_difference``: |of / over - 1|), in ``unit`` (GiB) for
 # bytes. ``goal``: an operator and a number or fraction; ``goal_times_matmul: [bfloat16, float32]``
 # multiplies the number by this machine's matmul throughput ratio. A case not run gives met = None.
 TARGET_KEYS = ("target", "field", "of", "over", "n", "unit", "compare", "goal", "goal_times_matmul")
-SELECTOR_KEYS = ("impl", "model", "n", "dtype")
+SELECTOR_KEYS = ("impl", "model", "n", "dtype", "mode")
 GOAL_OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt}
 UNITS = {"GiB": 2**-30, "MiB": 2**-20}
 COMPARES = ("ratio", "relative_difference")

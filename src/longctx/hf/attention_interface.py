@@ -9,8 +9,10 @@ the name "longctx":
   first query and key. Nothing of size n x n is ever made; the pattern itself comes from the layer
   (``sliding_window``, ``is_causal``) when attention runs;
 - the attention function runs sliding layers on longctx's blocked kernel (memory O(n * w)) and global
-  layers on PyTorch's SDPA (or, for a causal layer with padding, which SDPA could only take as an n x n
-  mask, on the blocked kernel with the full causal pattern). A decoding step (few queries against the
+  layers on PyTorch's SDPA (or, for a causal layer with left padding, which SDPA could only take as an
+  n x n mask, on the blocked kernel with the full causal pattern; right padding needs no mask causally).
+  Backward runs on the same kernels: the band kernel's own (recomputing each block's probabilities) and
+  SDPA's flash backward, so a training step holds nothing of size n x n either. A decoding step (few queries against the
   key-value cache) is a small dense product over the cached keys.
 
 Hugging Face's ``sliding_window`` counts the query itself: flash-attention's convention, which every
@@ -129,6 +131,7 @@ def longctx_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
         raise LongctxError("attn_implementation 'longctx' got a ready-made 4D attention mask; pass a 2D "
                            "padding mask (1 = token, 0 = padding) instead")
     mask = attention_mask or LongctxMask(None, 0, 0)
+    query, key, value = _common_dtype(query, key, value)
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     groups = query.shape[1] // key.shape[1]
     key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
@@ -146,6 +149,15 @@ def longctx_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
     return out.transpose(1, 2).contiguous(), None
 
 
+def _common_dtype(q, k, v):
+    """q, k, v in one dtype, as longctx's kernels take them: under autocast the autocast dtype (what eager's
+    products and SDPA run in there; a model's rotary embedding can leave q and k in fp32 beside a bf16 v),
+    else the query's."""
+    dev = q.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else q.dtype
+    return tuple(x if x.dtype == dtype else x.to(dtype) for x in (q, k, v))
+
+
 def _self_attention(q, k, v, pattern: AttentionPattern, key_valid, scale: float) -> torch.Tensor:
     """Queries and keys are the same positions (an encoder, a prefill): (B, H, n, d)."""
     if pattern.kind == "sliding" and q.shape[2] - 1 <= pattern.window:  # the window spans the input: it is full
@@ -156,8 +168,20 @@ def _self_attention(q, k, v, pattern: AttentionPattern, key_valid, scale: float)
         return F.scaled_dot_product_attention(q, k, v, is_causal=pattern.causal, scale=scale)
     if not pattern.causal:  # key padding broadcasts as (B, 1, 1, n): no n x n mask
         return F.scaled_dot_product_attention(q, k, v, attn_mask=key_valid[:, None, None, :], scale=scale)
-    # causal with padding: SDPA would need the n x n mask; the blocked kernel needs none
+    if not _is_tracing() and _right_padded(key_valid):
+        # padding only at the ends of rows: a real query never reaches a padded key causally, so SDPA's
+        # causal kernel (flash, forward and backward) gives every real position the same result; padded
+        # positions' outputs are garbage under every implementation, and no real position reads them
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    # causal with left or inner padding: SDPA would need the n x n mask; the blocked kernel needs none
     return attention(q, k, v, pattern, key_padding_mask=key_valid, scale=scale, backend=_backend(q))
+
+
+def _right_padded(key_valid: torch.Tensor) -> bool:
+    """Every row is its real keys first, then only padding."""
+    n = key_valid.shape[-1]
+    first = torch.arange(n, device=key_valid.device) < key_valid.sum(-1, keepdim=True)
+    return bool(torch.equal(key_valid, first))
 
 
 def _documents_attention(q, k, v, pattern: AttentionPattern, mask: LongctxMask, scale: float) -> torch.Tensor:
