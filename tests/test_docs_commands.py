@@ -33,6 +33,7 @@ TINY_DEFAULT = ("seeds=1 train.steps=2 train.save_every=0 train.eval_batches=1 f
                 "finetune.listops.task.dev_size=32 finetune.listops.task.test_size=32 "
                 "finetune.listops.task.bootstrap=50")
 TINY_CLM = "seeds=1 train.steps=2 train.save_every=0 train.eval_batches=1 train.batch_size=2"
+TINY_HF_TRAIN = "--lengths 256 --repeats 1 --warmup 0 --layers 1 --hidden 128"
 TINY_PRETRAIN = "train.steps=2 train.save_every=0 train.eval_batches=1 train.batch_size=2"
 
 # printed command -> what the test appends to it (only where the command as printed takes minutes)
@@ -78,6 +79,15 @@ TINY = {
     "longctx bench train --config benchmarks/train.yaml --lengths 4096 --models longctx longctx-bf16 hf-longformer "
     "--out runs/bench-train-bf16": "--lengths 256 --repeats 1 --warmup 0",
     "longctx bench hf --config benchmarks/hf.yaml": "--lengths 256 --repeats 1 --warmup 0 --layers 1",
+    **{cmd: TINY_HF_TRAIN + extra for cmd, extra in (
+        ("longctx bench hf --config benchmarks/hf-train.yaml --models modernbert", " --impl longctx --dtypes float32"),
+        ("longctx bench hf --config benchmarks/hf-train.yaml --models mistral", " --impl longctx --dtypes float32"),
+        ("longctx bench hf --config benchmarks/hf-train.yaml --models mistral --lengths 16384 --impl longctx --dtypes "
+         "bfloat16", ""),
+        ("longctx bench hf --config benchmarks/hf-train.yaml --models mistral --lengths 32768 --impl longctx --dtypes "
+         "float32", ""),
+        ("longctx bench hf --config benchmarks/hf-train.yaml --models mistral --lengths 32768 --impl sdpa eager "
+         "--dtypes float32", " --impl sdpa"))},
     "longctx pretrain --out runs/long init_from=out/long-model data.tokenizer=out/long-model data.seq_len=4096":
         TINY_PRETRAIN + " data.seq_len=512",
 }
@@ -101,12 +111,28 @@ NOT_RUN = {
 }
 
 
+def code_blocks(text: str) -> list[tuple[str, str]]:
+    """(language, body) of every fenced block, fences paired in order (an opening fence names a language
+    or none; the next fence closes it)."""
+    blocks, lang, body = [], None, []
+    for line in text.splitlines():
+        if line.startswith("```"):
+            if lang is None:
+                lang, body = line[3:].strip(), []
+            else:
+                blocks.append((lang, "\n".join(body) + "\n"))
+                lang = None
+        elif lang is not None:
+            body.append(line)
+    return blocks
+
+
 def printed_commands() -> list[tuple[str, str]]:
     """(file name, command) for every command of every ```bash block: continuation lines joined, a
     trailing comment dropped, `a && b` split, `.venv/bin/longctx` read as `longctx`."""
     out = []
     for doc in DOCS:
-        for block in re.findall(r"```bash\n(.*?)```", doc.read_text(), re.S):
+        for block in [b for lang, b in code_blocks(doc.read_text()) if lang == "bash"]:
             for line in block.replace("\\\n", " ").splitlines():
                 code = re.sub(r"\s+#.*$", "", line).strip()
                 code = re.sub(r"\s+", " ", code)
@@ -143,7 +169,7 @@ def test_every_printed_command_is_accounted_for():
     for table in (TINY, SUBSTITUTE, NOT_RUN):
         for cmd in table:
             assert cmd in cmds, f"{cmd!r} is no longer printed in the docs: remove it from the test's tables"
-    unlabeled = [(d.name, line) for d in DOCS for block in re.findall(r"```\n(.*?)```", d.read_text(), re.S)
+    unlabeled = [(d.name, line) for d in DOCS for lang, block in code_blocks(d.read_text()) if lang != "bash"
                  for line in block.splitlines() if line.strip().startswith("longctx ")]
     assert not unlabeled, f"commands in code blocks not marked bash (so not run here): {unlabeled}"
 

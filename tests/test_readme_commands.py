@@ -6,6 +6,7 @@ import shlex
 from pathlib import Path
 
 import pytest
+from test_docs_commands import code_blocks
 
 ROOT = Path(__file__).parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -16,7 +17,7 @@ def printed_commands() -> list[tuple[str, str]]:
     out = []
     for doc in DOCS:
         text = doc.read_text()
-        for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for block in [b for lang, b in code_blocks(text) if lang == "bash"]:
             for line in block.replace("\\\n", " ").splitlines():
                 line = re.sub(r"\s+", " ", line.strip())
                 if line.startswith("longctx "):
