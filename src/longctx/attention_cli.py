@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from longctx.errors import LongctxError
 
+# Imports of torch, transformers and of modules that import them stay inside the functions that use them:
+# the CLI parser imports this module (`longctx --help` stays fast: tests/test_newcomer.py).
+
 DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
           "fp16": "float16", "float16": "float16", "half": "float16", "fp64": "float64", "float64": "float64"}
 DEVICES = ("cpu", "cuda")

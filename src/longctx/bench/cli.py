@@ -10,6 +10,11 @@ import argparse
 import shlex
 from pathlib import Path
 
+from longctx.errors import LongctxError
+
+# Imports of torch, transformers and of modules that import them stay inside the functions that use them:
+# the CLI parser imports this module (`longctx --help` stays fast: tests/test_newcomer.py).
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("bench", help="speed and memory benchmarks against the peers",
@@ -66,7 +71,6 @@ def _common(p) -> None:
 
 def _overrides(args, keys) -> dict:
     if getattr(args, "window", None) is not None:  # one meaning of window (one-sided) everywhere
-        from longctx.errors import LongctxError
         raise LongctxError(f"--window is now --attention-window (two-sided, as Hugging Face's; longctx's window is "
                            f"one-sided, half of it): give --attention-window {args.window}")
     return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
@@ -92,7 +96,6 @@ def _out_dir(args, cfg) -> Path:
 
 
 def _check(cfg) -> None:
-    from longctx.errors import LongctxError
     if cfg["repeats"] < 1 or cfg["warmup"] < 0:
         raise LongctxError("--repeats must be at least 1 and --warmup at least 0")
     if any(n < 1 for n in cfg["lengths"]):

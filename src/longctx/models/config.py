@@ -23,6 +23,8 @@ import dataclasses
 from transformers import PretrainedConfig
 
 from longctx.attention.functional import BACKENDS
+from longctx.attention.layer import attention_entry
+from longctx.attention.masked import MaskMechanism
 from longctx.attention.mechanism import MECHANISMS, LayerContext, build, make_spec
 from longctx.attention.patterns import AttentionPattern
 from longctx.errors import LongctxError
@@ -196,7 +198,6 @@ def _tuple(x):
 
 
 def _mask_specs():
-    from longctx.attention.masked import MaskMechanism
     return {cls.Spec for cls in MECHANISMS.values() if issubclass(cls, MaskMechanism)}
 
 
@@ -224,7 +225,6 @@ def _legacy_layers(layers, num_layers: int) -> list[dict]:
 
 def _entry(att, causal: bool, where: str) -> tuple[str, dict, bool]:
     """A config entry (a name or {type: NAME, ...}) as (type, fields, causal)."""
-    from longctx.attention.layer import attention_entry
     if isinstance(att, dict) and "type" not in att:
         raise LongctxError(f"config field {where}: {att!r} needs a 'type' (one of {', '.join(sorted(MECHANISMS))})")
     try:

@@ -21,7 +21,12 @@ from typing import ClassVar
 
 import torch
 
+from longctx.data.corpus import _unit_hash
+from longctx.data.tokenizer import load_tokenizer
 from longctx.errors import LongctxError
+from longctx.models import LongctxConfig
+from longctx.models.loading import load_longctx_model
+from longctx.paths import cache_root
 from longctx.tasks.base import Task
 
 COMMON_OPTIONS = {"train_file": None, "dev_file": None, "test_file": None, "global_tokens": None,
@@ -172,8 +177,6 @@ class FinetuneTask(Task):
     def make_tokenizer(self):
         """The saved model's own tokenizer with ``init_from``; else ``data.tokenizer`` (trained on the
         training texts when it is a training spec, cached)."""
-        from longctx.paths import cache_root
-        from longctx.data.tokenizer import load_tokenizer
 
         init = self.cfg.get("init_from")
         if init and (Path(init) / "tokenizer.json").exists():
@@ -213,12 +216,8 @@ class FinetuneTask(Task):
         return {}
 
     def build_model(self, init_from: str | None = None):
-        from longctx.models import LongctxConfig
-
         tok = self.tokenizer
         if init_from:
-            from longctx.models.loading import load_longctx_model
-
             path = Path(init_from)  # refused unless a longctx model; never runs code from the folder
             model = load_longctx_model(path, self.model_class, "init_from", **self.head_config())
             if model.config.vocab_size < tok.vocab_size:
@@ -277,7 +276,6 @@ class FinetuneTask(Task):
 def split_by_document(items: list, key, seed: int, fractions=(0.8, 0.1, 0.1)) -> dict[str, list]:
     """train / dev / test by document: an item goes where ``sha256(seed, key(item))`` falls, so every
     example of a document lands in the same split and adding documents never moves others."""
-    from longctx.data.corpus import _unit_hash
 
     out = {s: [] for s in SPLITS}
     for item in items:

@@ -30,6 +30,9 @@ from longctx import io
 from longctx.errors import LongctxError
 from longctx.tasks.base import stage_list  # noqa: F401  (re-exported: the phases of staged training)
 
+# Imports of transformers, pydantic and longctx.models stay inside the functions that use them: the CLI's
+# config commands and a comparison's driver read and check configs without them.
+
 
 def key(default=dataclasses.MISSING, help: str = "", **limits):
     """A declared config key: its default, a one-line help, and pydantic limits (ge, gt, lt, le)."""
