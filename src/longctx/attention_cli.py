@@ -110,15 +110,12 @@ def calls_from_config(path: str) -> list:
     import torch
 
     from longctx.attention import dispatch
-    from longctx.models.config import LongctxConfig
+    from longctx.models.config import from_run_config
     from longctx.positions import in_attention
     from longctx.train.config import load_yaml, resolve
 
     cfg = resolve(load_yaml(path))
-    model = dict(cfg["model"])
-    if cfg.get("objective") == "clm":
-        model["causal"] = True
-    config = LongctxConfig(**model)
+    config = from_run_config(cfg)
     H = config.num_attention_heads
     d = config.hidden_size // H
     dtype = torch.bfloat16 if cfg["train"].get("bf16") else torch.float32

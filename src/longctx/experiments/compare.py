@@ -44,6 +44,7 @@ from longctx.experiments.report import write_report
 from longctx.experiments.runs import Run, run_all
 from longctx.stats import rows_interval
 from longctx.train.config import load_yaml, merge, parse_overrides, resolve
+from longctx.train.finetune import deep_merge
 
 # Imports of modules that import torch stay inside the functions that use them: a comparison's driver
 # process imports no torch (its runs do, in their zygote: experiments/variant.py).
@@ -56,16 +57,6 @@ OWN_KEYS = ("name", "seeds", "reference", "jobs", "extrapolation", "finetune", "
 
 def default_config_path() -> Path:
     return Path(str(resources.files("longctx") / "configs" / "compare-default.yaml"))
-
-
-def _deep_update(base, update):
-    """``update`` merged into a copy of ``base``, mapping by mapping (any other value replaced)."""
-    if not isinstance(base, dict) or not isinstance(update, dict):
-        return copy.deepcopy(update)
-    out = copy.deepcopy(base)
-    for k, v in update.items():
-        out[k] = _deep_update(out.get(k), v) if isinstance(out.get(k), dict) else copy.deepcopy(v)
-    return out
 
 
 def _seeds(value, base_seed: int) -> list[int]:
@@ -91,7 +82,7 @@ def load_comparison(path: str | Path | None, overrides: list[str] | None) -> dic
         raise LongctxError("overrides set base keys directly (train.steps=20, not base.train.steps=20); variants "
                            "are changed in the config file")
     own = {k: given.pop(k) for k in list(given) if k in OWN_KEYS}
-    raw = _deep_update(raw, own)
+    raw = deep_merge(raw, own)
     variants = raw.get("variants") or []
     if not isinstance(variants, list) or not variants:
         raise LongctxError("comparison config needs a non-empty list 'variants'")
@@ -150,11 +141,8 @@ def load_comparison(path: str | Path | None, overrides: list[str] | None) -> dic
 def attention_flops_per_token(cfg: dict) -> float:
     """Forward attention-core FLOPs per token, all heads, all layers, as each layer's mechanism counts
     its useful work at the run's length (``Mechanism.flops``; for a mask, 4 * head size per allowed pair)."""
-    from longctx.models import LongctxConfig
-    fields = dict(cfg["model"], vocab_size=8)
-    if cfg["objective"] == "clm":
-        fields["causal"] = True
-    mc = LongctxConfig(**fields)
+    from longctx.models.config import from_run_config
+    mc = from_run_config(cfg, vocab_size=8)
     n = cfg["data"]["seq_len"]
     return sum(m.flops(n) for m in mc.layer_mechanisms()) / n
 

@@ -193,6 +193,19 @@ class LongctxConfig(PretrainedConfig):
         return ", ".join(f"{u} (x{parts.count(u)})" for u in uniq)
 
 
+def from_run_config(cfg: dict, **fields) -> LongctxConfig:
+    """The LongctxConfig of a run config (``longctx.train.config``): its ``model`` section, causal when the
+    objective is clm, then ``fields`` on top (the tokenizer's vocabulary and special ids, a task's causality
+    and head). Every model built, checked or measured from a run config comes from here; the spellings of
+    ``attention`` (a name with the flat window keys, ``{type: NAME, ...}``, one entry per layer) are read
+    once, by ``layer_attention``."""
+    out = dict(cfg["model"])
+    if cfg.get("objective") == "clm":
+        out["causal"] = True
+    out.update(fields)
+    return LongctxConfig(**out)
+
+
 def _tuple(x):
     return tuple(x) if isinstance(x, list) else x
 

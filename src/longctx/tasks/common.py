@@ -24,8 +24,6 @@ import torch
 from longctx.data.corpus import _unit_hash
 from longctx.data.tokenizer import load_tokenizer
 from longctx.errors import LongctxError
-from longctx.models import LongctxConfig
-from longctx.models.loading import load_longctx_model
 from longctx.paths import cache_root
 from longctx.tasks.base import Task
 
@@ -212,25 +210,11 @@ class FinetuneTask(Task):
         return self._features[key]
 
     # ---- model ----
-    def head_config(self) -> dict:
-        return {}
-
     def build_model(self, init_from: str | None = None):
-        tok = self.tokenizer
-        if init_from:
-            path = Path(init_from)  # refused unless a longctx model; never runs code from the folder
-            model = load_longctx_model(path, self.model_class, "init_from", **self.head_config())
-            if model.config.vocab_size < tok.vocab_size:
-                raise LongctxError(f"init_from model has {model.config.vocab_size} tokens but the tokenizer "
-                                   f"{tok.vocab_size}; use the model's own tokenizer (data.tokenizer={path})")
-            if model.config.sep_token_id is None:
-                model.config.sep_token_id = tok.sep_id
-            return model
-        fields = dict(self.cfg["model"])
-        fields.update(vocab_size=tok.vocab_size, pad_token_id=tok.pad_id, sep_token_id=tok.sep_id,
-                      bos_token_id=getattr(tok, "bos_id", None), eos_token_id=getattr(tok, "eos_id", None),
-                      causal=False, **self.head_config())
-        return self.model_class(LongctxConfig(**fields))
+        model = super().build_model(init_from)
+        if model.config.sep_token_id is None:  # a saved model without one (a pretraining's)
+            model.config.sep_token_id = self.tokenizer.sep_id
+        return model
 
     # ---- batches and evaluation ----
     def inputs(self, examples) -> dict:

@@ -7,7 +7,6 @@ token and its perplexity, on fixed masks (evaluation batches draw theirs far fro
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -16,8 +15,7 @@ from longctx.data.collate import EVAL_BATCH_OFFSET  # noqa: F401  (re-exported)
 from longctx.data.collate import batch_order, MLMCollator
 from longctx.data.packing import prepare_data, PackedDataset
 from longctx.errors import LongctxError
-from longctx.models import LongctxConfig, LongctxForMaskedLM
-from longctx.models.loading import load_longctx_model
+from longctx.models import LongctxForMaskedLM
 from longctx.tasks.base import Task, data_seed, register, stage_list
 from longctx.tasks.metrics import bootstrap_ci
 
@@ -95,25 +93,6 @@ class LanguageModelTask(Task):
 
     def make_collator(self):
         raise NotImplementedError
-
-    def build_model(self, init_from: str | None = None):
-        """A fresh model from the config's ``model`` section (vocabulary and special ids from the
-        tokenizer), or the model saved at ``init_from``."""
-
-        cls = self.model_class
-        tok = self.tokenizer
-        if init_from:
-            path = Path(init_from)
-            model = load_longctx_model(path, cls, what="init_from")
-            if model.config.vocab_size < tok.vocab_size:
-                raise LongctxError(f"init_from model has {model.config.vocab_size} tokens but the tokenizer "
-                                   f"{tok.vocab_size}; use the model's own tokenizer (data.tokenizer={path})")
-            return model
-        fields = dict(self.cfg["model"])
-        fields.update(vocab_size=tok.vocab_size, pad_token_id=tok.pad_id, sep_token_id=tok.sep_id,
-                      bos_token_id=getattr(tok, "bos_id", None), eos_token_id=getattr(tok, "eos_id", None),
-                      causal=self.causal)
-        return cls(LongctxConfig(**fields))
 
     def _packed(self, stream, seq_len: int):
         start_token = self.tokenizer.cls_id if self.cfg["data"]["global_tokens"] == "first" else None
