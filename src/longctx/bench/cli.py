@@ -7,6 +7,8 @@ Configurations live in benchmarks/*.yaml; any setting can also be given on the c
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib
 import shlex
 from pathlib import Path
 
@@ -34,7 +36,7 @@ def register(subparsers) -> None:
     a.add_argument("--window", type=int, help=argparse.SUPPRESS)  # the old spelling: refused with a hint
     a.add_argument("--hidden", type=int)
     a.add_argument("--heads", type=int)
-    a.set_defaults(func=_run_attention)
+    a.set_defaults(func=functools.partial(_run, "attention"))
 
     t = sub.add_parser("train", help="masked-LM training step: longctx encoder vs HF Longformer and RoBERTa",
                        description="Tokens/s and peak memory of a full masked-LM training step.")
@@ -46,7 +48,7 @@ def register(subparsers) -> None:
     t.add_argument("--heads", type=int)
     t.add_argument("--attention-window", type=int, help="two-sided window, as Hugging Face's attention_window")
     t.add_argument("--window", type=int, help=argparse.SUPPRESS)  # the old spelling: refused with a hint
-    t.set_defaults(func=_run_train)
+    t.set_defaults(func=functools.partial(_run, "train"))
 
     h = sub.add_parser("hf", help="Hugging Face ModernBERT/Mistral forward: attn_implementation longctx vs "
                                   "sdpa vs eager", description="Time and peak memory of a forward pass of "
@@ -56,7 +58,7 @@ def register(subparsers) -> None:
     h.add_argument("--models", nargs="+", help="modernbert and/or mistral")
     h.add_argument("--impl", nargs="+", dest="implementations", help="longctx, sdpa and/or eager")
     h.add_argument("--layers", type=int, help="layers per model (default: ModernBERT 3, Mistral 2)")
-    h.set_defaults(func=_run_hf)
+    h.set_defaults(func=functools.partial(_run, "hf"))
 
 
 def _common(p) -> None:
@@ -102,34 +104,20 @@ def _check(cfg) -> None:
         raise LongctxError("every benchmark length must be a positive number of tokens")
 
 
-def _run_attention(args) -> int:
-    from longctx.bench import attention, common
-    cfg = common.load_config(args.config, attention.DEFAULTS, "attention")
-    over = _overrides(args, ["name", "repeats", "warmup", "time_cap_s", "memory_cap_gb", "lengths",
-                             "implementations", "dtypes", "attention_window", "hidden", "heads"])
+COMMON_KEYS = ["name", "repeats", "warmup", "time_cap_s", "memory_cap_gb", "lengths"]
+# each benchmark's own flags, after COMMON_KEYS
+BENCH_KEYS = {"attention": ["implementations", "dtypes", "attention_window", "hidden", "heads"],
+              "train": ["models", "layers", "hidden", "heads", "attention_window"],
+              "hf": ["models", "implementations", "layers"]}
+
+
+def _run(bench: str, args) -> int:
+    """Run the benchmark module ``longctx.bench.<bench>``: its DEFAULTS, the config file, the flags on top."""
+    module = importlib.import_module(f"longctx.bench.{bench}")
+    from longctx.bench import common
+    cfg = common.load_config(args.config, module.DEFAULTS, bench)
+    over = _overrides(args, COMMON_KEYS + BENCH_KEYS[bench])
     cfg.update(over)
     _check(cfg)
-    attention.run(cfg, _out_dir(args, cfg), _command("attention", args, over))
-    return 0
-
-
-def _run_train(args) -> int:
-    from longctx.bench import common, train
-    cfg = common.load_config(args.config, train.DEFAULTS, "train")
-    over = _overrides(args, ["name", "repeats", "warmup", "time_cap_s", "memory_cap_gb", "lengths",
-                             "models", "layers", "hidden", "heads", "attention_window"])
-    cfg.update(over)
-    _check(cfg)
-    train.run(cfg, _out_dir(args, cfg), _command("train", args, over))
-    return 0
-
-
-def _run_hf(args) -> int:
-    from longctx.bench import common, hf
-    cfg = common.load_config(args.config, hf.DEFAULTS, "hf")
-    over = _overrides(args, ["name", "repeats", "warmup", "time_cap_s", "memory_cap_gb", "lengths", "models",
-                             "implementations", "layers"])
-    cfg.update(over)
-    _check(cfg)
-    hf.run(cfg, _out_dir(args, cfg), _command("hf", args, over))
+    module.run(cfg, _out_dir(args, cfg), _command(bench, args, over))
     return 0
