@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from longctx.errors import LongctxError
 
+# Imports of torch, transformers and of modules that import them stay inside the functions that use them:
+# the CLI parser imports this module (`longctx --help` stays fast: tests/test_newcomer.py).
+
 DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
           "fp16": "float16", "float16": "float16", "half": "float16", "fp64": "float64", "float64": "float64"}
 DEVICES = ("cpu", "cuda")
@@ -107,15 +110,12 @@ def calls_from_config(path: str) -> list:
     import torch
 
     from longctx.attention import dispatch
-    from longctx.models.config import LongctxConfig
+    from longctx.models.config import from_run_config
     from longctx.positions import in_attention
     from longctx.train.config import load_yaml, resolve
 
     cfg = resolve(load_yaml(path))
-    model = dict(cfg["model"])
-    if cfg.get("objective") == "clm":
-        model["causal"] = True
-    config = LongctxConfig(**model)
+    config = from_run_config(cfg)
     H = config.num_attention_heads
     d = config.hidden_size // H
     dtype = torch.bfloat16 if cfg["train"].get("bf16") else torch.float32

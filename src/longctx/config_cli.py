@@ -9,9 +9,13 @@ extrapolation, compute), every one under the name a ``KEY=VALUE`` override of `l
 """
 from __future__ import annotations
 
+import copy
 import json
 
 from longctx.errors import LongctxError
+
+# Imports of torch, transformers and of modules that import them stay inside the functions that use them:
+# the CLI parser imports this module (`longctx --help` stays fast: tests/test_newcomer.py).
 
 
 def register(sub) -> None:
@@ -110,7 +114,6 @@ def _varies(comp: dict) -> dict[str, list[str]]:
 
 def comparison_rows(path: str, overrides: list[str]) -> list[tuple[str, list[tuple[str, str, str, str]]]]:
     """A comparison config's keys in groups: [(heading, [(key, type, value, help), ...]), ...]."""
-    import copy
 
     from longctx.experiments.compare import load_comparison
     from longctx.tasks.common import option_keys, task_options

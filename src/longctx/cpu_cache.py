@@ -28,6 +28,7 @@ import os
 
 import torch
 
+from longctx.attention import fused, dispatch
 from longctx.errors import LongctxError
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,6 @@ def default_cap() -> int:
 
 
 def _ops(build: bool):
-    from longctx.attention import fused
     return torch.ops.longctx_cpu_cache if fused.load(build=build) else None
 
 
@@ -103,7 +103,6 @@ def setup() -> str:
     ``LONGCTX_CPU_CACHE_MB=0``. The test suite sets that unless it is already set (tests/conftest.py: the
     suite's process runs many models of many sizes; tests/test_cpu_cache.py checks the cache in processes
     of its own). Returns the setting, for the run's records: "off" or the cap in MB."""
-    from longctx.attention import dispatch
 
     cap = default_cap()
     if cap == 0:

@@ -21,9 +21,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.fx.experimental._config as fx_config
 from torch import nn
 
 from longctx.errors import LongctxError
+from longctx.models import (LongctxForQuestionAnswering, question_global_mask, LongctxForMaskedLM,
+                            LongctxForSequenceClassification)
+import longctx.attention.functional as functional
+import longctx.models as models
+from longctx.models.loading import load_longctx_model, read_longctx_config
+from longctx.tasks.qa import QATask
 
 FORMATS = ("onnx", "pt2")
 # attention mechanisms whose traced form takes any length (the mask family)
@@ -33,7 +40,6 @@ def default_max_global(name: str) -> int | None:
     """Global slots a model class's exported graph reserves unless told: classification's first token;
     QA's <cls> and the longest question finetuning keeps."""
     if name == "LongctxForQuestionAnswering":
-        from longctx.tasks.qa import QATask
         return 1 + QATask.OPTIONS["max_question_tokens"]
     return 1 if name == "LongctxForSequenceClassification" else None
 
@@ -58,8 +64,6 @@ class InferenceFunction(nn.Module):
         self.model, self.output_names, self.max_global = model, output_names, max_global
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        from longctx.models import LongctxForQuestionAnswering, question_global_mask
-
         n = input_ids.shape[1]
         if self.max_global is not None:  # max_global padding tokens (masked, at position 0): no output changes
             pad = input_ids.new_zeros(input_ids.shape[0], self.max_global)
@@ -74,7 +78,6 @@ class InferenceFunction(nn.Module):
 
 def export_spec(model: nn.Module, max_global: int | None = None) -> ExportSpec:
     """Check that ``model`` can be exported and say how; one sentence (LongctxError) if it cannot."""
-    from longctx.models import LongctxForMaskedLM, LongctxForQuestionAnswering, LongctxForSequenceClassification
 
     name = type(model).__name__
     config = getattr(model, "config", None)
@@ -104,9 +107,7 @@ def export_spec(model: nn.Module, max_global: int | None = None) -> ExportSpec:
 def _tracing_settings(max_global: int | None):
     """Global slots for the traced graph, and sizes assumed > 1 while tracing (a length that is 1 during
     export must not make the graph special-case it)."""
-    import torch.fx.experimental._config as fx_config
 
-    import longctx.attention.functional as functional
 
     before = functional.traced_max_global
     functional.traced_max_global = max_global
@@ -172,8 +173,6 @@ def export_pt2(model: nn.Module, path: str | Path, *, max_global: int | None = N
 
 def load_for_export(model_dir: str | Path) -> nn.Module:
     """The longctx model in ``model_dir`` as the class its config names (one sentence if it cannot be)."""
-    import longctx.models as models
-    from longctx.models.loading import load_longctx_model, read_longctx_config
 
     config = read_longctx_config(model_dir)
     archs = config.get("architectures") or ["LongctxForMaskedLM"]

@@ -1,5 +1,9 @@
 """`longctx export MODEL OUT --format onnx|pt2`: an encoder for inference, dynamic in the sequence length."""
 from __future__ import annotations
+from pathlib import Path
+
+# Imports of torch, transformers and of modules that import them stay inside the functions that use them:
+# the CLI parser imports this module (`longctx --help` stays fast: tests/test_newcomer.py).
 
 
 def register(subparsers) -> None:
@@ -21,8 +25,6 @@ def register(subparsers) -> None:
 
 
 def _run(args) -> int:
-    from pathlib import Path
-
     from longctx.export import export_model
 
     fmt = args.format or ("pt2" if Path(args.out).suffix == ".pt2" else "onnx")

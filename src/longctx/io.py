@@ -8,6 +8,7 @@ of one; a folder being written is held by `lock_run`. The ``.tmp-`` prefix is wh
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import re
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from longctx.errors import LongctxError
+
+# yaml is imported inside the functions that use it: the CLI parser imports this module.
 
 TMP_PREFIX = ".tmp-"
 
@@ -151,7 +154,6 @@ def load_yaml(path: str | os.PathLike, what: str = "config file", hint: str = ""
 
 def lock_run(out_dir: Path):
     """Take a run (or corpus) folder's advisory lock; returns the open lock file (keep it open while writing)."""
-    import fcntl
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

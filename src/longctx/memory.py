@@ -2,6 +2,8 @@
 the benchmarks) and the CPU's model name."""
 from __future__ import annotations
 
+import os
+import platform
 import resource
 import sys
 
@@ -32,7 +34,6 @@ def peak_rss_bytes() -> int:
 
 def cpu_name() -> str:
     """The CPU's model name (/proc/cpuinfo), or the platform's processor string where there is none."""
-    import platform
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -45,6 +46,4 @@ def cpu_name() -> str:
 
 def machine_facts() -> dict:
     """What a result records about the machine it ran on."""
-    import os
-    import platform
     return {"platform": platform.platform(), "cpu": cpu_name(), "cpus": os.cpu_count()}

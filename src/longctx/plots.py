@@ -4,15 +4,18 @@ needle depth and context length). Every figure is saved atomically (a reader nev
 closed."""
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Sequence
+
+import numpy as np
 
 
 def pyplot():
     """``matplotlib.pyplot`` on the Agg backend, imported on first use (a CLI without plots never pays
     for matplotlib)."""
-    import matplotlib
+    import matplotlib  # here: slow to import, only when a figure is drawn
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
@@ -46,7 +49,6 @@ def sci(value: float) -> str:
 def data_ticks(xs: Sequence[float], log: bool, min_gap: float = 0.08) -> list[float]:
     """The x values of the data to put ticks at, ascending, leaving out any closer than ``min_gap`` of the
     axis span (in log space on a log axis) to the tick before it, so labels do not overlap."""
-    import math
 
     values = sorted({float(x) for x in xs if x is not None and (x > 0 or not log)})
     if not values:
@@ -115,7 +117,6 @@ def heatmap_figure(path: str | os.PathLike, values, row_labels: Sequence[str], c
                    figsize=None, dpi: int = 100) -> Path:
     """A matrix ``values`` (rows x columns) as coloured cells, each annotated with its value; a NaN cell
     (no data) is left blank."""
-    import numpy as np
 
     plt = pyplot()
     m = np.asarray(values, float)

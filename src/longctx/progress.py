@@ -94,7 +94,7 @@ class Progress:
         self.bar = None
         self.closed = False
         if enabled and _isatty(self.stream):
-            from tqdm import tqdm
+            from tqdm import tqdm  # here: only for a terminal's bar (the CLI parser imports this module)
             self.bar = tqdm(total=total, desc=desc, unit=unit, initial=initial, file=self.stream, dynamic_ncols=True,
                             smoothing=0.1, delay=delay)
 

@@ -69,7 +69,7 @@ def _interval(diff: float, sd: np.ndarray, level: float) -> tuple[float, float]:
     instead of taking quantiles of simulated means, gives smooth small p-values for Holm; p < 1 - level
     exactly when the interval at that level excludes 0 (the label and the interval never disagree)."""
     from scipy import optimize  # here: longctx.tasks.metrics re-exports kendall_tau and imports without scipy
-    from scipy.stats import norm
+    from scipy.stats import norm  # (as above)
 
     if not sd.any():  # every difference the same: no noise seen
         return 0.0, float(diff == 0)

@@ -40,6 +40,7 @@ from typing import NamedTuple
 import torch
 
 from longctx.attention import fused
+from longctx.attention.mechanism import MECHANISMS
 from longctx.errors import LongctxError
 
 log = logging.getLogger(__name__)
@@ -267,7 +268,6 @@ PRIORITY: dict[str, dict[str, tuple[str, ...]]] = {
 
 def route_of(mechanism: str) -> str:
     """"mask", "layout" or "approx" for a registered mechanism (or a pattern kind)."""
-    from longctx.attention.mechanism import MECHANISMS
 
     cls = MECHANISMS.get(mechanism)
     return getattr(cls, "kernel_route", "mask" if mechanism in MASK_KINDS else "approx")
@@ -295,7 +295,6 @@ def _policy_reasons(call: Call, name: str) -> list[str]:
 
 def mechanism_reasons(call: Call) -> list[str]:
     """Why the mechanism itself (any kernel of it) cannot take the call: what its layer would refuse."""
-    from longctx.attention.mechanism import MECHANISMS
 
     cls = MECHANISMS.get(call.mechanism)
     if cls is None:

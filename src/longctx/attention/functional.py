@@ -275,7 +275,7 @@ def _flex(q, k, v, pattern, key_padding_mask, global_mask, alibi_slopes):
     """FlexAttention with the pattern's own predicate as mask_mod. Compiled on CUDA (or when
     LONGCTX_FLEX_COMPILE=1); eager elsewhere, which is correct but materialises the scores."""
     global _compiled_flex
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # here: flex attention is optional (torch builds without it)
 
     B, H, n, d = q.shape
     heads = pattern.head_params(H, q.device).view(H)

@@ -16,8 +16,10 @@ import torch
 from torch import nn
 
 from longctx.attention import dispatch
+from longctx.attention.masked import pattern_fields
 from longctx.attention.mechanism import MECHANISMS, LayerCache, LayerContext, Mechanism, build
-from longctx.attention.patterns import AttentionPattern
+from longctx.attention.patterns import AttentionPattern, full_mask
+from longctx.attention.reference import masked_softmax
 from longctx.errors import LongctxError
 from longctx.positions import POSITION_KINDS, in_attention
 
@@ -28,7 +30,6 @@ def attention_entry(attention) -> tuple[str, dict, bool]:
     """What a layer's ``attention`` argument names: (type, fields, causal-by-itself). It may be a
     registry name ("sliding"), a dict ``{type: NAME, **fields}`` or an ``AttentionPattern``."""
     if isinstance(attention, AttentionPattern):
-        from longctx.attention.masked import pattern_fields
         name, fields = pattern_fields(attention)
         return name, fields, attention.causal
     if isinstance(attention, str):
@@ -149,9 +150,6 @@ class SelfAttention(nn.Module):
         A = self.mechanism.attention_map(q, k, v, key_padding=key_padding_mask, global_mask=global_mask,
                                          positions=positions, bias=self.positions.bias)
         if self.global_projections and global_mask is not None:
-            from longctx.attention.patterns import full_mask
-            from longctx.attention.reference import masked_softmax
-
             qg, kg, _ = self.project(hidden, positions, glob=True)
             # a global query sees every real key (causally in a decoder, or where the pattern is causal by
             # definition, as blockwise_causal): the full pattern's rows

@@ -18,7 +18,7 @@ import torch
 from longctx.attention.functional import attention, attention_at
 from longctx.attention.mechanism import Capabilities, LayerCache, LayerContext, Mechanism, register
 from longctx.attention.patterns import AttentionPattern, full_mask
-from longctx.attention.reference import masked_softmax
+from longctx.attention.reference import dense_attention, masked_softmax
 from longctx.errors import LongctxError
 
 
@@ -94,7 +94,6 @@ class MaskMechanism(Mechanism):
     # -- the oracle -------------------------------------------------------------------------------------
     def reference(self, q, k, v, *, key_padding=None, global_mask=None, positions=None, bias=None,
                   global_qkv=None):
-        from longctx.attention.reference import dense_attention
         slopes, score_bias = _bias_parts(bias)
         return dense_attention(q, k, v, self.pattern, key_padding_mask=key_padding, global_mask=global_mask,
                                global_qkv=global_qkv, alibi_slopes=slopes, score_bias=score_bias)

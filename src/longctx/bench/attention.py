@@ -41,7 +41,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from transformers import LongformerConfig
+from transformers.models.longformer.modeling_longformer import LongformerSelfAttention
 
+from longctx import plots as figures
+from longctx.attention import SelfAttention, attention, fused
+from longctx.attention.lsh import LSH
+from longctx.attention.mechanism import MECHANISMS, LayerContext, build as build_mechanism
+from longctx.attention.patterns import full_mask
 from longctx.bench import common
 from longctx.errors import LongctxError
 from longctx.memory import peak_rss_bytes
@@ -87,8 +94,6 @@ def families() -> dict[str, tuple[str, dict]]:
     """``longctx-NAME`` -> (NAME, its ``bench`` example) for every registered mechanism whose name no
     window case takes (longctx-sliding and longctx-blocks stay the window's): the approximate families,
     BigBird, and any mechanism registered later, read from the registry at each call."""
-    import longctx.attention  # noqa: F401  (registers every mechanism)
-    from longctx.attention.mechanism import MECHANISMS
     return {f"longctx-{name}": (name, cls.example("bench")) for name, cls in sorted(MECHANISMS.items())
             if f"longctx-{name}" not in WINDOW_CASES}
 
@@ -126,8 +131,6 @@ def _attention_spec(impl: str, cfg: dict) -> tuple[str, dict, bool]:
 
 def _mechanism(impl: str, n: int, cfg: dict):
     """The case's attention as a registry mechanism (the families run it; every case counts its FLOPs)."""
-    import longctx.attention  # noqa: F401  (registers every mechanism)
-    from longctx.attention.mechanism import LayerContext, build as build_mechanism
     name, fields, causal = _attention_spec(impl, cfg)
     ctx = LayerContext(num_heads=cfg["heads"], head_dim=cfg["hidden"] // cfg["heads"], max_len=n, causal=causal,
                        seed=cfg["seed"])
@@ -147,7 +150,6 @@ def useful_flops(impl: str, n: int, cfg: dict) -> tuple[float, float]:
 
 def _shared_qk(mech) -> bool:
     """Reformer's LSH attention takes k = q: its layer has one query-key projection."""
-    from longctx.attention.lsh import LSH
     return isinstance(mech, LSH)
 
 
@@ -176,8 +178,6 @@ class _ProjectedLayer(torch.nn.Module):
 class _HFLayer(torch.nn.Module):
     def __init__(self, hidden: int, heads: int, window: int):
         super().__init__()
-        from transformers import LongformerConfig
-        from transformers.models.longformer.modeling_longformer import LongformerSelfAttention
         cfg = LongformerConfig(hidden_size=hidden, num_attention_heads=heads, attention_window=[window],
                                attention_probs_dropout_prob=0.0)
         self.attn = LongformerSelfAttention(cfg, layer_id=0)
@@ -194,8 +194,6 @@ class _HFLayer(torch.nn.Module):
 
 def build(impl: str, n: int, cfg: dict, dtype: torch.dtype):
     """(module or None, inputs, forward function): forward(inputs) -> the output tensor."""
-    from longctx.attention import SelfAttention, attention
-    from longctx.attention.patterns import full_mask
     B, D, H, w = cfg["batch"], cfg["hidden"], cfg["heads"], cfg["attention_window"]
     mech = _mechanism(impl, n, cfg)
     pattern = getattr(mech, "pattern", None)  # the mask family's predicate; None for the approximate families
@@ -232,7 +230,7 @@ def build(impl: str, n: int, cfg: dict, dtype: torch.dtype):
         layer = _HFLayer(D, H, w)
         return layer.to(dtype), [x], layer
     if impl == "local-attention":
-        from local_attention import LocalAttention
+        from local_attention import LocalAttention  # here: an optional dependency (pip install longctx[bench])
         la = LocalAttention(window_size=w // 2, causal=True, look_backward=1, look_forward=0, autopad=True,
                             use_rotary_pos_emb=False)
         layer = _ProjectedLayer(D, H, lambda q, k, v: la(q, k, v))
@@ -285,7 +283,6 @@ def run(cfg: dict, out_dir: Path, command: str, log=print) -> dict:
     common.check_targets(cfg["targets"], "impl", known)
     out_dir.mkdir(parents=True, exist_ok=True)
     log(f"longctx bench attention -> {out_dir}")
-    from longctx.attention import fused  # built here, once, so no case's time or memory includes the build
     if any(i.startswith(("longctx-", "core-")) and not i.endswith(TORCH_KERNEL) for i in cfg["implementations"]):
         log("fused CPU kernel: " + ("ready" if fused.load() else f"unavailable ({fused._state['why_not']})"))
     mm = {}
@@ -368,7 +365,6 @@ def markdown(result: dict) -> str:
 
 
 def plots(result: dict, out_dir: Path) -> None:
-    from longctx import plots as figures
     for field, label, fname in (("train_s", "fwd+bwd time (s)", "time.png"),
                                 ("train_peak_bytes", "fwd+bwd peak memory (GB)", "memory.png")):
         points = {}

@@ -7,8 +7,15 @@ Configurations live in benchmarks/*.yaml; any setting can also be given on the c
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib
 import shlex
 from pathlib import Path
+
+from longctx.errors import LongctxError
+
+# Imports of torch, transformers and of modules that import them stay inside the functions that use them:
+# the CLI parser imports this module (`longctx --help` stays fast: tests/test_newcomer.py).
 
 
 def register(subparsers) -> None:
@@ -29,7 +36,7 @@ def register(subparsers) -> None:
     a.add_argument("--window", type=int, help=argparse.SUPPRESS)  # the old spelling: refused with a hint
     a.add_argument("--hidden", type=int)
     a.add_argument("--heads", type=int)
-    a.set_defaults(func=_run_attention)
+    a.set_defaults(func=functools.partial(_run, "attention"))
 
     t = sub.add_parser("train", help="masked-LM training step: longctx encoder vs HF Longformer and RoBERTa",
                        description="Tokens/s and peak memory of a full masked-LM training step.")
@@ -41,7 +48,7 @@ def register(subparsers) -> None:
     t.add_argument("--heads", type=int)
     t.add_argument("--attention-window", type=int, help="two-sided window, as Hugging Face's attention_window")
     t.add_argument("--window", type=int, help=argparse.SUPPRESS)  # the old spelling: refused with a hint
-    t.set_defaults(func=_run_train)
+    t.set_defaults(func=functools.partial(_run, "train"))
 
     h = sub.add_parser("hf", help="Hugging Face ModernBERT/Mistral forward and finetuning step: attn_implementation "
                                   "longctx vs sdpa vs eager", description="Time and peak memory of a forward pass "
@@ -55,7 +62,7 @@ def register(subparsers) -> None:
     h.add_argument("--hidden", type=int, help="model width, heads of 64 (default: ModernBERT 768, Mistral 1024)")
     h.add_argument("--modes", nargs="+", help="forward and/or train (a finetuning step; default forward)")
     h.add_argument("--dtypes", nargs="+", help="float32 and/or bfloat16 (CPU autocast; default float32)")
-    h.set_defaults(func=_run_hf)
+    h.set_defaults(func=functools.partial(_run, "hf"))
 
 
 def _common(p) -> None:
@@ -70,7 +77,6 @@ def _common(p) -> None:
 
 def _overrides(args, keys) -> dict:
     if getattr(args, "window", None) is not None:  # one meaning of window (one-sided) everywhere
-        from longctx.errors import LongctxError
         raise LongctxError(f"--window is now --attention-window (two-sided, as Hugging Face's; longctx's window is "
                            f"one-sided, half of it): give --attention-window {args.window}")
     return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
@@ -96,41 +102,26 @@ def _out_dir(args, cfg) -> Path:
 
 
 def _check(cfg) -> None:
-    from longctx.errors import LongctxError
     if cfg["repeats"] < 1 or cfg["warmup"] < 0:
         raise LongctxError("--repeats must be at least 1 and --warmup at least 0")
     if any(n < 1 for n in cfg["lengths"]):
         raise LongctxError("every benchmark length must be a positive number of tokens")
 
 
-def _run_attention(args) -> int:
-    from longctx.bench import attention, common
-    cfg = common.load_config(args.config, attention.DEFAULTS, "attention")
-    over = _overrides(args, ["name", "repeats", "warmup", "time_cap_s", "memory_cap_gb", "lengths",
-                             "implementations", "dtypes", "attention_window", "hidden", "heads"])
+COMMON_KEYS = ["name", "repeats", "warmup", "time_cap_s", "memory_cap_gb", "lengths"]
+# each benchmark's own flags, after COMMON_KEYS
+BENCH_KEYS = {"attention": ["implementations", "dtypes", "attention_window", "hidden", "heads"],
+              "train": ["models", "layers", "hidden", "heads", "attention_window"],
+              "hf": ["models", "implementations", "layers", "hidden", "modes", "dtypes"]}
+
+
+def _run(bench: str, args) -> int:
+    """Run the benchmark module ``longctx.bench.<bench>``: its DEFAULTS, the config file, the flags on top."""
+    module = importlib.import_module(f"longctx.bench.{bench}")
+    from longctx.bench import common
+    cfg = common.load_config(args.config, module.DEFAULTS, bench)
+    over = _overrides(args, COMMON_KEYS + BENCH_KEYS[bench])
     cfg.update(over)
     _check(cfg)
-    attention.run(cfg, _out_dir(args, cfg), _command("attention", args, over))
-    return 0
-
-
-def _run_train(args) -> int:
-    from longctx.bench import common, train
-    cfg = common.load_config(args.config, train.DEFAULTS, "train")
-    over = _overrides(args, ["name", "repeats", "warmup", "time_cap_s", "memory_cap_gb", "lengths",
-                             "models", "layers", "hidden", "heads", "attention_window"])
-    cfg.update(over)
-    _check(cfg)
-    train.run(cfg, _out_dir(args, cfg), _command("train", args, over))
-    return 0
-
-
-def _run_hf(args) -> int:
-    from longctx.bench import common, hf
-    cfg = common.load_config(args.config, hf.DEFAULTS, "hf")
-    over = _overrides(args, ["name", "repeats", "warmup", "time_cap_s", "memory_cap_gb", "lengths", "models",
-                             "implementations", "layers", "hidden", "modes", "dtypes"])
-    cfg.update(over)
-    _check(cfg)
-    hf.run(cfg, _out_dir(args, cfg), _command("hf", args, over))
+    module.run(cfg, _out_dir(args, cfg), _command(bench, args, over))
     return 0

@@ -22,9 +22,10 @@ from pathlib import Path
 
 import torch
 
-from longctx import io
-from longctx.memory import cpu_name, peak_rss_bytes
+from longctx import cpu_cache, io
 from longctx.errors import LongctxError
+from longctx.memory import cpu_name, peak_rss_bytes
+from longctx.progress import Progress
 
 SCHEMA_VERSION = 1
 
@@ -87,7 +88,6 @@ def child_main(run_case) -> None:
     "off" with ``LONGCTX_CPU_CACHE_MB=0``, is recorded as ``cpu_cache``) over PyTorch's defaults (a
     ``THP_MEM_ALLOC_ENABLE`` in the environment is recorded too: it moves times by -55% to +40% depending on
     the case, docs/benchmarks.md)."""
-    from longctx import cpu_cache
 
     p = argparse.ArgumentParser()
     p.add_argument("--child", required=True)
@@ -163,7 +163,6 @@ def write_reports(result: dict, out_dir: Path, markdown: str) -> None:
 def progress(total: int, kind: str):
     """The benchmark's progress over its cases (longctx.progress: a bar on a terminal, plain lines with
     rate and ETA otherwise); each case's result is a ``.write`` line, so it stays on screen."""
-    from longctx.progress import Progress
     return Progress(total, f"bench {kind}", "cases", interval=60.0)
 
 

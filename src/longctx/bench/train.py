@@ -22,9 +22,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from transformers import LongformerConfig, LongformerForMaskedLM, RobertaConfig, RobertaForMaskedLM
 
+from longctx import plots
+from longctx.attention import fused
 from longctx.bench import common
 from longctx.errors import LongctxError
+from longctx.models import LongctxConfig, LongctxForMaskedLM
 
 DEFAULTS = {
     "name": "train",
@@ -52,13 +56,11 @@ SCALING = {"hf-roberta-sdpa": (2, 1)}  # time and memory grow as n^p
 def build(name: str, n: int, cfg: dict):
     L, D, H, V, w = cfg["layers"], cfg["hidden"], cfg["heads"], cfg["vocab"], cfg["attention_window"]
     if name in ("longctx", "longctx-bf16"):
-        from longctx.models import LongctxConfig, LongctxForMaskedLM
         mc = LongctxConfig(vocab_size=V, hidden_size=D, num_hidden_layers=L, num_attention_heads=H,
                            intermediate_size=4 * D, window=w // 2, max_position_embeddings=n,
                            attention="sliding", attention_backend="blocked")
         return LongctxForMaskedLM(mc), 0
     if name == "hf-longformer":
-        from transformers import LongformerConfig, LongformerForMaskedLM
         if n % w:
             raise LongctxError(f"Hugging Face's Longformer needs n to be a multiple of {w}")
         mc = LongformerConfig(vocab_size=V, hidden_size=D, num_hidden_layers=L, num_attention_heads=H,
@@ -66,7 +68,6 @@ def build(name: str, n: int, cfg: dict):
                               attention_probs_dropout_prob=0.0, pad_token_id=1)
         return LongformerForMaskedLM(mc), 1
     if name == "hf-roberta-sdpa":
-        from transformers import RobertaConfig, RobertaForMaskedLM
         mc = RobertaConfig(vocab_size=V, hidden_size=D, num_hidden_layers=L, num_attention_heads=H,
                            intermediate_size=4 * D, max_position_embeddings=n + 2,
                            attention_probs_dropout_prob=0.0, pad_token_id=1, attn_implementation="sdpa")
@@ -183,7 +184,6 @@ def run(cfg: dict, out_dir: Path, command: str, log=print) -> dict:
     log(f"longctx bench train -> {out_dir}")
     mm = {}
     if "longctx-bf16" in cfg["models"]:  # the bf16 target is relative to this machine's own matmul ratio
-        from longctx.attention import fused
         log("fused CPU kernel: " + ("ready" if fused.load() else f"unavailable ({fused._state['why_not']})"))
         for dt in ("float32", "bfloat16"):
             r = common.run_child(__name__, {"matmul": dt}, timeout=300)
@@ -247,7 +247,6 @@ def markdown(result: dict) -> str:
 
 
 def plot(result: dict, out_dir: Path) -> None:
-    from longctx import plots
     fig, axes = plots.pyplot().subplots(1, 2, figsize=(10, 4.5))
     series = {}
     for x in result["cases"]:

@@ -11,6 +11,9 @@ import sys
 
 from longctx.errors import LongctxError
 
+# Imports of torch, transformers and of modules that import them stay inside the functions that use them:
+# the CLI parser imports this module (`longctx --help` stays fast: tests/test_newcomer.py).
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("convert", help="bring Hugging Face checkpoints into longctx")

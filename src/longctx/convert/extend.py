@@ -20,7 +20,9 @@ import os
 from pathlib import Path
 
 import torch
+import transformers
 from torch import nn
+from transformers import AutoTokenizer
 
 from longctx.convert.longformer import (
     TOKENIZER_FILES,
@@ -38,9 +40,9 @@ from longctx.convert.longformer import (
     weight_names,
 )
 from longctx.errors import LongctxError
-from longctx.progress import Progress
 from longctx.models import LongctxConfig, LongctxForMaskedLM
 from longctx.positions.absolute import extend_learned_positions
+from longctx.progress import Progress
 
 log = logging.getLogger("longctx.convert")
 
@@ -162,7 +164,6 @@ def extend_model(hf_model: nn.Module, max_length: int, attention_window: int,
 def _source_class(src: Path, hf_cfg):
     """The Hugging Face class to load: the masked LM where the checkpoint has an MLM head, else the
     base model (no pooler: longctx has none)."""
-    import transformers
 
     names = weight_names(src)
     if hf_cfg.model_type == "bert":
@@ -219,7 +220,6 @@ def _load_tokenizer(src: Path):
     """(tokenizer or None, note). No tokenizer files -> (None, ''); unreadable ones -> (None, reason)."""
     if not any((src / f).is_file() for f in TOKENIZER_FILES):
         return None, ""
-    from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(str(src), local_files_only=True, trust_remote_code=False), ""

@@ -23,7 +23,10 @@ import shutil
 from pathlib import Path
 
 import torch
+import transformers
+from safetensors import safe_open
 from torch import nn
+from transformers import AutoConfig
 
 from longctx.errors import LongctxError
 from longctx.io import publish_dir
@@ -57,7 +60,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 # ---------------------------------------------------------------------------------------------------
 def read_source_config(src: str | os.PathLike, what: str):
     """The Hugging Face config of checkpoint directory ``src``, or a LongctxError saying what is wrong."""
-    from transformers import AutoConfig
 
     src = Path(src)
     if not src.exists():
@@ -85,8 +87,6 @@ def weight_names(src: str | os.PathLike) -> list[str]:
             with open(src / index) as f:
                 names += list(json.load(f).get("weight_map", {}))
     if (src / "model.safetensors").is_file():
-        from safetensors import safe_open
-
         with safe_open(str(src / "model.safetensors"), framework="pt") as f:
             names += list(f.keys())
     return names
@@ -288,7 +288,6 @@ def convert_longformer_dir(src: str | os.PathLike, out: str | os.PathLike, force
                            progress: bool = True) -> dict:
     """``longctx convert longformer``: checkpoint directory ``src`` -> longctx directory ``out``
     (weights, config, tokenizer files). Returns a summary."""
-    import transformers
 
     src = Path(src)
     hf_cfg = read_source_config(src, "Hugging Face Longformer")

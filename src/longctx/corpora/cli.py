@@ -22,16 +22,19 @@ corpus becomes this run's inputs alone) says which is meant.
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 import os
+import resource
 import signal
 import time
 from collections import Counter
+from multiprocessing.connection import wait
 
 from longctx.corpora.arxiv import Limits, Rejected, convert_source, discover, doc_id
 from longctx.errors import LongctxError
+from longctx.io import lock_run
 from longctx.memory import proc_status_bytes
 from longctx.progress import Progress
-from longctx.io import lock_run
 
 STATE_DIR = ".state"
 JOURNAL = "journal.jsonl"
@@ -294,7 +297,7 @@ def _limit_memory(budget: int) -> None:
     """Cap this process's address space at its current size plus ``budget`` bytes: an allocation past
     it raises MemoryError (caught: the paper is rejected) instead of waking the OOM killer."""
     try:
-        import resource
+        pass
     except ImportError:  # not POSIX: only the estimate before parsing bounds memory
         return
     base = _vm_size()
@@ -387,8 +390,6 @@ def _map(jobs: list, workers: int, converter=convert_source, memory: int = 1024 
     (OOM killer, kill -9, a crash in C code) rejects its paper as ``worker-died`` and a fresh worker
     takes its place; one that overruns ``timeout`` by ``_KILL_GRACE_S`` (stuck where SIGALRM cannot
     reach) is killed and its paper rejected as ``timeout``."""
-    import multiprocessing as mp
-    from multiprocessing.connection import wait
 
     # fork where there is one: a worker starts at once with the parent's imports (spawn re-imports
     # torch, ~4 s a worker); workers run only pure-Python conversion, never torch or its threads

@@ -31,15 +31,21 @@ be rendered into the ``os`` and ``cgi`` pages). ``python -m longctx.corpora.defa
 """
 from __future__ import annotations
 
+import contextlib
+import importlib
+import io
 import json
 import lzma
 import os
+import pydoc
 import re
 import subprocess
 import sys
 import tempfile
 import warnings
 from pathlib import Path
+
+# longctx modules are imported inside functions: the render children run this file as a script.
 
 FORMAT_VERSION = 2
 SNAPSHOT = Path(__file__).with_name("pydoc-corpus-v1.jsonl.xz")
@@ -165,11 +171,6 @@ def build_pydoc_corpus() -> list[dict]:
 
 def _render_chunk(out_path: str, names: list[str]) -> None:
     """Child process: import and render each module; skip those that fail or print."""
-    import contextlib
-    import importlib
-    import io
-    import pydoc
-    import warnings
 
     warnings.simplefilter("ignore")
     os.environ.clear()  # a page may render os.environ (os, cgi); startup may have added to the given one

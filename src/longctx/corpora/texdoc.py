@@ -16,8 +16,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from longctx.corpora.cli import build_arxiv_corpus
 from longctx.errors import LongctxError
 from longctx.io import publish_dir
+from longctx.paths import cache_root
 
 DOC_ROOTS = ("/usr/share/doc/texlive-doc",)
 MAX_CHARS = 200_000  # a manual of a whole package is not an article
@@ -60,8 +62,6 @@ def article_sources(roots=DOC_ROOTS) -> list[tuple[str, str]]:
 def texdoc_corpus(roots=DOC_ROOTS, progress: bool = True) -> Path:
     """The path of ``structured.jsonl`` built from the installed LaTeX documentation (cached; built on
     first use, which takes about a minute on 2 cores), or LongctxError saying what to install or pass."""
-    from longctx.corpora.cli import build_arxiv_corpus
-    from longctx.paths import cache_root
 
     sources = article_sources(roots)
     if not sources:

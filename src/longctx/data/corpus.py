@@ -45,8 +45,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import platform
+import zipfile
 from pathlib import Path
 
+from longctx.corpora import default_corpus
+from longctx.corpora.texdoc import texdoc_corpus
 from longctx.errors import LongctxError
 
 TEXT_SUFFIXES = (".txt", ".md")
@@ -57,15 +61,10 @@ JSON_SUFFIXES = (".jsonl", ".json")
 def load_documents(source: str | Path, text_field: str = "text") -> list[dict]:
     """Load a corpus as ``[{"id", "text", ["structure", "title"]}, ...]`` in a fixed order."""
     if str(source) == "default":
-        from longctx.corpora.default_corpus import load_default_corpus
-
-        docs = load_default_corpus()
+        docs = default_corpus.load_default_corpus()
     elif str(source) == "pydoc":
-        from longctx.corpora.default_corpus import load_pydoc_corpus
-
-        docs = load_pydoc_corpus()
+        docs = default_corpus.load_pydoc_corpus()  # by attribute: tests replace it
     elif str(source) == "texdoc":  # StructFormer's corpus without arXiv sources: the installed LaTeX docs
-        from longctx.corpora.texdoc import texdoc_corpus
 
         docs = _load_file(texdoc_corpus(), text_field, name="texdoc")
     else:
@@ -89,10 +88,8 @@ def corpus_identity(source: str | Path, text_field: str = "text") -> dict:
     """Which corpus ``source`` is: its name, ``corpus_fingerprint``, size and where it comes from."""
     docs = load_documents(source, text_field)
     if str(source) == "default":
-        from longctx.corpora.default_corpus import SNAPSHOT_SOURCE as origin
+        origin = default_corpus.SNAPSHOT_SOURCE
     elif str(source) == "pydoc":
-        import platform
-
         origin = f"pydoc of {platform.python_implementation()} {platform.python_version()}, built on this machine"
     elif str(source) == "texdoc":
         origin = "the installed LaTeX documentation, built on this machine"
@@ -142,7 +139,6 @@ def _load_file(path: Path, text_field: str, name: str) -> list[dict]:
 
 def _load_zip(path: Path) -> dict:
     """The one file in a ``.zip`` (``text8.zip``, ``enwik8.zip`` as distributed) as one document."""
-    import zipfile
 
     try:
         with zipfile.ZipFile(path) as z:
@@ -182,7 +178,7 @@ def _load_json(path: Path, text_field: str, name: str) -> list[dict]:
 
 
 def _load_table(path: Path, text_field: str, name: str) -> list[dict]:
-    import datasets
+    import datasets  # here: slow to import, only for table corpora
 
     builder = "parquet" if path.suffix.lower() == ".parquet" else "arrow"
     was_enabled = datasets.utils.logging.is_progress_bar_enabled()

@@ -42,7 +42,10 @@ import json
 from pathlib import Path
 
 import numpy as np
+from tokenizers import (Tokenizer, decoders, models, pre_tokenizers, processors, normalizers, trainers,
+                        Tokenizer as _Tok)
 
+from longctx.data.corpus import corpus_fingerprint
 from longctx.errors import LongctxError
 from longctx.io import publish_dir, write_text
 
@@ -105,7 +108,6 @@ class ByteTokenizer:
 
     def hf_tokenizer(self):
         """An equivalent ``tokenizers.Tokenizer`` (byte-level model, ids 0-255 = bytes) for saving."""
-        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
         b2u = _bytes_to_unicode()
         tok = Tokenizer(models.BPE(vocab={b2u[b]: b for b in range(256)}, merges=[]))
@@ -227,7 +229,6 @@ def train_tokenizer(documents: list[dict], kind: str = "bpe", vocab_size: int = 
                     min_frequency: int = 2) -> HFTokenizer:
     """Train a byte-level BPE (RoBERTa's specials ``<s> <pad> </s> <unk> <mask>``) or a WordPiece
     (BERT's ``[PAD] [UNK] [CLS] [SEP] [MASK]``, cased) tokenizer on the documents' text."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
     texts = [d["text"] for d in documents]
     if not texts:
@@ -279,7 +280,6 @@ def load_tokenizer(spec, documents: list[dict] | None = None, cache_dir: str | P
                                    f"{{train: bpe, vocab_size: 8192}}.")
         if cache_dir is None:
             return train_tokenizer(documents, kind, size, minf)
-        from longctx.data.corpus import corpus_fingerprint
 
         key = hashlib.sha256(f"{corpus_fingerprint(documents)}|{kind}|{size}|{minf}|v1".encode()).hexdigest()[:20]
         folder = Path(cache_dir) / f"{kind}-{size}-{key}"
@@ -309,7 +309,6 @@ def load_tokenizer(spec, documents: list[dict] | None = None, cache_dir: str | P
     if not file.exists():
         raise LongctxError(f"tokenizer folder {folder} has no tokenizer.json; give a folder saved by a fast "
                            f"Hugging Face tokenizer (save_pretrained) or by longctx.")
-    from tokenizers import Tokenizer as _Tok
 
     try:
         tok = _Tok.from_file(str(file))

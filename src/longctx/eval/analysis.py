@@ -23,12 +23,19 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from longctx import plots
+from longctx.data.corpus import load_documents, split_documents
+from longctx.data.packing import heading_flags
+from longctx.data.tokenizer import load_tokenizer
 from longctx.errors import LongctxError
+from longctx.io import write_json, write_text
+from longctx.models.loading import load_longctx_model, run_settings
 
 METRICS = ("global_share", "heading_share", "sentence_share", "mean_distance", "beyond_window", "entropy")
 LABELS = {"global_share": "mass on global tokens", "heading_share": "mass on heading tokens",
@@ -58,7 +65,6 @@ def sentence_ids(text: str, offsets) -> np.ndarray:
 def document_windows(docs: list[dict], tokenizer, seq_len: int, max_docs: int = 0) -> list[dict]:
     """The first ``seq_len`` tokens of each document (the title and first sections, where the heading
     tokens are): {input_ids, heading, sentence} as (n,) tensors, documents of fewer than 8 tokens skipped."""
-    from longctx.data.packing import heading_flags
 
     out = []
     for doc in docs:
@@ -215,7 +221,6 @@ def analyze_model(model, windows: list[dict], global_tokens: str = "none", batch
 def analysis_documents(data: str | None, run: dict, max_docs: int) -> tuple[list[dict], str]:
     """The documents to analyse and a phrase saying which: ``data`` when given, else the held-out
     documents of the corpus the model was trained on."""
-    from longctx.data.corpus import load_documents, split_documents
 
     if data:
         return load_documents(data), str(data)
@@ -233,8 +238,6 @@ def analysis_documents(data: str | None, run: dict, max_docs: int) -> tuple[list
 def analyze_saved(model_dir: str | Path, data: str | None = None, max_docs: int = 8, seq_len: int | None = None,
                   global_tokens: str = "auto", window: int | None = None) -> dict:
     """Load the model and its tokenizer from ``model_dir`` and analyse it (see ``analyze_model``)."""
-    from longctx.data.tokenizer import load_tokenizer
-    from longctx.models.loading import load_longctx_model, run_settings
 
     model = load_longctx_model(model_dir, what="model")
     run = run_settings(model_dir)
@@ -253,7 +256,6 @@ def analyze_saved(model_dir: str | Path, data: str | None = None, max_docs: int 
 # ---- reports -------------------------------------------------------------------------------------------
 def write_analysis(results: dict[str, dict], out_dir: str | Path) -> dict[str, Path]:
     """``analysis.json``, ``analysis.md`` and the plots for one or more named analyses (side by side)."""
-    from longctx.io import write_json, write_text
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -311,9 +313,7 @@ def _bin_names(edges: list[int]) -> list[str]:
 
 
 def plot_analysis(results: dict[str, dict], out: Path) -> dict[str, Path]:
-    from longctx.plots import pyplot, save
-
-    plt = pyplot()
+    plt = plots.pyplot()
 
     names, paths = list(results), {}
     shown = [m for m in METRICS if any(h[m] is not None for r in results.values() for l in r["layers"] for h in l["heads"])]
@@ -333,7 +333,7 @@ def plot_analysis(results: dict[str, dict], out: Path) -> dict[str, Path]:
             axes[r, c].set_xticks(range(grid.shape[1]), [str(h) for h in range(grid.shape[1])], fontsize=7)
             axes[r, c].set_xlabel("head", fontsize=7)
             fig.colorbar(im, ax=axes[r, c])
-    paths["heatmaps"] = save(fig, out / "attention_heatmaps.png", dpi=110)
+    paths["heatmaps"] = plots.save(fig, out / "attention_heatmaps.png", dpi=110)
     fig, ax = plt.subplots(1, len(results[names[0]]["layers"]), figsize=(3.2 * len(results[names[0]]["layers"]), 2.8),
                            squeeze=False)
     for li in range(len(results[names[0]]["layers"])):
@@ -349,7 +349,7 @@ def plot_analysis(results: dict[str, dict], out: Path) -> dict[str, Path]:
         ax[0, li].set_xlabel("distance |i - j| (tokens)", fontsize=7)
         ax[0, li].set_ylabel("share of attention mass", fontsize=7)
         ax[0, li].legend(fontsize=6)
-    paths["distance"] = save(fig, out / "attention_distance.png", dpi=110)
+    paths["distance"] = plots.save(fig, out / "attention_distance.png", dpi=110)
     return paths
 
 
@@ -372,7 +372,6 @@ def check_spec(spec) -> dict:
 def analyze_variant(name: str, vdir: Path, spec: dict, progress: bool = True) -> dict:
     """Analyse a variant's final model on the held-out documents of its corpus (all variants of a
     comparison share corpus and seed, so the same documents), as it was trained (its global tokens)."""
-    import sys
     if progress:
         print(f"  {name}: attention analysis", file=sys.stderr)
     res = analyze_saved(Path(vdir) / "model", data=spec["data"], max_docs=spec["max_docs"], seq_len=spec["seq_len"],

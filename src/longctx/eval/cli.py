@@ -14,6 +14,9 @@ from pathlib import Path
 from longctx.errors import LongctxError
 from longctx.io import write_json
 
+# Imports of torch, transformers and of modules that import them stay inside the functions that use them:
+# the CLI parser imports this module (`longctx --help` stays fast: tests/test_newcomer.py).
+
 HALF = "half"  # --blockwise with no value: half the training length (LeX)
 
 

@@ -26,13 +26,22 @@ span longer than the training length (``blockwise_block``).
 """
 from __future__ import annotations
 
+import json
 import math
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from longctx.data.packing import prepare_data
+from longctx.data.tokenizer import ByteTokenizer
 from longctx.errors import LongctxError
+from longctx.eval.resolution import model_resolution
+from longctx.io import write_json
+from longctx.models import LongctxForCausalLM, LongctxForMaskedLM
+from longctx.models.loading import load_longctx_model
 
 LEX_TOKENS = 4096  # LeX scores the first 4k tokens of each document
 
@@ -89,12 +98,8 @@ def load_model(model_dir):
     """A saved longctx model in eval mode, never running code from its folder (the safe loader, which
     also refuses non-longctx folders, when present)."""
     try:
-        from longctx.models.loading import load_longctx_model
+        pass
     except ImportError:
-        import json
-        from pathlib import Path
-
-        from longctx.models import LongctxForCausalLM, LongctxForMaskedLM
         causal = json.loads((Path(model_dir) / "config.json").read_text()).get("causal")
         cls = LongctxForCausalLM if causal else LongctxForMaskedLM
         model = cls.from_pretrained(model_dir, trust_remote_code=False, local_files_only=True).eval()
@@ -203,7 +208,6 @@ def extrapolation(model, stream, lengths: list[int], *, tokens: int | None = Non
             continue
         row = summarize(score_length(model, docs, n, stride, batch_size), n, bits_per_char)
         if resolution:
-            from longctx.eval.resolution import model_resolution
             res = model_resolution(model, torch.from_numpy(docs[:2, :n]))  # the first chunk of two documents
             row["attention_resolution"] = sum(res) / len(res)
             row["attention_resolution_by_layer"] = res
@@ -261,13 +265,7 @@ def evaluate_variant(cfg: dict, vdir, spec: dict, progress: bool = False) -> dic
     """Extrapolation results of a comparison variant trained in ``vdir`` (written to
     ``vdir/extrapolation.json``, reused by a rerun): {training_length, tokens, ..., runs: {"plain":
     rows, "blockwise": rows (relative positions only)}}."""
-    import json
-    import sys
-    from pathlib import Path
 
-    from longctx.data.packing import prepare_data
-    from longctx.io import write_json
-    from longctx.data.tokenizer import ByteTokenizer
 
     vdir = Path(vdir)
     done = vdir / "extrapolation.json"

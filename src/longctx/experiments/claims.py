@@ -24,6 +24,7 @@ missing is listed with the command that makes it.
 """
 from __future__ import annotations
 
+import datetime
 import json
 import math
 from dataclasses import dataclass
@@ -31,6 +32,10 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+
+from longctx.eval.analysis import overall
+
+from longctx.stats import paired_difference
 
 HOLDS, DIRECTION, NOT_REPRODUCED = "holds", "holds in direction only", "not reproduced at this size"
 ORDER = (HOLDS, DIRECTION, NOT_REPRODUCED)
@@ -96,7 +101,6 @@ class Claim:
 
 
 def _date(path: Path) -> str:
-    import datetime
     return datetime.date.fromtimestamp(path.stat().st_mtime).isoformat()
 
 
@@ -106,7 +110,6 @@ def _ci(ci, fmt: str = "{:+.3f}") -> str:
 
 def _paired(a, b) -> tuple[float, list[float]]:
     """mean(a - b) of two score rows on the same examples (one seed), with its interval (longctx.stats)."""
-    from longctx.stats import paired_difference
     r = paired_difference([np.asarray(a, float)], [np.asarray(b, float)], higher_is_better=True)
     return r["diff"], r["ci"]
 
@@ -238,7 +241,6 @@ def measure_structformer(results: dict) -> list[Part]:
     d, ci = _pair(col, "text-only+ft-headings", "text-only")
     parts.append(Part("section-heading F1, headings global at finetuning minus not (text-only pretraining)",
                       "(reachability, outside the claim)", f"{d:+.3f} {_ci(ci)}", "(reported)", in_verdict=False))
-    from longctx.eval.analysis import overall
     mass = {v["variant"]: overall(v["analysis"], "heading_share") for v in results["variants"] if v.get("analysis")}
     if mass.get("headings-global") is not None and mass.get("text-only") is not None:
         d = mass["headings-global"] - mass["text-only"]

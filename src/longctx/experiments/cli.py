@@ -3,6 +3,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from longctx.errors import LongctxError
+
+from longctx.io import write_text
+
+# Imports of torch, transformers and of modules that import them stay inside the functions that use them:
+# the CLI parser imports this module (`longctx --help` stays fast: tests/test_newcomer.py).
+
 
 def run_compare(args) -> int:
     from longctx.experiments.compare import load_comparison, run_comparison
@@ -13,7 +20,6 @@ def run_compare(args) -> int:
         comp["name"] = args.name
     if args.jobs is not None:
         if args.jobs < 1:
-            from longctx.errors import LongctxError
             raise LongctxError(f"--jobs must be 1 or more, not {args.jobs}")
         comp["jobs"] = args.jobs
     summary = run_comparison(comp, args.out, progress=not args.quiet, rerun_changed=args.rerun_changed,
@@ -59,13 +65,11 @@ def register(sub) -> None:
 
 def run_claims(args) -> int:
     from longctx.experiments.claims import evaluate_all, markdown
-    from longctx.io import write_text
 
     if args.action == "conversion":
         from longctx.experiments.conversion import run_conversion
         run_conversion(args.out, args.overrides, progress=not args.quiet, rerun_changed=args.rerun_changed)
     elif args.overrides:
-        from longctx.errors import LongctxError
         raise LongctxError("`longctx claims table` takes no overrides (they belong to `longctx claims conversion`)")
     md = markdown(evaluate_all(args.out))
     print(md)

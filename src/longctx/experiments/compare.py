@@ -35,8 +35,19 @@ import sys
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
+
+from longctx.data.corpus import corpus_identity
 from longctx.errors import LongctxError
+from longctx.experiments import compute, downstream
+from longctx.experiments.report import write_report
+from longctx.experiments.runs import Run, run_all
+from longctx.stats import rows_interval
 from longctx.train.config import load_yaml, merge, parse_overrides, resolve
+from longctx.train.finetune import deep_merge
+
+# Imports of modules that import torch stay inside the functions that use them: a comparison's driver
+# process imports no torch (its runs do, in their zygote: experiments/variant.py).
 
 FIXED = ("seed", "data.corpus", "data.tokenizer", "data.seq_len", "data.text_field", "data.valid_fraction",
          "data.seed", "train.steps", "train.budget", "train.batch_size", "train.grad_accum", "stages")
@@ -46,16 +57,6 @@ OWN_KEYS = ("name", "seeds", "reference", "jobs", "extrapolation", "finetune", "
 
 def default_config_path() -> Path:
     return Path(str(resources.files("longctx") / "configs" / "compare-default.yaml"))
-
-
-def _deep_update(base, update):
-    """``update`` merged into a copy of ``base``, mapping by mapping (any other value replaced)."""
-    if not isinstance(base, dict) or not isinstance(update, dict):
-        return copy.deepcopy(update)
-    out = copy.deepcopy(base)
-    for k, v in update.items():
-        out[k] = _deep_update(out.get(k), v) if isinstance(out.get(k), dict) else copy.deepcopy(v)
-    return out
 
 
 def _seeds(value, base_seed: int) -> list[int]:
@@ -81,7 +82,7 @@ def load_comparison(path: str | Path | None, overrides: list[str] | None) -> dic
         raise LongctxError("overrides set base keys directly (train.steps=20, not base.train.steps=20); variants "
                            "are changed in the config file")
     own = {k: given.pop(k) for k in list(given) if k in OWN_KEYS}
-    raw = _deep_update(raw, own)
+    raw = deep_merge(raw, own)
     variants = raw.get("variants") or []
     if not isinstance(variants, list) or not variants:
         raise LongctxError("comparison config needs a non-empty list 'variants'")
@@ -101,8 +102,7 @@ def load_comparison(path: str | Path | None, overrides: list[str] | None) -> dic
         sets = v.get("set") or {}
         if not isinstance(sets, dict):
             raise LongctxError(f"variant {name!r}: 'set' must map dotted keys to values")
-        from longctx.experiments.downstream import split_variant_sets
-        all_sets, (sets, task_sets) = sets, split_variant_sets(name, sets)  # task.*: finetuning only
+        all_sets, (sets, task_sets) = sets, downstream.split_variant_sets(name, sets)  # task.*: finetuning only
         for key in sets:
             if any(key == f or key.startswith(f + ".") for f in FIXED):
                 raise LongctxError(f"variant {name!r} changes '{key}': a comparison keeps data, seed and "
@@ -120,12 +120,10 @@ def load_comparison(path: str | Path | None, overrides: list[str] | None) -> dic
     comp = {"name": str(raw.get("name") or "compare"), "base": base, "variants": out, "jobs": jobs,
             "seeds": _seeds(raw.get("seeds", 1), base["seed"]), "reference": reference}
     if raw.get("finetune") is not None:  # finetune every variant on downstream tasks (the study)
-        from longctx.experiments.downstream import check_spec, check_variant_task_options
-        comp["finetune"] = check_spec(raw["finetune"])
+        comp["finetune"] = downstream.check_spec(raw["finetune"])
         for v in out:  # what a variant sets for its finetuning, checked against every task's options now
-            check_variant_task_options(v["name"], v["task_sets"], comp["finetune"])
+            downstream.check_variant_task_options(v["name"], v["task_sets"], comp["finetune"])
     if raw.get("compute") is not None:  # every variant at several pretraining budgets
-        from longctx.experiments import compute
         comp["compute"] = compute.check_spec(raw["compute"], base, comp.get("finetune"))
         comp["variants"] = compute.expand(out, comp["compute"])
         comp["reference"] = next(v["name"] for v in comp["variants"] if v["compute"]["variant"] == reference)
@@ -143,11 +141,8 @@ def load_comparison(path: str | Path | None, overrides: list[str] | None) -> dic
 def attention_flops_per_token(cfg: dict) -> float:
     """Forward attention-core FLOPs per token, all heads, all layers, as each layer's mechanism counts
     its useful work at the run's length (``Mechanism.flops``; for a mask, 4 * head size per allowed pair)."""
-    from longctx.models import LongctxConfig
-    fields = dict(cfg["model"], vocab_size=8)
-    if cfg["objective"] == "clm":
-        fields["causal"] = True
-    mc = LongctxConfig(**fields)
+    from longctx.models.config import from_run_config
+    mc = from_run_config(cfg, vocab_size=8)
     n = cfg["data"]["seq_len"]
     return sum(m.flops(n) for m in mc.layer_mechanisms()) / n
 
@@ -156,7 +151,6 @@ def over_seeds(runs: list[dict]) -> dict:
     """A variant's pretraining results over its seeds: the first seed's record, with the held-out loss the
     mean over seeds (per-sequence scores kept, one row per seed, and their interval over seeds and sequences),
     speed and time the mean, memory the peak."""
-    import numpy as np
 
     r = copy.deepcopy(runs[0])
     evs = [x["eval"] for x in runs]
@@ -168,7 +162,6 @@ def over_seeds(runs: list[dict]) -> dict:
     if "bits_per_char" in ev:
         ev["bits_per_char"] = float(np.mean([e["bits_per_char"] for e in evs]))
     ev.pop("per_example", None)
-    from longctx.stats import rows_interval
     ci = rows_interval(per)
     if ci is not None:  # None: one held-out sequence (or runs of an older longctx): no interval to give
         ev["per_example"] = per
@@ -184,8 +177,6 @@ def run_comparison(comp: dict, out_root: str | Path, progress: bool = True, reru
                    jobs: int = 1) -> dict:
     """Pretrain every variant at every seed, then finetune every pretrained model (up to ``jobs`` runs at
     once), then evaluate and analyse, then write the report."""
-    from longctx.data.corpus import corpus_identity
-    from longctx.experiments.runs import Run, run_all
 
     out = Path(out_root) / comp["name"]
     out.mkdir(parents=True, exist_ok=True)
@@ -207,7 +198,6 @@ def run_comparison(comp: dict, out_root: str | Path, progress: bool = True, reru
     run_all([r for runs in pre.values() for r in runs], jobs, progress, rerun_changed)
     ft = {}
     if comp.get("finetune"):
-        from longctx.experiments import downstream
         ft = {v["name"]: downstream.plan(v, pre[v["name"]], comp["finetune"], v.get("task_sets", {}))
               for v in comp["variants"]}
         if progress:
@@ -237,13 +227,11 @@ def run_comparison(comp: dict, out_root: str | Path, progress: bool = True, reru
                 print(f"[{i + 1}/{n}] {v['name']}: extrapolation", file=sys.stderr)
             r["extrapolation"] = evaluate_variant(v["config"], vdir, comp["extrapolation"], progress)
         if ft:
-            from longctx.experiments.downstream import summaries
-            r["finetune"] = summaries(ft[v["name"]])
+            r["finetune"] = downstream.summaries(ft[v["name"]])
         if comp.get("analysis"):
             from longctx.eval.analysis import analyze_variant
             r["analysis"] = analyze_variant(v["name"], vdir, comp["analysis"], progress)
         results.append(r)
-    from longctx.experiments.report import write_report
     return write_report(comp, results, out)
 
 

@@ -21,6 +21,8 @@ import copy
 from pathlib import Path
 
 from longctx.errors import LongctxError
+from longctx.plots import line_figure
+from longctx.train.finetune import task_class
 
 UNITS = ("flops", "seconds", "tokens")
 
@@ -39,7 +41,6 @@ def check_spec(spec, base: dict, finetune: dict | None) -> dict:
         raise LongctxError(f"compute.{unit} must be a list of distinct positive budgets, got {budgets!r}")
     if base["train"].get("budget"):
         raise LongctxError("the compute section sets each run's budget: remove train.budget from base")
-    from longctx.train.finetune import task_class
     scratch = [t for t in finetune or {} if task_class(t).from_scratch]
     if scratch:
         raise LongctxError(f"finetune task(s) {', '.join(scratch)} train from scratch, which no pretraining budget "
@@ -144,7 +145,6 @@ def series(results: list[dict], task: str | None) -> list[dict]:
 
 def plots(results: list[dict], out: Path) -> list[Path]:
     """``<task>_vs_compute.png`` per finetuned task, or ``loss_vs_compute.png`` without finetuning."""
-    from longctx.plots import line_figure
 
     paths = []
     for task in _finetuned(results) or [None]:

@@ -15,9 +15,29 @@ Written to ``<out>/conversion/results.json``.
 from __future__ import annotations
 
 import copy
+import datetime
+import sys
 from pathlib import Path
 
 import torch
+
+from longctx.data.corpus import corpus_identity
+
+from longctx.experiments.runs import Run, run_all
+
+from longctx.io import write_json
+
+from longctx.memory import machine_facts
+
+from longctx.models import LongctxConfig, LongctxForMaskedLM
+
+from longctx.models.loading import load_longctx_model
+
+from longctx.positions.absolute import extend_learned_positions
+
+from longctx.train.config import resolve
+
+from longctx.train.trainer import task_for
 
 CONFIG = {
     "objective": "mlm",
@@ -34,8 +54,6 @@ EVAL_BATCHES, EVAL_BATCH_SIZE = 8, 8  # 64 held-out sequences of factor x L toke
 def extended(model, length: int, new_rows: str):
     """A copy of the masked LM ``model`` with ``length`` learned positions: the new rows of the position
     table are ``"copy"`` (the table repeated) or ``"random"`` (drawn as the initialiser draws them)."""
-    from longctx.models import LongctxConfig, LongctxForMaskedLM
-    from longctx.positions.absolute import extend_learned_positions
 
     fields = model.config.to_dict()
     fields["max_position_embeddings"] = length
@@ -55,15 +73,6 @@ def extended(model, length: int, new_rows: str):
 
 def run_conversion(out_root: str | Path, overrides: list[str] | None = None, progress: bool = True,
                    rerun_changed: bool = False) -> dict:
-    from longctx.data.corpus import corpus_identity
-    from longctx.experiments.runs import Run, run_all
-    from longctx.io import write_json
-    from longctx.memory import machine_facts
-    from longctx.models.loading import load_longctx_model
-    from longctx.train.config import resolve
-    from longctx.train.trainer import task_for
-    import datetime
-
     cfg = resolve(copy.deepcopy(CONFIG), overrides or [])
     out = Path(out_root) / "conversion"
     d = cfg["data"]
@@ -80,7 +89,6 @@ def run_conversion(out_root: str | Path, overrides: list[str] | None = None, pro
         evaluations[how] = task.evaluate(extended(short, n, how), seq_len=n, batches=EVAL_BATCHES,
                                          batch_size=EVAL_BATCH_SIZE)
         if progress:
-            import sys
             print(f"  {how:>6} positions at {n} tokens: held-out loss {evaluations[how]['loss']:.3f}", file=sys.stderr)
     result = {"name": "conversion", "short_length": L, "long_length": n, "evaluations": evaluations,
               "pretraining": {k: run.result.get(k) for k in ("steps", "tokens", "train_time_s")},

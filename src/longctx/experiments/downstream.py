@@ -35,6 +35,13 @@ from pathlib import Path
 import numpy as np
 
 from longctx.errors import LongctxError
+from longctx.experiments.runs import Run, fingerprint
+from longctx.stats import rows_interval
+from longctx.train.config import _check_tree
+from longctx.train.finetune import TASK_NAMES, task_class, deep_merge, finetune_config
+
+# Imports of modules that import torch stay inside the functions that use them: a comparison's driver
+# process imports no torch (its runs do, in their zygote: experiments/variant.py).
 
 # what a variant may set for its finetuning: which tokens are global (heading_global: the tasks that have it,
 # StructFormer's section_heading; the others ignore it)
@@ -43,9 +50,6 @@ SPEC_KEYS = ("model", "data", "train", "task", "seeds", "lr", "grid_seeds")
 
 
 def check_spec(spec) -> dict:
-    from longctx.train.finetune import TASK_NAMES, task_class
-    from longctx.train.config import _check_tree
-
     if not isinstance(spec, dict) or not spec:
         raise LongctxError("the finetune section maps task names (qa, classification, listops, text, retrieval) to "
                            "their finetuning configs")
@@ -99,14 +103,12 @@ def split_variant_sets(name: str, sets: dict) -> tuple[dict, dict]:
 
 def task_sets_for(task_name: str, task_sets: dict) -> dict:
     """The variant's finetuning settings that ``task_name`` has (global_tokens for every task)."""
-    from longctx.train.finetune import task_class
     return {k: v for k, v in task_sets.items() if k == "global_tokens" or k in task_class(task_name).OPTIONS}
 
 
 def check_variant_task_options(name: str, task_sets: dict, spec: dict) -> None:
     """Each finetune task's options with the variant's settings, checked before any run starts."""
     from longctx.tasks.common import task_options
-    from longctx.train.finetune import task_class
     for task_name, tspec in spec.items():
         try:
             task_options(task_class(task_name), {**((tspec or {}).get("task") or {}), **task_sets_for(task_name, task_sets)})
@@ -117,7 +119,6 @@ def check_variant_task_options(name: str, task_sets: dict, spec: dict) -> None:
 def variant_config(task_name: str, spec: dict, variant_cfg: dict, task_sets: dict, model_dir: Path) -> dict:
     """The finetuning config of one task for one pretrained run (``variant_cfg``: its pretraining config,
     whose seed and data seed the finetuning takes); ``spec`` without ``seeds`` and ``lr``."""
-    from longctx.train.finetune import deep_merge, finetune_config, task_class
 
     scratch = task_class(task_name).from_scratch
     raw = deep_merge({"seed": variant_cfg["seed"], "name": f"{variant_cfg['name']}-{task_name}"}, spec)
@@ -145,8 +146,6 @@ def plan(variant: dict, pretrained: list, spec: dict, task_sets: dict, chosen: d
     Without ``chosen``: every task's runs, except that a task with a grid (``lr: [...]``) runs its grid on its
     first ``grid_seeds`` pretraining seeds only (default: all). With ``chosen`` ({task: lr}, read off those
     runs' dev scores by ``choose_lr``): the chosen point on the remaining seeds of each task with a grid."""
-    from longctx.experiments.runs import Run, fingerprint
-    from longctx.train.finetune import task_class
 
     runs = []
     for task_name, tspec in spec.items():
@@ -226,7 +225,6 @@ def summarize(runs: list[dict], grid, global_tokens) -> dict:
     per_example = [t.get("per_example") for t in tests]
     test = {"split": "test", metric: float(np.mean([t[metric] for t in tests])), "examples": tests[0].get("examples"),
             f"{metric}_per_seed": [t[metric] for t in tests]}
-    from longctx.stats import rows_interval
     ci = rows_interval(per_example)
     if ci is not None:
         test["per_example"] = per_example

@@ -3,10 +3,19 @@ from __future__ import annotations
 
 import datetime
 import json
+import sys
+from importlib import metadata
 from pathlib import Path
 
+from longctx.experiments import compute
+from longctx.experiments.compute import short
+from longctx.experiments.study import analyse
 from longctx.io import read_jsonl, write_text
 from longctx.memory import machine_facts
+from longctx.plots import line_figure, bar_figure, ema
+
+# Imports of modules that import torch stay inside the functions that use them: a comparison's driver
+# process imports no torch (its runs do, in their zygote: experiments/variant.py).
 
 
 def _with_ci(value: float, ci) -> str:
@@ -160,8 +169,6 @@ def extrapolation_table(results: list[dict], metric: str = "perplexity") -> str 
 
 
 def _extrapolation_plot(results: list[dict], out: Path) -> Path | None:
-    from longctx.plots import line_figure
-
     lines, lengths = _extrapolation_lines(results)
     if not lines:
         return None
@@ -183,7 +190,6 @@ def _budget(comp: dict) -> dict | None:
 
 def _budget_words(budget: dict) -> str:
     """{'flops': 3e12} -> 'budget of 3e12 training FLOPs'; a list (compute section) -> 'budgets of ...'."""
-    from longctx.experiments.compute import short
     unit, value = next(iter(budget.items()))
     what = {"flops": "training FLOPs", "seconds": "seconds of training steps", "tokens": "training tokens"}[unit]
     values = value if isinstance(value, list) else [value]
@@ -199,8 +205,6 @@ def _controlled_line(c: dict) -> str:
 
 
 def software_versions() -> dict:
-    import sys
-    from importlib import metadata
     out = {"python": sys.version.split()[0]}
     # longctx's distribution is longctx-toolkit ("longctx" on PyPI is another project)
     for pkg, dist in (("longctx", "longctx-toolkit"), ("torch", "torch"), ("transformers", "transformers"),
@@ -236,7 +240,6 @@ def write_report(comp: dict, results: list[dict], out: Path) -> dict:
         "seeds": comp.get("seeds", [base["seed"]]),
         "variants": results,
     }
-    from longctx.experiments.study import analyse
     summary["study"] = study = analyse(results, comp.get("reference", results[0]["variant"]))
     write_text(out / "results.json", json.dumps(summary, indent=1))
     plots = _plots(results, out)
@@ -286,7 +289,6 @@ def write_report(comp: dict, results: list[dict], out: Path) -> dict:
         md += ranking_lines(study)
     md += shows_lines(study)
     if comp.get("compute"):  # score against pretraining compute, one line per variant
-        from longctx.experiments import compute
         md += [""] + compute.report_lines(results, comp["compute"], out)
     if any(r.get("analysis") for r in results):  # StructFormer: where each variant's attention goes
         from longctx.eval.analysis import compare_lines
@@ -336,8 +338,6 @@ def ruler_heatmaps(results: list[dict], out: Path) -> list[Path]:
 
 
 def _plots(results: list[dict], out: Path) -> list[Path]:
-    from longctx.plots import bar_figure, line_figure
-
     rows = {r["variant"]: read_jsonl(out / r["variant"] / "metrics.jsonl") for r in results}
     paths = []
     for key, label, name in [("step", "step", "loss_vs_steps.png"), ("train_time", "training time (s)", "loss_vs_time.png")]:
@@ -354,7 +354,6 @@ def _loss_series(rows: dict[str, list[dict]], key: str) -> list[dict]:
     """Per variant, in its own colour: the training loss smoothed (EMA: per-step losses of one batch are
     noisy, and every variant sees the same batches, so raw curves coincide and jump together) and the
     held-out loss at each evaluation (points)."""
-    from longctx.plots import ema
 
     series = []
     for i, (variant, rs) in enumerate(rows.items()):

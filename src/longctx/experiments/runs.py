@@ -9,6 +9,7 @@ differ, or, with ``rerun_changed``, deleted and run again.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import sys
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from longctx.errors import LongctxError
+from longctx.experiments.variant import Child, run_children
 from longctx.io import write_json
 
 REQUESTED = "requested.json"
@@ -40,7 +42,6 @@ def config_diff(saved: dict, new: dict) -> list[str]:
 
 def fingerprint(requested: dict) -> str:
     """A short identity of a requested run (what a run that starts from it records in ``after``)."""
-    import hashlib
     return hashlib.sha256(json.dumps(requested, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -89,7 +90,6 @@ def _reuse(run: Run, progress: bool, rerun_changed: bool) -> bool:
 def run_all(runs: list[Run], jobs: int, progress: bool, rerun_changed: bool = False) -> None:
     """Every run's ``result``: reused when finished with the same config, else run in its own process, up to
     ``jobs`` at once (longctx.experiments.variant.run_children). Every stale run is checked before any starts."""
-    from longctx.experiments.variant import Child, run_children
 
     todo = [r for r in runs if not _reuse(r, progress, rerun_changed)]
     for r in todo:

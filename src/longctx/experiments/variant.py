@@ -34,6 +34,10 @@ from multiprocessing import reduction
 from pathlib import Path
 
 from longctx.errors import LongctxError
+from longctx.train.finetune import run_finetune
+
+# Imports of modules that import torch stay inside the functions that use them (a run's process has them preloaded): a comparison's driver
+# process imports no torch (its runs do, in their zygote: experiments/variant.py).
 
 
 @dataclass
@@ -237,7 +241,6 @@ def main(argv: list[str]) -> int:
         signal.signal(signal.SIGUSR1, signal.default_int_handler)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
         if task:
-            from longctx.train.finetune import run_finetune
             run_finetune(cfg, task, out_dir, resume=True, progress=not quiet)
         else:
             from longctx.train.loop import pretrain

@@ -23,6 +23,8 @@ import dataclasses
 from transformers import PretrainedConfig
 
 from longctx.attention.functional import BACKENDS
+from longctx.attention.layer import attention_entry
+from longctx.attention.masked import MaskMechanism
 from longctx.attention.mechanism import MECHANISMS, LayerContext, build, make_spec
 from longctx.attention.patterns import AttentionPattern
 from longctx.errors import LongctxError
@@ -191,12 +193,24 @@ class LongctxConfig(PretrainedConfig):
         return ", ".join(f"{u} (x{parts.count(u)})" for u in uniq)
 
 
+def from_run_config(cfg: dict, **fields) -> LongctxConfig:
+    """The LongctxConfig of a run config (``longctx.train.config``): its ``model`` section, causal when the
+    objective is clm, then ``fields`` on top (the tokenizer's vocabulary and special ids, a task's causality
+    and head). Every model built, checked or measured from a run config comes from here; the spellings of
+    ``attention`` (a name with the flat window keys, ``{type: NAME, ...}``, one entry per layer) are read
+    once, by ``layer_attention``."""
+    out = dict(cfg["model"])
+    if cfg.get("objective") == "clm":
+        out["causal"] = True
+    out.update(fields)
+    return LongctxConfig(**out)
+
+
 def _tuple(x):
     return tuple(x) if isinstance(x, list) else x
 
 
 def _mask_specs():
-    from longctx.attention.masked import MaskMechanism
     return {cls.Spec for cls in MECHANISMS.values() if issubclass(cls, MaskMechanism)}
 
 
@@ -224,7 +238,6 @@ def _legacy_layers(layers, num_layers: int) -> list[dict]:
 
 def _entry(att, causal: bool, where: str) -> tuple[str, dict, bool]:
     """A config entry (a name or {type: NAME, ...}) as (type, fields, causal)."""
-    from longctx.attention.layer import attention_entry
     if isinstance(att, dict) and "type" not in att:
         raise LongctxError(f"config field {where}: {att!r} needs a 'type' (one of {', '.join(sorted(MECHANISMS))})")
     try:

@@ -19,7 +19,10 @@ import logging
 import os
 from pathlib import Path
 
+from transformers.utils import logging as hf_logging
+
 from longctx.errors import LongctxError
+from longctx.models.modeling import LongctxForCausalLM, LongctxForMaskedLM
 
 log = logging.getLogger("longctx.models")
 
@@ -66,7 +69,6 @@ def load_longctx_model(path: str | os.PathLike, cls=None, what: str = "model fol
 
     ``what`` names the input in messages (e.g. ``"init_from"``); ``config_overrides`` go to
     ``from_pretrained`` (e.g. ``num_labels`` for a fresh classification head)."""
-    from longctx.models import LongctxForCausalLM, LongctxForMaskedLM
 
     cfg = read_longctx_config(path, what)
     causal = bool(cfg.get("causal", False))
@@ -81,7 +83,6 @@ def load_longctx_model(path: str | os.PathLike, cls=None, what: str = "model fol
     if not any((p / w).is_file() for w in WEIGHT_FILES):
         raise LongctxError(f"{what} {str(p)!r} has a config but no weights (model.safetensors); give a "
                            "complete model folder")
-    from transformers.utils import logging as hf_logging
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # its load report lists what _check_complete says in one line
     try:

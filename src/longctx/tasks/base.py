@@ -14,9 +14,12 @@ finetuning alike:
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, ClassVar
 
 from longctx.errors import LongctxError
+from longctx.models.config import from_run_config
+from longctx.models.loading import load_longctx_model
 
 
 class Task:
@@ -25,6 +28,7 @@ class Task:
     higher_is_better: ClassVar[bool] = False
     global_tokens: ClassVar[str] = "none"
     model_class: ClassVar[Any] = None
+    causal: ClassVar[bool] = False  # the model attends causally (a causal LM)
 
     def __init__(self, cfg: dict):
         self.cfg = cfg
@@ -33,8 +37,25 @@ class Task:
     def prepare(self) -> None:
         raise NotImplementedError
 
+    def head_config(self) -> dict:
+        """The ``model_class`` head's own config fields (``num_labels``, ...), fresh or loaded."""
+        return {}
+
     def build_model(self, init_from: str | None = None):
-        raise NotImplementedError
+        """A fresh model from the config's ``model`` section (vocabulary and special ids from the
+        tokenizer), or the model saved at ``init_from``."""
+        tok = self.tokenizer
+        if init_from:
+            path = Path(init_from)  # refused unless a longctx model; never runs code from the folder
+            model = load_longctx_model(path, self.model_class, "init_from", **self.head_config())
+            if model.config.vocab_size < tok.vocab_size:
+                raise LongctxError(f"init_from model has {model.config.vocab_size} tokens but the tokenizer "
+                                   f"{tok.vocab_size}; use the model's own tokenizer (data.tokenizer={path})")
+            return model
+        return self.model_class(from_run_config(
+            self.cfg, vocab_size=tok.vocab_size, pad_token_id=tok.pad_id, sep_token_id=tok.sep_id,
+            bos_token_id=getattr(tok, "bos_id", None), eos_token_id=getattr(tok, "eos_id", None),
+            causal=self.causal, **self.head_config()))
 
     def train_examples(self, seq_len: int):
         raise NotImplementedError

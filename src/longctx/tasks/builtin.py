@@ -27,6 +27,7 @@ import random
 import re
 from collections import Counter
 
+from longctx.data.corpus import load_documents
 from longctx.tasks.common import split_by_document
 
 _WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -34,8 +35,6 @@ SECTION_LABELS = ("DESCRIPTION", "CLASSES", "FUNCTIONS", "DATA")
 
 
 def corpus_splits(seed: int) -> dict[str, list[dict]]:
-    from longctx.data.corpus import load_documents
-
     return split_by_document(load_documents("default"), lambda d: d["id"], seed)
 
 

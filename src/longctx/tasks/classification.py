@@ -16,10 +16,13 @@ import numpy as np
 import torch
 
 from longctx.errors import LongctxError
-from longctx.tasks.base import data_seed
+from longctx.models import LongctxForSequenceClassification
 from longctx.tasks import metrics
+from longctx.tasks.base import data_seed
 from longctx.tasks.base import register
+from longctx.tasks.builtin import corpus_splits, section_records
 from longctx.tasks.common import SPLITS, FinetuneTask
+from longctx.tasks.files import read_user_splits
 
 
 class ClassificationBase(FinetuneTask):
@@ -30,14 +33,12 @@ class ClassificationBase(FinetuneTask):
 
     @property
     def model_class(self):
-        from longctx.models import LongctxForSequenceClassification
         return LongctxForSequenceClassification
 
     def fields(self) -> tuple[str, ...]:
         return (self.opts["text_field"],)
 
     def load_splits(self):
-        from longctx.tasks.files import read_user_splits
         self._first_label = None  # (label, where): every later label must be of its kind
         out = read_user_splits(self.opts, self.name, self._check, task=self.name, seed=data_seed(self.cfg))
         if out is None:
@@ -135,7 +136,6 @@ class ClassificationTask(ClassificationBase):
               "train": {"steps": 200, "batch_size": 4, "lr": 1e-3, "warmup_steps": 20, "eval_batches": 1}}
 
     def builtin_splits(self):
-        from longctx.tasks.builtin import corpus_splits, section_records
         self._docs = corpus_splits(data_seed(self.cfg))
         return {s: [{"texts": [r["text"]], "label": r["label"]}
                     for r in section_records(self._docs[s], self.opts["context_chars"], data_seed(self.cfg) + i)]

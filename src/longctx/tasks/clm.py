@@ -4,6 +4,8 @@ Judged by the held-out loss per predicted token, its perplexity and bits per cha
 held-out text (comparable across tokenizers)."""
 from __future__ import annotations
 
+from longctx.data.collate import CLMCollator
+from longctx.models import LongctxForCausalLM
 from longctx.tasks.base import register
 from longctx.tasks.mlm import LanguageModelTask
 
@@ -15,9 +17,7 @@ class CausalLMTask(LanguageModelTask):
 
     @property
     def model_class(self):
-        from longctx.models import LongctxForCausalLM
         return LongctxForCausalLM
 
     def make_collator(self):
-        from longctx.data.collate import CLMCollator
         return CLMCollator(self.tokenizer)

@@ -23,7 +23,10 @@ from typing import ClassVar
 
 import torch
 
+from longctx.data.corpus import _unit_hash
+from longctx.data.tokenizer import load_tokenizer
 from longctx.errors import LongctxError
+from longctx.paths import cache_root
 from longctx.tasks.base import Task
 
 COMMON_OPTIONS = {"train_file": None, "dev_file": None, "test_file": None, "dataset": None, "schema": None,
@@ -179,8 +182,6 @@ class FinetuneTask(Task):
     def make_tokenizer(self):
         """The saved model's own tokenizer with ``init_from``; else ``data.tokenizer`` (trained on the
         training texts when it is a training spec, cached)."""
-        from longctx.paths import cache_root
-        from longctx.data.tokenizer import load_tokenizer
 
         init = self.cfg.get("init_from")
         if init and (Path(init) / "tokenizer.json").exists():
@@ -216,29 +217,11 @@ class FinetuneTask(Task):
         return self._features[key]
 
     # ---- model ----
-    def head_config(self) -> dict:
-        return {}
-
     def build_model(self, init_from: str | None = None):
-        from longctx.models import LongctxConfig
-
-        tok = self.tokenizer
-        if init_from:
-            from longctx.models.loading import load_longctx_model
-
-            path = Path(init_from)  # refused unless a longctx model; never runs code from the folder
-            model = load_longctx_model(path, self.model_class, "init_from", **self.head_config())
-            if model.config.vocab_size < tok.vocab_size:
-                raise LongctxError(f"init_from model has {model.config.vocab_size} tokens but the tokenizer "
-                                   f"{tok.vocab_size}; use the model's own tokenizer (data.tokenizer={path})")
-            if model.config.sep_token_id is None:
-                model.config.sep_token_id = tok.sep_id
-            return model
-        fields = dict(self.cfg["model"])
-        fields.update(vocab_size=tok.vocab_size, pad_token_id=tok.pad_id, sep_token_id=tok.sep_id,
-                      bos_token_id=getattr(tok, "bos_id", None), eos_token_id=getattr(tok, "eos_id", None),
-                      causal=False, **self.head_config())
-        return self.model_class(LongctxConfig(**fields))
+        model = super().build_model(init_from)
+        if model.config.sep_token_id is None:  # a saved model without one (a pretraining's)
+            model.config.sep_token_id = self.tokenizer.sep_id
+        return model
 
     # ---- batches and evaluation ----
     def inputs(self, examples) -> dict:
@@ -284,7 +267,6 @@ class FinetuneTask(Task):
 def split_by_document(items: list, key, seed: int, fractions=(0.8, 0.1, 0.1)) -> dict[str, list]:
     """train / dev / test by document: an item goes where ``sha256(seed, key(item))`` falls, so every
     example of a document lands in the same split and adding documents never moves others."""
-    from longctx.data.corpus import _unit_hash
 
     out = {s: [] for s in SPLITS}
     for item in items:

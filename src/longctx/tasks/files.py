@@ -32,7 +32,7 @@ def read_records(path: str | Path, what: str = "task data") -> list[dict]:
         nested = _squad_nested(p, what, path)
         if nested is not None:
             return nested
-    import datasets
+    import datasets  # here: slow to import, only for data-set folders
 
     was_enabled = datasets.utils.logging.is_progress_bar_enabled()
     datasets.utils.logging.disable_progress_bar()

@@ -18,8 +18,9 @@ import numpy as np
 import torch
 
 from longctx.errors import LongctxError
-from longctx.tasks.base import data_seed
+from longctx.models import LongctxForSequenceClassification
 from longctx.tasks import metrics
+from longctx.tasks.base import data_seed
 from longctx.tasks.base import register
 from longctx.tasks.common import SPLITS, FinetuneTask
 
@@ -111,7 +112,6 @@ class ListOpsTask(FinetuneTask):
 
     @property
     def model_class(self):
-        from longctx.models import LongctxForSequenceClassification
         return LongctxForSequenceClassification
 
     def load_splits(self):

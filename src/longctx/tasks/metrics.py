@@ -99,7 +99,7 @@ def mean_with_ci(values: Sequence[float], resamples: int = 1000, seed: int = 0) 
 def t_interval(values: Sequence[float], level: float = 0.95) -> list[float]:
     """Student's t interval of the mean of independent runs (e.g. finetuning seeds): the spread between
     runs, which a bootstrap over one run's evaluation examples does not see. Needs two values or more."""
-    from scipy.stats import t
+    from scipy.stats import t  # here: slow to import, only for intervals over seeds
 
     v = np.asarray(values, dtype=float)
     if len(v) < 2:

@@ -7,13 +7,17 @@ token and its perplexity, on fixed masks (evaluation batches draw theirs far fro
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from longctx.data.collate import EVAL_BATCH_OFFSET  # noqa: F401  (re-exported)
+from longctx.data.collate import batch_order, MLMCollator
+from longctx.data.packing import prepare_data, PackedDataset
 from longctx.errors import LongctxError
+from longctx.models import LongctxForMaskedLM
 from longctx.tasks.base import Task, data_seed, register, stage_list
+from longctx.tasks.metrics import bootstrap_ci
 
 
 def lm_loss(model, dataset, collator, batches: int, batch_size: int, device=None, allow_empty: bool = False,
@@ -24,7 +28,6 @@ def lm_loss(model, dataset, collator, batches: int, batch_size: int, device=None
     was_training = model.training
     model.eval()
     sums, counts = [], []  # per held-out sequence: summed token loss and predicted tokens
-    from longctx.data.collate import batch_order
     n = min(batches, max(1, len(dataset) // batch_size))
     with torch.no_grad():
         for i in range(n):
@@ -52,7 +55,6 @@ def lm_loss(model, dataset, collator, batches: int, batch_size: int, device=None
     s, c = s[keep], c[keep]
     loss = float(s.sum() / c.sum())
     # 95% bootstrap interval over held-out sequences (a ratio of sums: tokens weigh as in the mean)
-    from longctx.tasks.metrics import bootstrap_ci
     ci = bootstrap_ci(lambda ix: float(s[ix].sum() / c[ix].sum()), len(s))
     # per held-out sequence: its summed loss over the mean count, so that their plain mean is the token-weighted
     # loss and two runs scored on the same sequences give a paired difference per sequence (longctx.stats)
@@ -63,7 +65,6 @@ def lm_loss(model, dataset, collator, batches: int, batch_size: int, device=None
 def _row_losses(logits, labels, predicted, causal: bool):
     """Summed cross-entropy and predicted-token count of each row of a batch. The masked LM's logits
     hold the labelled positions only, row by row in order; the causal LM's predict position t + 1."""
-    import torch.nn.functional as F
     B = labels.shape[0]
     if causal:
         tok = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100,
@@ -80,8 +81,6 @@ class LanguageModelTask(Task):
     causal = False
 
     def prepare(self) -> None:
-        from longctx.data.packing import prepare_data
-
         d = self.cfg["data"]
         self.data = prepare_data(d["corpus"], d["tokenizer"], d["valid_fraction"], data_seed(self.cfg), d["text_field"])
         self.tokenizer = self.data.tokenizer
@@ -95,30 +94,7 @@ class LanguageModelTask(Task):
     def make_collator(self):
         raise NotImplementedError
 
-    def build_model(self, init_from: str | None = None):
-        """A fresh model from the config's ``model`` section (vocabulary and special ids from the
-        tokenizer), or the model saved at ``init_from``."""
-        from longctx.models import LongctxConfig
-
-        cls = self.model_class
-        tok = self.tokenizer
-        if init_from:
-            from longctx.models.loading import load_longctx_model
-
-            path = Path(init_from)
-            model = load_longctx_model(path, cls, what="init_from")
-            if model.config.vocab_size < tok.vocab_size:
-                raise LongctxError(f"init_from model has {model.config.vocab_size} tokens but the tokenizer "
-                                   f"{tok.vocab_size}; use the model's own tokenizer (data.tokenizer={path})")
-            return model
-        fields = dict(self.cfg["model"])
-        fields.update(vocab_size=tok.vocab_size, pad_token_id=tok.pad_id, sep_token_id=tok.sep_id,
-                      bos_token_id=getattr(tok, "bos_id", None), eos_token_id=getattr(tok, "eos_id", None),
-                      causal=self.causal)
-        return cls(LongctxConfig(**fields))
-
     def _packed(self, stream, seq_len: int):
-        from longctx.data.packing import PackedDataset
         start_token = self.tokenizer.cls_id if self.cfg["data"]["global_tokens"] == "first" else None
         return PackedDataset(stream, seq_len, start_token=start_token)
 
@@ -151,7 +127,6 @@ class MaskedLMTask(LanguageModelTask):
 
     @property
     def model_class(self):
-        from longctx.models import LongctxForMaskedLM
         return LongctxForMaskedLM
 
     @property
@@ -159,7 +134,6 @@ class MaskedLMTask(LanguageModelTask):
         return self.cfg["data"]["global_tokens"]
 
     def make_collator(self):
-        from longctx.data.collate import MLMCollator
         d = self.cfg["data"]
         return MLMCollator(self.tokenizer, d["mlm_probability"], d["global_tokens"], self.cfg["seed"],
                            eval_seed=data_seed(self.cfg))

@@ -20,10 +20,13 @@ import numpy as np
 import torch
 
 from longctx.errors import LongctxError
-from longctx.tasks.base import data_seed
+from longctx.models import LongctxForQuestionAnswering, question_global_mask
 from longctx.tasks import metrics
+from longctx.tasks.base import data_seed
 from longctx.tasks.base import register
+from longctx.tasks.builtin import corpus_splits, qa_records
 from longctx.tasks.common import SPLITS, FinetuneTask, pad_batch
+from longctx.tasks.files import read_user_splits
 
 
 def _answers(row: dict, where: str) -> tuple[list[str], list[int]]:
@@ -72,15 +75,12 @@ class QATask(FinetuneTask):
 
     @property
     def model_class(self):
-        from longctx.models import LongctxForQuestionAnswering
         return LongctxForQuestionAnswering
 
     def load_splits(self):
-        from longctx.tasks.files import read_user_splits
         out = read_user_splits(self.opts, "QA", check_record, task="qa", seed=data_seed(self.cfg))
         if out is not None:
             return out
-        from longctx.tasks.builtin import corpus_splits, qa_records
         o, docs = self.opts, corpus_splits(data_seed(self.cfg))
         self._docs = docs
         return {s: qa_records(docs[s], o["context_chars"], o["far_fraction"], o["questions_per_context"],
@@ -138,7 +138,6 @@ class QATask(FinetuneTask):
     def inputs(self, examples) -> dict:
         """Padded inputs whose global tokens are the QA model's own (``question_global_mask``): training,
         evaluation, a plain ``model(...)`` call and the exported graph all make the same tokens global."""
-        from longctx.models import question_global_mask
 
         batch = pad_batch(examples, self.tokenizer.pad_id, "none")
         if self.global_tokens != "none":

@@ -10,8 +10,10 @@ pairs of stretches of the default corpus, from the same module's page or from tw
 """
 from __future__ import annotations
 
+from longctx.data.tokenizer import ByteTokenizer
 from longctx.tasks.base import data_seed
 from longctx.tasks.base import register
+from longctx.tasks.builtin import corpus_splits, pair_records
 from longctx.tasks.classification import ClassificationBase
 from longctx.tasks.common import SPLITS
 
@@ -29,11 +31,9 @@ class RetrievalTask(ClassificationBase):
         return (self.opts["text_field"], self.opts["text_pair_field"])
 
     def make_tokenizer(self):
-        from longctx.data.tokenizer import ByteTokenizer
         return ByteTokenizer()
 
     def builtin_splits(self):
-        from longctx.tasks.builtin import corpus_splits, pair_records
         docs = corpus_splits(data_seed(self.cfg))
         return {s: [{"texts": [r["text1"], r["text2"]], "label": r["label"]}
                     for r in pair_records(docs[s], self.opts["context_chars"], data_seed(self.cfg) + i,

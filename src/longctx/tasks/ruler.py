@@ -43,12 +43,14 @@ from collections import Counter
 
 import numpy as np
 
+from longctx import plots
 from longctx.errors import LongctxError
 from longctx.tasks import metrics
 from longctx.tasks.base import data_seed, register
 from longctx.tasks.builtin import corpus_splits
 from longctx.tasks.common import SPLITS
 from longctx.tasks.qa import QATask
+from longctx.tasks.qa_describe import definitions
 
 NOISE = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again.")
 _CONSONANTS, _VOWELS = "bdfgklmnprstvz", "aeiou"
@@ -111,7 +113,6 @@ class Source:
     def definitions(self) -> list[tuple[str, str, int, str, str]]:
         """(name, paragraph, answer offset, answer, page id) of every described function of the split."""
         if self._definitions is None:
-            from longctx.tasks.qa_describe import definitions
             self._definitions = []
             for d in self.docs:
                 t = d["text"]
@@ -361,13 +362,12 @@ def depth_length_table(depths, lengths, scores, depth_bins: int = 5):
 def depth_length_heatmap(path, evaluation: dict, depth_bins: int = 5, title: str | None = None):
     """Exact match by needle depth (rows) and context length (columns) of a RULER evaluation (the task's
     metrics dict, e.g. ``results.json``'s ``test``) as a PNG; returns the matrix drawn."""
-    from longctx.plots import heatmap_figure
 
     if "per_example_depth" not in evaluation:
         raise LongctxError("this evaluation has no per-example depths; it is not a RULER task's")
     m, rows, cols = depth_length_table(evaluation["per_example_depth"], evaluation["per_example_length"],
                                        evaluation["per_example_exact_match"], depth_bins)
-    heatmap_figure(path, m, rows, [str(c) for c in cols], "context length", "needle depth", title=title)
+    plots.heatmap_figure(path, m, rows, [str(c) for c in cols], "context length", "needle depth", title=title)
     return m
 
 

@@ -25,7 +25,9 @@ from __future__ import annotations
 import random
 import re
 
+from longctx.data.corpus import load_documents
 from longctx.errors import LongctxError
+from longctx.models.loading import run_settings
 from longctx.tasks.base import data_seed
 from longctx.tasks.base import register
 from longctx.tasks.common import SPLITS, split_by_document
@@ -101,7 +103,6 @@ class SectionHeadingTask(QATask):
         return str(given) if given and given != "default" else "texdoc"
 
     def _pretraining_run(self) -> dict:
-        from longctx.models.loading import run_settings
         init = self.cfg.get("init_from")
         return run_settings(init) if init else {}
 
@@ -117,7 +118,6 @@ class SectionHeadingTask(QATask):
         o = self.opts
         if any(o[f"{s}_file"] for s in SPLITS):
             return super().load_splits()
-        from longctx.data.corpus import load_documents
         docs = [d for d in load_documents(self.corpus()) if d.get("structure")]
         if not docs:
             raise LongctxError(f"task section_heading needs a corpus with structure spans (structured.jsonl of "

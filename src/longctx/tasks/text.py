@@ -6,6 +6,7 @@ machine).
 """
 from __future__ import annotations
 
+from longctx.data.tokenizer import ByteTokenizer
 from longctx.tasks.base import register
 from longctx.tasks.classification import ClassificationTask
 
@@ -19,5 +20,4 @@ class TextTask(ClassificationTask):
               "train": {"steps": 200, "batch_size": 4, "lr": 1e-3, "warmup_steps": 20, "eval_batches": 1}}
 
     def make_tokenizer(self):
-        from longctx.data.tokenizer import ByteTokenizer
         return ByteTokenizer()

@@ -24,13 +24,19 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import random
 import statistics
 import time
 
+import numpy as np
 import torch
 from torch import nn
 
+from longctx.attention.mechanism import Mechanism
+from longctx.data.collate import batch_order
 from longctx.errors import LongctxError
+from longctx.models.modeling import (LongctxForMaskedLM, LongctxForMultipleChoice, LongctxForQuestionAnswering,
+                                     LongctxForSequenceClassification, question_global_mask)
 
 SAMPLE_STEPS = 8        # steps whose batches give the FLOPs and tokens of an average step
 TIMING_STEPS = (1, 4)   # a seconds budget: 1 untimed step (first-call costs), then the median of 4
@@ -43,7 +49,6 @@ def matmul_weights(model: nn.Module) -> dict[str, int]:
     on: ``body`` (every position), ``global`` (Longformer's global projections: every position of a batch
     with global tokens), ``head`` (the task head). Products inside a mechanism (Linformer's E and F) are
     the mechanism's own FLOPs, not counted here."""
-    from longctx.attention.mechanism import Mechanism
 
     inside = {id(m) for mech in model.modules() if isinstance(mech, Mechanism) for m in mech.modules()}
     base = getattr(model, "longctx", model)
@@ -67,8 +72,6 @@ def _flat(batch: dict) -> dict:
 
 def _global_mask(model, batch: dict) -> torch.Tensor | None:
     """(B, n) bool: the batch's global tokens, or the ones the model's head puts there by default."""
-    from longctx.models.modeling import (LongctxForMultipleChoice, LongctxForQuestionAnswering,
-                                         LongctxForSequenceClassification, question_global_mask)
 
     batch = _flat(batch)
     ids = batch["input_ids"]
@@ -84,7 +87,6 @@ def _global_mask(model, batch: dict) -> torch.Tensor | None:
 def head_positions(model, batch: dict) -> int:
     """Positions the task head runs on: the masked positions of a masked LM (``LongctxForMaskedLM`` skips
     the rest), the first token of each sequence for classification, every position otherwise."""
-    from longctx.models.modeling import LongctxForMaskedLM, LongctxForMultipleChoice, LongctxForSequenceClassification
 
     batch = _flat(batch)
     B, n = batch["input_ids"].shape
@@ -98,7 +100,6 @@ def head_positions(model, batch: dict) -> int:
 def step_flops(model, batch: dict) -> float:
     """Training FLOPs (forward + backward) of one micro-batch: 6 per matrix-product weight per position
     it runs on, plus 3 x every layer mechanism's forward FLOPs for every sequence, with its global tokens."""
-    from longctx.attention.mechanism import Mechanism
 
     batch = _flat(batch)
     B, n = batch["input_ids"].shape
@@ -114,7 +115,6 @@ def step_flops(model, batch: dict) -> float:
 def sample_steps(model, task, cfg: dict, world: int, steps: int = SAMPLE_STEPS) -> dict:
     """FLOPs and tokens of an average optimizer step: the mean over the first ``steps`` steps, each its
     ``grad_accum`` micro-batches on every process (the trainer's batches, built without training)."""
-    from longctx.data.collate import batch_order
 
     t = cfg["train"]
     data = task.train_examples(cfg["data"]["seq_len"])
@@ -134,8 +134,7 @@ def measure_step_seconds(model, task, cfg: dict, device, rank: int = 0, world: i
     """Median seconds of a training step on this machine, timed on a copy of the model with its own
     optimizer (forward, backward, optimizer step; ``TIMING_STEPS``), the global RNG states restored, so
     the run that follows is the one ``train.steps`` alone would give."""
-    from longctx.data.collate import batch_order
-    from longctx.train.trainer import make_optimizer
+    from longctx.train.trainer import make_optimizer  # here: a cycle (trainer imports this module)
 
     t = cfg["train"]
     data = task.train_examples(cfg["data"]["seq_len"])
@@ -184,9 +183,7 @@ def steps_for(budget: dict, per_step: dict) -> int:
 def _rng_kept(device=None):
     """Python's, NumPy's and PyTorch's global random states as they were before the block: planning
     draws nothing the training that follows would see."""
-    import random
 
-    import numpy as np
     py, npy = random.getstate(), np.random.get_state()
     cuda = device is not None and torch.device(device).type == "cuda"
     try:

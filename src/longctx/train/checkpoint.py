@@ -15,6 +15,7 @@ refused; the kernel releases the lock when the process dies, however it dies.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -212,7 +213,6 @@ def _flatten(d, prefix: str = "") -> dict:
 
 def plain(cfg) -> dict:
     """The config as JSON values (tuples as lists, dataclasses as dicts), as it is saved."""
-    import dataclasses
     if dataclasses.is_dataclass(cfg):
         cfg = dataclasses.asdict(cfg)
     elif hasattr(cfg, "to_dict"):

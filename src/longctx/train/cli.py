@@ -3,6 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# Imports of torch, transformers and of modules that import them stay inside the functions that use them:
+# the CLI parser imports this module (`longctx --help` stays fast: tests/test_newcomer.py).
+
 
 
 def _config(args) -> dict:

@@ -30,6 +30,9 @@ from longctx import io
 from longctx.errors import LongctxError
 from longctx.tasks.base import stage_list  # noqa: F401  (re-exported: the phases of staged training)
 
+# Imports of transformers, pydantic and longctx.models stay inside the functions that use them: the CLI's
+# config commands and a comparison's driver read and check configs without them.
+
 
 def key(default=dataclasses.MISSING, help: str = "", **limits):
     """A declared config key: its default, a one-line help, and pydantic limits (ge, gt, lt, le)."""
@@ -485,14 +488,10 @@ def _check_budget(cfg: dict) -> None:
 def _check_model_whole(cfg: dict) -> None:
     """Build the LongctxConfig once now, so that an inconsistent model section (heads not dividing
     the width, a per-layer list of the wrong length) stops before any data is read."""
-    from longctx.models.config import LongctxConfig
+    from longctx.models.config import from_run_config
 
-    fields = dict(cfg["model"])
-    fields.setdefault("vocab_size", 8)
-    if cfg["objective"] == "clm":
-        fields["causal"] = True
     try:
-        LongctxConfig(**fields)
+        from_run_config(cfg, vocab_size=cfg["model"].get("vocab_size", 8))
     except LongctxError as e:
         raise LongctxError(f"model section: {e}") from None
     except Exception as e:  # a type-valid but meaningless value the model's own checks did not word

@@ -17,6 +17,10 @@ import json
 from pathlib import Path
 
 from longctx.errors import LongctxError
+from longctx.io import write_json
+
+# Imports of torch, transformers and of modules that import them stay inside the functions that use them:
+# the CLI parser imports this module (finetune_cli) (`longctx --help` stays fast: tests/test_newcomer.py).
 
 RULER_NAMES = ("ruler_niah_single", "ruler_niah_multikey", "ruler_niah_multivalue", "ruler_niah_multiquery",
                "ruler_vt", "ruler_cwe", "ruler_fwe", "ruler_qa")  # all in tasks/ruler.py
@@ -99,7 +103,6 @@ def finetune_config(task_name: str, config: dict | None = None, overrides: list[
 
 def run_finetune(cfg: dict, task_name: str, out_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:
     """Train, then evaluate the final model on the test split; returns results.json's content."""
-    from longctx.io import write_json
     from longctx.train.trainer import train
 
     task = task_class(task_name)(cfg)

@@ -3,10 +3,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from longctx.io import load_yaml
+
+# Imports of torch, transformers and of modules that import them stay inside the functions that use them:
+# the CLI parser imports this module (`longctx --help` stays fast: tests/test_newcomer.py).
+
 
 def run(args) -> int:
     from longctx.train.finetune import finetune_config, run_finetune, summary_line
-    from longctx.io import load_yaml
 
     cfg = finetune_config(args.task, load_yaml(args.config) if args.config else {}, args.overrides, args.init_from)
     out = Path(args.out or Path("runs") / f"finetune-{args.task}")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from longctx.data.collate import CLMCollator
+from longctx.errors import LongctxError
 from longctx.tasks.mlm import lm_loss
 from longctx.train.trainer import task_for, train
 
@@ -19,7 +21,6 @@ def set_windows(model, window) -> None:
     The config is the source of truth: its attention becomes the explicit per-layer list of what the
     layers now run, and each layer is rebuilt from it, so a saved model reloads with exactly the
     pattern it was trained with (a ``window_schedule`` or flat ``window`` can no longer disagree)."""
-    from longctx.errors import LongctxError
 
     cfg, layers = model.config, model.longctx.layers
     windows = window if isinstance(window, list) else [window] * len(layers)
@@ -41,7 +42,6 @@ def set_windows(model, window) -> None:
 def evaluate(model, dataset, collator, batches: int, batch_size: int, accelerator=None) -> dict:
     """Mean held-out loss over the first ``batches`` batches (fixed masks), and its perplexity; a
     LongctxError when they hold no predicted token."""
-    from longctx.data.collate import CLMCollator
     return lm_loss(model, dataset, collator, batches, batch_size, accelerator.device if accelerator else None,
                    causal=isinstance(collator, CLMCollator))
 

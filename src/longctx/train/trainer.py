@@ -24,15 +24,20 @@ the first under ``eval``, the others under ``eval_<split>``.
 """
 from __future__ import annotations
 
+import importlib
+import inspect
 import json
 import math
+import random
 import signal
 import sys
 import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from transformers.utils import logging as hf_logging
 
 from longctx.errors import LongctxError
 from longctx.io import publish_dir, read_jsonl, write_json, write_text
@@ -42,6 +47,14 @@ from longctx.tasks.base import stage_list
 from longctx.train.checkpoint import (CorruptCheckpoint, checkpoint_dirs, clean_temporaries, config_changes,
                                       fault_point, load_checkpoint, lock_run, plain, read_json, save_checkpoint,
                                       verify_checkpoint)
+import longctx.tasks.clm  # noqa: F401  (registers the task)
+import longctx.tasks.mlm  # noqa: F401  (registers the task)
+from longctx import cpu_cache
+from longctx.attention import dispatch
+from longctx.data.collate import batch_order
+from longctx.plots import ema, line_figure
+from longctx.tasks import get_task
+from longctx.train.budget import describe, plan, adopt_saved_steps
 
 
 def lr_schedule(cfg: dict, stages: list[dict]):
@@ -86,9 +99,7 @@ def make_optimizer(model, cfg):
 
 def seed_everything(seed: int) -> None:
     """Python's, NumPy's and PyTorch's global generators (a task or a library may draw from any)."""
-    import random
 
-    import numpy as np
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -161,8 +172,7 @@ class Trainer:
             print(text, file=sys.stderr, flush=True)
 
     def setup(self) -> None:
-        from accelerate import Accelerator, DistributedDataParallelKwargs
-        from transformers.utils import logging as hf_logging
+        from accelerate import Accelerator, DistributedDataParallelKwargs  # here: slow to import, only when training
 
         hf_logging.disable_progress_bar()
         if self.t["eval_batches"] < 1:
@@ -210,7 +220,7 @@ class Trainer:
                              interval=plain_interval(), initial=self.step_no)
         self._window_tokens = 0
         if self.main:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # here: slow to import, only when logging to TensorBoard
             write_json(self.out / "run_config.json", plain(self.cfg))
             _rewind_metrics(self.out / "metrics.jsonl", self.step_no)
             # events after the resumed step are the killed run's: TensorBoard drops them
@@ -220,7 +230,6 @@ class Trainer:
         """``self.compute`` (results.json): FLOPs and tokens per step and the run's FLOPs; with
         ``train.budget`` on a fresh start, the steps it buys become train.steps (run_config.json keeps
         them, so a resume does not decide again)."""
-        from longctx.train.budget import describe, plan
 
         self.compute = plan(model, self.task, self.cfg, self.accelerator, decide=not self.candidates)
         if "steps" in self.compute:
@@ -260,7 +269,6 @@ class Trainer:
                      "newest intact one", warning=True)
         saved = read_json(intact[0] / "run_config.json") or read_json(self.out / "run_config.json")
         if saved is not None:
-            from longctx.train.budget import adopt_saved_steps
             if adopt_saved_steps(self.cfg, saved):  # the steps the first start's budget decided
                 self._set_total_steps(self.cfg["train"]["steps"])
             unsafe, safe = config_changes(saved, self.cfg)
@@ -327,7 +335,7 @@ class Trainer:
 
     # ---- training ----
     def _enter_phase(self) -> None:
-        from longctx.train.loop import set_windows
+        from longctx.train.loop import set_windows  # here: a cycle (loop imports this module)
 
         phase = next(i for i, end in enumerate(self.stage_ends) if self.step_no < end)
         if phase != self.phase:
@@ -339,7 +347,6 @@ class Trainer:
 
     def step(self) -> float:
         """One optimizer step (``grad_accum`` micro-batches); returns the loss (mean over processes)."""
-        from longctx.data.collate import batch_order
 
         t, acc = self.t, self.accelerator
         self._enter_phase()
@@ -417,8 +424,6 @@ class Trainer:
             # variant's tokens/s never includes it (it cost the sliding window half its speed in a comparison)
             # and the caching allocator goes on, so that steps at long lengths do not fault every large
             # activation in afresh (longctx.cpu_cache; LONGCTX_CPU_CACHE_MB=0 turns it off)
-            from longctx import cpu_cache
-            from longctx.attention import dispatch
             with phase("loading the fused CPU kernel (built once, then cached)", enabled=self.main and self.progress):
                 dispatch.prepare_fused()
                 cpu_cache.setup()
@@ -538,7 +543,7 @@ class Trainer:
 
     def _enter_phase_for_eval(self) -> None:
         """The last phase's data and windows, for a run resumed at its last step."""
-        from longctx.train.loop import set_windows
+        from longctx.train.loop import set_windows  # here: a cycle (loop imports this module)
 
         self.phase = len(self.stages) - 1
         s = self.stages[-1]
@@ -554,7 +559,6 @@ class Trainer:
 def plot_losses(rows: list[dict], png: Path) -> Path:
     """loss.png of one run: the training loss per logged step (faint), its EMA, and the held-out loss at
     each evaluation."""
-    from longctx.plots import ema, line_figure
 
     tr = [r for r in rows if r.get("type") == "train" and r.get("loss") is not None]
     ev = [r for r in rows if r.get("type") == "eval" and r.get("loss") is not None]
@@ -571,7 +575,6 @@ def save_tokenizer(tokenizer, folder: Path, model_config) -> None:
     """The tokenizer saved beside its model with ``model_max_length`` the model's positions
     (``max_position_embeddings``: the learned or sinusoidal table's length, and the length relative-position
     models are declared for), not "no limit"; a task's own tokenizer class without ``max_length`` as it saves."""
-    import inspect
 
     if "max_length" in inspect.signature(tokenizer.save).parameters:
         tokenizer.save(folder, max_length=int(model_config.max_position_embeddings))
@@ -587,11 +590,7 @@ def train(cfg: dict, task, out_dir: str | Path, resume: bool = False, progress: 
 
 def task_for(cfg: dict, task_name: str | None = None):
     """The task instance: ``task_name`` from the registry, or the config's LM objective (mlm / clm)."""
-    import importlib
 
-    from longctx.tasks import get_task
-    import longctx.tasks.clm  # noqa: F401  (registers)
-    import longctx.tasks.mlm  # noqa: F401
     name = task_name or cfg.get("objective") or "mlm"
     try:
         importlib.import_module(f"longctx.tasks.{name}")
