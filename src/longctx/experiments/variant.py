@@ -164,7 +164,9 @@ def _collect(child: Child, returncode: int) -> dict:
     """The child's results.json, or its error as one sentence."""
     error_file = child.out_dir / "error.txt"
     if returncode != 0:
-        why = error_file.read_text().strip() if error_file.exists() else f"exit code {returncode}"
+        log = child.out_dir / "log.txt"
+        why = error_file.read_text().strip() if error_file.exists() else f"exit code {returncode}" + (
+            f" (its output: {log})" if log.exists() else "")
         raise LongctxError(f"{child.what} failed: {why}")
     return json.loads((child.out_dir / "results.json").read_text())
 
