@@ -230,6 +230,8 @@ def test_compare_under_a_flops_budget_with_a_compute_section(corpus, tmp_path):
     ({"base.train.budget": {"flops": 1e9, "seconds": 3}}, "exactly one of flops, seconds, tokens"),
     ({"base.train.budget": {"flops": 1e9}, "base.stages": [{"steps": 2}]}, "cannot be combined with stages"),
     ({"variants.0.set": {"train.budget": {"flops": 1e9}}}, "changes 'train.budget'"),
+    ({"base.data": {"seq_len": 256}, "variants.0.set": {"stages": [{"steps": 2, "seq_len": 128}]}},
+     "its last phase trains at seq_len=128, not at data.seq_len=256"),
     ({"compute": {"flops": [1e9]}, "base.train.budget": {"flops": 1e9}}, "remove train.budget from base"),
     ({"compute": {"flops": [1e9, 1e9]}}, "distinct positive budgets"),
     ({"compute": {"flops": 1e9}}, "distinct positive budgets"),
@@ -250,3 +252,67 @@ def test_budget_misuse_is_one_sentence(tmp_path, change, why):
     with pytest.raises(LongctxError, match=why) as e:
         load_comparison(tmp_path / "c.yaml", [])
     assert len(str(e.value).splitlines()) == 1 and str(e.value).count(". ") == 0, str(e.value)
+
+
+class _Sequences:
+    """The two things ``sample_steps`` asks of a task: training sequences at a length, and their batches."""
+    def train_examples(self, n):
+        return [torch.randint(5, V, (n,), generator=torch.Generator().manual_seed(i)) for i in range(6)]
+
+    def collate(self, items, **_):
+        ids = torch.stack(items)
+        return {"input_ids": ids, "labels": ids}
+
+
+def test_a_staged_runs_flops_are_each_phases_steps_at_its_length_and_window():
+    """budget.phase_flops: each phase's step FLOPs at its own length and window (a sliding core's cost grows
+    with both), on a copy: the model keeps its windows; a staged run's FLOPs sum phase x steps."""
+    from longctx.models import LongctxForCausalLM
+    from longctx.train.budget import phase_flops, staged_flops
+    from longctx.train.loop import set_windows
+
+    model = _model(LongctxForCausalLM, causal=True, attention="sliding", global_projections=False)
+    stages = [{"steps": 5, "seq_len": 16, "window": 2}, {"steps": 3, "seq_len": 32, "window": 4},
+              {"steps": 2, "seq_len": 64, "window": 8}]
+    cfg = {"seed": 0, "data": {"seq_len": 64}, "train": {"batch_size": 2, "grad_accum": 1}}
+    got = phase_flops(model, _Sequences(), cfg, stages, world=1)
+    assert model.config.window == W  # untouched
+    want = []
+    for s in stages:
+        import copy
+        m = copy.deepcopy(model)
+        set_windows(m, s["window"])
+        ids = torch.zeros(2, s["seq_len"], dtype=torch.long)
+        want.append(step_flops(m, {"input_ids": ids, "labels": ids}))
+    assert got == want and got[0] < got[1] / 2 < got[2] / 4  # longer windows cost more per token
+    assert staged_flops(got, stages) == 5 * got[0] + 3 * got[1] + 2 * got[2]
+
+
+def test_the_staged_recipe_spends_the_one_phase_recipes_flops():
+    """configs/longformer-charlm-staged-vs-one.yaml: the step counts its comments work out give the two arms
+    the same training FLOPs (within 0.01%), counted by the budget module as a run counts them."""
+    from pathlib import Path
+
+    from longctx.experiments.compare import load_comparison
+    from longctx.models import LongctxForCausalLM
+    from longctx.tasks.base import stage_list
+    from longctx.train.budget import staged_flops
+    from longctx.train.loop import set_windows
+
+    comp = load_comparison(Path(__file__).parents[1] / "configs/longformer-charlm-staged-vs-one.yaml", [])
+    spent = {}
+    for v in comp["variants"]:
+        cfg = v["config"]
+        model = LongctxForCausalLM(LongctxConfig(**dict(cfg["model"], vocab_size=261, causal=True)))
+        stages = stage_list(cfg) or [{"steps": cfg["train"]["steps"], "seq_len": cfg["data"]["seq_len"], "window": None}]
+        assert stages[-1]["seq_len"] == cfg["data"]["seq_len"] == 512  # both end (and are evaluated) at 512
+        per = []
+        for s in stages:
+            if s["window"] is not None:
+                set_windows(model, s["window"])
+            ids = torch.zeros(cfg["train"]["batch_size"], s["seq_len"], dtype=torch.long)
+            per.append(step_flops(model, {"input_ids": ids, "labels": ids}))
+        spent[v["name"]] = staged_flops(per, stages)
+        assert model.config.window == 64
+    assert spent["staged"] == pytest.approx(spent["one-phase"], rel=1e-4)
+    assert spent["one-phase"] == 400 * 21_681_930_240  # the figure in the recipe's comments

@@ -38,6 +38,14 @@ def test_the_rules():
     assert claims.less(0.6, [-0.2, 0.45], 0.5) == NOT_REPRODUCED
     with pytest.raises(ValueError, match="no-effect line"):
         claims.greater(-0.1, [0.1, 0.2], 0.0, none=0.5)
+    # "the same or better" (lower is better) within a tolerance: the interval's upper end at most the tolerance
+    assert claims.not_worse(-0.01, [-0.03, 0.01], 0.02) == HOLDS
+    assert claims.not_worse(0.0, [-0.02, 0.02], 0.02) == HOLDS  # at most: the tolerance itself is inside
+    assert claims.not_worse(0.01, [-0.01, 0.03], 0.02) == DIRECTION  # not worse by the estimate, noisy
+    assert claims.not_worse(0.02, [0.01, 0.03], 0.02) == DIRECTION
+    assert claims.not_worse(0.03, [0.01, 0.05], 0.02) == NOT_REPRODUCED  # worse by more than the tolerance
+    assert claims.not_worse(-0.5, None, 0.02) == DIRECTION  # one number without an interval never "holds"
+    assert claims.not_worse(float("nan"), [0.0, 0.0], 0.02) == NOT_REPRODUCED
     assert claims.weakest([HOLDS, DIRECTION, HOLDS]) == DIRECTION
     assert claims.weakest([HOLDS, NOT_REPRODUCED, DIRECTION]) == NOT_REPRODUCED
 
@@ -63,6 +71,54 @@ def test_char_lm_windows_verdict(effect, noise, verdict):
     (part,) = claims.measure_windows(results)
     assert part.verdict == verdict, part
     assert part.ours.startswith(f"{effect / math.log(2):+.4f}")  # reported in bits per character
+
+
+def _staged_results(effect_bpc: float, noise: float, order=("one-phase", "staged"), flops=(8.6728e12, 8.6736e12)):
+    """A charlm-staged-vs-one comparison's results.json: staged's per-sequence held-out loss (nats per byte) is
+    one-phase's + effect_bpc x ln 2 + zero-mean noise, on the same sequences, 2 seeds."""
+    base = 1.0 + RNG.random((2, 200))
+    e = RNG.normal(0, noise, base.shape) if noise else np.zeros(base.shape)
+    e -= e.mean()
+    loss = {"one-phase": base, "staged": base + effect_bpc * math.log(2) + e}
+    scores = {k: loss[k] for k in order}  # the study keeps pairs in variant order
+    variants = [{"variant": k, "seq_len": 512, "train_flops": f,
+                 "eval": {"loss": float(loss[k].mean()), "loss_ci": [float(loss[k].mean()) - 0.01, float(loss[k].mean()) + 0.01]}}
+                for k, f in zip(("one-phase", "staged"), flops)]
+    return {"study": {"columns": {"pretraining loss": {"pairwise": stats.pairwise(scores, higher_is_better=False)}}},
+            "variants": variants}
+
+
+@pytest.mark.parametrize("order", [("one-phase", "staged"), ("staged", "one-phase")])
+@pytest.mark.parametrize("effect, noise, verdict", [
+    (-0.05, 0.01, HOLDS),            # staged 0.05 BPC better, tight
+    (0.0, 0.0, HOLDS),               # the same
+    (0.01, 0.005, HOLDS),            # 0.01 BPC worse, inside the 0.02 tolerance, interval and all
+    (0.01, 0.5, DIRECTION),          # 0.01 BPC worse by the estimate, the interval past the tolerance
+    (0.05, 0.01, NOT_REPRODUCED),    # worse by more than the tolerance
+])
+def test_char_lm_staged_verdict(tmp_path, effect, noise, verdict, order):
+    results = _staged_results(effect, noise, order)
+    parts = claims.measure_staged(results)
+    assert parts[0].verdict == verdict and parts[0].in_verdict, parts[0]
+    assert float(parts[0].ours.split()[0]) == pytest.approx(effect, abs=1e-4)  # staged minus one-phase, in BPC
+    assert "at most +0.02 BPC" in parts[0].what and "at 512 characters" in parts[0].what
+    lo, hi = (float(x) for x in parts[0].ours.split("[")[1].rstrip("]").split(", "))
+    assert lo <= effect <= hi
+    # beside the verdict: each arm's BPC (loss / ln 2) and the FLOPs each spent
+    assert [p.in_verdict for p in parts[1:]] == [False, False]
+    bpc = {v["variant"]: v["eval"]["loss"] / math.log(2) for v in results["variants"]}
+    assert f"staged {bpc['staged']:.4f}" in parts[1].ours and f"one-phase {bpc['one-phase']:.4f}" in parts[1].ours
+    assert "staged 8.674e+12; one-phase 8.673e+12 (staged / one-phase = 1.0001)" == parts[2].ours
+    # the claim's verdict is its rule's, through the runs folder
+    (tmp_path / "charlm-staged-vs-one").mkdir()
+    (tmp_path / "charlm-staged-vs-one" / "results.json").write_text(json.dumps(results))
+    (row,) = [r for r in claims.evaluate_all(tmp_path) if r["key"] == "charlm-staged"]
+    assert row["verdict"] == verdict
+
+
+def test_char_lm_staged_reports_flops_not_counted():
+    results = _staged_results(0.0, 0.01, flops=(8.6728e12, None))
+    assert claims.measure_staged(results)[2].ours == "staged not counted; one-phase 8.673e+12"
 
 
 def _lex_results(rope_growth: float, xpos_growth: float, noise: float = 0.02, docs: int = 16) -> dict:

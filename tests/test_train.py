@@ -142,6 +142,8 @@ def test_staged_training_doubles_length_and_window(corpus, tmp_path):
     assert cfg["window"] == 8
     result = json.loads((tmp_path / "staged" / "results.json").read_text())
     assert result["seq_len"] == 128 and result["tokens"] == 3 * 2 * 64 + 3 * 2 * 128
+    per = result["phase_flops_per_step"]  # each phase at its length and window: the run's FLOPs sum them
+    assert len(per) == 2 and per[1] > 2 * per[0] and result["train_flops"] == pytest.approx(3 * per[0] + 3 * per[1])
     lrs = [json.loads(line)["lr"] for line in (tmp_path / "staged" / "metrics.jsonl").read_text().splitlines()
            if json.loads(line)["type"] == "train"]
     assert lrs[3] < lrs[2]  # the second phase runs at half the learning rate

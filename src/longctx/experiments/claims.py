@@ -11,6 +11,10 @@ A claim is one or more *parts*; each part is a quantity with an interval and a r
 - ``less(est, ci, t, none=t)``: the mirror image;
   For an "at least as good" claim the size is the margin (-0.05 F1) and so is the no-effect line: the
   direction is "not worse by more than the margin";
+- ``not_worse(est, ci, tolerance)``: "the same or better" for a quantity where lower is better (a loss
+  difference, new minus old): "holds" when the interval's upper end is at most the tolerance, "holds in
+  direction only" when the estimate is (not worse by more than the tolerance, the interval reaching past
+  it), "not reproduced at this size" when the estimate is above the tolerance;
 - ``within(est, ci, lo, hi)``: an equivalence ("matches"): "holds" when the whole interval lies inside
   [lo, hi], "holds in direction only" when the estimate does, "not reproduced at this size" otherwise.
 
@@ -52,6 +56,12 @@ def greater(est: float, ci, threshold: float, none: float | None = None) -> str:
 
 def less(est: float, ci, threshold: float, none: float | None = None) -> str:
     return greater(-est, None if ci is None else [-ci[1], -ci[0]], -threshold, None if none is None else -none)
+
+
+def not_worse(est: float, ci, tolerance: float) -> str:
+    if not est <= tolerance:  # also nan
+        return NOT_REPRODUCED
+    return HOLDS if ci is not None and ci[1] <= tolerance else DIRECTION
 
 
 def within(est: float, ci, lo: float, hi: float) -> str:
@@ -226,6 +236,36 @@ def measure_dilation(results: dict) -> list[Part]:
                  f"{d:+.4f} {_ci(ci, '{:+.4f}')}", less(d, ci, 0.0))]
 
 
+STAGED_TOLERANCE_BPC = 0.02  # "the same or better": staged not worse than one phase by more than 0.02 BPC
+
+
+def measure_staged(results: dict) -> list[Part]:
+    """Staged training (phases doubling length and window, halving the learning rate) against one phase at
+    the final length, at the same compute (configs/longformer-charlm-staged-vs-one.yaml): the paired held-out
+    BPC difference at the final length decides; each arm's BPC and the FLOPs each spent are reported beside it."""
+    d, ci = _bpc_pair(results, "staged", "one-phase")
+    by = {v["variant"]: v for v in results["variants"]}
+    arms = {k: by[k] for k in ("staged", "one-phase")}
+    n = arms["one-phase"]["seq_len"]
+    parts = [Part(f"dev BPC at {n} characters, staged minus one-phase at the same FLOPs "
+                  f"(at most +{STAGED_TOLERANCE_BPC} BPC)", "staged: the same or better BPC (no one-phase figure)",
+                  f"{d:+.4f} {_ci(ci, '{:+.4f}')}", not_worse(d, ci, STAGED_TOLERANCE_BPC))]
+    bpc = []
+    for k, v in arms.items():
+        ev = v["eval"]
+        b = ev["loss"] / math.log(2)
+        bpc.append(f"{k} {b:.4f}" + (f" {_ci([c / math.log(2) for c in ev['loss_ci']], '{:.4f}')}"
+                                     if ev.get("loss_ci") else ""))
+    parts.append(Part("dev BPC of each arm (mean over seeds)", "(reported)", "; ".join(bpc), "(reported)",
+                      in_verdict=False))
+    f = {k: v.get("train_flops") for k, v in arms.items()}
+    ours = "; ".join(f"{k} {x:.4g}" if x is not None else f"{k} not counted" for k, x in f.items())
+    if None not in f.values():
+        ours += f" (staged / one-phase = {f['staged'] / f['one-phase']:.4f})"
+    parts.append(Part("training FLOPs each arm spent", "the same compute", ours, "(reported)", in_verdict=False))
+    return parts
+
+
 # -- StructFormer (seed 001): the 2 x 2 ---------------------------------------------------------------------
 def measure_structformer(results: dict) -> list[Part]:
     """The 2 x 2 of configs/structformer.yaml: the effect of pretraining with global headings, once with the
@@ -261,6 +301,11 @@ CLAIMS = [
           "longctx compare --config configs/longformer-charlm-windows.yaml", "charlm-windows", measure_windows),
     Claim("charlm-dilation", "Longformer (seed 002)", "dilation on two heads of the top layers helps (char LM)",
           "longctx compare --config configs/longformer-charlm-dilation.yaml", "charlm-dilation", measure_dilation),
+    Claim("charlm-staged", "Longformer (seed 002)", "staged training (phases doubling the length and the "
+          "window, halving the learning rate) reaches the same or better BPC than one phase at the same compute "
+          f"(char LM; not worse by more than {STAGED_TOLERANCE_BPC} BPC)",
+          "longctx compare --config configs/longformer-charlm-staged-vs-one.yaml", "charlm-staged-vs-one",
+          measure_staged),
     Claim("structformer", "StructFormer (seed 001)", "pretraining with heading tokens global raises the "
           "section-heading score, apart from what global headings at finetuning make reachable",
           "longctx compare --config configs/structformer.yaml", "structformer", measure_structformer),

@@ -4,7 +4,9 @@ A comparison is a base experiment config plus a list of variants, each a name an
 that differ (``{name: sliding, set: {model.attention: sliding, model.window: 128}}``). Every variant
 trains on the same data in the same order with the same seed and the same budget: a variant may
 not change ``seed``, ``data.corpus``, ``data.tokenizer``, ``data.seq_len``, ``train.steps``,
-``train.budget``, ``train.batch_size``, ``train.grad_accum`` or ``stages``. The budget is the same
+``train.budget``, ``train.batch_size`` or ``train.grad_accum``; it may set ``stages`` (staged training
+against one phase) when its last phase ends at ``data.seq_len``, where every variant is evaluated; the
+equal compute is then the recipe's to arrange (each run records its ``train_flops``). The budget is the same
 tokens (``train.steps``), or, with ``train.budget: {flops: F}`` / ``{seconds: S}`` in base, the same
 training FLOPs (each counted for the variant's own model and attention) or wall-clock time: each
 variant then takes the steps its budget buys (longctx.train.budget). A ``compute:`` section pretrains
@@ -50,7 +52,20 @@ from longctx.train.finetune import deep_merge
 # process imports no torch (its runs do, in their zygote: experiments/variant.py).
 
 FIXED = ("seed", "data.corpus", "data.tokenizer", "data.seq_len", "data.text_field", "data.valid_fraction",
-         "data.seed", "train.steps", "train.budget", "train.batch_size", "train.grad_accum", "stages")
+         "data.seed", "train.steps", "train.budget", "train.batch_size", "train.grad_accum")
+
+
+def _check_variant_stages(name: str, cfg: dict) -> None:
+    """A variant may train in phases of its own (staged against one-phase training at the same compute:
+    the recipe's step counts make the FLOPs equal, and each run records the FLOPs it spent,
+    ``train_flops``), but it ends at the comparison's length, ``data.seq_len``: the held-out evaluation,
+    at the last phase's length, is then on the same sequences for every variant."""
+    from longctx.tasks.base import stage_list
+    stages = stage_list(cfg)
+    if stages and stages[-1]["seq_len"] != cfg["data"]["seq_len"]:
+        raise LongctxError(f"variant {name!r}: its last phase trains at seq_len={stages[-1]['seq_len']}, not at "
+                           f"data.seq_len={cfg['data']['seq_len']}; a variant's stages end at the comparison's "
+                           "length, where every variant is evaluated on the same held-out sequences")
 SECTIONS = ("name", "base", "variants", "seeds", "reference", "jobs", "extrapolation", "finetune", "analysis", "compute")
 OWN_KEYS = ("name", "seeds", "reference", "jobs", "extrapolation", "finetune", "analysis", "compute")  # overrides not for base
 
@@ -110,6 +125,8 @@ def load_comparison(path: str | Path | None, overrides: list[str] | None) -> dic
                                    "section for several budgets)")
         cfg = resolve(copy.deepcopy(base_raw), [f"{k}={json.dumps(val)}" for k, val in sets.items()])
         cfg["name"] = name
+        if any(k == "stages" or k.startswith("stages.") for k in sets):
+            _check_variant_stages(name, cfg)
         out.append({"name": name, "set": all_sets, "config": cfg, "task_sets": task_sets})
     reference = raw.get("reference", out[0]["name"])
     if reference not in names:

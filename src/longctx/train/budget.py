@@ -130,6 +130,28 @@ def sample_steps(model, task, cfg: dict, world: int, steps: int = SAMPLE_STEPS) 
     return {"flops_per_step": flops / steps, "tokens_per_step": tokens / steps}
 
 
+def phase_flops(model, task, cfg: dict, stages: list[dict], world: int) -> list[float]:
+    """Staged training: the FLOPs of an average optimizer step of each phase (``sample_steps`` at the
+    phase's length, on a copy of the model given the phase's windows), so a staged run's FLOPs are
+    ``sum(phase_flops[i] * stages[i]["steps"])``. The model itself is untouched."""
+    from longctx.train.loop import set_windows
+
+    out = []
+    for s in stages:
+        work = copy.deepcopy(model)
+        if s.get("window") is not None:
+            set_windows(work, s["window"])
+        c = dict(cfg, data=dict(cfg["data"], seq_len=s["seq_len"]))
+        out.append(sample_steps(work, task, c, world)["flops_per_step"])
+        del work
+    return out
+
+
+def staged_flops(per_phase: list[float], stages: list[dict]) -> float:
+    """A staged run's training FLOPs: each phase's FLOPs per step times its steps."""
+    return float(sum(f * s["steps"] for f, s in zip(per_phase, stages)))
+
+
 def measure_step_seconds(model, task, cfg: dict, device, rank: int = 0, world: int = 1) -> float:
     """Median seconds of a training step on this machine, timed on a copy of the model with its own
     optimizer (forward, backward, optimizer step; ``TIMING_STEPS``), the global RNG states restored, so
@@ -211,6 +233,10 @@ def _plan(model, task, cfg: dict, accelerator=None, decide: bool = True) -> dict
         rec = {"flops_per_step": None, "tokens_per_step": None}
     rec["flops_per_token"] = (rec["flops_per_step"] / rec["tokens_per_step"]
                               if rec["flops_per_step"] is not None else None)
+    from longctx.tasks.base import stage_list
+    stages = stage_list(cfg)
+    if len(stages) > 1 and rec["flops_per_step"] is not None:  # each phase costs differently per step
+        rec["phase_flops_per_step"] = phase_flops(model, task, cfg, stages, world)
     budget = cfg["train"].get("budget")
     if not budget:
         return rec

@@ -235,9 +235,14 @@ class Trainer:
         if "steps" in self.compute:
             self._set_total_steps(self.compute.pop("steps"))
             self.say(describe(dict(self.compute, steps=self.total_steps)))
-        per_step = self.compute["flops_per_step"]  # of the first phase: a staged run's total is not counted
-        self.compute["train_flops"] = per_step * self.total_steps if per_step is not None and len(self.stages) == 1 \
-            else None
+        per_step = self.compute["flops_per_step"]
+        if per_step is None:
+            self.compute["train_flops"] = None
+        elif len(self.stages) == 1:
+            self.compute["train_flops"] = per_step * self.total_steps
+        else:  # staged: each phase's FLOPs per step times its steps (budget.phase_flops)
+            from longctx.train.budget import staged_flops
+            self.compute["train_flops"] = staged_flops(self.compute["phase_flops_per_step"], self.stages)
 
     def _set_total_steps(self, steps: int) -> None:
         self.t["steps"] = steps
