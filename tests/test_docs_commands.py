@@ -46,6 +46,9 @@ TINY = {
     "longctx claims conversion": "train.steps=2 train.save_every=0 train.eval_batches=1",
     "longctx compare --config configs/longformer-charlm-windows.yaml": TINY_CLM,
     "longctx compare --config configs/longformer-charlm-dilation.yaml": TINY_CLM,
+    "longctx compare --config configs/longformer-charlm-staged-vs-one.yaml":
+        TINY_CLM + " variants.staged.stages=[{steps: 1, seq_len: 128, window: 16, lr: 0.002}, "
+        "{steps: 1, seq_len: 512, window: 64, lr: 0.001}]",
     "longctx compare --config configs/structformer.yaml":
         "train.steps=2 train.save_every=0 train.eval_every=2 train.eval_batches=1 finetune.section_heading.train.steps=2 "
         "finetune.section_heading.task.eval_examples=16 analysis.max_docs=2 data.seq_len=128 "

@@ -155,3 +155,19 @@ def test_a_grid_on_the_first_seeds_then_the_choice_on_the_rest(tmp_path):
         assert [p.name for p in (run / f"{v['variant']}-seed1").glob("finetune-*")] == [f"finetune-listops-lr{tag}"]
         assert set(ft["dev_by_lr"]) == {"0.001", "0.003"} and ft["seeds"] == 2
         assert [r["pretraining_seed"] for r in ft["runs"] if r["lr"] == ft["lr"]] == [0, 1]
+
+
+def test_variant_overrides_reach_a_variants_set_and_unknown_names_are_refused():
+    from longctx.errors import LongctxError
+    from longctx.experiments.compare import load_comparison
+    from pathlib import Path
+    cfg = Path(__file__).parents[1] / "configs" / "longformer-charlm-staged-vs-one.yaml"
+    tiny = ("variants.staged.stages=[{steps: 2, seq_len: 128, window: 16, lr: 0.002}, "
+            "{steps: 1, seq_len: 512, window: 64, lr: 0.001}]")
+    comp = load_comparison(cfg, [tiny, "variants.one-phase.model.window=32", "train.steps=3"])
+    staged = next(v for v in comp["variants"] if v["name"] == "staged")["config"]
+    one = next(v for v in comp["variants"] if v["name"] == "one-phase")["config"]
+    assert [p["steps"] for p in staged["stages"]] == [2, 1] and one["model"]["window"] == 32
+    assert one["train"]["steps"] == 3
+    with pytest.raises(LongctxError, match="not in this comparison"):
+        load_comparison(cfg, ["variants.nosuch.model.window=8"])

@@ -85,6 +85,35 @@ def _seeds(value, base_seed: int) -> list[int]:
                        f"not {value!r}")
 
 
+def _dotted(tree: dict, prefix: str = "") -> dict:
+    """{'model': {'window': 8}, 'stages': [...]} -> {'model.window': 8, 'stages': [...]}"""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_dotted(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _override_variants(variants: list, given) -> list:
+    """``variants.NAME.KEY=VALUE`` overrides: KEY set in that variant's ``set`` (after the file's)."""
+    names = [str(v.get("name")) for v in variants if isinstance(v, dict)]
+    if not isinstance(given, dict) or not all(isinstance(sets, dict) for sets in given.values()):
+        raise LongctxError("a variant override is variants.NAME.KEY=VALUE (variants.staged.train.lr=0.001)")
+    unknown = sorted(set(given) - set(names))
+    if unknown:
+        raise LongctxError(f"override for variant(s) {', '.join(unknown)}, not in this comparison "
+                           f"({', '.join(names)})")
+    out = []
+    for v in variants:
+        v = copy.deepcopy(v)
+        if isinstance(v, dict) and str(v.get("name")) in given:
+            v["set"] = {**(v.get("set") or {}), **_dotted(given[str(v["name"])])}
+        out.append(v)
+    return out
+
+
 def load_comparison(path: str | Path | None, overrides: list[str] | None) -> dict:
     """{name, base (resolved config), seeds, reference, variants: [{name, config}], ...}."""
     raw = load_yaml(path or default_config_path())
@@ -93,14 +122,16 @@ def load_comparison(path: str | Path | None, overrides: list[str] | None) -> dic
         raise LongctxError(f"comparison config has unknown keys {sorted(unknown)}; use name, base, variants "
                            "(and seeds, reference, jobs, extrapolation, finetune, analysis, compute)")
     given = parse_overrides(overrides or [])
-    if "base" in given or "variants" in given:
-        raise LongctxError("overrides set base keys directly (train.steps=20, not base.train.steps=20); variants "
-                           "are changed in the config file")
+    if "base" in given:
+        raise LongctxError("overrides set base keys directly (train.steps=20, not base.train.steps=20)")
+    per_variant = given.pop("variants", None)
     own = {k: given.pop(k) for k in list(given) if k in OWN_KEYS}
     raw = deep_merge(raw, own)
     variants = raw.get("variants") or []
     if not isinstance(variants, list) or not variants:
         raise LongctxError("comparison config needs a non-empty list 'variants'")
+    if per_variant is not None:
+        variants = _override_variants(variants, per_variant)
     base_raw = merge(raw.get("base") or {}, given)
     base = resolve(base_raw)
     if base["data"].get("seed") is None:  # the data of every seed's runs is the base seed's
