@@ -37,6 +37,7 @@
 #include <cstdlib>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <limits>
 #include <string>
 #include <utility>
@@ -515,6 +516,34 @@ struct Seq {
   T* head(int64_t bh) const { return p + (bh / H) * sb + (bh % H) * sh; }
 };
 
+struct Pk {
+  const uint32_t *even = nullptr, *odd = nullptr;
+  int64_t ld = 0;
+  // pairs of rows: the pair row that starts at row `row` (K, V)
+  const uint32_t* at_row(int64_t row) const {
+    return !even ? nullptr : row % 2 ? odd + (row + 1) / 2 * ld : even + row / 2 * ld;
+  }
+  // pairs of dimensions: column `col` (K^T, V^T)
+  const uint32_t* at_col(int64_t col) const { return even ? even + col : nullptr; }
+};
+struct PackedOps {
+  Pk KT, VT, K, V, KgT, VgT, Kg, Vg;
+};
+// C = A B where B is Bp packed (the micro-kernel) when given, else B (ld ldb) on nn
+template <typename T>
+inline void prod(bool own, int64_t m, int64_t n, int64_t k, const T* A, int64_t lda, const T* B, int64_t ldb,
+                 const uint32_t* Bp, int64_t ldp, float* C, int64_t ldc, bool acc) {
+#if defined(LONGCTX_BF16_UKERNEL)
+  if constexpr (std::is_same_v<T, bf16>) {
+    if (Bp) {
+      ukernel::gemm_packed(m, n, k, A, lda, Bp, ldp, C, ldc, acc);
+      return;
+    }
+  }
+#endif
+  nn(own, m, n, k, A, lda, B, ldb, C, ldc, acc);
+}
+
 // The operands of one head: its key and value rows (ld lk, lv); scale K^T and V^T of the key rows
 // [row0, row0 + ldt) in a thread buffer (d x ldt); the global keys (G x d) and scale Kg^T, Vg^T (d x G).
 template <typename T>
@@ -524,8 +553,9 @@ struct Head {
   const T *KT, *VT;
   int64_t row0, ldt;
   const T *Kg, *Vg, *KgT, *VgT;
-  const T* kt(int64_t r) const { return KT + (r - row0); }
-  const T* vt(int64_t r) const { return VT + (r - row0); }
+  PackedOps pk;  // the same packed for the micro-kernel (bf16), or empty
+  const T* kt(int64_t r) const { return KT ? KT + (r - row0) : nullptr; }
+  const T* vt(int64_t r) const { return VT ? VT + (r - row0) : nullptr; }
 };
 
 #if defined(__AVX512F__)
@@ -607,8 +637,11 @@ void scores(const Geo& g, float* S, const T* Qi, int64_t ldq, const Head<T>& hd,
   const int c = g.c, d = g.d, L = g.L;
   const TileSpan ts = g.tile_of(b, i);
   const int64_t r0 = g.band_row(i, ts);
-  if (ts.hi > ts.lo) nn(g.brgemm, c, ts.hi - ts.lo, d, Qi, ldq, hd.kt(r0), hd.ldt, S + ts.lo, L, false);
-  if (g.G) nn(g.brgemm, c, g.G, d, Qi, ldq, hd.KgT, g.G, S + g.span, L, false);
+  if (ts.hi > ts.lo) {
+    prod(g.brgemm, c, ts.hi - ts.lo, d, Qi, ldq, hd.kt(r0), hd.ldt, hd.pk.KT.at_col(r0 - hd.row0), hd.pk.KT.ld,
+         S + ts.lo, L, false);
+  }
+  if (g.G) prod(g.brgemm, c, g.G, d, Qi, ldq, hd.KgT, g.G, hd.pk.KgT.at_col(0), hd.pk.KgT.ld, S + g.span, L, false);
   lap(kQK);
   const RowSpan* rows = g.rows_of(b, i);
   for (int64_t r = 0; r < c; ++r) g.mask_row(S + r * L, b, h, i, r, rows[r]);
@@ -658,6 +691,139 @@ void grow(std::vector<T>& v, int64_t n) {
   if (static_cast<int64_t>(v.size()) < n) v.resize(n);
 }
 
+// B operands packed ahead for the bf16 micro-kernel: a task packs each head's reused operands once, in the
+// layout vdpbf16ps reads (ukernel:: above), where it used to transpose them:
+//   KT, VT (and KgT, VgT): K^T (times scale) and V^T, pairs of head dimensions: a 32-bit transpose of the
+//     rows, pair row p = dimensions 2p, 2p + 1, one column per key (the Q K^T and dO V^T products);
+//   K, V (and Kg, Vg): the rows as they are, pairs of keys (the P V and dS K products). A product starts at
+//     any key row, so these come twice where a tile may start at an odd row: even (pair p = rows 2p, 2p + 1
+//     of the task) and odd (rows 2p - 1, 2p; row -1 is zero).
+// P and dS, which the dV^T and dK^T products take as B, are packed by the tile from its fp32 rows (the
+// rounding to bf16 and the packing in one pass). Empty (all null) for fp32, for MKL's products, and in a
+// build without AVX512-BF16: every product then takes the unpacked operands.
+struct PackBufs {
+  std::vector<uint32_t> KT, VT, K0, K1, V0, V1, KgT, VgT, Kg, Vg, P, dS;
+};
+
+#if defined(LONGCTX_BF16_UKERNEL)
+inline uint16_t bf16_bits(float x) { return c10::BFloat16(x).x; }
+
+// Bp[p * ldp + j] = (s X[j][2p], s X[j][2p + 1]) for rows j < R of X (R x n, ldx): X^T packed, scaled
+inline void pack_t(int64_t R, int64_t n, const bf16* X, int64_t ldx, float s, uint32_t* Bp, int64_t ldp) {
+  const auto* x = reinterpret_cast<const uint16_t*>(X);
+  const int64_t np = (n + 1) / 2;
+  const auto scalar = [&](int64_t j0, int64_t j1, int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      for (int64_t j = j0; j < j1; ++j) {
+        const uint16_t* r = x + j * ldx + 2 * p;
+        const uint16_t lo = s == 1.f ? r[0] : bf16_bits(s * static_cast<float>(X[j * ldx + 2 * p]));
+        const uint16_t hi = 2 * p + 1 >= n ? 0 : s == 1.f ? r[1] : bf16_bits(s * static_cast<float>(X[j * ldx + 2 * p + 1]));
+        Bp[p * ldp + j] = static_cast<uint32_t>(lo) | static_cast<uint32_t>(hi) << 16;
+      }
+    }
+  };
+  const int64_t pv = n % 2 ? 0 : np / 16 * 16;  // pairs done 16 at a time (an odd n: all scalar)
+  const __m512 vs = _mm512_set1_ps(s);
+  int64_t j0 = 0;
+  for (; j0 + 16 <= R; j0 += 16) {
+    for (int64_t p0 = 0; p0 < pv; p0 += 16) {
+      __m512 r[16];
+      for (int i = 0; i < 16; ++i) {
+        __m512i v = _mm512_loadu_si512(x + (j0 + i) * ldx + 2 * p0);  // 32 bf16: 16 pairs
+        if (s != 1.f) {
+          const __m512 lo = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(v)), 16));
+          const __m512 hi = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(v, 1)), 16));
+          v = (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(hi, vs), _mm512_mul_ps(lo, vs));
+        }
+        r[i] = _mm512_castsi512_ps(v);
+      }
+      transpose16(r);
+      for (int i = 0; i < 16; ++i) _mm512_storeu_ps(reinterpret_cast<float*>(Bp + (p0 + i) * ldp + j0), r[i]);
+    }
+    scalar(j0, j0 + 16, pv, np);
+  }
+  scalar(j0, R, 0, np);
+}
+
+// Bp = rows [-shift, R) of X (R x n, ldx) in pairs of rows (shift 0: pair p = rows 2p, 2p + 1; shift 1:
+// rows 2p - 1, 2p, row -1 zero); a missing last row is zero
+inline void pack_rows(int64_t R, int64_t n, const bf16* X, int64_t ldx, int shift, uint32_t* Bp, int64_t ldp) {
+  if (shift) {
+    ukernel::pack(1, n, X, ldx, Bp, ldp);  // pair 0 = (X[0], 0): swap its halves to (0, X[0])
+    for (int64_t j = 0; j < n; ++j) Bp[j] <<= 16;
+    if (R > 1) ukernel::pack(R - 1, n, X + ldx, ldx, Bp + ldp, ldp);
+  } else {
+    ukernel::pack(R, n, X, ldx, Bp, ldp);
+  }
+}
+#endif
+
+inline bool own_bf16(bool own) {
+#if defined(LONGCTX_BF16_UKERNEL)
+  return own;
+#else
+  return false;
+#endif
+}
+
+// A task's packed operands (see Pk), of its key rows K, V (rows x d, ld lk, lv) and the global keys Kg, Vg
+// (G x d): forward: KT, KgT (times scale), V (even, and odd if odd), Vg; backward: KT, KgT (times scale),
+// VT, VgT, K (even, odd if odd), Kg. Nothing (all null) unless T is bf16 and the products are the micro-kernel's.
+template <typename T>
+PackedOps pack_task(PackBufs& pb, bool own, bool backward, bool odd, const T* K, int64_t lk, const T* V, int64_t lv,
+                    int64_t rows, int64_t ldt, const T* Kg, const T* Vg, int64_t G, int64_t d, float scale) {
+  PackedOps ops;
+#if defined(LONGCTX_BF16_UKERNEL)
+  if constexpr (std::is_same_v<T, bf16>) {
+    if (!own) return ops;
+    const int64_t dp = (d + 1) / 2, rp = rows / 2 + 1, gp = G / 2 + 1, ldr = spread_ld(d);
+    grow(pb.KT, dp * ldt), grow(pb.KgT, dp * G);
+    pack_t(rows, d, K, lk, scale, pb.KT.data(), ldt);
+    ops.KT = {pb.KT.data(), nullptr, ldt};
+    if (G) pack_t(G, d, Kg, d, scale, pb.KgT.data(), G), ops.KgT = {pb.KgT.data(), nullptr, G};
+    auto& R0 = backward ? pb.K0 : pb.V0;
+    auto& R1 = backward ? pb.K1 : pb.V1;
+    auto& Rg = backward ? pb.Kg : pb.Vg;
+    const T* X = backward ? K : V;
+    const int64_t ldx = backward ? lk : lv;
+    grow(R0, rp * ldr), grow(Rg, gp * ldr);
+    pack_rows(rows, d, X, ldx, 0, R0.data(), ldr);
+    Pk rk{R0.data(), nullptr, ldr};
+    if (odd) grow(R1, (rp + 1) * ldr), pack_rows(rows, d, X, ldx, 1, R1.data(), ldr), rk.odd = R1.data();
+    Pk gk;
+    if (G) pack_rows(G, d, backward ? Kg : Vg, d, 0, Rg.data(), ldr), gk = {Rg.data(), nullptr, ldr};
+    if (backward) {
+      ops.K = rk, ops.Kg = gk;
+      grow(pb.VT, dp * ldt), grow(pb.VgT, dp * G);
+      pack_t(rows, d, V, lv, 1.f, pb.VT.data(), ldt);
+      ops.VT = {pb.VT.data(), nullptr, ldt};
+      if (G) pack_t(G, d, Vg, d, 1.f, pb.VgT.data(), G), ops.VgT = {pb.VgT.data(), nullptr, G};
+    } else {
+      ops.V = rk, ops.Vg = gk;
+    }
+  }
+#endif
+  return ops;
+}
+
+// a tile's fp32 rows (c x cols of src, ld L) at column col0 packed into buf (pairs of rows, ld L); returns
+// buf (nullptr where nothing is packed: fp32, MKL's products)
+template <typename T>
+inline const uint32_t* pack_tile(bool own, std::vector<uint32_t>& buf, const float* src, int64_t c, int64_t L,
+                                 std::initializer_list<std::pair<int64_t, int64_t>> ranges) {
+#if defined(LONGCTX_BF16_UKERNEL)
+  if constexpr (std::is_same_v<T, bf16>) {
+    if (!own) return nullptr;
+    grow(buf, (c + 1) / 2 * L);
+    for (auto [lo, hi] : ranges) {
+      if (hi > lo) ukernel::pack(c, hi - lo, src + lo, L, buf.data() + lo, L);
+    }
+    return buf.data();
+  }
+#endif
+  return nullptr;
+}
+
 // One thread's buffers, kept across tiles and calls (grown, never shrunk, so that a training step does
 // not fault fresh pages in for them): the tile's scores and products, the head's transposed keys and
 // values of the task's key rows, and in backward their dK^T, dV^T accumulators (d x keys, ld spread_ld(keys)).
@@ -665,6 +831,7 @@ template <typename T>
 struct Buffers {
   std::vector<float> S, dP, O, row, dKT, dVT, dKgT, dVgT, dQ;
   std::vector<T> P, dS, QT, dOT, KT, VT, KgT, VgT, Qp, Op, dOp;
+  PackBufs pk;
   void fit(const Geo& g, bool backward, int64_t keys) {
     keys = spread_ld(keys);
     const int64_t cL = g.c * g.L, cd = g.c * g.d, dG = g.d * g.G;
@@ -698,11 +865,12 @@ void forward_tile(const Geo& g, Buffers<T>& buf, int64_t bh, int64_t i, const T*
   float* O = buf.O.data();
   if (ts.hi > ts.lo) {
     const int64_t r0 = g.band_row(i, ts);
-    nn(g.brgemm, c, d, ts.hi - ts.lo, P + ts.lo, L, hd.V + r0 * hd.lv, hd.lv, O, d, false);
+    prod(g.brgemm, c, d, ts.hi - ts.lo, P + ts.lo, L, hd.V + r0 * hd.lv, hd.lv, hd.pk.V.at_row(r0 - hd.row0),
+         hd.pk.V.ld, O, d, false);
   } else {
     std::fill(O, O + c * d, 0.f);
   }
-  if (g.G) nn(g.brgemm, c, d, g.G, P + g.span, L, hd.Vg, d, O, d, true);
+  if (g.G) prod(g.brgemm, c, d, g.G, P + g.span, L, hd.Vg, d, hd.pk.Vg.at_row(0), hd.pk.Vg.ld, O, d, true);
   lap(kPV);
   for (int64_t r = 0; r < nr; ++r) {
     const float inv = buf.row[r];
@@ -729,6 +897,16 @@ inline std::pair<int64_t, int64_t> key_rows(const Geo& g, int64_t i0, int64_t i1
   return {k0, std::clamp<int64_t>((i1 - 1) * g.c - g.left + g.span, k0, g.nkeys)};
 }
 
+// some tile of chunks [i0, i1) (batch row b) starts its band at an odd key row of the task (from k0): the
+// packed K or V rows are then needed in odd pairs too
+inline bool odd_rows(const Geo& g, int64_t b, int64_t i0, int64_t i1, int64_t k0) {
+  for (int64_t i = i0; i < i1; ++i) {
+    const TileSpan ts = g.tile_of(b, i);
+    if (ts.hi > ts.lo && (g.band_row(i, ts) - k0) % 2) return true;
+  }
+  return false;
+}
+
 // The forward runs in tasks of consecutive chunks of one head: at least the segments, and enough tasks
 // for every thread (about four each); each transposes only the key rows its chunks reach, in its own buffer.
 template <typename T>
@@ -743,6 +921,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, c
   const int64_t threads = at::get_num_threads();
   const int64_t seg = std::min<int64_t>(nc, std::max({(4 * threads + BH - 1) / BH, segments(g), int64_t{1}}));
   const int64_t per = (nc + seg - 1) / seg;
+  const bool own = std::is_same_v<T, bf16> && own_bf16(g.brgemm);
   at::parallel_for(0, BH * seg, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t bh = t / seg, i0 = (t % seg) * per, i1 = std::min(nc, i0 + per);
@@ -751,12 +930,18 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, c
       Buffers<T>& buf = buffers<T>(g, false, k1 - k0);
       const int64_t ldt = spread_ld(k1 - k0);
       Lap lap;
-      transpose(K.head(bh) + k0 * K.ld, K.ld, k1 - k0, d, g.scale, buf.KT.data(), ldt);
-      const T* Kg = g.G ? kgd + bh * g.G * d : nullptr;
-      if (g.G) transpose(Kg, d, g.G, d, g.scale, buf.KgT.data(), g.G);
+      const T *Kg = g.G ? kgd + bh * g.G * d : nullptr, *Vg = g.G ? vgd + bh * g.G * d : nullptr;
+      Head<T> hd{K.head(bh), V.head(bh), K.ld, V.ld, buf.KT.data(), nullptr, k0, ldt,
+                 Kg, Vg, buf.KgT.data(), nullptr, {}};
+      if (own) {  // bf16 on the micro-kernel: K^T and V packed instead
+        hd.KT = hd.KgT = nullptr;
+        hd.pk = pack_task<T>(buf.pk, true, false, odd_rows(g, bh / H, i0, i1, k0), K.head(bh) + k0 * K.ld, K.ld,
+                             V.head(bh) + k0 * V.ld, V.ld, k1 - k0, ldt, Kg, Vg, g.G, d, g.scale);
+      } else {
+        transpose(K.head(bh) + k0 * K.ld, K.ld, k1 - k0, d, g.scale, buf.KT.data(), ldt);
+        if (g.G) transpose(Kg, d, g.G, d, g.scale, buf.KgT.data(), g.G);
+      }
       lap(kCopy);
-      const Head<T> hd{K.head(bh), V.head(bh), K.ld, V.ld, buf.KT.data(), nullptr, k0, ldt,
-                       Kg, g.G ? vgd + bh * g.G * d : nullptr, buf.KgT.data(), nullptr};
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t nr = std::min(c, g.nq - i * c);
         const T* Qi = Q.head(bh) + i * c * Q.ld;
@@ -828,35 +1013,41 @@ double backward_tile(const Geo& g, Buffers<T>& buf, int64_t bh, int64_t i, const
   float *S = buf.S.data(), *dP = buf.dP.data();
   scores<T>(g, S, Qi, ldq, hd, b, h, i, lap);
   // dP (c x L) = dO_i [V_band | V_g]^T
-  if (nb) nn(brg, c, nb, d, dOi, lddo, hd.vt(r0), hd.ldt, dP + ts.lo, L, false);
-  if (G) nn(brg, c, G, d, dOi, lddo, hd.VgT, G, dP + span, L, false);
+  if (nb) prod(brg, c, nb, d, dOi, lddo, hd.vt(r0), hd.ldt, hd.pk.VT.at_col(r0 - hd.row0), hd.pk.VT.ld, dP + ts.lo, L, false);
+  if (G) prod(brg, c, G, d, dOi, lddo, hd.VgT, G, hd.pk.VgT.at_col(0), hd.pk.VgT.ld, dP + span, L, false);
   lap(kDP);
   const RowSpan* rows = g.rows_of(b, i);
   ds_rows<T>(g, S, dP, buf.row.data(), rows, ts, dOi, lddo, Oi, ldo, lse);
   const double dslope = g.slopes ? slope_grad(g, dP, rows, b, i) : 0.0;
   lap(kDS);
-  const T* P = operand<T>(g, S, buf.P.data(), ts);
+  // P only as B (dV^T), packed for the micro-kernel; dS as B (dK^T) and A (dQ)
+  const bool own = hd.pk.KT.even != nullptr;
+  const uint32_t* Pp = pack_tile<T>(own, buf.pk.P, S, c, L, {{ts.lo, ts.hi}, {span, L}});
+  const uint32_t* dSp = pack_tile<T>(own, buf.pk.dS, dP, c, L, {{ts.lo, ts.hi}, {span, L}});
+  const T* P = Pp ? buf.P.data() : operand<T>(g, S, buf.P.data(), ts);
   const T* dS = operand<T>(g, dP, buf.dS.data(), ts);
   T *QT = buf.QT.data(), *dOT = buf.dOT.data();
   transpose(Qi, ldq, c, d, g.scale, QT, c), transpose(dOi, lddo, c, d, 1.f, dOT, c);
   lap(kCopy);
   // dV^T_band += dO_i^T P, dK^T_band += scale Q_i^T dS (the band's keys are contiguous columns of dK^T)
   if (nb) {
-    nn(brg, d, nb, c, dOT, c, P + ts.lo, L, buf.dVT.data() + (r0 - hd.row0), hd.ldt, true);
-    nn(brg, d, nb, c, QT, c, dS + ts.lo, L, buf.dKT.data() + (r0 - hd.row0), hd.ldt, true);
+    prod(brg, d, nb, c, dOT, c, P + ts.lo, L, Pp ? Pp + ts.lo : nullptr, L, buf.dVT.data() + (r0 - hd.row0), hd.ldt, true);
+    prod(brg, d, nb, c, QT, c, dS + ts.lo, L, dSp ? dSp + ts.lo : nullptr, L, buf.dKT.data() + (r0 - hd.row0), hd.ldt,
+         true);
   }
   if (G) {
-    nn(brg, d, G, c, dOT, c, P + span, L, buf.dVgT.data(), G, true);
-    nn(brg, d, G, c, QT, c, dS + span, L, buf.dKgT.data(), G, true);
+    prod(brg, d, G, c, dOT, c, P + span, L, Pp ? Pp + span : nullptr, L, buf.dVgT.data(), G, true);
+    prod(brg, d, G, c, QT, c, dS + span, L, dSp ? dSp + span : nullptr, L, buf.dKgT.data(), G, true);
   }
   lap(kDVDK);
   // dQ_i = scale dS [K_band | K_g]
   if (nb) {
-    nn(brg, c, d, nb, dS + ts.lo, L, hd.K + r0 * hd.lk, hd.lk, dQi, lddq, false);
+    prod(brg, c, d, nb, dS + ts.lo, L, hd.K + r0 * hd.lk, hd.lk, hd.pk.K.at_row(r0 - hd.row0), hd.pk.K.ld, dQi, lddq,
+         false);
   } else {
     for (int64_t r = 0; r < c; ++r) std::fill(dQi + r * lddq, dQi + r * lddq + d, 0.f);
   }
-  if (G) nn(brg, c, d, G, dS + span, L, hd.Kg, d, dQi, lddq, true);
+  if (G) prod(brg, c, d, G, dS + span, L, hd.Kg, d, hd.pk.Kg.at_row(0), hd.pk.Kg.ld, dQi, lddq, true);
   for (int64_t r = 0; r < c; ++r) {
     float* dq = dQi + r * lddq;
 #pragma omp simd
@@ -877,15 +1068,17 @@ inline void untranspose(float* acc, int64_t lda, int64_t cols, int64_t rows, flo
 // accumulators (d x ld) and the global keys' (d x G) zeroed, and K^T (times scale), V^T of the task's key
 // rows (rows of K and V, ld lk and lv) and of the global keys transposed into its buffers.
 template <typename T, typename Buf>
-void begin_backward_task(Buf& buf, const T* K, int64_t lk, const T* V, int64_t lv, int64_t rows, int64_t ld,
-                         const T* Kg, const T* Vg, int64_t G, int64_t d, float scale) {
+PackedOps begin_backward_task(Buf& buf, bool own, bool odd, const T* K, int64_t lk, const T* V, int64_t lv,
+                              int64_t rows, int64_t ld, const T* Kg, const T* Vg, int64_t G, int64_t d, float scale) {
   std::fill(buf.dKT.begin(), buf.dKT.begin() + d * ld, 0.f);
   std::fill(buf.dVT.begin(), buf.dVT.begin() + d * ld, 0.f);
   std::fill(buf.dKgT.begin(), buf.dKgT.begin() + d * G, 0.f);
   std::fill(buf.dVgT.begin(), buf.dVgT.begin() + d * G, 0.f);
+  if (own) return pack_task<T>(buf.pk, true, true, odd, K, lk, V, lv, rows, ld, Kg, Vg, G, d, scale);
   transpose(K, lk, rows, d, scale, buf.KT.data(), ld);
   transpose(V, lv, rows, d, 1.f, buf.VT.data(), ld);
   if (G) transpose(Kg, d, G, d, scale, buf.KgT.data(), G), transpose(Vg, d, G, d, 1.f, buf.VgT.data(), G);
+  return {};
 }
 
 template <typename T>
@@ -913,6 +1106,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
   // whatever the number of threads. The global keys' gradients and ALiBi's slope gradients are kept per
   // task and summed in segment order at the end.
   const int64_t per = segment_chunks(g), nseg = (nc + per - 1) / per;
+  const bool own = std::is_same_v<T, bf16> && own_bf16(g.brgemm);
   std::vector<float> gpart(BH * nseg * 2 * G * d);
   std::vector<double> spart(BH * nseg, 0.0);
   for (int64_t pass = 0; pass < 2; ++pass) {
@@ -928,10 +1122,12 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
         Lap lap;
         const T *Kh = K.head(bh), *Vh = V.head(bh);
         const T *Kg = G ? kgd + bh * G * d : nullptr, *Vg = G ? vgd + bh * G * d : nullptr;
-        begin_backward_task(buf, Kh + k0 * K.ld, K.ld, Vh + k0 * V.ld, V.ld, k1 - k0, ldk, Kg, Vg, G, d, g.scale);
+        const bool odd = own && odd_rows(g, bh / H, i0, i1, k0);
+        const PackedOps pk = begin_backward_task(buf, own, odd, Kh + k0 * K.ld, K.ld, Vh + k0 * V.ld, V.ld, k1 - k0, ldk,
+                                                 Kg, Vg, G, d, g.scale);
         lap(kCopy);
-        const Head<T> hd{Kh, Vh, K.ld, V.ld, buf.KT.data(), buf.VT.data(), k0, ldk, Kg, Vg, buf.KgT.data(),
-                         buf.VgT.data()};
+        const Head<T> hd{Kh, Vh, K.ld, V.ld, own ? nullptr : buf.KT.data(), own ? nullptr : buf.VT.data(), k0, ldk,
+                         Kg, Vg, own ? nullptr : buf.KgT.data(), own ? nullptr : buf.VgT.data(), pk};
         double dslope = 0.0;
         for (int64_t i = i0; i < i1; ++i) {
           const int64_t nr = std::min(c, nq - i * c), row = i * c;
@@ -1092,6 +1288,7 @@ template <typename T>
 struct LayoutBuffers {
   std::vector<float> S, dP, O, row, dKT, dVT, dKgT, dVgT;
   std::vector<T> P, dS, QT, dOT, KT, VT, KgT, VgT;
+  PackBufs pk;
   std::vector<int64_t> js;
   void fit(const LayoutGeo& g, bool backward) {
     const int64_t cL = g.c * g.L, cd = g.c * g.d, dG = g.d * g.G, dN = g.d * spread_ld(g.N);
@@ -1120,6 +1317,7 @@ struct LayoutHead {
   const T *KT, *VT;
   int64_t ldt;
   const T *Kg, *Vg, *KgT, *VgT;
+  PackedOps pk;  // the same packed for the micro-kernel (bf16), or empty
 };
 
 // Scores of tile (bh, i): S (c x L) = Q_i [K_j1 | ... | K_jna | K_g]^T over its na allowed key blocks
@@ -1130,8 +1328,11 @@ int64_t layout_scores(const LayoutGeo& g, float* S, const T* Qi, int64_t ldq, co
                       int64_t b, int64_t h, int64_t i, int64_t* js, bool& masked, Lap& lap) {
   const int64_t c = g.c, L = g.L, G = g.G;
   const int64_t na = g.blocks(h, i, js);
-  for (int64_t a = 0; a < na; ++a) nn(g.brgemm, c, c, g.d, Qi, ldq, hd.KT + js[a] * c, hd.ldt, S + a * c, L, false);
-  if (G) nn(g.brgemm, c, G, g.d, Qi, ldq, hd.KgT, G, S + na * c, L, false);
+  for (int64_t a = 0; a < na; ++a) {
+    prod(g.brgemm, c, c, g.d, Qi, ldq, hd.KT ? hd.KT + js[a] * c : nullptr, hd.ldt, hd.pk.KT.at_col(js[a] * c),
+         hd.pk.KT.ld, S + a * c, L, false);
+  }
+  if (G) prod(g.brgemm, c, G, g.d, Qi, ldq, hd.KgT, G, hd.pk.KgT.at_col(0), hd.pk.KgT.ld, S + na * c, L, false);
   lap(kQK);
   masked = false;
   for (int64_t a = 0; a < na; ++a) {
@@ -1194,8 +1395,11 @@ void layout_forward_tile(const LayoutGeo& g, LayoutBuffers<T>& buf, int64_t bh, 
   const T* P = layout_operand<T>(g, S, buf.P.data(), len);
   float* O = buf.O.data();
   // O = sum_a P_a V_ja + P_g V_g: W accumulating products, in the order of cols
-  for (int64_t a = 0; a < na; ++a) nn(g.brgemm, c, d, c, P + a * c, L, hd.V + js[a] * c * hd.lv, hd.lv, O, d, a > 0);
-  if (G) nn(g.brgemm, c, d, G, P + na * c, L, hd.Vg, d, O, d, na > 0);
+  for (int64_t a = 0; a < na; ++a) {
+    prod(g.brgemm, c, d, c, P + a * c, L, hd.V + js[a] * c * hd.lv, hd.lv, hd.pk.V.at_row(js[a] * c), hd.pk.V.ld, O, d,
+         a > 0);
+  }
+  if (G) prod(g.brgemm, c, d, G, P + na * c, L, hd.Vg, d, hd.pk.Vg.at_row(0), hd.pk.Vg.ld, O, d, na > 0);
   if (na == 0 && G == 0) std::fill(O, O + c * d, 0.f);
   lap(kPV);
   for (int64_t r = 0; r < c; ++r) {
@@ -1220,8 +1424,11 @@ void layout_backward_tile(const LayoutGeo& g, LayoutBuffers<T>& buf, int64_t bh,
   const int64_t na = layout_scores<T>(g, S, Qi, ldq, hd, b, h, i, js, masked, lap);
   const int64_t len = na * c + G;
   // dP (c x len) = dO_i [V_j1 | ... | V_g]^T
-  for (int64_t a = 0; a < na; ++a) nn(brg, c, c, d, dOi, lddo, hd.VT + js[a] * c, hd.ldt, dP + a * c, L, false);
-  if (G) nn(brg, c, G, d, dOi, lddo, hd.VgT, G, dP + na * c, L, false);
+  for (int64_t a = 0; a < na; ++a) {
+    prod(brg, c, c, d, dOi, lddo, hd.VT ? hd.VT + js[a] * c : nullptr, hd.ldt, hd.pk.VT.at_col(js[a] * c), hd.pk.VT.ld,
+         dP + a * c, L, false);
+  }
+  if (G) prod(brg, c, G, d, dOi, lddo, hd.VgT, G, hd.pk.VgT.at_col(0), hd.pk.VgT.ld, dP + na * c, L, false);
   lap(kDP);
   // S -> P from the saved log-sum-exp, dP -> dS = P (dP - D), D_r = rowsum(dP * P) = dO_r . O_r
   for (int64_t r = 0; r < c; ++r) {
@@ -1242,24 +1449,30 @@ void layout_backward_tile(const LayoutGeo& g, LayoutBuffers<T>& buf, int64_t bh,
     }
   }
   lap(kDS);
-  const T* P = layout_operand<T>(g, S, buf.P.data(), len);
+  const bool own = hd.pk.KT.even != nullptr;  // P only as B (dV^T), packed for the micro-kernel
+  const uint32_t* Pp = pack_tile<T>(own, buf.pk.P, S, c, L, {{0, len}});
+  const uint32_t* dSp = pack_tile<T>(own, buf.pk.dS, dP, c, L, {{0, len}});
+  const T* P = Pp ? buf.P.data() : layout_operand<T>(g, S, buf.P.data(), len);
   const T* dS = layout_operand<T>(g, dP, buf.dS.data(), len);
   T *QT = buf.QT.data(), *dOT = buf.dOT.data();
   transpose(Qi, ldq, c, d, 1.f, QT, c), transpose(dOi, lddo, c, d, 1.f, dOT, c);
   lap(kCopy);
   // dV^T_j += dO_i^T P_a, dK^T_j += Q_i^T dS_a (block j's keys are columns [j c, (j + 1) c) of dK^T)
   for (int64_t a = 0; a < na; ++a) {
-    nn(brg, d, c, c, dOT, c, P + a * c, L, buf.dVT.data() + js[a] * c, hd.ldt, true);
-    nn(brg, d, c, c, QT, c, dS + a * c, L, buf.dKT.data() + js[a] * c, hd.ldt, true);
+    prod(brg, d, c, c, dOT, c, P + a * c, L, Pp ? Pp + a * c : nullptr, L, buf.dVT.data() + js[a] * c, hd.ldt, true);
+    prod(brg, d, c, c, QT, c, dS + a * c, L, dSp ? dSp + a * c : nullptr, L, buf.dKT.data() + js[a] * c, hd.ldt, true);
   }
   if (G) {
-    nn(brg, d, G, c, dOT, c, P + na * c, L, buf.dVgT.data(), G, true);
-    nn(brg, d, G, c, QT, c, dS + na * c, L, buf.dKgT.data(), G, true);
+    prod(brg, d, G, c, dOT, c, P + na * c, L, Pp ? Pp + na * c : nullptr, L, buf.dVgT.data(), G, true);
+    prod(brg, d, G, c, QT, c, dS + na * c, L, dSp ? dSp + na * c : nullptr, L, buf.dKgT.data(), G, true);
   }
   lap(kDVDK);
   // dQ_i = sum_a dS_a K_ja + dS_g K_g
-  for (int64_t a = 0; a < na; ++a) nn(brg, c, d, c, dS + a * c, L, hd.K + js[a] * c * hd.lk, hd.lk, dQi, lddq, a > 0);
-  if (G) nn(brg, c, d, G, dS + na * c, L, hd.Kg, d, dQi, lddq, na > 0);
+  for (int64_t a = 0; a < na; ++a) {
+    prod(brg, c, d, c, dS + a * c, L, hd.K + js[a] * c * hd.lk, hd.lk, hd.pk.K.at_row(js[a] * c), hd.pk.K.ld, dQi, lddq,
+         a > 0);
+  }
+  if (G) prod(brg, c, d, G, dS + na * c, L, hd.Kg, d, hd.pk.Kg.at_row(0), hd.pk.Kg.ld, dQi, lddq, na > 0);
   if (na == 0 && G == 0) {
     for (int64_t r = 0; r < c; ++r) std::fill(dQi + r * lddq, dQi + r * lddq + d, 0.f);
   }
@@ -1281,6 +1494,7 @@ std::vector<at::Tensor> layout_forward_impl(const at::Tensor& q, const at::Tenso
   const int64_t threads = at::get_num_threads();
   const int64_t seg = std::min<int64_t>(nb, std::max<int64_t>((4 * threads + BH - 1) / BH, 1));
   const int64_t per = (nb + seg - 1) / seg;
+  const bool own = std::is_same_v<T, bf16> && own_bf16(g.brgemm);
   at::parallel_for(0, BH * seg, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t bh = t / seg, i0 = (t % seg) * per, i1 = std::min(nb, i0 + per);
@@ -1288,12 +1502,17 @@ std::vector<at::Tensor> layout_forward_impl(const at::Tensor& q, const at::Tenso
       LayoutBuffers<T>& buf = layout_buffers<T>(g, false);
       const int64_t ldt = spread_ld(N);
       Lap lap;
-      transpose(K.head(bh), K.ld, N, d, 1.f, buf.KT.data(), ldt);
-      const T* Kg = G ? kgd + bh * G * d : nullptr;
-      if (G) transpose(Kg, d, G, d, 1.f, buf.KgT.data(), G);
+      const T *Kg = G ? kgd + bh * G * d : nullptr, *Vg = G ? vgd + bh * G * d : nullptr;
+      LayoutHead<T> hd{K.head(bh), V.head(bh), K.ld, V.ld, buf.KT.data(), nullptr, ldt, Kg, Vg, buf.KgT.data(),
+                       nullptr, {}};
+      if (own) {  // bf16 on the micro-kernel: K^T and V packed instead (odd pairs too for an odd block size)
+        hd.KT = hd.KgT = nullptr;
+        hd.pk = pack_task<T>(buf.pk, true, false, c % 2, K.head(bh), K.ld, V.head(bh), V.ld, N, ldt, Kg, Vg, G, d, 1.f);
+      } else {
+        transpose(K.head(bh), K.ld, N, d, 1.f, buf.KT.data(), ldt);
+        if (G) transpose(Kg, d, G, d, 1.f, buf.KgT.data(), G);
+      }
       lap(kCopy);
-      const LayoutHead<T> hd{K.head(bh), V.head(bh), K.ld, V.ld, buf.KT.data(), nullptr, ldt,
-                             Kg, G ? vgd + bh * G * d : nullptr, buf.KgT.data(), nullptr};
       for (int64_t i = i0; i < i1; ++i) {
         layout_forward_tile<T>(g, buf, bh, i, Q.head(bh) + i * c * Q.ld, Q.ld, hd, O.head(bh) + i * c * O.ld,
                                O.ld, ld + bh * N + i * c);
@@ -1319,6 +1538,7 @@ std::vector<at::Tensor> layout_backward_impl(const at::Tensor& q, const at::Tens
   const T *kgd = G ? kg.data_ptr<T>() : nullptr, *vgd = G ? vg.data_ptr<T>() : nullptr;
   const float* ld = lse.data_ptr<float>();
   float *dkgd = dkg.data_ptr<float>(), *dvgd = dvg.data_ptr<float>();
+  const bool own = std::is_same_v<T, bf16> && own_bf16(g.brgemm);
   at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; ++bh) {
       LayoutBuffers<T>& buf = layout_buffers<T>(g, true);
@@ -1326,10 +1546,10 @@ std::vector<at::Tensor> layout_backward_impl(const at::Tensor& q, const at::Tens
       Lap lap;
       const T *Kh = K.head(bh), *Vh = V.head(bh);
       const T *Kg = G ? kgd + bh * G * d : nullptr, *Vg = G ? vgd + bh * G * d : nullptr;
-      begin_backward_task(buf, Kh, K.ld, Vh, V.ld, N, ldt, Kg, Vg, G, d, 1.f);  // q arrives scaled
+      const PackedOps pk = begin_backward_task(buf, own, c % 2, Kh, K.ld, Vh, V.ld, N, ldt, Kg, Vg, G, d, 1.f);  // q arrives scaled
       lap(kCopy);
-      const LayoutHead<T> hd{Kh, Vh, K.ld, V.ld, buf.KT.data(), buf.VT.data(), ldt, Kg, Vg, buf.KgT.data(),
-                             buf.VgT.data()};
+      const LayoutHead<T> hd{Kh, Vh, K.ld, V.ld, own ? nullptr : buf.KT.data(), own ? nullptr : buf.VT.data(), ldt, Kg,
+                             Vg, own ? nullptr : buf.KgT.data(), own ? nullptr : buf.VgT.data(), pk};
       for (int64_t i = 0; i < nb; ++i) {
         const int64_t row = i * c;
         layout_backward_tile<T>(g, buf, bh, i, Q.head(bh) + row * Q.ld, Q.ld, hd, O.head(bh) + row * O.ld, O.ld,
