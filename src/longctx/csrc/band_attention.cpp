@@ -86,50 +86,53 @@ inline void nn(bool brgemm, int m, int n, int k, const float* A, int lda, const 
 #define LONGCTX_BF16_UKERNEL 1
 namespace ukernel {
 
+// (Written so that GCC keeps the accumulators in registers through the loop: with the C load inside an
+// `acc ?` at the top and indexed A and B reads, it stored all 24 of them to the stack every pair.)
 template <int MR, int NV>
 void tile(int64_t kp, bool odd, const uint16_t* A, int64_t lda, const uint32_t* Bp, int64_t ldp, float* C,
           int64_t ldc, bool acc, __mmask16 ml) {
   __m512 c[MR][NV];
   for (int r = 0; r < MR; ++r) {
-    for (int v = 0; v < NV; ++v) {
-      c[r][v] = !acc ? _mm512_setzero_ps()
-                     : (v == NV - 1 ? _mm512_maskz_loadu_ps(ml, C + r * ldc + 16 * v) : _mm512_loadu_ps(C + r * ldc + 16 * v));
-    }
+    for (int v = 0; v < NV; ++v) c[r][v] = _mm512_setzero_ps();
   }
   const int64_t full = odd ? kp - 1 : kp;
-  for (int64_t p = 0; p < full; ++p) {
-    __m512i b[NV];
-    for (int v = 0; v < NV; ++v) {
-      b[v] = v == NV - 1 ? _mm512_maskz_loadu_epi32(ml, Bp + p * ldp + 16 * v) : _mm512_loadu_si512(Bp + p * ldp + 16 * v);
-    }
+  const uint16_t* a = A;
+  const uint32_t* b = Bp;
+  for (int64_t p = 0; p < full; ++p, a += 2, b += ldp) {
+    __m512i bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_si512(b + 16 * v);
     for (int r = 0; r < MR; ++r) {
-      int32_t a;
-      std::memcpy(&a, A + r * lda + 2 * p, sizeof(a));
-      const __m512i va = _mm512_set1_epi32(a);
-      for (int v = 0; v < NV; ++v) c[r][v] = _mm512_dpbf16_ps(c[r][v], (__m512bh)va, (__m512bh)b[v]);
+      int32_t x;
+      std::memcpy(&x, a + r * lda, sizeof(x));
+      const __m512i va = _mm512_set1_epi32(x);
+      for (int v = 0; v < NV; ++v) c[r][v] = _mm512_dpbf16_ps(c[r][v], (__m512bh)va, (__m512bh)bv[v]);
     }
   }
-  if (odd) {
-    __m512i b[NV];
+  if (odd) {  // the last row of A's pair is k - 1 alone: A's second element and B's high halves 0
     const __m512i lo = _mm512_set1_epi32(0xFFFF);
+    __m512i bv[NV];
     for (int v = 0; v < NV; ++v) {
-      b[v] = _mm512_and_si512(_mm512_maskz_loadu_epi32(v == NV - 1 ? ml : __mmask16(0xFFFF), Bp + full * ldp + 16 * v), lo);
+      bv[v] = _mm512_and_si512(_mm512_maskz_loadu_epi32(v == NV - 1 ? ml : __mmask16(0xFFFF), b + 16 * v), lo);
     }
     for (int r = 0; r < MR; ++r) {
-      const __m512i va = _mm512_set1_epi32(A[r * lda + 2 * full]);
-      for (int v = 0; v < NV; ++v) c[r][v] = _mm512_dpbf16_ps(c[r][v], (__m512bh)va, (__m512bh)b[v]);
+      const __m512i va = _mm512_set1_epi32(a[r * lda]);
+      for (int v = 0; v < NV; ++v) c[r][v] = _mm512_dpbf16_ps(c[r][v], (__m512bh)va, (__m512bh)bv[v]);
     }
   }
   for (int r = 0; r < MR; ++r) {
     for (int v = 0; v < NV; ++v) {
-      if (v == NV - 1) {
-        _mm512_mask_storeu_ps(C + r * ldc + 16 * v, ml, c[r][v]);
-      } else {
-        _mm512_storeu_ps(C + r * ldc + 16 * v, c[r][v]);
-      }
+      float* dst = C + r * ldc + 16 * v;
+      const __mmask16 m = v == NV - 1 ? ml : __mmask16(0xFFFF);
+      __m512 x = c[r][v];
+      if (acc) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(m, dst));
+      _mm512_mask_storeu_ps(dst, m, x);
     }
   }
 }
+
+// A tile reads whole 16-column vectors of B (the columns past n are computed and never stored): every
+// packed buffer has kSlack more entries, so the last pair row's reads stay inside it.
+constexpr int64_t kSlack = 16;
 
 using TileFn = void (*)(int64_t, bool, const uint16_t*, int64_t, const uint32_t*, int64_t, float*, int64_t, bool,
                         __mmask16);
@@ -226,7 +229,7 @@ inline uint32_t* scratch(int64_t n) {
 inline void gemm(int64_t m, int64_t n, int64_t k, const bf16* A, int64_t lda, const bf16* B, int64_t ldb, float* C,
                  int64_t ldc, bool acc) {
   if (m <= 0 || n <= 0) return;
-  uint32_t* Bp = scratch(((k + 1) / 2) * n);
+  uint32_t* Bp = scratch(((k + 1) / 2) * n + kSlack);
   pack(k, n, B, ldb, Bp, n);
   gemm_packed(m, n, k, A, lda, Bp, n, C, ldc, acc);
 }
@@ -777,7 +780,7 @@ PackedOps pack_task(PackBufs& pb, bool own, bool backward, bool odd, const T* K,
   if constexpr (std::is_same_v<T, bf16>) {
     if (!own) return ops;
     const int64_t dp = (d + 1) / 2, rp = rows / 2 + 1, gp = G / 2 + 1, ldr = spread_ld(d);
-    grow(pb.KT, dp * ldt), grow(pb.KgT, dp * G);
+    grow(pb.KT, dp * ldt + ukernel::kSlack), grow(pb.KgT, dp * G + ukernel::kSlack);
     pack_t(rows, d, K, lk, scale, pb.KT.data(), ldt);
     ops.KT = {pb.KT.data(), nullptr, ldt};
     if (G) pack_t(G, d, Kg, d, scale, pb.KgT.data(), G), ops.KgT = {pb.KgT.data(), nullptr, G};
@@ -786,15 +789,15 @@ PackedOps pack_task(PackBufs& pb, bool own, bool backward, bool odd, const T* K,
     auto& Rg = backward ? pb.Kg : pb.Vg;
     const T* X = backward ? K : V;
     const int64_t ldx = backward ? lk : lv;
-    grow(R0, rp * ldr), grow(Rg, gp * ldr);
+    grow(R0, rp * ldr + ukernel::kSlack), grow(Rg, gp * ldr + ukernel::kSlack);
     pack_rows(rows, d, X, ldx, 0, R0.data(), ldr);
     Pk rk{R0.data(), nullptr, ldr};
-    if (odd) grow(R1, (rp + 1) * ldr), pack_rows(rows, d, X, ldx, 1, R1.data(), ldr), rk.odd = R1.data();
+    if (odd) grow(R1, (rp + 1) * ldr + ukernel::kSlack), pack_rows(rows, d, X, ldx, 1, R1.data(), ldr), rk.odd = R1.data();
     Pk gk;
     if (G) pack_rows(G, d, backward ? Kg : Vg, d, 0, Rg.data(), ldr), gk = {Rg.data(), nullptr, ldr};
     if (backward) {
       ops.K = rk, ops.Kg = gk;
-      grow(pb.VT, dp * ldt), grow(pb.VgT, dp * G);
+      grow(pb.VT, dp * ldt + ukernel::kSlack), grow(pb.VgT, dp * G + ukernel::kSlack);
       pack_t(rows, d, V, lv, 1.f, pb.VT.data(), ldt);
       ops.VT = {pb.VT.data(), nullptr, ldt};
       if (G) pack_t(G, d, Vg, d, 1.f, pb.VgT.data(), G), ops.VgT = {pb.VgT.data(), nullptr, G};
@@ -814,7 +817,7 @@ inline const uint32_t* pack_tile(bool own, std::vector<uint32_t>& buf, const flo
 #if defined(LONGCTX_BF16_UKERNEL)
   if constexpr (std::is_same_v<T, bf16>) {
     if (!own) return nullptr;
-    grow(buf, (c + 1) / 2 * L);
+    grow(buf, (c + 1) / 2 * L + ukernel::kSlack);
     for (auto [lo, hi] : ranges) {
       if (hi > lo) ukernel::pack(c, hi - lo, src + lo, L, buf.data() + lo, L);
     }
