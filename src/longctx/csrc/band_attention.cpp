@@ -18,8 +18,14 @@
 // backward), so q is not scaled in a separate pass. Thread buffers (the tile, a head's K^T, V^T and its
 // dK^T, dV^T) are kept across calls, so a training step faults no fresh pages in for them.
 // Per chunk, each query row's allowed band keys lie in [lo, hi) (RowSpan): exp, masks and products skip
-// the rest. Products: fp32 on oneDNN's BRGEMM (ATen), MKL's sgemm as the alternative;
-// bf16 on MKL's gemm_bf16bf16f32 (fp32 accumulation and output). Softmax statistics are always fp32.
+// the rest. Products: fp32 on oneDNN's BRGEMM (ATen); bf16 on this file's own AVX512-BF16 micro-kernel
+// (ukernel::, vdpbf16ps, fp32 accumulation and output) where the build targets it (__AVX512BF16__, as
+// -march=native does on a CPU with avx512_bf16): its B operands VNNI-packed (pairs of rows interleaved),
+// once per task for those reused across chunks (K^T, V^T by pairs of head dimensions, K, V by pairs of
+// keys: PackedOps, in place of the transposed copies the other paths make) and by the tile for P and dS
+// (rounded to bf16 and packed in one pass); A operands (Q, dO^T, Q^T, P, dS) read as they are. Without
+// AVX512-BF16 bf16 runs on MKL's gemm_bf16bf16f32. LONGCTX_FUSED_GEMM=mkl (read per call) puts both dtypes
+// on MKL (sgemm, gemm_bf16bf16f32); op bf16_products names the bf16 path. Softmax statistics are always fp32.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
@@ -59,8 +65,10 @@ using bf16 = c10::BFloat16;
 // this form (keys and values also go in transposed, dK and dV accumulate transposed), so that fp32 runs
 // on oneDNN's BRGEMM micro-kernel (ATen's cpublas::brgemm, JIT-compiled per shape and cached per thread;
 // it uses AVX-512 on AMD too, where MKL takes its Zen AVX2 path: measured 10-25% faster on the tile
-// shapes here), or on MKL's sgemm with LONGCTX_FUSED_GEMM=mkl. bf16 stays on MKL: oneDNN's bf16 BRGEMM
-// wants VNNI-packed operands, which this CPU's ukernel cannot pack, and unpacked it was slower than MKL.
+// shapes here), or on MKL's sgemm with LONGCTX_FUSED_GEMM=mkl. bf16 does not go through oneDNN: its bf16
+// BRGEMM wants VNNI-packed operands, which this CPU's ukernel could not pack, and unpacked it was slower
+// than MKL, whose gemm_bf16bf16f32 in turn ran no faster than fp32 here. So bf16 runs on the micro-kernel
+// below, which packs B itself (ahead of time where B is reused: prod() with PackedOps).
 inline void nn(bool brgemm, int m, int n, int k, const float* A, int lda, const float* B, int ldb, float* C,
                int ldc, bool acc) {
   if (brgemm) {
@@ -527,6 +535,7 @@ struct Seq {
   T* head(int64_t bh) const { return p + (bh / H) * sb + (bh % H) * sh; }
 };
 
+// A B operand VNNI-packed for the bf16 micro-kernel (see PackBufs); null where there is none
 struct Pk {
   const uint32_t *even = nullptr, *odd = nullptr;
   int64_t ld = 0;
@@ -733,7 +742,7 @@ void grow(std::vector<T>& v, int64_t n) {
 //     of the task) and odd (rows 2p - 1, 2p; row -1 is zero).
 // P and dS, which the dV^T and dK^T products take as B, are packed by the tile from its fp32 rows (the
 // rounding to bf16 and the packing in one pass). Empty (all null) for fp32, for MKL's products, and in a
-// build without AVX512-BF16: every product then takes the unpacked operands.
+// build without AVX512-BF16: every product then takes the unpacked operands. A thread's storage for them:
 struct PackBufs {
   std::vector<uint32_t> KT, VT, K0, K1, V0, V1, KgT, VgT, Kg, Vg, P, dS;
 };
