@@ -5,6 +5,10 @@ read per call), and the 2048-square torch.mm in fp32 and bf16; each round's usef
 of the same round's matmul rate (as `longctx bench attention` counts them), medians over rounds.
 
     T=1 PYTHONPATH=src python tools/fused_bf16_ab.py [rounds]     # T: torch threads (default 2)
+
+CLOCK=cpu times with the process's CPU time instead of the wall clock: with T=1 that is the one
+thread's own time, which a busy shared machine does not inflate (a switched-out thread is not charged),
+so the fractions hold still between rounds where wall times swing 2-5x.
 """
 import os, sys, time, statistics, torch
 from longctx.attention import fused, AttentionPattern, attention
@@ -26,10 +30,13 @@ def case(dtype):
 cases = {"fp32": case(torch.float32), "bf16": case(torch.bfloat16), "bf16-mkl": case(torch.bfloat16)}
 a32, b32 = torch.randn(2048, 2048), torch.randn(2048, 2048)
 a16, b16 = a32.bfloat16(), b32.bfloat16()
+clock = time.process_time if os.environ.get("CLOCK") == "cpu" else time.perf_counter
+
+
 def t(f, reps=3):
     best = 1e9
     for _ in range(reps):
-        s = time.perf_counter(); f(); best = min(best, time.perf_counter() - s)
+        s = clock(); f(); best = min(best, clock() - s)
     return best
 pairs = sum(min(n, i + 257) - max(0, i - 256) for i in range(n))
 fl = 4 * pairs * d * H  # the bench's useful FLOPs of the core (Mechanism.flops): QK^T and PV
@@ -48,7 +55,7 @@ for r in range(int(sys.argv[1]) if len(sys.argv) > 1 else 5):
     rows.append(row)
     print(r, " ".join(f"{k} {v:.3f}" for k, v in row.items()), os.getloadavg(), flush=True)
 med = {k: statistics.median(x[k] for x in rows) for k in rows[0]}
-print("threads", torch.get_num_threads(), "median:", " ".join(f"{k} {v:.3f}" for k, v in med.items()))
+print("threads", torch.get_num_threads(), "clock", clock.__name__, "median:", " ".join(f"{k} {v:.3f}" for k, v in med.items()))
 print("bf16 vs fp32 time: fwd %.2fx, fwd+bwd %.2fx; bf16 micro-kernel vs MKL: fwd %.2fx, fwd+bwd %.2fx" % (
     statistics.median(x["fp32 fwd"] / x["bf16 fwd"] for x in rows), statistics.median(x["fp32 train"] / x["bf16 train"] for x in rows),
     statistics.median(x["bf16-mkl fwd"] / x["bf16 fwd"] for x in rows), statistics.median(x["bf16-mkl train"] / x["bf16 train"] for x in rows)))

@@ -4,6 +4,10 @@ products (LONGCTX_FUSED_GEMM=mkl), then torch.mm fp32 / bf16 (2048-square): per-
 against the same round's matmul ratio, medians over rounds.
 
     PYTHONPATH=src python tools/train_bf16_ab.py [rounds]
+    T=1 CLOCK=cpu PYTHONPATH=src python tools/train_bf16_ab.py [rounds]   # one thread, timed in CPU time
+
+T: torch threads (default: torch's); CLOCK=cpu: the process's CPU time instead of the wall clock (with
+T=1, a busy shared machine does not inflate it; see tools/fused_bf16_ab.py).
 """
 import os, sys, time, statistics, torch
 from longctx.bench import train as T
@@ -30,8 +34,13 @@ def make(name):
 steps = {"fp32": make("longctx"), "bf16": make("longctx-bf16"), "bf16-mkl": make("longctx-bf16")}
 a32, b32 = torch.randn(2048, 2048), torch.randn(2048, 2048)
 a16, b16 = a32.bfloat16(), b32.bfloat16()
+if os.environ.get("T"):
+    torch.set_num_threads(int(os.environ["T"]))
+clock = time.process_time if os.environ.get("CLOCK") == "cpu" else time.perf_counter
+
+
 def timeit(f):
-    t = time.perf_counter(); f(); return time.perf_counter() - t
+    t = clock(); f(); return clock() - t
 def run(name):
     if name == "bf16-mkl": os.environ["LONGCTX_FUSED_GEMM"] = "mkl"
     else: os.environ.pop("LONGCTX_FUSED_GEMM", None)

@@ -43,6 +43,7 @@
 #include <cstdlib>
 #include <cstdint>
 #include <cstring>
+#include <ctime>
 #include <initializer_list>
 #include <limits>
 #include <string>
@@ -367,20 +368,26 @@ inline void zero_cols(float* s, int64_t lo, int64_t hi) {
   if (hi > lo) std::memset(s + lo, 0, (hi - lo) * sizeof(float));
 }
 
-// Phase timers for profiling (LONGCTX_FUSED_PROFILE=1): each thread adds the time since its previous lap
+// Phase timers for profiling (LONGCTX_FUSED_PROFILE=1): each thread adds the CPU time since its previous lap
 // to the phase named; read and reset through the op band_profile. Off, a lap is one branch.
 enum Phase { kRows, kQK, kMask, kSoftmax, kPV, kDP, kDS, kDVDK, kDQ, kCopy, kNumPhases };
 const bool kProfiling = std::getenv("LONGCTX_FUSED_PROFILE") != nullptr;
 std::atomic<int64_t> phase_ns[kNumPhases];
 
+// The laps read the thread's CPU time (CLOCK_THREAD_CPUTIME_ID), not the wall clock: on a shared machine a
+// thread that is switched out does not charge the phase it was in.
+inline int64_t thread_ns() {
+  timespec ts;
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return static_cast<int64_t>(ts.tv_sec) * 1000000000 + ts.tv_nsec;
+}
+
 struct Lap {
-  std::chrono::steady_clock::time_point t0 = kProfiling ? std::chrono::steady_clock::now()
-                                                         : std::chrono::steady_clock::time_point{};
+  int64_t t0 = kProfiling ? thread_ns() : 0;
   void operator()(Phase p) {
     if (!kProfiling) return;
-    const auto t = std::chrono::steady_clock::now();
-    phase_ns[p].fetch_add(std::chrono::duration_cast<std::chrono::nanoseconds>(t - t0).count(),
-                          std::memory_order_relaxed);
+    const int64_t t = thread_ns();
+    phase_ns[p].fetch_add(t - t0, std::memory_order_relaxed);
     t0 = t;
   }
 };
