@@ -571,6 +571,74 @@ inline void prod(bool own, int64_t m, int64_t n, int64_t k, const T* A, int64_t 
   nn(own, m, n, k, A, lda, B, ldb, C, ldc, acc);
 }
 
+#if defined(LONGCTX_BF16_UKERNEL)
+// A tile's products on the micro-kernel, 8 rows at a time over only the key columns those rows attend
+// (the union of their [lo, hi), relative to the tile's first band column ts.lo; {0, 0} where none): the
+// band's masked corners (a 64-row tile of a 256 window computes 576 columns, a row attends 513) are
+// skipped. The score products write no other columns (the softmax reads only each row's [lo, hi) and
+// zeroes the rest of the tile's columns in P and dS); the P V and dS K products take no other terms (P
+// and dS are 0 there), starting at an even column so that the packed keys keep their pairs.
+inline std::pair<int64_t, int64_t> rows_range(const RowSpan* rows, int64_t r0, int64_t r1, TileSpan ts) {
+  int64_t lo = std::numeric_limits<int64_t>::max(), hi = 0;
+  for (int64_t r = r0; r < r1; ++r) {
+    if (rows[r].hi > rows[r].lo) lo = std::min<int64_t>(lo, rows[r].lo), hi = std::max<int64_t>(hi, rows[r].hi);
+  }
+  return hi > 0 ? std::pair<int64_t, int64_t>{lo - ts.lo, hi - ts.lo} : std::pair<int64_t, int64_t>{0, 0};
+}
+
+// C (m x band columns, ldc) = A (m x k) Bp (k x band columns, ldp), each 8-row group over its own columns
+inline void band_cols(int64_t m, int64_t k, const bf16* A, int64_t lda, const uint32_t* Bp, int64_t ldp, float* C,
+                      int64_t ldc, const RowSpan* rows, TileSpan ts) {
+  for (int64_t i0 = 0; i0 < m; i0 += ukernel::kMR) {
+    const int64_t mr = std::min<int64_t>(ukernel::kMR, m - i0);
+    const auto [lo, hi] = rows_range(rows, i0, i0 + mr, ts);
+    if (hi > lo) ukernel::gemm_packed(mr, hi - lo, k, A + i0 * lda, lda, Bp + lo, ldp, C + i0 * ldc + lo, ldc, false);
+  }
+}
+
+// C (m x n, ldc) = A (m x band columns) B (band rows from brow, packed by pairs of rows), each 8-row group
+// over its own columns of A (rows of B) only
+inline void band_depth(int64_t m, int64_t n, const bf16* A, int64_t lda, const Pk& B, int64_t brow, float* C,
+                       int64_t ldc, const RowSpan* rows, TileSpan ts) {
+  for (int64_t i0 = 0; i0 < m; i0 += ukernel::kMR) {
+    const int64_t mr = std::min<int64_t>(ukernel::kMR, m - i0);
+    auto [lo, hi] = rows_range(rows, i0, i0 + mr, ts);
+    lo -= lo % 2;
+    ukernel::gemm_packed(mr, n, hi - lo, A + i0 * lda + lo, lda, B.at_row(brow + lo), B.ld, C + i0 * ldc, ldc, false);
+  }
+}
+
+#endif
+
+// the band product of a tile on band_cols / band_depth where B is packed (bf16 on the micro-kernel); false
+// (nothing done) otherwise
+template <typename T>
+inline bool packed_cols(int64_t m, int64_t k, const T* A, int64_t lda, const Pk& B, int64_t col, float* C,
+                        int64_t ldc, const RowSpan* rows, TileSpan ts) {
+#if defined(LONGCTX_BF16_UKERNEL)
+  if constexpr (std::is_same_v<T, bf16>) {
+    if (B.even) {
+      band_cols(m, k, A, lda, B.at_col(col), B.ld, C, ldc, rows, ts);
+      return true;
+    }
+  }
+#endif
+  return false;
+}
+template <typename T>
+inline bool packed_depth(int64_t m, int64_t n, const T* A, int64_t lda, const Pk& B, int64_t brow, float* C,
+                         int64_t ldc, const RowSpan* rows, TileSpan ts) {
+#if defined(LONGCTX_BF16_UKERNEL)
+  if constexpr (std::is_same_v<T, bf16>) {
+    if (B.even) {
+      band_depth(m, n, A, lda, B, brow, C, ldc, rows, ts);
+      return true;
+    }
+  }
+#endif
+  return false;
+}
+
 // The operands of one head: its key and value rows (ld lk, lv); scale K^T and V^T of the key rows
 // [row0, row0 + ldt) in a thread buffer (d x ldt); the global keys (G x d) and scale Kg^T, Vg^T (d x G).
 template <typename T>
@@ -686,7 +754,7 @@ void scores(const Geo& g, float* S, const T* Qi, int64_t ldq, const Head<T>& hd,
   const int c = g.c, d = g.d, L = g.L;
   const TileSpan ts = g.tile_of(b, i);
   const int64_t r0 = g.band_row(i, ts);
-  if (ts.hi > ts.lo) {
+  if (ts.hi > ts.lo && !packed_cols(c, d, Qi, ldq, hd.pk.KT, r0 - hd.row0, S + ts.lo, L, g.rows_of(b, i), ts)) {
     prod(g.brgemm, c, ts.hi - ts.lo, d, Qi, ldq, hd.kt(r0), hd.ldt, hd.pk.KT.at_col(r0 - hd.row0), hd.pk.KT.ld,
          S + ts.lo, L, false);
   }
@@ -914,8 +982,10 @@ void forward_tile(const Geo& g, Buffers<T>& buf, int64_t bh, int64_t i, const T*
   float* O = buf.O.data();
   if (ts.hi > ts.lo) {
     const int64_t r0 = g.band_row(i, ts);
-    prod(g.brgemm, c, d, ts.hi - ts.lo, P + ts.lo, L, hd.V + r0 * hd.lv, hd.lv, hd.pk.V.at_row(r0 - hd.row0),
-         hd.pk.V.ld, O, d, false);
+    if (!packed_depth(c, d, P + ts.lo, L, hd.pk.V, r0 - hd.row0, O, d, g.rows_of(b, i), ts)) {
+      prod(g.brgemm, c, d, ts.hi - ts.lo, P + ts.lo, L, hd.V + r0 * hd.lv, hd.lv, hd.pk.V.at_row(r0 - hd.row0),
+           hd.pk.V.ld, O, d, false);
+    }
   } else {
     std::fill(O, O + c * d, 0.f);
   }
@@ -1062,7 +1132,9 @@ double backward_tile(const Geo& g, Buffers<T>& buf, int64_t bh, int64_t i, const
   float *S = buf.S.data(), *dP = buf.dP.data();
   scores<T>(g, S, Qi, ldq, hd, b, h, i, lap);
   // dP (c x L) = dO_i [V_band | V_g]^T
-  if (nb) prod(brg, c, nb, d, dOi, lddo, hd.vt(r0), hd.ldt, hd.pk.VT.at_col(r0 - hd.row0), hd.pk.VT.ld, dP + ts.lo, L, false);
+  if (nb && !packed_cols(c, d, dOi, lddo, hd.pk.VT, r0 - hd.row0, dP + ts.lo, L, g.rows_of(b, i), ts)) {
+    prod(brg, c, nb, d, dOi, lddo, hd.vt(r0), hd.ldt, hd.pk.VT.at_col(r0 - hd.row0), hd.pk.VT.ld, dP + ts.lo, L, false);
+  }
   if (G) prod(brg, c, G, d, dOi, lddo, hd.VgT, G, hd.pk.VgT.at_col(0), hd.pk.VgT.ld, dP + span, L, false);
   lap(kDP);
   const RowSpan* rows = g.rows_of(b, i);
@@ -1091,8 +1163,10 @@ double backward_tile(const Geo& g, Buffers<T>& buf, int64_t bh, int64_t i, const
   lap(kDVDK);
   // dQ_i = scale dS [K_band | K_g]
   if (nb) {
-    prod(brg, c, d, nb, dS + ts.lo, L, hd.K + r0 * hd.lk, hd.lk, hd.pk.K.at_row(r0 - hd.row0), hd.pk.K.ld, dQi, lddq,
-         false);
+    if (!packed_depth(c, d, dS + ts.lo, L, hd.pk.K, r0 - hd.row0, dQi, lddq, g.rows_of(b, i), ts)) {
+      prod(brg, c, d, nb, dS + ts.lo, L, hd.K + r0 * hd.lk, hd.lk, hd.pk.K.at_row(r0 - hd.row0), hd.pk.K.ld, dQi,
+           lddq, false);
+    }
   } else {
     for (int64_t r = 0; r < c; ++r) std::fill(dQi + r * lddq, dQi + r * lddq + d, 0.f);
   }
