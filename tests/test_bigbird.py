@@ -177,11 +177,17 @@ def test_fused_layout_equals_dense_reference(data):
 
 
 @pytest.mark.usefixtures("cpp_extension")
+@pytest.mark.parametrize("path", ["own", "mkl"])
 @settings(max_examples=40)
 @given(data=st.data())
-def test_fused_layout_bf16_within_bf16_precision(data):
+def test_fused_layout_bf16_within_bf16_precision(path, monkeypatch, data):
     """bf16 operands, fp32 softmax statistics and accumulation: within 8u of the largest reference value
-    (plus fp32's cancellation floor in dS = P (dP - D), as in test_fused.py)."""
+    (plus fp32's cancellation floor in dS = P (dP - D), as in test_fused.py); the products on the
+    kernel's AVX512-BF16 micro-kernel ("own", where built) and on MKL (LONGCTX_FUSED_GEMM=mkl)."""
+    if path == "mkl":
+        monkeypatch.setenv("LONGCTX_FUSED_GEMM", "mkl")
+    else:
+        monkeypatch.delenv("LONGCTX_FUSED_GEMM", raising=False)
     mech, inputs, kw, rows, up = _layout_case(data, torch.bfloat16)
     out, grads = _fused_run(mech, inputs, kw, up)
     assert out.dtype == torch.bfloat16 and all(g.dtype == torch.bfloat16 for g in grads)

@@ -5,6 +5,7 @@ without a compiler ``attention()`` falls back to the pure-PyTorch kernel and sti
 The extension is built once for this module (about a minute the first time on a 2-core machine, then
 loaded from longctx's cache); the property cases themselves are small.
 """
+import itertools
 import os
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from longctx.attention import AttentionPattern, attention
+from longctx.attention import AttentionPattern, attention, fused
 from longctx.attention.functional import resolve_backend
 from longctx.positions import alibi_slopes
 from test_attention_equivalence import _grads, flags, patterns
@@ -98,10 +99,42 @@ def test_fused_equals_dense_reference_fp32(data):
         torch.testing.assert_close(a, b, **TOL, msg=lambda m: f"grad {name}, {pattern}: {m}")
 
 
+def _products(path, monkeypatch):
+    """bf16 products on the kernel's AVX512-BF16 micro-kernel ("own", where the build has it; MKL
+    otherwise) or on MKL's gemm_bf16bf16f32 ("mkl": LONGCTX_FUSED_GEMM, read per call)."""
+    if path == "mkl":
+        monkeypatch.setenv("LONGCTX_FUSED_GEMM", "mkl")
+    else:
+        monkeypatch.delenv("LONGCTX_FUSED_GEMM", raising=False)
+
+
+@pytest.mark.parametrize("path", ["own", "mkl"])
 @settings(max_examples=80)
 @given(data=st.data())
-def test_fused_bf16_within_bf16_precision(data):
-    pattern, inputs, kw, seed, kpm = _case(data, torch.bfloat16)
+def test_fused_bf16_within_bf16_precision(path, monkeypatch, data):
+    _products(path, monkeypatch)
+    _check_bf16(*_case(data, torch.bfloat16))
+
+
+@pytest.mark.parametrize("path", ["own", "mkl"])
+@pytest.mark.parametrize("pattern, n, d", [
+    (AttentionPattern("blocks", block=9), 100, 16),  # odd chunks: bands start at odd key rows
+    (AttentionPattern("blockwise_causal", block=7), 61, 8),
+    (AttentionPattern("sliding", window=5, dilation=(1, 3)), 77, 64),
+    (AttentionPattern("sliding", window=40, causal=True), 230, 33)])  # odd head dimension
+def test_bf16_odd_geometry(path, pattern, n, d, monkeypatch):
+    """Shapes where the micro-kernel's pairs of keys start at odd rows, odd head dimensions, random
+    padding, global tokens with separate projections and ALiBi: both product paths within the bf16 bound."""
+    _products(path, monkeypatch)
+    g = torch.Generator().manual_seed(7)
+    B, H = 2, 2
+    inputs = [torch.randn(B, n, H, d, generator=g).bfloat16().transpose(1, 2).requires_grad_() for _ in range(6)]
+    kpm = torch.rand(B, n, generator=g) < 0.85
+    kw = dict(key_padding_mask=kpm, global_mask=torch.rand(B, n, generator=g) < 0.05, alibi_slopes=alibi_slopes(H))
+    _check_bf16(pattern, inputs, kw, 7, kpm)
+
+
+def _check_bf16(pattern, inputs, kw, seed, kpm):
     ref, ref_grads = _reference(pattern, inputs, kw, seed, kpm)
     out, grads = _fused(pattern, inputs, kw, seed, kpm)
     assert out.dtype == torch.bfloat16
@@ -127,6 +160,36 @@ def test_fused_bf16_within_bf16_precision(data):
         err = (a - b).abs().max().item()
         bound = BF16_REL * scale + floor + (2 * BF16_U * dp / d ** 0.5 * d_term[name] if name in d_term else 0.0)
         assert err <= bound, f"{name}, {pattern}: error {err:.3g} > {bound:.3g} (scale {scale:.3g})"
+
+
+MICRO = "avx512-bf16 micro-kernel"
+
+
+@pytest.mark.parametrize("acc", [False, True])
+def test_bf16_micro_kernel_product(acc, monkeypatch):
+    """The micro-kernel's product C [+]= A B (bf16 A, B; fp32 C) against fp32 matmul of the same bf16 values:
+    the products of two bf16 values are exact in fp32, so only the order of the sums differs (k roundings
+    of at most 2^-24 of the running sum's size). Awkward shapes: odd k (a half pair), columns past a
+    register tile, one row; rows strided; a NaN right after B's last row must not reach C."""
+    monkeypatch.delenv("LONGCTX_FUSED_GEMM", raising=False)
+    if fused.bf16_products() != MICRO:
+        pytest.skip(f"bf16 products here: {fused.bf16_products()}")
+    g = torch.Generator().manual_seed(1)
+    sizes = (1, 7, 33, 64, 65, 130)
+    for m, n, k in itertools.product(sizes, repeat=3):
+        a = torch.randn(m, k + 3, generator=g).bfloat16()[:, :k]
+        b_rows = torch.randn(k + 1, n + 5, generator=g).bfloat16()
+        b_rows[k] = float("nan")
+        b = b_rows[:k, :n]
+        c = torch.randn(m, n, generator=g)
+        got = torch.ops.longctx_fused.bf16_gemm(a, b, c, acc, True)
+        exact = a.double() @ b.double() + (c.double() if acc else 0)
+        size = a.double().abs() @ b.double().abs() + (c.double().abs() if acc else 0)
+        ref = (a.float() @ b.float() + (c if acc else 0)).double()
+        assert ((got.double() - exact).abs() <= (k + 1) * FP32_U * size).all(), (m, n, k, acc)
+        assert ((got.double() - ref).abs() <= 2 * (k + 1) * FP32_U * size).all(), (m, n, k, acc)
+    monkeypatch.setenv("LONGCTX_FUSED_GEMM", "mkl")
+    assert "MKL" in fused.bf16_products()
 
 
 @pytest.mark.parametrize("pattern", [AttentionPattern("sliding", window=20), AttentionPattern("blocks", block=16),

@@ -6,9 +6,14 @@ score block in memory, plus Python dispatch per head and group. Here one tile's 
 per-thread buffer from Q K^T through mask and softmax to P V, and in backward from the recompute through
 dS to the gradient products (``longctx/csrc/band_attention.cpp``). Only each row's allowed keys get an exp,
 and a tile's products cover only the band columns some row may attend. The fp32 products run on oneDNN's
-BRGEMM micro-kernel through ATen (``LONGCTX_FUSED_GEMM=mkl``: MKL's sgemm), bf16 products on MKL with fp32
-accumulation; softmax statistics are fp32. ``LONGCTX_FUSED_PROFILE=1`` times the kernel's phases
-(``profile()``).
+BRGEMM micro-kernel through ATen. The bf16 products run on the kernel's own AVX512-BF16 micro-kernel
+(``vdpbf16ps``, fp32 accumulation) where the build targets a CPU with that extension (``-march=native``):
+the B operands VNNI-packed (pairs of rows interleaved) once per head and task where they are reused across
+query chunks (K^T, V^T, K, V), P and dS packed by the tile as it rounds them to bf16, A operands read as
+they are; on a CPU without AVX512-BF16 they run on MKL's gemm_bf16bf16f32. ``LONGCTX_FUSED_GEMM=mkl``
+(read per call) puts every product on MKL (sgemm, gemm_bf16bf16f32), for comparison;
+``bf16_products()`` says which bf16 path this process takes (the benchmarks record it). Softmax
+statistics are fp32 in both dtypes. ``LONGCTX_FUSED_PROFILE=1`` times the kernel's phases (``profile()``).
 
 The extension is compiled on first use with ``torch.utils.cpp_extension.load`` (about a minute) and
 cached under ``longctx.paths.cache_root()/ext``, keyed by the source, the PyTorch version and the CPU's
@@ -130,6 +135,16 @@ def profile(reset: bool = True) -> dict[str, float]:
     ``LONGCTX_FUSED_PROFILE`` was set when the extension loaded (the timers are off otherwise)."""
     require()
     return dict(zip(PHASES, torch.ops.longctx_fused.band_profile(reset).tolist()))
+
+
+def bf16_products() -> str:
+    """Which path the kernel's bf16 products take in this process: "avx512-bf16 micro-kernel" (the
+    kernel's own, in a build for a CPU with AVX512-BF16), or MKL's gemm_bf16bf16f32 (with the reason:
+    ``LONGCTX_FUSED_GEMM=mkl``, or a build without AVX512-BF16); "fused kernel unavailable" where the
+    extension is not built (this never compiles it)."""
+    if not load(build=False):
+        return "fused kernel unavailable"
+    return torch.ops.longctx_fused.bf16_products()
 
 
 def require() -> None:

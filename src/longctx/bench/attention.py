@@ -345,7 +345,9 @@ def markdown(result: dict) -> str:
     lines = [f"# Attention benchmark: {result['name']}", "",
              f"`{result['command']}` on {m['cpu']} ({m['cores']} cores, torch {m['torch']}, "
              f"{m['torch_threads']} threads), {result['created']}.", "",
-             "Matrix-product reference: " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in result["matmul_gflops"].items()),
+             "Matrix-product reference: " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in result["matmul_gflops"].items())
+             + (f"; the fused kernel's bf16 products: {m['fused_bf16_products']}"
+                if "bfloat16" in result["matmul_gflops"] and m.get("fused_bf16_products") else ""),
              "", f"One layer, batch {result['config']['batch']}, hidden {result['config']['hidden']}, "
              f"{result['config']['heads']} heads, attention_window {result['config']['attention_window']} (two-sided). "
              f"Times are medians of {result['config']['repeats']} runs after {result['config']['warmup']} warm-up; "

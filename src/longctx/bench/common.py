@@ -128,7 +128,16 @@ def machine_info() -> dict:
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "memory_bytes": mem, "python": platform.python_version(), "torch": torch.__version__,
-            "platform": platform.platform(), "bf16_matmul": _bf16_ok()}
+            "platform": platform.platform(), "bf16_matmul": _bf16_ok(), "fused_bf16_products": _fused_bf16()}
+
+
+def _fused_bf16() -> str:
+    """The path of the fused attention kernel's bf16 products (longctx.attention.fused.bf16_products)."""
+    try:
+        from longctx.attention import fused
+        return fused.bf16_products()
+    except Exception as e:  # the machine section must not fail a finished run
+        return f"unknown ({type(e).__name__})"
 
 
 def _bf16_ok() -> bool:

@@ -234,7 +234,10 @@ def markdown(result: dict) -> str:
              f"`{result['command']}` on {m['cpu']} ({m['cores']} cores, torch {m['torch']}), {result['created']}.",
              "", f"Masked-LM step (forward, loss, backward, AdamW), {c['layers']} layers, hidden {c['hidden']}, "
              f"{c['heads']} heads, vocabulary {c['vocab']}, attention_window {c['attention_window']} (two-sided), batch {c['batch']}; "
-             f"median of {c['repeats']} steps after {c['warmup']} warm-up.", "",
+             f"median of {c['repeats']} steps after {c['warmup']} warm-up."
+             + (" Matrix-product reference: " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in result["matmul_gflops"].items())
+                + f"; the fused kernel's bf16 products: {m.get('fused_bf16_products', 'not recorded')}."
+                if result.get("matmul_gflops") else ""), "",
              "| model | n | tokens/s | step s | peak memory | loss first -> last |", "|---|---:|---:|---:|---:|---|"]
     for x in result["cases"]:
         if x["status"] == "ok":

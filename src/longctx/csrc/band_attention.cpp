@@ -18,8 +18,14 @@
 // backward), so q is not scaled in a separate pass. Thread buffers (the tile, a head's K^T, V^T and its
 // dK^T, dV^T) are kept across calls, so a training step faults no fresh pages in for them.
 // Per chunk, each query row's allowed band keys lie in [lo, hi) (RowSpan): exp, masks and products skip
-// the rest. Products: fp32 on oneDNN's BRGEMM (ATen), MKL's sgemm as the alternative;
-// bf16 on MKL's gemm_bf16bf16f32 (fp32 accumulation and output). Softmax statistics are always fp32.
+// the rest. Products: fp32 on oneDNN's BRGEMM (ATen); bf16 on this file's own AVX512-BF16 micro-kernel
+// (ukernel::, vdpbf16ps, fp32 accumulation and output) where the build targets it (__AVX512BF16__, as
+// -march=native does on a CPU with avx512_bf16): its B operands VNNI-packed (pairs of rows interleaved),
+// once per task for those reused across chunks (K^T, V^T by pairs of head dimensions, K, V by pairs of
+// keys: PackedOps, in place of the transposed copies the other paths make) and by the tile for P and dS
+// (rounded to bf16 and packed in one pass); A operands (Q, dO^T, Q^T, P, dS) read as they are. Without
+// AVX512-BF16 bf16 runs on MKL's gemm_bf16bf16f32. LONGCTX_FUSED_GEMM=mkl (read per call) puts both dtypes
+// on MKL (sgemm, gemm_bf16bf16f32); op bf16_products names the bf16 path. Softmax statistics are always fp32.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
@@ -30,14 +36,18 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
 #include <cstdint>
 #include <cstring>
+#include <ctime>
+#include <initializer_list>
 #include <limits>
 #include <string>
+#include <utility>
 #include <vector>
 
 extern "C" {
@@ -56,8 +66,10 @@ using bf16 = c10::BFloat16;
 // this form (keys and values also go in transposed, dK and dV accumulate transposed), so that fp32 runs
 // on oneDNN's BRGEMM micro-kernel (ATen's cpublas::brgemm, JIT-compiled per shape and cached per thread;
 // it uses AVX-512 on AMD too, where MKL takes its Zen AVX2 path: measured 10-25% faster on the tile
-// shapes here), or on MKL's sgemm with LONGCTX_FUSED_GEMM=mkl. bf16 stays on MKL: oneDNN's bf16 BRGEMM
-// wants VNNI-packed operands, which this CPU's ukernel cannot pack, and unpacked it was slower than MKL.
+// shapes here), or on MKL's sgemm with LONGCTX_FUSED_GEMM=mkl. bf16 does not go through oneDNN: its bf16
+// BRGEMM wants VNNI-packed operands, which this CPU's ukernel could not pack, and unpacked it was slower
+// than MKL, whose gemm_bf16bf16f32 in turn ran no faster than fp32 here. So bf16 runs on the micro-kernel
+// below, which packs B itself (ahead of time where B is reused: prod() with PackedOps).
 inline void nn(bool brgemm, int m, int n, int k, const float* A, int lda, const float* B, int ldb, float* C,
                int ldc, bool acc) {
   if (brgemm) {
@@ -68,8 +80,182 @@ inline void nn(bool brgemm, int m, int n, int k, const float* A, int lda, const 
   sgemm_("N", "N", &n, &m, &k, &one, B, &ldb, A, &lda, &beta, C, &ldc);
 }
 
-inline void nn(bool, int m, int n, int k, const bf16* A, int lda, const bf16* B, int ldb, float* C, int ldc,
+// bf16 products on this file's own AVX512-BF16 micro-kernel (vdpbf16ps), where the compiler targets it
+// (-march=native on a CPU with avx512_bf16): C (m x n, fp32) [+]= A (m x k, bf16, row-major, read as is)
+// B (k x n, bf16) with B VNNI-packed: pair row p holds rows 2p and 2p + 1 interleaved, one uint32 per
+// column (low half row 2p, high half row 2p + 1), Bp[p * ldp + j]. vdpbf16ps multiplies a broadcast pair
+// of A (two consecutive bf16 of a row) with 16 such columns and adds both products to fp32 lanes (the
+// products of bf16 values are exact in fp32; only the summation order differs from a plain loop).
+// Register blocking: 8 rows x 48 columns (24 accumulators) for wide products, 8 x 32 for n <= 64 (the
+// P V and dS K products); column tails through masks, an odd k through a last half pair (A's second
+// element 0 and B's high halves cleared, so nothing past row k - 1 of B is used, not even a NaN there).
+// Measured alone (one core, the tile shapes 64 x 576 x 64 and 64 x 64 x 576): 185-225 GFLOP/s, about
+// the core's bf16 peak; MKL's gemm_bf16bf16f32 runs no faster than fp32 here.
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define LONGCTX_BF16_UKERNEL 1
+namespace ukernel {
+
+// (Written so that GCC keeps the accumulators in registers through the loop: with the C load inside an
+// `acc ?` at the top and indexed A and B reads, it stored all 24 of them to the stack every pair.)
+template <int MR, int NV>
+void tile(int64_t kp, bool odd, const uint16_t* A, int64_t lda, const uint32_t* Bp, int64_t ldp, float* C,
+          int64_t ldc, bool acc, __mmask16 ml) {
+  __m512 c[MR][NV];
+  for (int r = 0; r < MR; ++r) {
+    for (int v = 0; v < NV; ++v) c[r][v] = _mm512_setzero_ps();
+  }
+  const int64_t full = odd ? kp - 1 : kp;
+  const uint16_t* a = A;
+  const uint32_t* b = Bp;
+  for (int64_t p = 0; p < full; ++p, a += 2, b += ldp) {
+    __m512i bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_si512(b + 16 * v);
+    for (int r = 0; r < MR; ++r) {
+      int32_t x;
+      std::memcpy(&x, a + r * lda, sizeof(x));
+      const __m512i va = _mm512_set1_epi32(x);
+      for (int v = 0; v < NV; ++v) c[r][v] = _mm512_dpbf16_ps(c[r][v], (__m512bh)va, (__m512bh)bv[v]);
+    }
+  }
+  if (odd) {  // the last row of A's pair is k - 1 alone: A's second element and B's high halves 0
+    const __m512i lo = _mm512_set1_epi32(0xFFFF);
+    __m512i bv[NV];
+    for (int v = 0; v < NV; ++v) {
+      bv[v] = _mm512_and_si512(_mm512_maskz_loadu_epi32(v == NV - 1 ? ml : __mmask16(0xFFFF), b + 16 * v), lo);
+    }
+    for (int r = 0; r < MR; ++r) {
+      const __m512i va = _mm512_set1_epi32(a[r * lda]);
+      for (int v = 0; v < NV; ++v) c[r][v] = _mm512_dpbf16_ps(c[r][v], (__m512bh)va, (__m512bh)bv[v]);
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    for (int v = 0; v < NV; ++v) {
+      float* dst = C + r * ldc + 16 * v;
+      const __mmask16 m = v == NV - 1 ? ml : __mmask16(0xFFFF);
+      __m512 x = c[r][v];
+      if (acc) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(m, dst));
+      _mm512_mask_storeu_ps(dst, m, x);
+    }
+  }
+}
+
+// A tile reads whole 16-column vectors of B (the columns past n are computed and never stored): every
+// packed buffer has kSlack more entries, so the last pair row's reads stay inside it.
+constexpr int64_t kSlack = 16;
+
+using TileFn = void (*)(int64_t, bool, const uint16_t*, int64_t, const uint32_t*, int64_t, float*, int64_t, bool,
+                        __mmask16);
+constexpr int kMR = 8;
+
+template <int NV, int... R>
+constexpr std::array<TileFn, kMR> tiles_of(std::integer_sequence<int, R...>) {
+  return {&tile<R + 1, NV>...};
+}
+// kTiles[nv - 1][mr - 1]
+const std::array<TileFn, kMR> kTiles[3] = {tiles_of<1>(std::make_integer_sequence<int, kMR>{}),
+                                           tiles_of<2>(std::make_integer_sequence<int, kMR>{}),
+                                           tiles_of<3>(std::make_integer_sequence<int, kMR>{})};
+
+// C (m x n, ldc) [+]= A (m x k, lda) Bp (packed k x n, ldp uint32 per pair row)
+inline void gemm_packed(int64_t m, int64_t n, int64_t k, const bf16* A, int64_t lda, const uint32_t* Bp,
+                        int64_t ldp, float* C, int64_t ldc, bool acc) {
+  if (m <= 0 || n <= 0) return;
+  if (k <= 0) {
+    if (!acc) {
+      for (int64_t r = 0; r < m; ++r) std::fill(C + r * ldc, C + r * ldc + n, 0.f);
+    }
+    return;
+  }
+  const auto* a = reinterpret_cast<const uint16_t*>(A);
+  const int64_t kp = (k + 1) / 2, nr = n <= 64 ? 32 : 48;
+  const bool odd = k & 1;
+  for (int64_t j0 = 0; j0 < n; j0 += nr) {
+    const int64_t w = std::min(nr, n - j0), nv = (w + 15) / 16;
+    const __mmask16 ml = w % 16 ? static_cast<__mmask16>((1u << (w % 16)) - 1) : static_cast<__mmask16>(0xFFFF);
+    for (int64_t i0 = 0; i0 < m; i0 += kMR) {
+      const int64_t mr = std::min<int64_t>(kMR, m - i0);
+      kTiles[nv - 1][mr - 1](kp, odd, a + i0 * lda, lda, Bp + j0, ldp, C + i0 * ldc + j0, ldc, acc, ml);
+    }
+  }
+}
+
+inline __m512i pair16(__m256i lo, __m256i hi) {  // 16 columns of two rows -> 16 pairs
+  return _mm512_or_si512(_mm512_cvtepu16_epi32(lo), _mm512_slli_epi32(_mm512_cvtepu16_epi32(hi), 16));
+}
+inline __mmask16 tail_mask(int64_t w) { return static_cast<__mmask16>((1u << w) - 1); }
+
+// Bp (pairs of rows, ldp) = B (k x n bf16, ldb) VNNI-packed; an odd k's last pair gets 0 in its high halves
+inline void pack(int64_t k, int64_t n, const bf16* B, int64_t ldb, uint32_t* Bp, int64_t ldp) {
+  const auto* b = reinterpret_cast<const uint16_t*>(B);
+  for (int64_t p = 0; p < (k + 1) / 2; ++p) {
+    const uint16_t *r0 = b + 2 * p * ldb, *r1 = r0 + ldb;
+    const bool two = 2 * p + 1 < k;
+    uint32_t* dst = Bp + p * ldp;
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16) {
+      const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r0 + j));
+      const __m256i x1 = two ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r1 + j)) : _mm256_setzero_si256();
+      _mm512_storeu_si512(dst + j, pair16(x0, x1));
+    }
+    if (j < n) {
+      const __mmask16 ml = tail_mask(n - j);
+      const __m256i x0 = _mm256_maskz_loadu_epi16(ml, r0 + j);
+      const __m256i x1 = two ? _mm256_maskz_loadu_epi16(ml, r1 + j) : _mm256_setzero_si256();
+      _mm512_mask_storeu_epi32(dst + j, ml, pair16(x0, x1));
+    }
+  }
+}
+
+// the same from fp32 rows (rounded to bf16, to nearest even): a tile's P or dS straight into B form
+inline void pack(int64_t k, int64_t n, const float* B, int64_t ldb, uint32_t* Bp, int64_t ldp) {
+  for (int64_t p = 0; p < (k + 1) / 2; ++p) {
+    const float *r0 = B + 2 * p * ldb, *r1 = r0 + ldb;
+    const bool two = 2 * p + 1 < k;
+    uint32_t* dst = Bp + p * ldp;
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16) {
+      const __m256i x0 = (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(r0 + j));
+      const __m256i x1 = two ? (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(r1 + j)) : _mm256_setzero_si256();
+      _mm512_storeu_si512(dst + j, pair16(x0, x1));
+    }
+    if (j < n) {
+      const __mmask16 ml = tail_mask(n - j);
+      const __m256i x0 = (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(ml, r0 + j));
+      const __m256i x1 = two ? (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(ml, r1 + j)) : _mm256_setzero_si256();
+      _mm512_mask_storeu_epi32(dst + j, ml, pair16(x0, x1));
+    }
+  }
+}
+
+// one thread's buffer for B packed on the fly (a product whose B is not packed ahead)
+inline uint32_t* scratch(int64_t n) {
+  static thread_local std::vector<uint32_t> buf;
+  if (static_cast<int64_t>(buf.size()) < n) buf.resize(n);
+  return buf.data();
+}
+
+// the plain entry point: B (k x n, ldb) row-major, packed here into a thread buffer
+inline void gemm(int64_t m, int64_t n, int64_t k, const bf16* A, int64_t lda, const bf16* B, int64_t ldb, float* C,
+                 int64_t ldc, bool acc) {
+  if (m <= 0 || n <= 0) return;
+  uint32_t* Bp = scratch(((k + 1) / 2) * n + kSlack);
+  pack(k, n, B, ldb, Bp, n);
+  gemm_packed(m, n, k, A, lda, Bp, n, C, ldc, acc);
+}
+
+}  // namespace ukernel
+#endif
+
+// bf16: the micro-kernel below (B packed on the fly into a thread buffer) where the build has
+// AVX512-BF16 and LONGCTX_FUSED_GEMM is not "mkl" (own), MKL's gemm_bf16bf16f32 otherwise.
+inline void nn(bool own, int m, int n, int k, const bf16* A, int lda, const bf16* B, int ldb, float* C, int ldc,
                bool acc) {
+#if defined(LONGCTX_BF16_UKERNEL)
+  if (own) {
+    ukernel::gemm(m, n, k, A, lda, B, ldb, C, ldc, acc);
+    return;
+  }
+#endif
   constexpr int kRowMajor = 101, kNoTrans = 111;
   cblas_gemm_bf16bf16f32(kRowMajor, kNoTrans, kNoTrans, m, n, k, 1.f, reinterpret_cast<const uint16_t*>(A), lda,
                          reinterpret_cast<const uint16_t*>(B), ldb, acc ? 1.f : 0.f, C, ldc);
@@ -182,20 +368,26 @@ inline void zero_cols(float* s, int64_t lo, int64_t hi) {
   if (hi > lo) std::memset(s + lo, 0, (hi - lo) * sizeof(float));
 }
 
-// Phase timers for profiling (LONGCTX_FUSED_PROFILE=1): each thread adds the time since its previous lap
+// Phase timers for profiling (LONGCTX_FUSED_PROFILE=1): each thread adds the CPU time since its previous lap
 // to the phase named; read and reset through the op band_profile. Off, a lap is one branch.
 enum Phase { kRows, kQK, kMask, kSoftmax, kPV, kDP, kDS, kDVDK, kDQ, kCopy, kNumPhases };
 const bool kProfiling = std::getenv("LONGCTX_FUSED_PROFILE") != nullptr;
 std::atomic<int64_t> phase_ns[kNumPhases];
 
+// The laps read the thread's CPU time (CLOCK_THREAD_CPUTIME_ID), not the wall clock: on a shared machine a
+// thread that is switched out does not charge the phase it was in.
+inline int64_t thread_ns() {
+  timespec ts;
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return static_cast<int64_t>(ts.tv_sec) * 1000000000 + ts.tv_nsec;
+}
+
 struct Lap {
-  std::chrono::steady_clock::time_point t0 = kProfiling ? std::chrono::steady_clock::now()
-                                                         : std::chrono::steady_clock::time_point{};
+  int64_t t0 = kProfiling ? thread_ns() : 0;
   void operator()(Phase p) {
     if (!kProfiling) return;
-    const auto t = std::chrono::steady_clock::now();
-    phase_ns[p].fetch_add(std::chrono::duration_cast<std::chrono::nanoseconds>(t - t0).count(),
-                          std::memory_order_relaxed);
+    const int64_t t = thread_ns();
+    phase_ns[p].fetch_add(t - t0, std::memory_order_relaxed);
     t0 = t;
   }
 };
@@ -312,7 +504,15 @@ struct Geo {
 
 template <typename T>
 inline void to_input(const float* src, T* dst, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<T>(src[j]);
+  int64_t j = 0;
+#if defined(LONGCTX_BF16_UKERNEL)
+  if constexpr (std::is_same_v<T, bf16>) {  // to nearest even, as the scalar conversion
+    for (; j + 16 <= n; j += 16) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + j)));
+    }
+  }
+#endif
+  for (; j < n; ++j) dst[j] = static_cast<T>(src[j]);
 }
 
 // The operand of a product that the tile computed in fp32 (P, dS): as is in fp32, rounded to bf16 else
@@ -342,6 +542,103 @@ struct Seq {
   T* head(int64_t bh) const { return p + (bh / H) * sb + (bh % H) * sh; }
 };
 
+// A B operand VNNI-packed for the bf16 micro-kernel (see PackBufs); null where there is none
+struct Pk {
+  const uint32_t *even = nullptr, *odd = nullptr;
+  int64_t ld = 0;
+  // pairs of rows: the pair row that starts at row `row` (K, V)
+  const uint32_t* at_row(int64_t row) const {
+    return !even ? nullptr : row % 2 ? odd + (row + 1) / 2 * ld : even + row / 2 * ld;
+  }
+  // pairs of dimensions: column `col` (K^T, V^T)
+  const uint32_t* at_col(int64_t col) const { return even ? even + col : nullptr; }
+};
+struct PackedOps {
+  Pk KT, VT, K, V, KgT, VgT, Kg, Vg;
+};
+// C = A B where B is Bp packed (the micro-kernel) when given, else B (ld ldb) on nn
+template <typename T>
+inline void prod(bool own, int64_t m, int64_t n, int64_t k, const T* A, int64_t lda, const T* B, int64_t ldb,
+                 const uint32_t* Bp, int64_t ldp, float* C, int64_t ldc, bool acc) {
+#if defined(LONGCTX_BF16_UKERNEL)
+  if constexpr (std::is_same_v<T, bf16>) {
+    if (Bp) {
+      ukernel::gemm_packed(m, n, k, A, lda, Bp, ldp, C, ldc, acc);
+      return;
+    }
+  }
+#endif
+  nn(own, m, n, k, A, lda, B, ldb, C, ldc, acc);
+}
+
+#if defined(LONGCTX_BF16_UKERNEL)
+// A tile's products on the micro-kernel, 8 rows at a time over only the key columns those rows attend
+// (the union of their [lo, hi), relative to the tile's first band column ts.lo; {0, 0} where none): the
+// band's masked corners (a 64-row tile of a 256 window computes 576 columns, a row attends 513) are
+// skipped. The score products write no other columns (the softmax reads only each row's [lo, hi) and
+// zeroes the rest of the tile's columns in P and dS); the P V and dS K products take no other terms (P
+// and dS are 0 there), starting at an even column so that the packed keys keep their pairs.
+inline std::pair<int64_t, int64_t> rows_range(const RowSpan* rows, int64_t r0, int64_t r1, TileSpan ts) {
+  int64_t lo = std::numeric_limits<int64_t>::max(), hi = 0;
+  for (int64_t r = r0; r < r1; ++r) {
+    if (rows[r].hi > rows[r].lo) lo = std::min<int64_t>(lo, rows[r].lo), hi = std::max<int64_t>(hi, rows[r].hi);
+  }
+  return hi > 0 ? std::pair<int64_t, int64_t>{lo - ts.lo, hi - ts.lo} : std::pair<int64_t, int64_t>{0, 0};
+}
+
+// C (m x band columns, ldc) = A (m x k) Bp (k x band columns, ldp), each 8-row group over its own columns
+inline void band_cols(int64_t m, int64_t k, const bf16* A, int64_t lda, const uint32_t* Bp, int64_t ldp, float* C,
+                      int64_t ldc, const RowSpan* rows, TileSpan ts) {
+  for (int64_t i0 = 0; i0 < m; i0 += ukernel::kMR) {
+    const int64_t mr = std::min<int64_t>(ukernel::kMR, m - i0);
+    const auto [lo, hi] = rows_range(rows, i0, i0 + mr, ts);
+    if (hi > lo) ukernel::gemm_packed(mr, hi - lo, k, A + i0 * lda, lda, Bp + lo, ldp, C + i0 * ldc + lo, ldc, false);
+  }
+}
+
+// C (m x n, ldc) = A (m x band columns) B (band rows from brow, packed by pairs of rows), each 8-row group
+// over its own columns of A (rows of B) only
+inline void band_depth(int64_t m, int64_t n, const bf16* A, int64_t lda, const Pk& B, int64_t brow, float* C,
+                       int64_t ldc, const RowSpan* rows, TileSpan ts) {
+  for (int64_t i0 = 0; i0 < m; i0 += ukernel::kMR) {
+    const int64_t mr = std::min<int64_t>(ukernel::kMR, m - i0);
+    auto [lo, hi] = rows_range(rows, i0, i0 + mr, ts);
+    lo -= lo % 2;
+    ukernel::gemm_packed(mr, n, hi - lo, A + i0 * lda + lo, lda, B.at_row(brow + lo), B.ld, C + i0 * ldc, ldc, false);
+  }
+}
+
+#endif
+
+// the band product of a tile on band_cols / band_depth where B is packed (bf16 on the micro-kernel); false
+// (nothing done) otherwise
+template <typename T>
+inline bool packed_cols(int64_t m, int64_t k, const T* A, int64_t lda, const Pk& B, int64_t col, float* C,
+                        int64_t ldc, const RowSpan* rows, TileSpan ts) {
+#if defined(LONGCTX_BF16_UKERNEL)
+  if constexpr (std::is_same_v<T, bf16>) {
+    if (B.even) {
+      band_cols(m, k, A, lda, B.at_col(col), B.ld, C, ldc, rows, ts);
+      return true;
+    }
+  }
+#endif
+  return false;
+}
+template <typename T>
+inline bool packed_depth(int64_t m, int64_t n, const T* A, int64_t lda, const Pk& B, int64_t brow, float* C,
+                         int64_t ldc, const RowSpan* rows, TileSpan ts) {
+#if defined(LONGCTX_BF16_UKERNEL)
+  if constexpr (std::is_same_v<T, bf16>) {
+    if (B.even) {
+      band_depth(m, n, A, lda, B, brow, C, ldc, rows, ts);
+      return true;
+    }
+  }
+#endif
+  return false;
+}
+
 // The operands of one head: its key and value rows (ld lk, lv); scale K^T and V^T of the key rows
 // [row0, row0 + ldt) in a thread buffer (d x ldt); the global keys (G x d) and scale Kg^T, Vg^T (d x G).
 template <typename T>
@@ -351,8 +648,9 @@ struct Head {
   const T *KT, *VT;
   int64_t row0, ldt;
   const T *Kg, *Vg, *KgT, *VgT;
-  const T* kt(int64_t r) const { return KT + (r - row0); }
-  const T* vt(int64_t r) const { return VT + (r - row0); }
+  PackedOps pk;  // the same packed for the micro-kernel (bf16), or empty
+  const T* kt(int64_t r) const { return KT ? KT + (r - row0) : nullptr; }
+  const T* vt(int64_t r) const { return VT ? VT + (r - row0) : nullptr; }
 };
 
 #if defined(__AVX512F__)
@@ -382,6 +680,13 @@ inline void transpose16(__m512 r[16]) {
 }
 #endif
 
+#if defined(LONGCTX_BF16_UKERNEL)
+inline __m512 load_bf16x16(const bf16* p) {  // 16 bf16 widened to fp32 (exact)
+  const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(x), 16));
+}
+#endif
+
 // dst (cols x rows, ld ldd) = alpha * src (rows x cols, ld lds)^T, in 16 x 16 blocks (in registers with
 // AVX-512 for fp32: the plain loop took a sixth of the kernel's time at 16,384 tokens)
 template <typename T>
@@ -406,6 +711,21 @@ void transpose(const T* src, int64_t lds, int64_t rows, int64_t cols, float alph
           continue;
         }
       }
+#if defined(LONGCTX_BF16_UKERNEL)
+      if constexpr (std::is_same_v<T, bf16>) {  // the same through fp32 lanes, rounded back to nearest even
+        if (nr == kB && ne == kB) {
+          __m512 r[16];
+          const __m512 va = _mm512_set1_ps(alpha);
+          for (int i = 0; i < 16; ++i) r[i] = _mm512_mul_ps(load_bf16x16(sp + i * lds), va);
+          transpose16(r);
+          for (int i = 0; i < 16; ++i) {
+            const __m512 x = acc ? _mm512_add_ps(load_bf16x16(dp + i * ldd), r[i]) : r[i];
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(dp + i * ldd), (__m256i)_mm512_cvtneps_pbh(x));
+          }
+          continue;
+        }
+      }
+#endif
 #endif
       for (int64_t e = 0; e < ne; ++e) {
         for (int64_t r = 0; r < nr; ++r) {
@@ -434,8 +754,11 @@ void scores(const Geo& g, float* S, const T* Qi, int64_t ldq, const Head<T>& hd,
   const int c = g.c, d = g.d, L = g.L;
   const TileSpan ts = g.tile_of(b, i);
   const int64_t r0 = g.band_row(i, ts);
-  if (ts.hi > ts.lo) nn(g.brgemm, c, ts.hi - ts.lo, d, Qi, ldq, hd.kt(r0), hd.ldt, S + ts.lo, L, false);
-  if (g.G) nn(g.brgemm, c, g.G, d, Qi, ldq, hd.KgT, g.G, S + g.span, L, false);
+  if (ts.hi > ts.lo && !packed_cols(c, d, Qi, ldq, hd.pk.KT, r0 - hd.row0, S + ts.lo, L, g.rows_of(b, i), ts)) {
+    prod(g.brgemm, c, ts.hi - ts.lo, d, Qi, ldq, hd.kt(r0), hd.ldt, hd.pk.KT.at_col(r0 - hd.row0), hd.pk.KT.ld,
+         S + ts.lo, L, false);
+  }
+  if (g.G) prod(g.brgemm, c, g.G, d, Qi, ldq, hd.KgT, g.G, hd.pk.KgT.at_col(0), hd.pk.KgT.ld, S + g.span, L, false);
   lap(kQK);
   const RowSpan* rows = g.rows_of(b, i);
   for (int64_t r = 0; r < c; ++r) g.mask_row(S + r * L, b, h, i, r, rows[r]);
@@ -485,6 +808,139 @@ void grow(std::vector<T>& v, int64_t n) {
   if (static_cast<int64_t>(v.size()) < n) v.resize(n);
 }
 
+// B operands packed ahead for the bf16 micro-kernel: a task packs each head's reused operands once, in the
+// layout vdpbf16ps reads (ukernel:: above), where it used to transpose them:
+//   KT, VT (and KgT, VgT): K^T (times scale) and V^T, pairs of head dimensions: a 32-bit transpose of the
+//     rows, pair row p = dimensions 2p, 2p + 1, one column per key (the Q K^T and dO V^T products);
+//   K, V (and Kg, Vg): the rows as they are, pairs of keys (the P V and dS K products). A product starts at
+//     any key row, so these come twice where a tile may start at an odd row: even (pair p = rows 2p, 2p + 1
+//     of the task) and odd (rows 2p - 1, 2p; row -1 is zero).
+// P and dS, which the dV^T and dK^T products take as B, are packed by the tile from its fp32 rows (the
+// rounding to bf16 and the packing in one pass). Empty (all null) for fp32, for MKL's products, and in a
+// build without AVX512-BF16: every product then takes the unpacked operands. A thread's storage for them:
+struct PackBufs {
+  std::vector<uint32_t> KT, VT, K0, K1, V0, V1, KgT, VgT, Kg, Vg, P, dS;
+};
+
+#if defined(LONGCTX_BF16_UKERNEL)
+inline uint16_t bf16_bits(float x) { return c10::BFloat16(x).x; }
+
+// Bp[p * ldp + j] = (s X[j][2p], s X[j][2p + 1]) for rows j < R of X (R x n, ldx): X^T packed, scaled
+inline void pack_t(int64_t R, int64_t n, const bf16* X, int64_t ldx, float s, uint32_t* Bp, int64_t ldp) {
+  const auto* x = reinterpret_cast<const uint16_t*>(X);
+  const int64_t np = (n + 1) / 2;
+  const auto scalar = [&](int64_t j0, int64_t j1, int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      for (int64_t j = j0; j < j1; ++j) {
+        const uint16_t* r = x + j * ldx + 2 * p;
+        const uint16_t lo = s == 1.f ? r[0] : bf16_bits(s * static_cast<float>(X[j * ldx + 2 * p]));
+        const uint16_t hi = 2 * p + 1 >= n ? 0 : s == 1.f ? r[1] : bf16_bits(s * static_cast<float>(X[j * ldx + 2 * p + 1]));
+        Bp[p * ldp + j] = static_cast<uint32_t>(lo) | static_cast<uint32_t>(hi) << 16;
+      }
+    }
+  };
+  const int64_t pv = n % 2 ? 0 : np / 16 * 16;  // pairs done 16 at a time (an odd n: all scalar)
+  const __m512 vs = _mm512_set1_ps(s);
+  int64_t j0 = 0;
+  for (; j0 + 16 <= R; j0 += 16) {
+    for (int64_t p0 = 0; p0 < pv; p0 += 16) {
+      __m512 r[16];
+      for (int i = 0; i < 16; ++i) {
+        __m512i v = _mm512_loadu_si512(x + (j0 + i) * ldx + 2 * p0);  // 32 bf16: 16 pairs
+        if (s != 1.f) {
+          const __m512 lo = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(v)), 16));
+          const __m512 hi = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(v, 1)), 16));
+          v = (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(hi, vs), _mm512_mul_ps(lo, vs));
+        }
+        r[i] = _mm512_castsi512_ps(v);
+      }
+      transpose16(r);
+      for (int i = 0; i < 16; ++i) _mm512_storeu_ps(reinterpret_cast<float*>(Bp + (p0 + i) * ldp + j0), r[i]);
+    }
+    scalar(j0, j0 + 16, pv, np);
+  }
+  scalar(j0, R, 0, np);
+}
+
+// Bp = rows [-shift, R) of X (R x n, ldx) in pairs of rows (shift 0: pair p = rows 2p, 2p + 1; shift 1:
+// rows 2p - 1, 2p, row -1 zero); a missing last row is zero
+inline void pack_rows(int64_t R, int64_t n, const bf16* X, int64_t ldx, int shift, uint32_t* Bp, int64_t ldp) {
+  if (shift) {
+    ukernel::pack(1, n, X, ldx, Bp, ldp);  // pair 0 = (X[0], 0): swap its halves to (0, X[0])
+    for (int64_t j = 0; j < n; ++j) Bp[j] <<= 16;
+    if (R > 1) ukernel::pack(R - 1, n, X + ldx, ldx, Bp + ldp, ldp);
+  } else {
+    ukernel::pack(R, n, X, ldx, Bp, ldp);
+  }
+}
+#endif
+
+inline bool own_bf16(bool own) {
+#if defined(LONGCTX_BF16_UKERNEL)
+  return own;
+#else
+  return false;
+#endif
+}
+
+// A task's packed operands (see Pk), of its key rows K, V (rows x d, ld lk, lv) and the global keys Kg, Vg
+// (G x d): forward: KT, KgT (times scale), V (even, and odd if odd), Vg; backward: KT, KgT (times scale),
+// VT, VgT, K (even, odd if odd), Kg. Nothing (all null) unless T is bf16 and the products are the micro-kernel's.
+template <typename T>
+PackedOps pack_task(PackBufs& pb, bool own, bool backward, bool odd, const T* K, int64_t lk, const T* V, int64_t lv,
+                    int64_t rows, int64_t ldt, const T* Kg, const T* Vg, int64_t G, int64_t d, float scale) {
+  PackedOps ops;
+#if defined(LONGCTX_BF16_UKERNEL)
+  if constexpr (std::is_same_v<T, bf16>) {
+    if (!own) return ops;
+    const int64_t dp = (d + 1) / 2, rp = rows / 2 + 1, gp = G / 2 + 1, ldr = spread_ld(d);
+    grow(pb.KT, dp * ldt + ukernel::kSlack), grow(pb.KgT, dp * G + ukernel::kSlack);
+    pack_t(rows, d, K, lk, scale, pb.KT.data(), ldt);
+    ops.KT = {pb.KT.data(), nullptr, ldt};
+    if (G) pack_t(G, d, Kg, d, scale, pb.KgT.data(), G), ops.KgT = {pb.KgT.data(), nullptr, G};
+    auto& R0 = backward ? pb.K0 : pb.V0;
+    auto& R1 = backward ? pb.K1 : pb.V1;
+    auto& Rg = backward ? pb.Kg : pb.Vg;
+    const T* X = backward ? K : V;
+    const int64_t ldx = backward ? lk : lv;
+    grow(R0, rp * ldr + ukernel::kSlack), grow(Rg, gp * ldr + ukernel::kSlack);
+    pack_rows(rows, d, X, ldx, 0, R0.data(), ldr);
+    Pk rk{R0.data(), nullptr, ldr};
+    if (odd) grow(R1, (rp + 1) * ldr + ukernel::kSlack), pack_rows(rows, d, X, ldx, 1, R1.data(), ldr), rk.odd = R1.data();
+    Pk gk;
+    if (G) pack_rows(G, d, backward ? Kg : Vg, d, 0, Rg.data(), ldr), gk = {Rg.data(), nullptr, ldr};
+    if (backward) {
+      ops.K = rk, ops.Kg = gk;
+      grow(pb.VT, dp * ldt + ukernel::kSlack), grow(pb.VgT, dp * G + ukernel::kSlack);
+      pack_t(rows, d, V, lv, 1.f, pb.VT.data(), ldt);
+      ops.VT = {pb.VT.data(), nullptr, ldt};
+      if (G) pack_t(G, d, Vg, d, 1.f, pb.VgT.data(), G), ops.VgT = {pb.VgT.data(), nullptr, G};
+    } else {
+      ops.V = rk, ops.Vg = gk;
+    }
+  }
+#endif
+  return ops;
+}
+
+// a tile's fp32 rows (c x cols of src, ld L) at column col0 packed into buf (pairs of rows, ld L); returns
+// buf (nullptr where nothing is packed: fp32, MKL's products)
+template <typename T>
+inline const uint32_t* pack_tile(bool own, std::vector<uint32_t>& buf, const float* src, int64_t c, int64_t L,
+                                 std::initializer_list<std::pair<int64_t, int64_t>> ranges) {
+#if defined(LONGCTX_BF16_UKERNEL)
+  if constexpr (std::is_same_v<T, bf16>) {
+    if (!own) return nullptr;
+    grow(buf, (c + 1) / 2 * L + ukernel::kSlack);
+    for (auto [lo, hi] : ranges) {
+      if (hi > lo) ukernel::pack(c, hi - lo, src + lo, L, buf.data() + lo, L);
+    }
+    return buf.data();
+  }
+#endif
+  return nullptr;
+}
+
 // One thread's buffers, kept across tiles and calls (grown, never shrunk, so that a training step does
 // not fault fresh pages in for them): the tile's scores and products, the head's transposed keys and
 // values of the task's key rows, and in backward their dK^T, dV^T accumulators (d x keys, ld spread_ld(keys)).
@@ -492,6 +948,7 @@ template <typename T>
 struct Buffers {
   std::vector<float> S, dP, O, row, dKT, dVT, dKgT, dVgT, dQ;
   std::vector<T> P, dS, QT, dOT, KT, VT, KgT, VgT, Qp, Op, dOp;
+  PackBufs pk;
   void fit(const Geo& g, bool backward, int64_t keys) {
     keys = spread_ld(keys);
     const int64_t cL = g.c * g.L, cd = g.c * g.d, dG = g.d * g.G;
@@ -525,11 +982,14 @@ void forward_tile(const Geo& g, Buffers<T>& buf, int64_t bh, int64_t i, const T*
   float* O = buf.O.data();
   if (ts.hi > ts.lo) {
     const int64_t r0 = g.band_row(i, ts);
-    nn(g.brgemm, c, d, ts.hi - ts.lo, P + ts.lo, L, hd.V + r0 * hd.lv, hd.lv, O, d, false);
+    if (!packed_depth(c, d, P + ts.lo, L, hd.pk.V, r0 - hd.row0, O, d, g.rows_of(b, i), ts)) {
+      prod(g.brgemm, c, d, ts.hi - ts.lo, P + ts.lo, L, hd.V + r0 * hd.lv, hd.lv, hd.pk.V.at_row(r0 - hd.row0),
+           hd.pk.V.ld, O, d, false);
+    }
   } else {
     std::fill(O, O + c * d, 0.f);
   }
-  if (g.G) nn(g.brgemm, c, d, g.G, P + g.span, L, hd.Vg, d, O, d, true);
+  if (g.G) prod(g.brgemm, c, d, g.G, P + g.span, L, hd.Vg, d, hd.pk.Vg.at_row(0), hd.pk.Vg.ld, O, d, true);
   lap(kPV);
   for (int64_t r = 0; r < nr; ++r) {
     const float inv = buf.row[r];
@@ -556,6 +1016,16 @@ inline std::pair<int64_t, int64_t> key_rows(const Geo& g, int64_t i0, int64_t i1
   return {k0, std::clamp<int64_t>((i1 - 1) * g.c - g.left + g.span, k0, g.nkeys)};
 }
 
+// some tile of chunks [i0, i1) (batch row b) starts its band at an odd key row of the task (from k0): the
+// packed K or V rows are then needed in odd pairs too
+inline bool odd_rows(const Geo& g, int64_t b, int64_t i0, int64_t i1, int64_t k0) {
+  for (int64_t i = i0; i < i1; ++i) {
+    const TileSpan ts = g.tile_of(b, i);
+    if (ts.hi > ts.lo && (g.band_row(i, ts) - k0) % 2) return true;
+  }
+  return false;
+}
+
 // The forward runs in tasks of consecutive chunks of one head: at least the segments, and enough tasks
 // for every thread (about four each); each transposes only the key rows its chunks reach, in its own buffer.
 template <typename T>
@@ -570,6 +1040,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, c
   const int64_t threads = at::get_num_threads();
   const int64_t seg = std::min<int64_t>(nc, std::max({(4 * threads + BH - 1) / BH, segments(g), int64_t{1}}));
   const int64_t per = (nc + seg - 1) / seg;
+  const bool own = std::is_same_v<T, bf16> && own_bf16(g.brgemm);
   at::parallel_for(0, BH * seg, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t bh = t / seg, i0 = (t % seg) * per, i1 = std::min(nc, i0 + per);
@@ -578,12 +1049,18 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, c
       Buffers<T>& buf = buffers<T>(g, false, k1 - k0);
       const int64_t ldt = spread_ld(k1 - k0);
       Lap lap;
-      transpose(K.head(bh) + k0 * K.ld, K.ld, k1 - k0, d, g.scale, buf.KT.data(), ldt);
-      const T* Kg = g.G ? kgd + bh * g.G * d : nullptr;
-      if (g.G) transpose(Kg, d, g.G, d, g.scale, buf.KgT.data(), g.G);
+      const T *Kg = g.G ? kgd + bh * g.G * d : nullptr, *Vg = g.G ? vgd + bh * g.G * d : nullptr;
+      Head<T> hd{K.head(bh), V.head(bh), K.ld, V.ld, buf.KT.data(), nullptr, k0, ldt,
+                 Kg, Vg, buf.KgT.data(), nullptr, {}};
+      if (own) {  // bf16 on the micro-kernel: K^T and V packed instead
+        hd.KT = hd.KgT = nullptr;
+        hd.pk = pack_task<T>(buf.pk, true, false, odd_rows(g, bh / H, i0, i1, k0), K.head(bh) + k0 * K.ld, K.ld,
+                             V.head(bh) + k0 * V.ld, V.ld, k1 - k0, ldt, Kg, Vg, g.G, d, g.scale);
+      } else {
+        transpose(K.head(bh) + k0 * K.ld, K.ld, k1 - k0, d, g.scale, buf.KT.data(), ldt);
+        if (g.G) transpose(Kg, d, g.G, d, g.scale, buf.KgT.data(), g.G);
+      }
       lap(kCopy);
-      const Head<T> hd{K.head(bh), V.head(bh), K.ld, V.ld, buf.KT.data(), nullptr, k0, ldt,
-                       Kg, g.G ? vgd + bh * g.G * d : nullptr, buf.KgT.data(), nullptr};
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t nr = std::min(c, g.nq - i * c);
         const T* Qi = Q.head(bh) + i * c * Q.ld;
@@ -655,35 +1132,45 @@ double backward_tile(const Geo& g, Buffers<T>& buf, int64_t bh, int64_t i, const
   float *S = buf.S.data(), *dP = buf.dP.data();
   scores<T>(g, S, Qi, ldq, hd, b, h, i, lap);
   // dP (c x L) = dO_i [V_band | V_g]^T
-  if (nb) nn(brg, c, nb, d, dOi, lddo, hd.vt(r0), hd.ldt, dP + ts.lo, L, false);
-  if (G) nn(brg, c, G, d, dOi, lddo, hd.VgT, G, dP + span, L, false);
+  if (nb && !packed_cols(c, d, dOi, lddo, hd.pk.VT, r0 - hd.row0, dP + ts.lo, L, g.rows_of(b, i), ts)) {
+    prod(brg, c, nb, d, dOi, lddo, hd.vt(r0), hd.ldt, hd.pk.VT.at_col(r0 - hd.row0), hd.pk.VT.ld, dP + ts.lo, L, false);
+  }
+  if (G) prod(brg, c, G, d, dOi, lddo, hd.VgT, G, hd.pk.VgT.at_col(0), hd.pk.VgT.ld, dP + span, L, false);
   lap(kDP);
   const RowSpan* rows = g.rows_of(b, i);
   ds_rows<T>(g, S, dP, buf.row.data(), rows, ts, dOi, lddo, Oi, ldo, lse);
   const double dslope = g.slopes ? slope_grad(g, dP, rows, b, i) : 0.0;
   lap(kDS);
-  const T* P = operand<T>(g, S, buf.P.data(), ts);
+  // P only as B (dV^T), packed for the micro-kernel; dS as B (dK^T) and A (dQ)
+  const bool own = hd.pk.KT.even != nullptr;
+  const uint32_t* Pp = pack_tile<T>(own, buf.pk.P, S, c, L, {{ts.lo, ts.hi}, {span, L}});
+  const uint32_t* dSp = pack_tile<T>(own, buf.pk.dS, dP, c, L, {{ts.lo, ts.hi}, {span, L}});
+  const T* P = Pp ? buf.P.data() : operand<T>(g, S, buf.P.data(), ts);
   const T* dS = operand<T>(g, dP, buf.dS.data(), ts);
   T *QT = buf.QT.data(), *dOT = buf.dOT.data();
   transpose(Qi, ldq, c, d, g.scale, QT, c), transpose(dOi, lddo, c, d, 1.f, dOT, c);
   lap(kCopy);
   // dV^T_band += dO_i^T P, dK^T_band += scale Q_i^T dS (the band's keys are contiguous columns of dK^T)
   if (nb) {
-    nn(brg, d, nb, c, dOT, c, P + ts.lo, L, buf.dVT.data() + (r0 - hd.row0), hd.ldt, true);
-    nn(brg, d, nb, c, QT, c, dS + ts.lo, L, buf.dKT.data() + (r0 - hd.row0), hd.ldt, true);
+    prod(brg, d, nb, c, dOT, c, P + ts.lo, L, Pp ? Pp + ts.lo : nullptr, L, buf.dVT.data() + (r0 - hd.row0), hd.ldt, true);
+    prod(brg, d, nb, c, QT, c, dS + ts.lo, L, dSp ? dSp + ts.lo : nullptr, L, buf.dKT.data() + (r0 - hd.row0), hd.ldt,
+         true);
   }
   if (G) {
-    nn(brg, d, G, c, dOT, c, P + span, L, buf.dVgT.data(), G, true);
-    nn(brg, d, G, c, QT, c, dS + span, L, buf.dKgT.data(), G, true);
+    prod(brg, d, G, c, dOT, c, P + span, L, Pp ? Pp + span : nullptr, L, buf.dVgT.data(), G, true);
+    prod(brg, d, G, c, QT, c, dS + span, L, dSp ? dSp + span : nullptr, L, buf.dKgT.data(), G, true);
   }
   lap(kDVDK);
   // dQ_i = scale dS [K_band | K_g]
   if (nb) {
-    nn(brg, c, d, nb, dS + ts.lo, L, hd.K + r0 * hd.lk, hd.lk, dQi, lddq, false);
+    if (!packed_depth(c, d, dS + ts.lo, L, hd.pk.K, r0 - hd.row0, dQi, lddq, g.rows_of(b, i), ts)) {
+      prod(brg, c, d, nb, dS + ts.lo, L, hd.K + r0 * hd.lk, hd.lk, hd.pk.K.at_row(r0 - hd.row0), hd.pk.K.ld, dQi,
+           lddq, false);
+    }
   } else {
     for (int64_t r = 0; r < c; ++r) std::fill(dQi + r * lddq, dQi + r * lddq + d, 0.f);
   }
-  if (G) nn(brg, c, d, G, dS + span, L, hd.Kg, d, dQi, lddq, true);
+  if (G) prod(brg, c, d, G, dS + span, L, hd.Kg, d, hd.pk.Kg.at_row(0), hd.pk.Kg.ld, dQi, lddq, true);
   for (int64_t r = 0; r < c; ++r) {
     float* dq = dQi + r * lddq;
 #pragma omp simd
@@ -704,15 +1191,17 @@ inline void untranspose(float* acc, int64_t lda, int64_t cols, int64_t rows, flo
 // accumulators (d x ld) and the global keys' (d x G) zeroed, and K^T (times scale), V^T of the task's key
 // rows (rows of K and V, ld lk and lv) and of the global keys transposed into its buffers.
 template <typename T, typename Buf>
-void begin_backward_task(Buf& buf, const T* K, int64_t lk, const T* V, int64_t lv, int64_t rows, int64_t ld,
-                         const T* Kg, const T* Vg, int64_t G, int64_t d, float scale) {
+PackedOps begin_backward_task(Buf& buf, bool own, bool odd, const T* K, int64_t lk, const T* V, int64_t lv,
+                              int64_t rows, int64_t ld, const T* Kg, const T* Vg, int64_t G, int64_t d, float scale) {
   std::fill(buf.dKT.begin(), buf.dKT.begin() + d * ld, 0.f);
   std::fill(buf.dVT.begin(), buf.dVT.begin() + d * ld, 0.f);
   std::fill(buf.dKgT.begin(), buf.dKgT.begin() + d * G, 0.f);
   std::fill(buf.dVgT.begin(), buf.dVgT.begin() + d * G, 0.f);
+  if (own) return pack_task<T>(buf.pk, true, true, odd, K, lk, V, lv, rows, ld, Kg, Vg, G, d, scale);
   transpose(K, lk, rows, d, scale, buf.KT.data(), ld);
   transpose(V, lv, rows, d, 1.f, buf.VT.data(), ld);
   if (G) transpose(Kg, d, G, d, scale, buf.KgT.data(), G), transpose(Vg, d, G, d, 1.f, buf.VgT.data(), G);
+  return {};
 }
 
 template <typename T>
@@ -740,6 +1229,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
   // whatever the number of threads. The global keys' gradients and ALiBi's slope gradients are kept per
   // task and summed in segment order at the end.
   const int64_t per = segment_chunks(g), nseg = (nc + per - 1) / per;
+  const bool own = std::is_same_v<T, bf16> && own_bf16(g.brgemm);
   std::vector<float> gpart(BH * nseg * 2 * G * d);
   std::vector<double> spart(BH * nseg, 0.0);
   for (int64_t pass = 0; pass < 2; ++pass) {
@@ -755,10 +1245,12 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
         Lap lap;
         const T *Kh = K.head(bh), *Vh = V.head(bh);
         const T *Kg = G ? kgd + bh * G * d : nullptr, *Vg = G ? vgd + bh * G * d : nullptr;
-        begin_backward_task(buf, Kh + k0 * K.ld, K.ld, Vh + k0 * V.ld, V.ld, k1 - k0, ldk, Kg, Vg, G, d, g.scale);
+        const bool odd = own && odd_rows(g, bh / H, i0, i1, k0);
+        const PackedOps pk = begin_backward_task(buf, own, odd, Kh + k0 * K.ld, K.ld, Vh + k0 * V.ld, V.ld, k1 - k0, ldk,
+                                                 Kg, Vg, G, d, g.scale);
         lap(kCopy);
-        const Head<T> hd{Kh, Vh, K.ld, V.ld, buf.KT.data(), buf.VT.data(), k0, ldk, Kg, Vg, buf.KgT.data(),
-                         buf.VgT.data()};
+        const Head<T> hd{Kh, Vh, K.ld, V.ld, own ? nullptr : buf.KT.data(), own ? nullptr : buf.VT.data(), k0, ldk,
+                         Kg, Vg, own ? nullptr : buf.KgT.data(), own ? nullptr : buf.VgT.data(), pk};
         double dslope = 0.0;
         for (int64_t i = i0; i < i1; ++i) {
           const int64_t nr = std::min(c, nq - i * c), row = i * c;
@@ -919,6 +1411,7 @@ template <typename T>
 struct LayoutBuffers {
   std::vector<float> S, dP, O, row, dKT, dVT, dKgT, dVgT;
   std::vector<T> P, dS, QT, dOT, KT, VT, KgT, VgT;
+  PackBufs pk;
   std::vector<int64_t> js;
   void fit(const LayoutGeo& g, bool backward) {
     const int64_t cL = g.c * g.L, cd = g.c * g.d, dG = g.d * g.G, dN = g.d * spread_ld(g.N);
@@ -947,6 +1440,7 @@ struct LayoutHead {
   const T *KT, *VT;
   int64_t ldt;
   const T *Kg, *Vg, *KgT, *VgT;
+  PackedOps pk;  // the same packed for the micro-kernel (bf16), or empty
 };
 
 // Scores of tile (bh, i): S (c x L) = Q_i [K_j1 | ... | K_jna | K_g]^T over its na allowed key blocks
@@ -957,8 +1451,11 @@ int64_t layout_scores(const LayoutGeo& g, float* S, const T* Qi, int64_t ldq, co
                       int64_t b, int64_t h, int64_t i, int64_t* js, bool& masked, Lap& lap) {
   const int64_t c = g.c, L = g.L, G = g.G;
   const int64_t na = g.blocks(h, i, js);
-  for (int64_t a = 0; a < na; ++a) nn(g.brgemm, c, c, g.d, Qi, ldq, hd.KT + js[a] * c, hd.ldt, S + a * c, L, false);
-  if (G) nn(g.brgemm, c, G, g.d, Qi, ldq, hd.KgT, G, S + na * c, L, false);
+  for (int64_t a = 0; a < na; ++a) {
+    prod(g.brgemm, c, c, g.d, Qi, ldq, hd.KT ? hd.KT + js[a] * c : nullptr, hd.ldt, hd.pk.KT.at_col(js[a] * c),
+         hd.pk.KT.ld, S + a * c, L, false);
+  }
+  if (G) prod(g.brgemm, c, G, g.d, Qi, ldq, hd.KgT, G, hd.pk.KgT.at_col(0), hd.pk.KgT.ld, S + na * c, L, false);
   lap(kQK);
   masked = false;
   for (int64_t a = 0; a < na; ++a) {
@@ -1021,8 +1518,11 @@ void layout_forward_tile(const LayoutGeo& g, LayoutBuffers<T>& buf, int64_t bh, 
   const T* P = layout_operand<T>(g, S, buf.P.data(), len);
   float* O = buf.O.data();
   // O = sum_a P_a V_ja + P_g V_g: W accumulating products, in the order of cols
-  for (int64_t a = 0; a < na; ++a) nn(g.brgemm, c, d, c, P + a * c, L, hd.V + js[a] * c * hd.lv, hd.lv, O, d, a > 0);
-  if (G) nn(g.brgemm, c, d, G, P + na * c, L, hd.Vg, d, O, d, na > 0);
+  for (int64_t a = 0; a < na; ++a) {
+    prod(g.brgemm, c, d, c, P + a * c, L, hd.V + js[a] * c * hd.lv, hd.lv, hd.pk.V.at_row(js[a] * c), hd.pk.V.ld, O, d,
+         a > 0);
+  }
+  if (G) prod(g.brgemm, c, d, G, P + na * c, L, hd.Vg, d, hd.pk.Vg.at_row(0), hd.pk.Vg.ld, O, d, na > 0);
   if (na == 0 && G == 0) std::fill(O, O + c * d, 0.f);
   lap(kPV);
   for (int64_t r = 0; r < c; ++r) {
@@ -1047,8 +1547,11 @@ void layout_backward_tile(const LayoutGeo& g, LayoutBuffers<T>& buf, int64_t bh,
   const int64_t na = layout_scores<T>(g, S, Qi, ldq, hd, b, h, i, js, masked, lap);
   const int64_t len = na * c + G;
   // dP (c x len) = dO_i [V_j1 | ... | V_g]^T
-  for (int64_t a = 0; a < na; ++a) nn(brg, c, c, d, dOi, lddo, hd.VT + js[a] * c, hd.ldt, dP + a * c, L, false);
-  if (G) nn(brg, c, G, d, dOi, lddo, hd.VgT, G, dP + na * c, L, false);
+  for (int64_t a = 0; a < na; ++a) {
+    prod(brg, c, c, d, dOi, lddo, hd.VT ? hd.VT + js[a] * c : nullptr, hd.ldt, hd.pk.VT.at_col(js[a] * c), hd.pk.VT.ld,
+         dP + a * c, L, false);
+  }
+  if (G) prod(brg, c, G, d, dOi, lddo, hd.VgT, G, hd.pk.VgT.at_col(0), hd.pk.VgT.ld, dP + na * c, L, false);
   lap(kDP);
   // S -> P from the saved log-sum-exp, dP -> dS = P (dP - D), D_r = rowsum(dP * P) = dO_r . O_r
   for (int64_t r = 0; r < c; ++r) {
@@ -1069,24 +1572,30 @@ void layout_backward_tile(const LayoutGeo& g, LayoutBuffers<T>& buf, int64_t bh,
     }
   }
   lap(kDS);
-  const T* P = layout_operand<T>(g, S, buf.P.data(), len);
+  const bool own = hd.pk.KT.even != nullptr;  // P only as B (dV^T), packed for the micro-kernel
+  const uint32_t* Pp = pack_tile<T>(own, buf.pk.P, S, c, L, {{0, len}});
+  const uint32_t* dSp = pack_tile<T>(own, buf.pk.dS, dP, c, L, {{0, len}});
+  const T* P = Pp ? buf.P.data() : layout_operand<T>(g, S, buf.P.data(), len);
   const T* dS = layout_operand<T>(g, dP, buf.dS.data(), len);
   T *QT = buf.QT.data(), *dOT = buf.dOT.data();
   transpose(Qi, ldq, c, d, 1.f, QT, c), transpose(dOi, lddo, c, d, 1.f, dOT, c);
   lap(kCopy);
   // dV^T_j += dO_i^T P_a, dK^T_j += Q_i^T dS_a (block j's keys are columns [j c, (j + 1) c) of dK^T)
   for (int64_t a = 0; a < na; ++a) {
-    nn(brg, d, c, c, dOT, c, P + a * c, L, buf.dVT.data() + js[a] * c, hd.ldt, true);
-    nn(brg, d, c, c, QT, c, dS + a * c, L, buf.dKT.data() + js[a] * c, hd.ldt, true);
+    prod(brg, d, c, c, dOT, c, P + a * c, L, Pp ? Pp + a * c : nullptr, L, buf.dVT.data() + js[a] * c, hd.ldt, true);
+    prod(brg, d, c, c, QT, c, dS + a * c, L, dSp ? dSp + a * c : nullptr, L, buf.dKT.data() + js[a] * c, hd.ldt, true);
   }
   if (G) {
-    nn(brg, d, G, c, dOT, c, P + na * c, L, buf.dVgT.data(), G, true);
-    nn(brg, d, G, c, QT, c, dS + na * c, L, buf.dKgT.data(), G, true);
+    prod(brg, d, G, c, dOT, c, P + na * c, L, Pp ? Pp + na * c : nullptr, L, buf.dVgT.data(), G, true);
+    prod(brg, d, G, c, QT, c, dS + na * c, L, dSp ? dSp + na * c : nullptr, L, buf.dKgT.data(), G, true);
   }
   lap(kDVDK);
   // dQ_i = sum_a dS_a K_ja + dS_g K_g
-  for (int64_t a = 0; a < na; ++a) nn(brg, c, d, c, dS + a * c, L, hd.K + js[a] * c * hd.lk, hd.lk, dQi, lddq, a > 0);
-  if (G) nn(brg, c, d, G, dS + na * c, L, hd.Kg, d, dQi, lddq, na > 0);
+  for (int64_t a = 0; a < na; ++a) {
+    prod(brg, c, d, c, dS + a * c, L, hd.K + js[a] * c * hd.lk, hd.lk, hd.pk.K.at_row(js[a] * c), hd.pk.K.ld, dQi, lddq,
+         a > 0);
+  }
+  if (G) prod(brg, c, d, G, dS + na * c, L, hd.Kg, d, hd.pk.Kg.at_row(0), hd.pk.Kg.ld, dQi, lddq, na > 0);
   if (na == 0 && G == 0) {
     for (int64_t r = 0; r < c; ++r) std::fill(dQi + r * lddq, dQi + r * lddq + d, 0.f);
   }
@@ -1108,6 +1617,7 @@ std::vector<at::Tensor> layout_forward_impl(const at::Tensor& q, const at::Tenso
   const int64_t threads = at::get_num_threads();
   const int64_t seg = std::min<int64_t>(nb, std::max<int64_t>((4 * threads + BH - 1) / BH, 1));
   const int64_t per = (nb + seg - 1) / seg;
+  const bool own = std::is_same_v<T, bf16> && own_bf16(g.brgemm);
   at::parallel_for(0, BH * seg, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t bh = t / seg, i0 = (t % seg) * per, i1 = std::min(nb, i0 + per);
@@ -1115,12 +1625,17 @@ std::vector<at::Tensor> layout_forward_impl(const at::Tensor& q, const at::Tenso
       LayoutBuffers<T>& buf = layout_buffers<T>(g, false);
       const int64_t ldt = spread_ld(N);
       Lap lap;
-      transpose(K.head(bh), K.ld, N, d, 1.f, buf.KT.data(), ldt);
-      const T* Kg = G ? kgd + bh * G * d : nullptr;
-      if (G) transpose(Kg, d, G, d, 1.f, buf.KgT.data(), G);
+      const T *Kg = G ? kgd + bh * G * d : nullptr, *Vg = G ? vgd + bh * G * d : nullptr;
+      LayoutHead<T> hd{K.head(bh), V.head(bh), K.ld, V.ld, buf.KT.data(), nullptr, ldt, Kg, Vg, buf.KgT.data(),
+                       nullptr, {}};
+      if (own) {  // bf16 on the micro-kernel: K^T and V packed instead (odd pairs too for an odd block size)
+        hd.KT = hd.KgT = nullptr;
+        hd.pk = pack_task<T>(buf.pk, true, false, c % 2, K.head(bh), K.ld, V.head(bh), V.ld, N, ldt, Kg, Vg, G, d, 1.f);
+      } else {
+        transpose(K.head(bh), K.ld, N, d, 1.f, buf.KT.data(), ldt);
+        if (G) transpose(Kg, d, G, d, 1.f, buf.KgT.data(), G);
+      }
       lap(kCopy);
-      const LayoutHead<T> hd{K.head(bh), V.head(bh), K.ld, V.ld, buf.KT.data(), nullptr, ldt,
-                             Kg, G ? vgd + bh * G * d : nullptr, buf.KgT.data(), nullptr};
       for (int64_t i = i0; i < i1; ++i) {
         layout_forward_tile<T>(g, buf, bh, i, Q.head(bh) + i * c * Q.ld, Q.ld, hd, O.head(bh) + i * c * O.ld,
                                O.ld, ld + bh * N + i * c);
@@ -1146,6 +1661,7 @@ std::vector<at::Tensor> layout_backward_impl(const at::Tensor& q, const at::Tens
   const T *kgd = G ? kg.data_ptr<T>() : nullptr, *vgd = G ? vg.data_ptr<T>() : nullptr;
   const float* ld = lse.data_ptr<float>();
   float *dkgd = dkg.data_ptr<float>(), *dvgd = dvg.data_ptr<float>();
+  const bool own = std::is_same_v<T, bf16> && own_bf16(g.brgemm);
   at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; ++bh) {
       LayoutBuffers<T>& buf = layout_buffers<T>(g, true);
@@ -1153,10 +1669,10 @@ std::vector<at::Tensor> layout_backward_impl(const at::Tensor& q, const at::Tens
       Lap lap;
       const T *Kh = K.head(bh), *Vh = V.head(bh);
       const T *Kg = G ? kgd + bh * G * d : nullptr, *Vg = G ? vgd + bh * G * d : nullptr;
-      begin_backward_task(buf, Kh, K.ld, Vh, V.ld, N, ldt, Kg, Vg, G, d, 1.f);  // q arrives scaled
+      const PackedOps pk = begin_backward_task(buf, own, c % 2, Kh, K.ld, Vh, V.ld, N, ldt, Kg, Vg, G, d, 1.f);  // q arrives scaled
       lap(kCopy);
-      const LayoutHead<T> hd{Kh, Vh, K.ld, V.ld, buf.KT.data(), buf.VT.data(), ldt, Kg, Vg, buf.KgT.data(),
-                             buf.VgT.data()};
+      const LayoutHead<T> hd{Kh, Vh, K.ld, V.ld, own ? nullptr : buf.KT.data(), own ? nullptr : buf.VT.data(), ldt, Kg,
+                             Vg, own ? nullptr : buf.KgT.data(), own ? nullptr : buf.VgT.data(), pk};
       for (int64_t i = 0; i < nb; ++i) {
         const int64_t row = i * c;
         layout_backward_tile<T>(g, buf, bh, i, Q.head(bh) + row * Q.ld, Q.ld, hd, O.head(bh) + row * O.ld, O.ld,
@@ -1227,6 +1743,33 @@ std::vector<at::Tensor> layout_backward(at::Tensor q, at::Tensor k, at::Tensor v
   return layout_backward_impl<bf16>(q, k, v, kg, vg, out, dout, lse, g);
 }
 
+// Which bf16 product path the kernels take now (LONGCTX_FUSED_GEMM is read per call, as by the kernels).
+std::string bf16_products() {
+  const char* blas = std::getenv("LONGCTX_FUSED_GEMM");
+  const bool mkl = blas && std::string(blas) == "mkl";
+#if defined(LONGCTX_BF16_UKERNEL)
+  return mkl ? "MKL gemm_bf16bf16f32 (LONGCTX_FUSED_GEMM=mkl)" : "avx512-bf16 micro-kernel";
+#else
+  return mkl ? "MKL gemm_bf16bf16f32 (LONGCTX_FUSED_GEMM=mkl)" : "MKL gemm_bf16bf16f32 (built without AVX512-BF16)";
+#endif
+}
+
+// One bf16 product as the kernels run it, for tests: c (m x n fp32) + a (m x k bf16) b (k x n bf16) if acc,
+// else a b; rows of a, b and c may have any stride (unit stride along a row). own: the micro-kernel
+// (where built; MKL otherwise), else MKL.
+at::Tensor bf16_gemm(at::Tensor a, at::Tensor b, at::Tensor c, bool acc, bool own) {
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && c.dim() == 2 && a.size(1) == b.size(0) && c.size(0) == a.size(0) &&
+              c.size(1) == b.size(1), "bf16_gemm: shapes");
+  TORCH_CHECK(a.scalar_type() == at::kBFloat16 && b.scalar_type() == at::kBFloat16 && c.scalar_type() == at::kFloat,
+              "bf16_gemm: a, b bf16 and c fp32");
+  TORCH_CHECK(a.stride(1) == 1 && b.stride(1) == 1 && c.stride(1) == 1, "bf16_gemm: rows must be dense");
+  auto out = c.clone(at::MemoryFormat::Contiguous);
+  const int64_t m = a.size(0), n = b.size(1), k = a.size(1);
+  nn(own, m, n, k, a.data_ptr<bf16>(), std::max<int64_t>(a.stride(0), 1), b.data_ptr<bf16>(),
+     std::max<int64_t>(b.stride(0), 1), out.data_ptr<float>(), std::max<int64_t>(out.stride(0), 1), acc);
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(longctx_fused, m) {
@@ -1237,10 +1780,12 @@ TORCH_LIBRARY(longctx_fused, m) {
         "Tensor lse, Tensor local, Tensor kvalid, Tensor q_pos, Tensor k_pos, Tensor g_pos, Tensor g_valid, "
         "Tensor slopes, int B, int H, bool causal, int left, float scale) -> Tensor[]");
   m.def("band_profile(bool reset) -> Tensor", band_profile);
+  m.def("bf16_products() -> str", bf16_products);
   m.def("layout_forward(Tensor q, Tensor k, Tensor v, Tensor kg, Tensor vg, Tensor cols, Tensor col_ok, "
         "Tensor valid, Tensor g_valid) -> Tensor[]");
   m.def("layout_backward(Tensor q, Tensor k, Tensor v, Tensor kg, Tensor vg, Tensor out, Tensor dout, "
         "Tensor lse, Tensor cols, Tensor col_ok, Tensor valid, Tensor g_valid) -> Tensor[]");
+  m.def("bf16_gemm(Tensor a, Tensor b, Tensor c, bool acc, bool own) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(longctx_fused, CPU, m) {
@@ -1248,4 +1793,5 @@ TORCH_LIBRARY_IMPL(longctx_fused, CPU, m) {
   m.impl("band_backward", band_backward);
   m.impl("layout_forward", layout_forward);
   m.impl("layout_backward", layout_backward);
+  m.impl("bf16_gemm", bf16_gemm);
 }
