@@ -68,7 +68,7 @@ TINY = {
         "data.tokenizer.vocab_size=512",
     "longctx finetune --task qa --init-from runs/default/sliding-global/model":
         "train.steps=2 train.eval_every=2 task.bootstrap=50",
-    "longctx finetune --task qa --init-from MODEL_DIR task.train_file=train.json task.dev_file=dev.json "
+    "longctx finetune --task qa --init-from MODEL_DIR --out runs/my-qa task.train_file=train.json task.dev_file=dev.json "
     "task.test_file=test.json": "train.steps=2 train.eval_every=2 task.bootstrap=50",
     "longctx finetune --task listops":
         "train.steps=2 task.train_size=64 task.dev_size=32 task.test_size=32 task.bootstrap=50",
@@ -97,7 +97,7 @@ TINY = {
 
 # printed command -> placeholder -> what the test puts there (synopses that are also the only example)
 SUBSTITUTE = {
-    "longctx finetune --task qa --init-from MODEL_DIR task.train_file=train.json task.dev_file=dev.json "
+    "longctx finetune --task qa --init-from MODEL_DIR --out runs/my-qa task.train_file=train.json task.dev_file=dev.json "
     "task.test_file=test.json": {"MODEL_DIR": "runs/default/sliding-global/model"},
 }
 
@@ -254,7 +254,7 @@ def _hf_checkpoints(ws: Path) -> None:
 SETUP = {
     "longctx pretrain --config configs/longformer-charlm-staged.yaml data.corpus=my_text/": _my_text,
     "longctx corpus arxiv my_arxiv_sources/ --out corpus/arxiv --workers 8": _arxiv_sources,
-    "longctx finetune --task qa --init-from MODEL_DIR task.train_file=train.json task.dev_file=dev.json "
+    "longctx finetune --task qa --init-from MODEL_DIR --out runs/my-qa task.train_file=train.json task.dev_file=dev.json "
     "task.test_file=test.json": _qa_files,
     "longctx convert longformer path/to/longformer-checkpoint out/longformer-longctx": _hf_checkpoints,
 }
@@ -271,7 +271,7 @@ def workspace(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("cmd", runnable(), ids=lambda c: re.sub(r"[^\w.=-]+", "_", c[8:60]))
+@pytest.mark.parametrize("cmd", runnable(), ids=lambda c: re.sub(r"[^\w.=-]+", "_", c[8:100]))
 def test_printed_command_runs(cmd, workspace, monkeypatch, capsys):
     from longctx.cli import main
     monkeypatch.chdir(workspace)
