@@ -41,6 +41,9 @@ TINY = {
     "longctx compare": TINY_DEFAULT,
     "longctx compare --out runs-quick train.steps=10 finetune.qa.train.steps=20 finetune.qa.train.eval_every=10 "
     "finetune.listops.train.steps=10": TINY_DEFAULT,
+    "longctx compare --config configs/ruler-vs-lra.yaml": TINY_DEFAULT + "".join(
+        f" finetune.{t}.train.steps=2 finetune.{t}.task.train_size=32 finetune.{t}.task.dev_size=16 "
+        f"finetune.{t}.task.test_size=16 finetune.{t}.task.bootstrap=50" for t in ("ruler_niah_single", "ruler_vt")),
     "longctx compare --config configs/lex-extrapolation.yaml":
         TINY_CLM + " extrapolation.multiples=[1,2,4] extrapolation.tokens=512 extrapolation.max_docs=2",
     "longctx claims conversion": "train.steps=2 train.save_every=0 train.eval_batches=1",

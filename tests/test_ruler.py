@@ -238,3 +238,16 @@ def test_a_comparison_draws_a_depth_length_heatmap_for_every_ruler_task(tmp_path
         "qa": {"runs": [{"lr": 1e-3, "dir": run("d", [0, 0, 0, 0]), "test": 0.0}]}}}]
     paths = ruler_heatmaps(results, tmp_path)
     assert [p.name for p in paths] == ["ruler_niah_single_sliding.png"] and paths[0].stat().st_size > 1000
+
+
+def test_the_ruler_recipe_is_the_default_comparison_plus_ruler_tasks():
+    """configs/ruler-vs-lra.yaml reuses the default run's folders only while it asks for the same runs."""
+    from pathlib import Path
+
+    from longctx.experiments.compare import default_config_path
+    from longctx.io import load_yaml
+    recipe = load_yaml(Path(__file__).parents[1] / "configs" / "ruler-vs-lra.yaml")
+    default = load_yaml(default_config_path())
+    assert {k: v for k, v in recipe.items() if k != "finetune"} == {k: v for k, v in default.items() if k != "finetune"}
+    assert {k: recipe["finetune"][k] for k in default["finetune"]} == default["finetune"]
+    assert sorted(set(recipe["finetune"]) - set(default["finetune"])) == ["ruler_niah_single", "ruler_vt"]
