@@ -45,7 +45,7 @@ from longctx.experiments import compute, downstream
 from longctx.experiments.report import write_report
 from longctx.experiments.runs import Run, run_all
 from longctx.stats import rows_interval
-from longctx.train.config import load_yaml, merge, parse_overrides, resolve
+from longctx.train.config import dotted, load_yaml, merge, parse_overrides, resolve
 from longctx.train.finetune import deep_merge
 
 # Imports of modules that import torch stay inside the functions that use them: a comparison's driver
@@ -85,17 +85,6 @@ def _seeds(value, base_seed: int) -> list[int]:
                        f"not {value!r}")
 
 
-def _dotted(tree: dict, prefix: str = "") -> dict:
-    """{'model': {'window': 8}, 'stages': [...]} -> {'model.window': 8, 'stages': [...]}"""
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            out.update(_dotted(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def _override_variants(variants: list, given) -> list:
     """``variants.NAME.KEY=VALUE`` overrides: KEY set in that variant's ``set`` (after the file's)."""
     names = [str(v.get("name")) for v in variants if isinstance(v, dict)]
@@ -109,7 +98,7 @@ def _override_variants(variants: list, given) -> list:
     for v in variants:
         v = copy.deepcopy(v)
         if isinstance(v, dict) and str(v.get("name")) in given:
-            v["set"] = {**(v.get("set") or {}), **_dotted(given[str(v["name"])])}
+            v["set"] = {**(v.get("set") or {}), **dotted(given[str(v["name"])])}
         out.append(v)
     return out
 

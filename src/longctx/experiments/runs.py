@@ -19,23 +19,14 @@ from pathlib import Path
 from longctx.errors import LongctxError
 from longctx.experiments.variant import Child, run_children
 from longctx.io import write_json
+from longctx.train.config import dotted
 
 REQUESTED = "requested.json"
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def config_diff(saved: dict, new: dict) -> list[str]:
     """``key (old -> new)`` for every dotted key whose value differs."""
-    a, b = _flatten(json.loads(json.dumps(saved))), _flatten(json.loads(json.dumps(new)))
+    a, b = dotted(json.loads(json.dumps(saved))), dotted(json.loads(json.dumps(new)))
     return [f"{k} ({json.dumps(a.get(k, '<unset>'))} -> {json.dumps(b.get(k, '<unset>'))})"
             for k in sorted(set(a) | set(b)) if a.get(k, "<unset>") != b.get(k, "<unset>")]
 

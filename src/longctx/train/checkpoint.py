@@ -31,6 +31,7 @@ from safetensors.torch import load_file
 
 from longctx.errors import LongctxError
 from longctx.io import lock_run, publish_dir  # noqa: F401  (lock_run: the trainer takes it from here)
+from longctx.train.config import dotted
 
 MANIFEST = "manifest.json"
 STATE_KEYS = ("step", "tokens", "train_time")
@@ -200,17 +201,6 @@ SAFE_TO_CHANGE = {
 }
 
 
-def _flatten(d, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and key != "data.tokenizer":
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
 def plain(cfg) -> dict:
     """The config as JSON values (tuples as lists, dataclasses as dicts), as it is saved."""
     if dataclasses.is_dataclass(cfg):
@@ -222,7 +212,7 @@ def plain(cfg) -> dict:
 
 def config_changes(saved: dict, new: dict) -> tuple[list[str], list[str]]:
     """(changes a resume cannot take, changes it can), each written ``key (old -> new)``."""
-    a, b = _flatten(plain(saved)), _flatten(plain(new))
+    a, b = dotted(plain(saved), leaves=("data.tokenizer",)), dotted(plain(new), leaves=("data.tokenizer",))
     unsafe, safe = [], []
     for key in sorted(set(a) | set(b)):
         if a.get(key, "<unset>") == b.get(key, "<unset>"):

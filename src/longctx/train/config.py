@@ -413,6 +413,19 @@ def _merged(old, new):
     return copy.deepcopy(new)
 
 
+def dotted(tree: dict, prefix: str = "", leaves: tuple = ()) -> dict:
+    """The inverse of ``parse_overrides``: {'model': {'window': 8}, 'stages': [..]} -> {'model.window': 8,
+    'stages': [..]}; an empty mapping, and the keys named in ``leaves``, stay whole."""
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value and name not in leaves:
+            out.update(dotted(value, name + ".", leaves))
+        else:
+            out[name] = value
+    return out
+
+
 def parse_overrides(items: list[str]) -> dict:
     """['train.steps=10', 'model.window=32'] -> nested dict, values parsed as YAML."""
     out: dict = {}
