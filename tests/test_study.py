@@ -171,3 +171,13 @@ def test_variant_overrides_reach_a_variants_set_and_unknown_names_are_refused():
     assert one["train"]["steps"] == 3
     with pytest.raises(LongctxError, match="not in this comparison"):
         load_comparison(cfg, ["variants.nosuch.model.window=8"])
+
+
+def test_an_option_added_later_unset_does_not_make_finished_runs_stale():
+    from longctx.experiments.runs import config_diff
+    saved = {"config": {"task": {"bootstrap": 1000}}, "after": "abc"}
+    assert config_diff(saved, {"config": {"task": {"bootstrap": 1000, "dataset": None}}, "after": "abc"}) == []
+    assert config_diff(saved, {"config": {"task": {"bootstrap": 1000, "dataset": "x.json"}}, "after": "abc"}) == [
+        'config.task.dataset ("<unset>" -> "x.json")']
+    assert config_diff(saved, {"config": {"task": {"bootstrap": 50}}, "after": "abc"}) == [
+        "config.task.bootstrap (1000 -> 50)"]

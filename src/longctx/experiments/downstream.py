@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from longctx.errors import LongctxError
-from longctx.experiments.runs import Run, fingerprint
+from longctx.experiments.runs import Run
 from longctx.stats import rows_interval
 from longctx.train.config import _check_tree
 from longctx.train.finetune import TASK_NAMES, task_class, deep_merge, finetune_config
@@ -172,7 +172,7 @@ def plan(variant: dict, pretrained: list, spec: dict, task_sets: dict, chosen: d
                         + (f", finetuning seed {cfg['seed']}" if ft_seeds > 1 else ""))
                 # its own process, like pretraining: the score may not depend on what ran before it
                 run = Run(cfg, pre.dir / folder, what, task=task_name,
-                          after=None if scratch else fingerprint(pre.requested))
+                          after=None if scratch else pre.identity)
                 run.meta = {"task": task_name, "lr": cfg["train"]["lr"], "pretraining_seed": pre.cfg["seed"],
                             "index": index, "seed": cfg["seed"], "grid": grid, "grid_run": chosen is None,
                             "global_tokens": cfg["task"]["global_tokens"]}

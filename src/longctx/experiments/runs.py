@@ -25,10 +25,12 @@ REQUESTED = "requested.json"
 
 
 def config_diff(saved: dict, new: dict) -> list[str]:
-    """``key (old -> new)`` for every dotted key whose value differs."""
+    """``key (old -> new)`` for every dotted key whose value differs. A key one side lacks and the other
+    holds as null is no difference: an option a later longctx added, unset (its default is null), asks
+    for the same run, so upgrading does not make finished runs stale."""
     a, b = dotted(json.loads(json.dumps(saved))), dotted(json.loads(json.dumps(new)))
     return [f"{k} ({json.dumps(a.get(k, '<unset>'))} -> {json.dumps(b.get(k, '<unset>'))})"
-            for k in sorted(set(a) | set(b)) if a.get(k, "<unset>") != b.get(k, "<unset>")]
+            for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
 def fingerprint(requested: dict) -> str:
@@ -50,6 +52,13 @@ class Run:
     @property
     def requested(self) -> dict:
         return {"config": self.cfg, "after": self.after}
+
+    @property
+    def identity(self) -> str:
+        """What a run that starts from this one records as ``after``: the fingerprint of the config this run
+        was trained with (its requested.json; the one asked for now where it has not started)."""
+        saved = self.dir / REQUESTED
+        return fingerprint(json.loads(saved.read_text()) if saved.exists() else self.requested)
 
 
 def _reuse(run: Run, progress: bool, rerun_changed: bool) -> bool:
