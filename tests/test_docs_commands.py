@@ -50,8 +50,8 @@ TINY = {
     "longctx compare --config configs/longformer-charlm-windows.yaml": TINY_CLM,
     "longctx compare --config configs/longformer-charlm-dilation.yaml": TINY_CLM,
     "longctx compare --config configs/longformer-charlm-staged-vs-one.yaml":
-        TINY_CLM + " variants.staged.stages=[{steps: 1, seq_len: 128, window: 16, lr: 0.002}, "
-        "{steps: 1, seq_len: 512, window: 64, lr: 0.001}]",
+        TINY_CLM + " 'variants.staged.stages=[{steps: 1, seq_len: 128, window: 16, lr: 0.002}, "
+        "{steps: 1, seq_len: 512, window: 64, lr: 0.001}]'",
     "longctx compare --config configs/structformer.yaml":
         "train.steps=2 train.save_every=0 train.eval_every=2 train.eval_batches=1 finetune.section_heading.train.steps=2 "
         "finetune.section_heading.task.eval_examples=16 analysis.max_docs=2 data.seq_len=128 "
@@ -76,15 +76,16 @@ TINY = {
     "longctx finetune --task listops":
         "train.steps=2 task.train_size=64 task.dev_size=32 task.test_size=32 task.bootstrap=50",
     "longctx compare --out runs-flops train.budget.flops=1e12": TINY_DEFAULT + " train.budget.flops=1.6e10",
-    "longctx pretrain train.budget.seconds=120": "train.budget.seconds=2 train.save_every=0 train.eval_batches=1",
+    "longctx pretrain --out runs/two-minutes train.budget.seconds=120": "train.budget.seconds=2 train.save_every=0 train.eval_batches=1",
     "longctx bench attention --config benchmarks/attention.yaml":
         "--lengths 256 --repeats 1 --warmup 0 --impl longctx-sliding",
     "longctx bench train --config benchmarks/train.yaml": "--lengths 256 --repeats 1 --warmup 0 --models longctx",
     "longctx bench attention --config benchmarks/attention-quick.yaml --out runs/bench-attention-fused":
-        "--lengths 256 --repeats 1 --warmup 0",
+        "--lengths 256 --repeats 1 --warmup 0 --impl longctx-sliding core-sliding",
     "longctx bench train --config benchmarks/train.yaml --lengths 4096 --models longctx longctx-bf16 hf-longformer "
-    "--out runs/bench-train-bf16": "--lengths 256 --repeats 1 --warmup 0",
-    "longctx bench hf --config benchmarks/hf.yaml": "--lengths 256 --repeats 1 --warmup 0 --layers 1",
+    "--out runs/bench-train-bf16": "--lengths 256 --repeats 1 --warmup 0 --models longctx longctx-bf16",
+    "longctx bench hf --config benchmarks/hf.yaml": "--lengths 256 --repeats 1 --warmup 0 --layers 1 --models modernbert "
+                                                    "--impl longctx",
     **{cmd: TINY_HF_TRAIN + extra for cmd, extra in (
         ("longctx bench hf --config benchmarks/hf-train.yaml --models modernbert", " --impl longctx --dtypes float32"),
         ("longctx bench hf --config benchmarks/hf-train.yaml --models mistral", " --impl longctx --dtypes float32"),
