@@ -13,7 +13,6 @@ matching).
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from longctx.errors import LongctxError
 from longctx.models import LongctxForSequenceClassification
@@ -21,11 +20,11 @@ from longctx.tasks import metrics
 from longctx.tasks.base import data_seed
 from longctx.tasks.base import register
 from longctx.tasks.builtin import corpus_splits, section_records
-from longctx.tasks.common import SPLITS, FinetuneTask
+from longctx.tasks.common import SPLITS, FinetuneTask, PicksALabel
 from longctx.tasks.files import read_user_splits
 
 
-class ClassificationBase(FinetuneTask):
+class ClassificationBase(PicksALabel, FinetuneTask):
     primary_metric = "accuracy"
     default_global = "first"
     text_fields: tuple[str, ...] = ("text",)
@@ -109,12 +108,6 @@ class ClassificationBase(FinetuneTask):
                 ids += list(encoded[i][j][0][:per[i]]) + [tok.sep_id]
             feats.append({"input_ids": ids, "n_global": 1, "label": self.label_id[r["label"]]})
         return feats
-
-    def label_tensors(self, examples) -> dict:
-        return {"labels": torch.tensor([e["label"] for e in examples])}
-
-    def unbatch(self, output, batch) -> list:
-        return output.logits.argmax(-1).cpu().tolist()
 
     def score(self, split: str, feats, outs) -> dict:
         gold = np.array([f["label"] for f in feats])

@@ -264,6 +264,17 @@ class FinetuneTask(Task):
         raise NotImplementedError
 
 
+class PicksALabel:
+    """For tasks whose examples carry one class index ``label`` and whose model's logits pick it
+    (classification, ListOps, multiple choice): the labels tensor and the argmax predictions."""
+
+    def label_tensors(self, examples) -> dict:
+        return {"labels": torch.tensor([e["label"] for e in examples])}
+
+    def unbatch(self, output, batch) -> list:
+        return output.logits.argmax(-1).cpu().tolist()
+
+
 def split_by_document(items: list, key, seed: int, fractions=(0.8, 0.1, 0.1)) -> dict[str, list]:
     """train / dev / test by document: an item goes where ``sha256(seed, key(item))`` falls, so every
     example of a document lands in the same split and adding documents never moves others."""

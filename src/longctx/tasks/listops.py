@@ -15,14 +15,13 @@ from __future__ import annotations
 import random
 
 import numpy as np
-import torch
 
 from longctx.errors import LongctxError
 from longctx.models import LongctxForSequenceClassification
 from longctx.tasks import metrics
 from longctx.tasks.base import data_seed
 from longctx.tasks.base import register
-from longctx.tasks.common import SPLITS, FinetuneTask
+from longctx.tasks.common import SPLITS, FinetuneTask, PicksALabel
 
 OPERATORS = ("[MIN", "[MAX", "[MED", "[SM")
 END = "]"
@@ -100,7 +99,7 @@ class ListOpsTokenizer:
 
 
 @register
-class ListOpsTask(FinetuneTask):
+class ListOpsTask(PicksALabel, FinetuneTask):
     name = "listops"
     primary_metric = "accuracy"
     default_global = "first"
@@ -140,12 +139,6 @@ class ListOpsTask(FinetuneTask):
                                f"data.seq_len={seq_len}; use data.seq_len >= {self.opts['max_length']}")
         return [{"input_ids": [tok.cls_id, *tok.encode_tokens(r["tokens"])], "n_global": 1, "label": r["label"]}
                 for r in records]
-
-    def label_tensors(self, examples) -> dict:
-        return {"labels": torch.tensor([e["label"] for e in examples])}
-
-    def unbatch(self, output, batch) -> list:
-        return output.logits.argmax(-1).cpu().tolist()
 
     def score(self, split, feats, outs) -> dict:
         gold, pred = np.array([f["label"] for f in feats]), np.array(outs)

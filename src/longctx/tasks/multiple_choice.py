@@ -23,7 +23,7 @@ import torch
 from longctx.errors import LongctxError
 from longctx.tasks import metrics
 from longctx.tasks.base import data_seed, register
-from longctx.tasks.common import SPLITS, FinetuneTask, pad_batch
+from longctx.tasks.common import SPLITS, FinetuneTask, PicksALabel, pad_batch
 
 
 def check_record(row: dict, where: str) -> dict:
@@ -65,7 +65,7 @@ def builtin_records(docs, context_chars: int, seed: int, per_context: int) -> li
 
 
 @register
-class MultipleChoiceTask(FinetuneTask):
+class MultipleChoiceTask(PicksALabel, FinetuneTask):
     name = "multiple_choice"
     primary_metric = "accuracy"
     default_global = "question"
@@ -133,12 +133,6 @@ class MultipleChoiceTask(FinetuneTask):
         out = {k: v.view(len(examples), c, -1) for k, v in batch.items()}
         out["option_mask"] = mask
         return out
-
-    def label_tensors(self, examples) -> dict:
-        return {"labels": torch.tensor([e["label"] for e in examples])}
-
-    def unbatch(self, output, batch) -> list:
-        return output.logits.argmax(-1).cpu().tolist()
 
     def score(self, split: str, feats, outs) -> dict:
         gold = np.array([f["label"] for f in feats])
