@@ -41,7 +41,9 @@ class CorruptCheckpoint(LongctxError):
     """A checkpoint whose files are missing, truncated or altered: resume falls back to an older one."""
 
 
-# --- fault injection, for the kill tests: LONGCTX_FAULT="point:n" SIGKILLs the n-th arrival at point;
+# --- fault injection, for the kill and stop tests: LONGCTX_FAULT="point:n" SIGKILLs the n-th arrival at
+# point, "point:n:SIGNAME" sends that signal instead (SIGTERM, SIGINT: a stop request at a known step);
+# LONGCTX_FAULT_RANK=r limits it to the process of torch.distributed rank r (RANK, as torchrun sets it);
 # LONGCTX_FAULT_DELAY="point:s" waits s seconds at every arrival (a checkpoint as slow as a large model's) ---
 _arrivals: dict[str, int] = {}
 
@@ -53,12 +55,15 @@ def fault_point(name: str) -> None:
     spec = os.environ.get("LONGCTX_FAULT")
     if not spec:
         return
-    point, _, n = spec.rpartition(":")
+    point, n, *sig = spec.split(":")
     if point != name:
+        return
+    rank = os.environ.get("LONGCTX_FAULT_RANK")
+    if rank is not None and rank != os.environ.get("RANK", "0"):
         return
     _arrivals[name] = _arrivals.get(name, 0) + 1
     if _arrivals[name] == int(n):
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), getattr(signal, sig[0]) if sig else signal.SIGKILL)
 
 
 # --- the run folder ---

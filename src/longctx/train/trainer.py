@@ -117,23 +117,56 @@ class StopRequests:
     mid-step would hold the random state the step had consumed (its dropout masks) and, past
     ``optimizer.step()``, weights of a step it does not count, so the resumed run would differ from one
     never stopped. Takes over each signal that would raise KeyboardInterrupt: SIGINT, and SIGUSR1 in a
-    comparison's child, whose parent sends it on Ctrl-C (longctx.experiments.variant)."""
+    comparison's child, whose parent sends it on Ctrl-C (longctx.experiments.variant); and SIGTERM where
+    it would kill the process (what torchrun's agent passes on, and what SLURM and other schedulers send
+    some seconds before SIGKILL), taken as the first Ctrl-C. A repeated SIGTERM asks nothing more: a
+    scheduler signals every process of a job and torchrun passes its own on, so a worker may get two.
+
+    In a distributed run (torch.distributed initialized, more than one process) each process hears its
+    own signals, at its own moment; ``stop_now()`` at every step boundary agrees on one answer (one
+    all-reduce, MAX, of a one-element flag), so that all stop after the same step and rank 0's checkpoint
+    is of the step every process has done. Every process calls it at every boundary: a collective."""
+
+    def __init__(self, device=None):
+        self.device = device  # where the flag's all-reduce runs: the process group's device (CPU for gloo)
+        self.requested = False  # this process was asked (a signal)
+        self.stopping = False  # the run stops at this boundary (any process was asked)
+        self.distributed = (torch.distributed.is_available() and torch.distributed.is_initialized()
+                            and torch.distributed.get_world_size() > 1)
+        self.rank = torch.distributed.get_rank() if self.distributed else 0
 
     def __enter__(self) -> "StopRequests":
-        self.requested = False
+        self.requested = self.stopping = False
         self._old = {}
         if threading.current_thread() is threading.main_thread():  # where Python runs signal handlers
             for sig in (signal.SIGINT, signal.SIGUSR1):
                 if signal.getsignal(sig) is signal.default_int_handler:
                     self._old[sig] = signal.signal(sig, self._request)
+            if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+                self._old[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._request)
         return self
 
     def _request(self, signum, frame) -> None:
         if self.requested:
+            if signum == signal.SIGTERM:
+                return
             raise KeyboardInterrupt
         self.requested = True
-        print("interrupted: the run stops after this step and saves a checkpoint (Ctrl-C again stops it at once, "
-              "without one)", file=sys.stderr, flush=True)
+        who = f"rank {self.rank}: " if self.distributed else ""
+        what = "SIGTERM" if signum == signal.SIGTERM else "interrupted"
+        again = "" if signum == signal.SIGTERM else " (Ctrl-C again stops it at once, without one)"
+        print(f"{who}{what}: the run stops after this step and saves a checkpoint{again}", file=sys.stderr, flush=True)
+
+    def stop_now(self) -> bool:
+        """At a step boundary: whether the run stops here. One process: whether it was asked; several:
+        whether any was, the same answer on all."""
+        if not self.distributed:
+            self.stopping = self.requested
+            return self.stopping
+        flag = torch.tensor([int(self.requested)], dtype=torch.int32, device=self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        self.stopping = bool(flag.item())
+        return self.stopping
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._old.items():
@@ -366,6 +399,7 @@ class Trainer:
             loss = self.model(**batch).loss / t["grad_accum"]
             acc.backward(loss)
             loss_sum += float(loss.detach())
+        fault_point("step.backward")  # mid-step (the stop tests ask for a stop here, at a known step)
         self.last_loss = float(acc.reduce(torch.tensor(loss_sum, device=acc.device), "mean"))
         if not math.isfinite(self.last_loss):
             good = checkpoint_dirs(self.out)
@@ -435,9 +469,9 @@ class Trainer:
             self.show.restart_clock()  # the steps' rate and ETA, not the kernel's build
         self._window_tokens, window_start = 0, time.perf_counter()
         try:
-            with StopRequests() as stop:
+            with StopRequests(self.accelerator.device) as stop:
                 first = True
-                while self.step_no < self.total_steps and not stop.requested:
+                while self.step_no < self.total_steps:
                     with phase("the first training step", enabled=first and self.main and self.progress):
                         self.step()
                     first = False
@@ -461,15 +495,21 @@ class Trainer:
                             self._keep_if_best(ev)
                     if t["save_every"] and step % t["save_every"] == 0 and step < self.total_steps:
                         self.save()
+                    if stop.stop_now():  # every process, every step: in a distributed run, a collective
+                        break
         except KeyboardInterrupt:  # the second Ctrl-C, mid-step: a state no checkpoint may hold
             self.say(f"interrupted again: stopped during step {self.step_no + 1} without saving it", warning=True)
             raise
-        if stop.requested:
+        if stop.stopping:
+            if not self.main:  # each process says where it stopped (before the checkpoint's barriers)
+                print(f"rank {self.rank}: stopping after step {self.step_no} with every other process",
+                      file=sys.stderr, flush=True)
             if self.step_no > 0:
                 if not self._saved_at_this_step():
                     self.save()
                 # how to continue is the command's to say (longctx.cli): --resume, or compare's plain rerun
-                self.say(f"interrupted: checkpoint of step {self.step_no} saved in {self.out / 'checkpoints'}",
+                every = f"every process stopped after step {self.step_no}; " if self.world > 1 else ""
+                self.say(f"interrupted: {every}checkpoint of step {self.step_no} saved in {self.out / 'checkpoints'}",
                          warning=True)
             raise KeyboardInterrupt
         return self.finish()
