@@ -89,6 +89,12 @@ def test_sigterm_is_a_first_ctrl_c_and_a_repeated_one_asks_nothing_more():
             with pytest.raises(KeyboardInterrupt):
                 os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    with StopRequests() as stop:
+        if signal.getsignal(signal.SIGINT) == stop._request:
+            os.kill(os.getpid(), signal.SIGINT)
+            assert stop.requested and stop.stop_now()
+            with pytest.raises(KeyboardInterrupt):  # torchrun's answer to a second Ctrl-C: SIGTERM, at once
+                os.kill(os.getpid(), signal.SIGTERM)
 
 
 @pytest.mark.slow

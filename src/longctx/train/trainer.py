@@ -119,8 +119,9 @@ class StopRequests:
     never stopped. Takes over each signal that would raise KeyboardInterrupt: SIGINT, and SIGUSR1 in a
     comparison's child, whose parent sends it on Ctrl-C (longctx.experiments.variant); and SIGTERM where
     it would kill the process (what torchrun's agent passes on, and what SLURM and other schedulers send
-    some seconds before SIGKILL), taken as the first Ctrl-C. A repeated SIGTERM asks nothing more: a
-    scheduler signals every process of a job and torchrun passes its own on, so a worker may get two.
+    some seconds before SIGKILL), taken as the first Ctrl-C. A SIGTERM after a SIGTERM asks nothing more
+    (a scheduler signals every process of a job and torchrun passes its own on, so a worker may get two);
+    after a Ctrl-C it is a second one (torchrun answers a second Ctrl-C by sending its workers SIGTERM).
 
     In a distributed run (torch.distributed initialized, more than one process) each process hears its
     own signals, at its own moment; ``stop_now()`` at every step boundary agrees on one answer (one
@@ -129,7 +130,7 @@ class StopRequests:
 
     def __init__(self, device=None):
         self.device = device  # where the flag's all-reduce runs: the process group's device (CPU for gloo)
-        self.requested = False  # this process was asked (a signal)
+        self.requested = False  # this process was asked: the signal (an int, never 0), or False
         self.stopping = False  # the run stops at this boundary (any process was asked)
         self.distributed = (torch.distributed.is_available() and torch.distributed.is_initialized()
                             and torch.distributed.get_world_size() > 1)
@@ -148,10 +149,12 @@ class StopRequests:
 
     def _request(self, signum, frame) -> None:
         if self.requested:
-            if signum == signal.SIGTERM:
+            if signum == signal.SIGTERM == self.requested:
                 return
             raise KeyboardInterrupt
-        self.requested = True
+        self.requested = signum  # truthy: the first request's signal
+        if self.stopping:  # already stopping (another process asked): nothing to add
+            return
         who = f"rank {self.rank}: " if self.distributed else ""
         what = "SIGTERM" if signum == signal.SIGTERM else "interrupted"
         again = "" if signum == signal.SIGTERM else " (Ctrl-C again stops it at once, without one)"
@@ -161,9 +164,9 @@ class StopRequests:
         """At a step boundary: whether the run stops here. One process: whether it was asked; several:
         whether any was, the same answer on all."""
         if not self.distributed:
-            self.stopping = self.requested
+            self.stopping = bool(self.requested)
             return self.stopping
-        flag = torch.tensor([int(self.requested)], dtype=torch.int32, device=self.device)
+        flag = torch.tensor([int(bool(self.requested))], dtype=torch.int32, device=self.device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         self.stopping = bool(flag.item())
         return self.stopping
@@ -468,8 +471,8 @@ class Trainer:
                 cpu_cache.setup()
             self.show.restart_clock()  # the steps' rate and ETA, not the kernel's build
         self._window_tokens, window_start = 0, time.perf_counter()
-        try:
-            with StopRequests(self.accelerator.device) as stop:
+        with StopRequests(self.accelerator.device) as stop:
+            try:
                 first = True
                 while self.step_no < self.total_steps:
                     with phase("the first training step", enabled=first and self.main and self.progress):
@@ -497,22 +500,27 @@ class Trainer:
                         self.save()
                     if stop.stop_now():  # every process, every step: in a distributed run, a collective
                         break
-        except KeyboardInterrupt:  # the second Ctrl-C, mid-step: a state no checkpoint may hold
-            self.say(f"interrupted again: stopped during step {self.step_no + 1} without saving it", warning=True)
-            raise
-        if stop.stopping:
-            if not self.main:  # each process says where it stopped (before the checkpoint's barriers)
-                print(f"rank {self.rank}: stopping after step {self.step_no} with every other process",
-                      file=sys.stderr, flush=True)
-            if self.step_no > 0:
-                if not self._saved_at_this_step():
-                    self.save()
-                # how to continue is the command's to say (longctx.cli): --resume, or compare's plain rerun
-                every = f"every process stopped after step {self.step_no}; " if self.world > 1 else ""
-                self.say(f"interrupted: {every}checkpoint of step {self.step_no} saved in {self.out / 'checkpoints'}",
-                         warning=True)
-            raise KeyboardInterrupt
+            except KeyboardInterrupt:  # the second Ctrl-C, mid-step: a state no checkpoint may hold
+                self.say(f"interrupted again: stopped during step {self.step_no + 1} without saving it", warning=True)
+                raise
+            if stop.stopping:  # with the handlers still in place: a second SIGTERM cannot kill its checkpoint
+                self._stop_here()
         return self.finish()
+
+    def _stop_here(self) -> None:
+        """A stop at this step boundary (every process, in a distributed run): the checkpoint of this step,
+        then KeyboardInterrupt (the command's exit 130, resumable)."""
+        if not self.main:  # each process says where it stopped (before the checkpoint's barriers)
+            print(f"rank {self.rank}: stopping after step {self.step_no} with every other process", file=sys.stderr,
+                  flush=True)
+        if self.step_no > 0:
+            if not self._saved_at_this_step():
+                self.save()
+            # how to continue is the command's to say (longctx.cli): --resume, or compare's plain rerun
+            every = f"every process stopped after step {self.step_no}; " if self.world > 1 else ""
+            self.say(f"interrupted: {every}checkpoint of step {self.step_no} saved in {self.out / 'checkpoints'}",
+                     warning=True)
+        raise KeyboardInterrupt
 
     def _saved_at_this_step(self) -> bool:
         done = checkpoint_dirs(self.out)
