@@ -57,8 +57,9 @@ def _longctx(args, env):
     return _run([sys.executable, "-m", "longctx.cli", *args], env)
 
 
-def _torchrun(args, env, port):
-    return _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+def _torchrun(args, env):
+    # --standalone: a free port of its own (a fixed one may be taken by another run on the machine)
+    return _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                  "-m", "longctx.cli", *args], env)
 
 
@@ -116,12 +117,12 @@ def test_sigterm_stops_one_process_at_a_step_boundary_and_it_resumes_exactly(cor
 @pytest.mark.slow
 def test_a_stop_on_one_rank_stops_both_after_the_same_step_and_resumes_exactly(corpus, tmp_path):
     env = _env(tmp_path)
-    ref = _torchrun(_args(corpus, tmp_path / "ref"), env, 29541)
+    ref = _torchrun(_args(corpus, tmp_path / "ref"), env)
     assert ref.returncode == 0, ref.stderr[-3000:]
     out = tmp_path / "run"
     # mid-step STOP_AT on rank 1 only: rank 0 hears nothing and must stop because rank 1 was asked
     stopped = _torchrun(_args(corpus, out),
-                        _env(tmp_path, LONGCTX_FAULT=f"step.backward:{STOP_AT}:SIGTERM", LONGCTX_FAULT_RANK="1"), 29542)
+                        _env(tmp_path, LONGCTX_FAULT=f"step.backward:{STOP_AT}:SIGTERM", LONGCTX_FAULT_RANK="1"))
     err = stopped.stderr
     assert stopped.returncode != 0, err[-3000:]  # torchrun reports its workers' 130 as a failure
     assert "rank 1: SIGTERM: the run stops after this step" in err and "rank 0: SIGTERM" not in err, err[-3000:]
@@ -135,6 +136,6 @@ def test_a_stop_on_one_rank_stops_both_after_the_same_step_and_resumes_exactly(c
     _stopped_at(out)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert max(r["step"] for r in rows if r["type"] == "train") == STOP_AT
-    resumed = _torchrun(_args(corpus, out, ["--resume"]), env, 29543)
+    resumed = _torchrun(_args(corpus, out, ["--resume"]), env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     _same_model(tmp_path / "ref", out)
