@@ -9,8 +9,8 @@ runs them in order.
 Reproducible by construction: batch k depends only on (seed, k, rank) (the task's collator), so a
 checkpoint stores just the step; a resumed run ends bit-identical to one that was never stopped (one
 process, CPU, same seed), wherever it was killed, checkpoint writes included. Ctrl-C or SIGTERM stops a
-run at the next step boundary with a checkpoint (exit 130), every process of a distributed run at the
-same one (``StopRequests``).
+run at the next step boundary with a checkpoint (KeyboardInterrupt: the command exits 130), every process
+of a distributed run at the same one (``StopRequests``).
 
 The run folder (``out_dir``) holds ``checkpoints/``, ``metrics.jsonl``, ``tb/``, ``run_config.json`` (the
 config of the latest start), and at the end ``model/``, ``loss.png`` and ``results.json`` (written
