@@ -113,7 +113,7 @@ NOT_RUN = {
     "accelerate launch --num_machines 2 --machine_rank $RANK --main_process_ip $HEAD --main_process_port 29500 "
     "--num_processes 16 -m longctx.cli pretrain --config my.yaml": "needs two machines",
     "torchrun --nproc_per_node 8 -m longctx.cli pretrain --config my.yaml":
-        "a template for the user's my.yaml on 8 processes; tests/test_train.py runs pretraining on 2 processes under "
+        "a template for the user's my.yaml on 8 processes; tests/test_stop_signals.py runs pretraining on 2 processes under "
         "torch.distributed.run",
 }
 

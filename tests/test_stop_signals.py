@@ -117,8 +117,15 @@ def test_sigterm_stops_one_process_at_a_step_boundary_and_it_resumes_exactly(cor
 @pytest.mark.slow
 def test_a_stop_on_one_rank_stops_both_after_the_same_step_and_resumes_exactly(corpus, tmp_path):
     env = _env(tmp_path)
-    ref = _torchrun(_args(corpus, tmp_path / "ref"), env)
+    ref = _torchrun(_args(corpus, tmp_path / "ref", ["train.save_every=3"]), env)
     assert ref.returncode == 0, ref.stderr[-3000:]
+    # the uninterrupted run is a plain two-process run: both ranks' tokens counted, checkpoints say so
+    result = json.loads((tmp_path / "ref" / "results.json").read_text())
+    assert result["world_size"] == 2
+    assert result["tokens"] == STEPS * 1 * 2 * 64  # steps x batch x processes x length
+    saved = checkpoint_dirs(tmp_path / "ref")
+    assert [p.name for p in saved] == ["step-000003", f"step-{STEPS:06d}"], saved
+    assert all(json.loads((p / "state.json").read_text())["world_size"] == 2 for p in saved)
     out = tmp_path / "run"
     # mid-step STOP_AT on rank 1 only: rank 0 hears nothing and must stop because rank 1 was asked
     stopped = _torchrun(_args(corpus, out),
