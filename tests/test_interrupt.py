@@ -1,5 +1,5 @@
 """Ctrl-C during `longctx compare`, sent as a terminal sends it (SIGINT to the whole foreground process
-group): the variant's child saves a checkpoint however long that takes, the rerun resumes from it, and
+group), and a cluster's SIGTERM to every process: the variant's child saves a checkpoint however long that takes, the rerun resumes from it, and
 the result equals a run that was never interrupted; a second Ctrl-C stops the child without one."""
 import json
 import os
@@ -48,24 +48,27 @@ def compare(cfg, out, env_extra=None, **popen):
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
 
 
-def ctrl_c_after_step(proc, vdir: Path, step: int) -> None:
-    """SIGINT to the process group of ``proc`` (a terminal's Ctrl-C) once the variant has logged ``step``."""
+def ctrl_c_after_step(proc, vdir: Path, step: int, sig=signal.SIGINT) -> None:
+    """``sig`` to the process group of ``proc`` once the variant has logged ``step``: SIGINT as a terminal's
+    Ctrl-C, SIGTERM as SLURM's scancel or a job's time limit (to every process of the job)."""
     metrics = vdir / "metrics.jsonl"
     deadline = time.monotonic() + 60
     while not (metrics.exists() and sum(1 for _ in metrics.open()) >= step):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGINT)
+    os.killpg(proc.pid, sig)
 
 
 @pytest.mark.slow
-def test_ctrl_c_mid_step_saves_and_the_rerun_ends_as_an_uninterrupted_run(comparison, tmp_path):
+def test_a_stop_mid_step_saves_and_the_rerun_ends_as_an_uninterrupted_run(comparison, tmp_path):
     ref = compare(comparison, tmp_path / "ref")
     _, err = ref.communicate(timeout=120)
     assert ref.returncode == 0, err
     vdir = tmp_path / "runs" / "tiny" / "full"
     run = compare(comparison, tmp_path / "runs", SLOW_SAVE, start_new_session=True)
-    ctrl_c_after_step(run, vdir, 3)
+    # SIGTERM to every process, as a cluster stops a job: the driver passes it on as it does a Ctrl-C (the
+    # Ctrl-C's first request is the next test's), the child takes it once and saves
+    ctrl_c_after_step(run, vdir, 3, signal.SIGTERM)
     _, err = run.communicate(timeout=60)
     assert run.returncode == 130, err
     assert "full pretraining is saving a checkpoint after the current step; rerunning the same command resumes" in err

@@ -18,7 +18,10 @@ keep) and the child stops on the parent's SIGUSR1 instead, so that it is told on
 saves a checkpoint and exits with 130 while the parent waits for it (``subprocess.run`` would kill it
 0.25 s after the interrupt, before a long step or a large checkpoint is done). A second Ctrl-C kills
 the child. SIGUSR1 stays blocked from the fork until the child has its handler, so that an early
-request is taken, not fatal.
+request is taken, not fatal. SIGTERM (a scheduler's stop: SLURM sends it to every process of the job, then
+SIGKILL some seconds later) is the same: the parent takes it as a Ctrl-C and the children ignore it, so that
+each child is asked once, by the parent's SIGUSR1 (a child that took SIGTERM itself as well would read the
+SIGUSR1 as a second request and stop without its checkpoint).
 """
 from __future__ import annotations
 
@@ -60,6 +63,10 @@ def run_children(children: list[Child], jobs: int, progress: bool) -> list[dict]
     ones finish, then it is raised. Ctrl-C asks every running child to save a checkpoint (``stop_children``)."""
     results: list[dict | None] = [None] * len(children)
     queue, running, failed = list(enumerate(children)), {}, None
+    # SIGTERM as Ctrl-C (where nothing else took it: the module's docstring)
+    old_term = signal.getsignal(signal.SIGTERM)
+    if old_term == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         while running or (queue and failed is None):
             while queue and failed is None and len(running) < jobs:
@@ -80,6 +87,8 @@ def run_children(children: list[Child], jobs: int, progress: bool) -> list[dict]
                     print(f"  done: {child.what} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
     except KeyboardInterrupt:
         stop_children([p for p in running], ", ".join(c.what for _, c, _ in running.values()))
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
     if failed is not None:
         raise failed
     return results
@@ -181,10 +190,11 @@ def _stderr_fd() -> int:
 
 def start_child(target, argv: list[str], env: dict, out: int) -> Run:
     """``target(argv)`` (its return value the exit code) in a child forked from the zygote, with ``env`` as its
-    environment, this process's working folder as its own, and ``out`` as its stdout and stderr. SIGINT is
-    ignored and SIGUSR1 blocked around the start, so that the zygote (started by the first call) is born
-    with them and its children inherit them until ``main`` takes SIGUSR1."""
+    environment, this process's working folder as its own, and ``out`` as its stdout and stderr. SIGINT and
+    SIGTERM are ignored and SIGUSR1 blocked around the start, so that the zygote (started by the first call)
+    is born with them and its children inherit them until ``main`` takes SIGUSR1."""
     old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    old_term = signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
     try:
         process = _context().Process(target=_child_main, args=(target, argv, env, os.getcwd(), _Fd(out)),
@@ -193,11 +203,13 @@ def start_child(target, argv: list[str], env: dict, out: int) -> Run:
         return Run(process)
     finally:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
+        signal.signal(signal.SIGTERM, old_term)
         signal.signal(signal.SIGINT, old)
 
 
 def _child_main(target, argv: list[str], env: dict, cwd: str, out: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # also where the platform spawns instead of forking
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     os.environ.clear()
     os.environ.update(env)
     os.chdir(cwd)
