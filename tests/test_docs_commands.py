@@ -34,6 +34,8 @@ TINY_DEFAULT = ("seeds=1 train.steps=2 train.save_every=0 train.eval_batches=1 f
                 "finetune.listops.task.bootstrap=50")
 TINY_CLM = "seeds=1 train.steps=2 train.save_every=0 train.eval_batches=1 train.batch_size=2"
 TINY_HF_TRAIN = "--lengths 256 --repeats 1 --warmup 0 --layers 1 --hidden 128"
+# the bench's encoder and its held-out run (40 steps at 1,024 tokens) shrunk: minutes at its own size
+TINY_BENCH_TRAIN = "--lengths 256 --repeats 1 --warmup 0 --layers 1 --hidden 64 --heads 2 --heldout-steps 2"
 TINY_PRETRAIN = "train.steps=2 train.save_every=0 train.eval_batches=1 train.batch_size=2"
 
 # printed command -> what the test appends to it (only where the command as printed takes minutes)
@@ -79,11 +81,11 @@ TINY = {
     "longctx pretrain --out runs/two-minutes train.budget.seconds=120": "train.budget.seconds=2 train.save_every=0 train.eval_batches=1",
     "longctx bench attention --config benchmarks/attention.yaml":
         "--lengths 256 --repeats 1 --warmup 0 --impl longctx-sliding",
-    "longctx bench train --config benchmarks/train.yaml": "--lengths 256 --repeats 1 --warmup 0 --models longctx",
+    "longctx bench train --config benchmarks/train.yaml": TINY_BENCH_TRAIN + " --models longctx",
     "longctx bench attention --config benchmarks/attention-quick.yaml --out runs/bench-attention-fused":
         "--lengths 256 --repeats 1 --warmup 0 --impl longctx-sliding core-sliding",
     "longctx bench train --config benchmarks/train.yaml --lengths 4096 --models longctx longctx-bf16 hf-longformer "
-    "--out runs/bench-train-bf16": "--lengths 256 --repeats 1 --warmup 0 --models longctx longctx-bf16",
+    "--out runs/bench-train-bf16": TINY_BENCH_TRAIN + " --models longctx longctx-bf16",
     "longctx bench hf --config benchmarks/hf.yaml": "--lengths 256 --repeats 1 --warmup 0 --layers 1 --models modernbert "
                                                     "--impl longctx",
     **{cmd: TINY_HF_TRAIN + extra for cmd, extra in (

@@ -47,6 +47,8 @@ def register(subparsers) -> None:
     t.add_argument("--hidden", type=int)
     t.add_argument("--heads", type=int)
     t.add_argument("--attention-window", type=int, help="two-sided window, as Hugging Face's attention_window")
+    t.add_argument("--heldout-steps", type=int, help="steps of the short run whose held-out loss compares bf16 with "
+                                                     "fp32 (0: none)")
     t.add_argument("--window", type=int, help=argparse.SUPPRESS)  # the old spelling: refused with a hint
     t.set_defaults(func=functools.partial(_run, "train"))
 
@@ -102,8 +104,8 @@ def _out_dir(args, cfg) -> Path:
 
 
 def _check(cfg) -> None:
-    if cfg["repeats"] < 1 or cfg["warmup"] < 0:
-        raise LongctxError("--repeats must be at least 1 and --warmup at least 0")
+    if cfg["repeats"] < 1 or cfg["warmup"] < 0 or cfg.get("heldout_steps", 0) < 0:
+        raise LongctxError("--repeats must be at least 1, --warmup and --heldout-steps at least 0")
     if any(n < 1 for n in cfg["lengths"]):
         raise LongctxError("every benchmark length must be a positive number of tokens")
 
@@ -111,7 +113,7 @@ def _check(cfg) -> None:
 COMMON_KEYS = ["name", "repeats", "warmup", "time_cap_s", "memory_cap_gb", "lengths"]
 # each benchmark's own flags, after COMMON_KEYS
 BENCH_KEYS = {"attention": ["implementations", "dtypes", "attention_window", "hidden", "heads"],
-              "train": ["models", "layers", "hidden", "heads", "attention_window"],
+              "train": ["models", "layers", "hidden", "heads", "attention_window", "heldout_steps"],
               "hf": ["models", "implementations", "layers", "hidden", "modes", "dtypes"]}
 
 
