@@ -137,6 +137,7 @@ def test_a_prompt_longer_than_the_sequence_is_one_sentence_never_cut():
         assert "\n" not in str(e.value)
 
 
+@pytest.mark.slow
 def test_every_ruler_task_makes_a_generation_batch():
     for name in RULER_NAMES:
         task = _task(name, length=1500 if name == "ruler_qa" else 300, *(["data.seq_len=2048",

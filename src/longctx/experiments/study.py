@@ -68,9 +68,16 @@ def columns(results: list[dict]) -> dict[str, dict]:
         suite = {RULER: {"scores": {v: np.concatenate([cols[k]["scores"][v] for k in ruler], axis=1)
                                     for v in cols[ruler[0]]["scores"]},
                          "higher_is_better": True, "from_scratch": False,
-                         "metric": "pooled " + ", ".join(f"{k} {cols[k]['metric']}" for k in ruler)}}
+                         "metric": _pooled(ruler, [cols[k]["metric"] for k in ruler])}}
         cols = dict(list(cols.items())[:at] + list(suite.items()) + list(cols.items())[at:])
     return cols
+
+
+def _pooled(tasks: list[str], metrics: list[str]) -> str:
+    """``f1 pooled over ruler_niah_single, ruler_vt`` (each task's metric when they differ)."""
+    if len(set(metrics)) == 1:
+        return f"{metrics[0]} pooled over {', '.join(tasks)}"
+    return "pooled " + ", ".join(f"{t} {m}" for t, m in zip(tasks, metrics))
 
 
 def analyse(results: list[dict], reference: str, level: float = LEVEL) -> dict:
