@@ -146,9 +146,21 @@ def test_every_ruler_task_makes_a_generation_batch():
         assert (batch["labels"] != -100).sum() >= 2 * 2  # at least one answer token and the end per example
 
 
+# Needle at depth 0 in a 60-character noise haystack, bytes, one layer with RoPE: the value sits at a fixed
+# distance from each answer position, which one attention layer learns to copy from (an absolute-position
+# model and 150-250-step runs stayed at the digits' unigram loss, about 1.8; measured in this configuration:
+# the answer loss leaves 1.8 near step 150 and reaches 0.04 at step 400)
+LEARN = ["task.form=generation", "task.haystack=noise", "task.length=60", "task.depth=0", "task.train_size=2000",
+         "task.dev_size=50", "task.test_size=50", "task.bootstrap=50", "task.max_new_tokens=12", "data.tokenizer=bytes",
+         "data.seq_len=128", "model.max_position_embeddings=128", "model.position=rope", "model.attention=full",
+         "model.hidden_size=64", "model.num_hidden_layers=1", "model.num_attention_heads=4", "train.batch_size=8",
+         "train.lr=3e-3", "train.schedule=constant", "train.warmup_steps=10", "train.steps=400", "train.save_every=0"]
+
+
 @pytest.mark.slow
 def test_a_tiny_causal_lm_learns_niah_single_in_generation_form(tmp_path):
-    """MEASURED below: string_match_all on dev after a short run, against its untrained self (0)."""
+    """From scratch, 400 steps of batch 8: dev string_match_all 1.00 (50 of 50 values generated whole), against
+    0.00 untrained; measured 505 s on the shared 2-core machine under a load of about 9 (most of it waiting)."""
     from longctx.train.finetune import run_finetune
 
     cfg = finetune_config("ruler_niah_single", {}, LEARN)
@@ -156,9 +168,16 @@ def test_a_tiny_causal_lm_learns_niah_single_in_generation_form(tmp_path):
     task.prepare()
     torch.manual_seed(0)
     untrained = task.evaluate(task.build_model(), "dev")
-    trained = run_finetune(cfg, "ruler_niah_single", tmp_path / "run", progress=False)["eval"]
+    result = run_finetune(cfg, "ruler_niah_single", tmp_path / "run", progress=False)
     assert untrained["string_match_all"] == 0.0
-    assert trained["string_match_all"] > 0.5, trained["predictions"]
+    assert result["eval"]["string_match_all"] > 0.8 and result["test"]["string_match_all"] > 0.8, result["eval"]["predictions"]
+    assert result["primary_metric"] == "string_match_all" and len(result["test"]["per_example"]) == 50
 
 
-LEARN = []
+def test_an_encoder_cannot_start_a_generation_finetuning(tmp_path):
+    from longctx.models.config import from_run_config
+
+    cfg = finetune_config("ruler_niah_single", {}, TINY)
+    from_run_config(cfg, vocab_size=261).save_pretrained(tmp_path / "mlm")  # a masked LM's config
+    with pytest.raises(LongctxError, match="objective=clm"):
+        _task().build_model(str(tmp_path / "mlm"))

@@ -47,6 +47,7 @@ import torch
 from longctx import plots
 from longctx.errors import LongctxError
 from longctx.models import LongctxForCausalLM, LongctxForQuestionAnswering
+from longctx.models.loading import read_longctx_config
 from longctx.tasks import metrics
 from longctx.tasks.base import data_seed, register
 from longctx.tasks.builtin import corpus_splits
@@ -427,6 +428,12 @@ class RulerTask(QATask):
     @property
     def model_class(self):
         return LongctxForCausalLM if self.form == "generation" else LongctxForQuestionAnswering
+
+    def build_model(self, init_from: str | None = None):
+        if init_from and self.form == "generation" and not read_longctx_config(init_from, "init_from").get("causal"):
+            raise LongctxError(f"init_from {init_from} holds an encoder, and task.form=generation finetunes a causal LM; "
+                               "use a model pretrained with objective=clm, or task.form=extractive")
+        return super().build_model(init_from)
 
     def load_splits(self):
         o = self.opts
