@@ -77,6 +77,8 @@ OPTION_HELP = {
     "depth": "the needle's depth, a fraction of the haystack before it, or a list to sweep (none: uniform)",
     "depth_bins": "bins of the accuracy-by-depth breakdown",
     "haystack": "the text around the needles: corpus or noise",
+    "form": "extractive (an encoder's span; none: extractive) or generation (a causal LM generates the answer)",
+    "max_new_tokens": "generation form: most tokens generated per answer (none: the task's default)",
 }
 
 

@@ -1,6 +1,7 @@
 """RULER-style synthetic long-context tasks (Hsieh et al. 2024), generated offline at any length by a
-seeded generator, each as extractive QA (SQuAD-format records; ``tasks/qa.py``: same features,
-decoding and SQuAD EM/F1 with bootstrap intervals) so an encoder is finetuned on them:
+seeded generator, each in two forms: extractive QA (SQuAD-format records; ``tasks/qa.py``: same features,
+decoding and SQuAD EM/F1 with bootstrap intervals), which an encoder is finetuned on, and generation, what a
+decoder is evaluated on (the last paragraph):
 
 - ``ruler_niah_single``: one needle "One of the special magic numbers for KEY is: VALUE." in a
   haystack; question: the key; answer: the value.
@@ -34,6 +35,20 @@ evidence at ``task.depth`` of the haystack (the share before it; a list to sweep
 ``length`` (requested) and ``depth`` (where the evidence landed; cwe / fwe: the answer's first
 occurrence over the context); the evaluation adds exact match and F1 by depth bin (``task.depth_bins``)
 and by length, and ``depth_length_heatmap`` draws them. Each split has its own random stream (``seed:split``), so splits never share a draw.
+
+The generation form (``task.form: generation``; default ``extractive``), what a decoder is evaluated on: the
+same records become a prompt and an answer for a causal LM (``LongctxForCausalLM``; the run's objective is
+clm). The prompt is RULER's order, the context, then the query, then an answer prefix (NVIDIA/RULER
+``scripts/data/synthetic/constants.py``: each task's ``template`` ends with the query and its
+``answer_prefix`` follows; we keep our questions and use its qa prefix, ``" Answer:"``, for every task); the
+answer is every gold item in the order of the context, ", "-joined, and an end token. Finetuning puts the loss
+on the answer and end tokens only. Evaluation decodes greedily with the model's own ``generate`` (key-value
+cache), at most ``task.max_new_tokens`` new tokens (RULER's ``tokens_to_generate``, sized here for our answers)
+and never past ``data.seq_len`` positions, and scores with RULER's metrics (``scripts/eval/synthetic/
+constants.py``, after ``postprocess_pred`` of ``scripts/eval/evaluate.py``): ``string_match_all`` (the share of
+gold items in the prediction; niah, vt, cwe, fwe) and ``string_match_part`` (any gold item; qa), plus SQuAD
+exact match against the answer. Multi-query asks all its keys in one prompt, as RULER does ("A, B, and C"). A
+prompt that does not fit is refused, never cut: the part cut could hold the needle.
 """
 from __future__ import annotations
 
