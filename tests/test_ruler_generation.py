@@ -33,7 +33,7 @@ def test_the_generation_form_is_a_causal_lm_task_judged_by_rulers_metric():
     with pytest.raises(LongctxError, match="objective=clm"):
         finetune_config("ruler_vt", {}, ["task.form=generation", "objective=mlm"])
     with pytest.raises(LongctxError, match="task.form"):
-        task_class("ruler_vt")(finetune_config("ruler_vt", {}, ["task.form=abstractive"]))
+        finetune_config("ruler_vt", {}, ["task.form=abstractive"])
 
 
 def test_the_same_seeded_records_become_prompt_and_answer():

@@ -421,6 +421,7 @@ class RulerTask(QATask):
     OPTIONS = {**{k: QATask.OPTIONS[k] for k in ("max_answer_length", "doc_stride", "max_question_tokens", "max_chunks")},
                "length": None, "length_unit": "chars", "depth": None, "depth_bins": 5, "haystack": "corpus",
                "train_size": 2000, "dev_size": 200, "test_size": 200, "form": None, "max_new_tokens": None}
+    OPTION_TYPES = {"form": (str,), "max_new_tokens": (int,)}
     CONFIG = {"data": {"seq_len": 1024}, "model": {"max_position_embeddings": 4096},
               "train": {"steps": 200, "batch_size": 4, "lr": 1e-3, "warmup_steps": 20, "eval_batches": 1}}
 
@@ -438,7 +439,10 @@ class RulerTask(QATask):
     @classmethod
     def objective_for(cls, opts: dict) -> str | None:
         """The objective the task's model is trained with, when the task fixes it (clm for the generation form)."""
-        return "clm" if (opts.get("form") or "extractive") == "generation" else None
+        form = opts.get("form") or "extractive"
+        if form not in FORMS:
+            raise LongctxError(f"config key 'task.form' must be extractive or generation, got {form!r}")
+        return "clm" if form == "generation" else None
 
     @property
     def model_class(self):
