@@ -37,7 +37,7 @@ occurrence over the context); the evaluation adds exact match and F1 by depth bi
 and by length, and ``depth_length_heatmap`` draws them. Each split has its own random stream (``seed:split``), so splits never share a draw.
 
 The generation form (``task.form: generation``; default ``extractive``), what a decoder is evaluated on: the
-same records become a prompt and an answer for a causal LM (``LongctxForCausalLM``; the run's objective is
+same records (multi-query's excepted, below) become a prompt and an answer for a causal LM (``LongctxForCausalLM``; the run's objective is
 clm). The prompt is RULER's order, the context, then the query, then an answer prefix (NVIDIA/RULER
 ``scripts/data/synthetic/constants.py``: each task's ``template`` ends with the query and its
 ``answer_prefix`` follows; we keep our questions and use its qa prefix, ``" Answer:"``, for every task); the
@@ -427,9 +427,8 @@ class RulerTask(QATask):
 
     def __init__(self, cfg: dict):
         super().__init__(cfg)
+        type(self).objective_for(self.opts)  # the form checked
         self.form = self.opts["form"] = self.opts["form"] or "extractive"
-        if self.form not in FORMS:
-            raise LongctxError(f"config key 'task.form' must be extractive or generation, got {self.form!r}")
         n = self.opts["max_new_tokens"]
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
             raise LongctxError(f"config key 'task.max_new_tokens' must be a whole number of tokens (1 or more), got {n!r}")
