@@ -137,7 +137,6 @@ def test_a_prompt_longer_than_the_sequence_is_one_sentence_never_cut():
         assert "\n" not in str(e.value)
 
 
-@pytest.mark.slow
 def test_every_ruler_task_makes_a_generation_batch():
     for name in RULER_NAMES:
         task = _task(name, length=1500 if name == "ruler_qa" else 300, *(["data.seq_len=2048",
@@ -182,3 +181,36 @@ def test_an_encoder_cannot_start_a_generation_finetuning(tmp_path):
     from_run_config(cfg, vocab_size=261).save_pretrained(tmp_path / "mlm")  # a masked LM's config
     with pytest.raises(LongctxError, match="objective=clm"):
         _task().build_model(str(tmp_path / "mlm"))
+
+
+@pytest.mark.slow
+def test_a_comparison_of_causal_lms_finetunes_a_ruler_group_in_generation_form(tmp_path):
+    """`longctx compare` with objective clm and a ruler: group in generation form: every pretrained decoder is
+    finetuned on both tasks, scored by string_match_all, pooled into the RULER column; an encoder comparison
+    asking for the generation form is refused before anything runs."""
+    import json
+
+    import yaml
+
+    from longctx.experiments.compare import load_comparison
+    from test_study import _longctx, _tiny_comparison
+
+    ruler = {"tasks": {"niah_single": {}, "vt": {"task": {"num_hops": 1}}}, "data": {"seq_len": 128},
+             "train": {"steps": 2, "batch_size": 4, "save_every": 0},
+             "task": {"form": "generation", "haystack": "noise", "length": 60, "train_size": 8, "dev_size": 4,
+                      "test_size": 6, "bootstrap": 20, "max_new_tokens": 4}}
+    path = _tiny_comparison(tmp_path, finetune={"ruler": ruler})
+    with pytest.raises(LongctxError, match="objective: clm in base"):
+        load_comparison(path, [])
+    comp = yaml.safe_load(path.read_text())
+    comp["base"]["objective"] = "clm"
+    path.write_text(yaml.safe_dump(comp))
+    res = _longctx(["compare", "--config", str(path), "--out", str(tmp_path / "runs"), "--quiet"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((tmp_path / "runs" / "tiny" / "results.json").read_text())
+    for v in summary["variants"]:
+        for t in ("ruler_niah_single", "ruler_vt"):
+            assert v["finetune"][t]["metric"] == "string_match_all" and v["finetune"][t]["global_tokens"] == "none"
+    cols = summary["study"]["columns"]
+    assert cols["RULER"]["shape"] == [1, 12] and cols["RULER"]["metric"] == "string_match_all pooled over ruler_niah_single, ruler_vt"
+    assert "| ruler_niah_single | ruler_vt | RULER |" in (tmp_path / "runs" / "tiny" / "report.md").read_text()

@@ -135,6 +135,18 @@ def check_spec(spec) -> dict:
     return {name: copy.deepcopy(cfg or {}) for name, cfg in spec.items()}
 
 
+def check_objective(spec: dict, objective: str) -> None:
+    """A task finetuned from the pretrained models that fixes its model's objective (a RULER task's generation
+    form: clm) needs models pretrained with it: refused before any pretraining, not after."""
+    for name, cfg in spec.items():
+        cls = task_class(name)
+        need = getattr(cls, "objective_for", lambda _: None)((cfg or {}).get("task") or {})
+        if need and need != objective and not cls.from_scratch:
+            raise LongctxError(f"finetune.{name} finetunes models of objective={need} (its task options; a RULER "
+                               f"task's task.form=generation), but the variants are pretrained with objective={objective}; "
+                               f"set objective: {need} in base, or use task.form=extractive")
+
+
 def split_variant_sets(name: str, sets: dict) -> tuple[dict, dict]:
     """(pretraining sets, finetuning task options) of a variant's ``set``."""
     pre, task = {}, {}

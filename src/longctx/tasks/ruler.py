@@ -432,8 +432,13 @@ class RulerTask(QATask):
         n = self.opts["max_new_tokens"]
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
             raise LongctxError(f"config key 'task.max_new_tokens' must be a whole number of tokens (1 or more), got {n!r}")
-        if self.form == "generation":  # a decoder reads the question last: no global tokens, a causal LM
-            self.causal, self.primary_metric, self.global_tokens = True, type(self).metric, "none"
+        if self.form == "generation":  # a causal LM (global tokens: none, default_global_for)
+            self.causal, self.primary_metric = True, type(self).metric
+
+    @classmethod
+    def default_global_for(cls, opts: dict) -> str:
+        """The generation form has no global tokens: a decoder reads the question last, after the context."""
+        return "none" if (opts.get("form") or "extractive") == "generation" else cls.default_global
 
     @classmethod
     def objective_for(cls, opts: dict) -> str | None:
@@ -442,6 +447,11 @@ class RulerTask(QATask):
         if form not in FORMS:
             raise LongctxError(f"config key 'task.form' must be extractive or generation, got {form!r}")
         return "clm" if form == "generation" else None
+
+    @classmethod
+    def check_chunking(cls, o: dict, seq_len: int) -> None:
+        if (o.get("form") or "extractive") == "extractive":  # the generation form has no chunks
+            super().check_chunking(o, seq_len)
 
     @property
     def model_class(self):
