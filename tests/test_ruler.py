@@ -245,9 +245,81 @@ def test_the_ruler_recipe_is_the_default_comparison_plus_ruler_tasks():
     from pathlib import Path
 
     from longctx.experiments.compare import default_config_path
+    from longctx.experiments.downstream import expand_ruler
     from longctx.io import load_yaml
     recipe = load_yaml(Path(__file__).parents[1] / "configs" / "ruler-vs-lra.yaml")
     default = load_yaml(default_config_path())
     assert {k: v for k, v in recipe.items() if k != "finetune"} == {k: v for k, v in default.items() if k != "finetune"}
-    assert {k: recipe["finetune"][k] for k in default["finetune"]} == default["finetune"]
-    assert sorted(set(recipe["finetune"]) - set(default["finetune"])) == ["ruler_niah_single", "ruler_vt"]
+    finetune = expand_ruler(recipe["finetune"])
+    assert {k: finetune[k] for k in default["finetune"]} == default["finetune"]
+    assert sorted(set(finetune) - set(default["finetune"])) == ["ruler_niah_single", "ruler_vt"]
+
+
+# the RULER entries of configs/ruler-vs-lra.yaml as they were written out before its ruler: group
+WRITTEN_OUT = {
+    "ruler_niah_single": {
+        "data": {"seq_len": 128},
+        "train": {"steps": 150, "batch_size": 16, "lr": 0.003, "warmup_steps": 15, "save_every": 0, "eval_batches": 1},
+        "task": {"length": [400, 800], "train_size": 1000, "dev_size": 100, "test_size": 200, "max_question_tokens": 24,
+                 "doc_stride": 32, "bootstrap": 1000}},
+    "ruler_vt": {
+        "data": {"seq_len": 128},
+        "train": {"steps": 150, "batch_size": 16, "lr": 0.003, "warmup_steps": 15, "save_every": 0, "eval_batches": 1},
+        "task": {"length": [400, 800], "num_hops": 2, "train_size": 1000, "dev_size": 100, "test_size": 200,
+                 "max_question_tokens": 24, "doc_stride": 32, "bootstrap": 1000}}}
+
+
+def _fingerprints(comp: dict, tmp_path) -> dict:
+    """{(variant, run folder): fingerprint} of every finetuning run ``comp`` plans from stand-in pretrained runs."""
+    from longctx.experiments import downstream
+    from longctx.experiments.runs import Run, fingerprint
+    from longctx.models.config import from_run_config
+
+    out = {}
+    for v in comp["variants"]:
+        pre = []
+        for s in comp["seeds"]:
+            d = tmp_path / f"{v['name']}-{s}"
+            from_run_config(v["config"], vocab_size=8192).save_pretrained(d / "model")  # config.json only
+            pre.append(Run({**v["config"], "seed": s}, d, "stand-in"))
+        for run in downstream.plan(v, pre, comp["finetune"], v["task_sets"]):
+            out[(v["name"], run.dir.relative_to(tmp_path).as_posix())] = fingerprint(run.requested)
+    return out
+
+
+def test_the_ruler_group_asks_for_the_same_runs_as_its_tasks_written_out(tmp_path):
+    """finetune.ruler expands into one entry per listed task, shared settings under each task's own: the
+    recipe's group and its two entries written out give equal configs and run fingerprints (so the runs are
+    reused), in the group's place; overrides reach the group and its tasks; wrong names are one sentence."""
+    from pathlib import Path
+
+    import yaml
+
+    from longctx.experiments.compare import load_comparison
+    from longctx.experiments.downstream import expand_ruler
+    from longctx.io import load_yaml
+    path = Path(__file__).parents[1] / "configs" / "ruler-vs-lra.yaml"
+    raw = load_yaml(path)
+    assert "ruler" in raw["finetune"]
+    written = {**{k: v for k, v in raw["finetune"].items() if k != "ruler"}, **WRITTEN_OUT}
+    (tmp_path / "written.yaml").write_text(yaml.safe_dump({**raw, "finetune": written}, sort_keys=False))
+    few = ["seeds=2"]
+    group, plain = load_comparison(path, few), load_comparison(tmp_path / "written.yaml", few)
+    assert group["finetune"] == plain["finetune"] and list(group["finetune"]) == list(plain["finetune"])
+    a, b = _fingerprints(group, tmp_path / "runs"), _fingerprints(plain, tmp_path / "runs")  # one folder: init_from
+    assert a == b and len(a) == 5 * (2 + 2 + 2 * 2)  # per variant: qa (its lr grid on seed 0), listops, 2 RULER x 2 seeds
+    # overrides: the group's shared settings, one task's own
+    comp = load_comparison(path, [*few, "finetune.ruler.train.steps=7", "finetune.ruler_vt.task.num_hops=3"])
+    ft = comp["finetune"]
+    assert ft["ruler_niah_single"]["train"]["steps"] == ft["ruler_vt"]["train"]["steps"] == 7
+    assert ft["ruler_vt"]["task"]["num_hops"] == 3 and ft["ruler_vt"]["task"]["length"] == [400, 800]
+    assert list(ft) == ["qa", "listops", "ruler_niah_single", "ruler_vt"]
+    # a list of names, and the errors
+    assert expand_ruler({"ruler": {"tasks": ["cwe", "fwe"], "data": {"seq_len": 64}}}) == {
+        "ruler_cwe": {"data": {"seq_len": 64}}, "ruler_fwe": {"data": {"seq_len": 64}}}
+    for bad, msg in [({"tasks": ["niah"]}, "'niah' is not a RULER task; use niah_single, niah_multikey"),
+                     ({"tasks": []}, "needs 'tasks'"), ({"tasks": ["vt", "vt"]}, "distinct"),
+                     ({"tasks": ["vt"], "trian": {}}, "unknown keys"), ({"tasks": {"vt": 3}}, "mapping")]:
+        with pytest.raises(LongctxError, match=msg) as e:
+            expand_ruler({"ruler": bad})
+        assert "\n" not in str(e.value)

@@ -181,3 +181,62 @@ def test_an_option_added_later_unset_does_not_make_finished_runs_stale():
         'config.task.dataset ("<unset>" -> "x.json")']
     assert config_diff(saved, {"config": {"task": {"bootstrap": 50}}, "after": "abc"}) == [
         "config.task.bootstrap (1000 -> 50)"]
+
+
+def _synthetic_results(order: dict, seeds: int = 3, examples: int = 60, noise: float = 0.05):
+    """Results of 4 variants whose per-example test scores rank them as ``order`` says per task
+    ({task: (from_scratch, [quality of each variant])}), ``seeds`` pretraining seeds."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    variants = ["a", "b", "c", "d"]
+    out = []
+    for i, v in enumerate(variants):
+        ft = {}
+        for task, (scratch, quality) in order.items():
+            n = examples + (7 if task == "ruler_vt" else 0)  # tasks of different sizes
+            rows = np.clip(quality[i] + noise * rng.standard_normal((seeds, n)), 0, 1)
+            ft[task] = {"metric": "accuracy" if scratch else "f1", "from_scratch": scratch,
+                        "test": {"per_example": rows.tolist()}}
+        out.append({"variant": v, "seeds": list(range(seeds)), "eval": {"per_example": None}, "finetune": ft})
+    return out
+
+
+def test_the_ruler_column_pools_its_tasks_and_the_findings_say_which_suite_agrees_with_downstream():
+    """Downstream QA and the two RULER tasks rank a > b > c > d, ListOps the reverse: the RULER column holds
+    every RULER example side by side per seed, its tau with QA is above 0 and ListOps' below, and the finding
+    names RULER (computed from the intervals: swapping the orders names LRA)."""
+    import numpy as np
+
+    from longctx.experiments.study import RULER, analyse, columns, suites
+
+    up, down = [0.9, 0.7, 0.5, 0.3], [0.3, 0.5, 0.7, 0.9]
+    res = _synthetic_results({"qa": (False, up), "ruler_niah_single": (False, up), "ruler_vt": (False, up),
+                              "listops": (True, down)})
+    cols = columns(res)
+    assert list(cols) == ["qa", "ruler_niah_single", "ruler_vt", RULER, "listops (LRA, from scratch)"]
+    for v in "abcd":  # per seed, every RULER task's examples, in the tasks' order
+        want = np.concatenate([cols["ruler_niah_single"]["scores"][v], cols["ruler_vt"]["scores"][v]], axis=1)
+        assert np.array_equal(cols[RULER]["scores"][v], want) and want.shape == (3, 127)
+    st = analyse(res, "a")
+    assert st["columns"][RULER]["ranks"] == {"a": 1, "b": 2, "c": 3, "d": 4}
+    assert st["kendall_tau"][f"qa vs {RULER}"]["ci"][0] > 0
+    assert st["kendall_tau"][f"{RULER} vs listops (LRA, from scratch)"]["ci"][1] < 0
+    verdicts = suites(st)["qa"]
+    assert (verdicts["RULER"]["verdict"], verdicts["LRA"]["verdict"]) == ("agrees", "disagrees")
+    line = next(f for f in st["findings"] if "Which synthetic suite" in f)
+    assert "RULER agrees with qa" in line and "LRA: listops (LRA, from scratch) -1.00" in line
+    # the orders swapped: the sentence follows the numbers
+    res = _synthetic_results({"qa": (False, up), "ruler_niah_single": (False, down), "ruler_vt": (False, down),
+                              "listops": (True, up)})
+    line = next(f for f in analyse(res, "a")["findings"] if "Which synthetic suite" in f)
+    assert "LRA agrees with qa" in line and "RULER: RULER -1.00" in line
+    # noise that hides the order: neither is shown to agree
+    flat = [0.5] * 4
+    res = _synthetic_results({"qa": (False, up), "ruler_niah_single": (False, flat), "ruler_vt": (False, flat),
+                              "listops": (True, flat)}, noise=0.3)
+    line = next(f for f in analyse(res, "a")["findings"] if "Which synthetic suite" in f)
+    assert "no synthetic suite is shown to agree with qa" in line
+    # one RULER task: no pooled column, the task stands for its suite
+    res = _synthetic_results({"qa": (False, up), "ruler_vt": (False, up), "listops": (True, down)})
+    assert RULER not in columns(res) and suites(analyse(res, "a"))["qa"]["RULER"]["verdict"] == "agrees"

@@ -158,6 +158,7 @@ def load_comparison(path: str | Path | None, overrides: list[str] | None) -> dic
             "seeds": _seeds(raw.get("seeds", 1), base["seed"]), "reference": reference}
     if raw.get("finetune") is not None:  # finetune every variant on downstream tasks (the study)
         comp["finetune"] = downstream.check_spec(raw["finetune"])
+        downstream.check_objective(comp["finetune"], base["objective"])
         for v in out:  # what a variant sets for its finetuning, checked against every task's options now
             downstream.check_variant_task_options(v["name"], v["task_sets"], comp["finetune"])
     if raw.get("compute") is not None:  # every variant at several pretraining budgets

@@ -7,6 +7,10 @@ seed.
 finetune:
   qa: {lr: [3.0e-4, 1.0e-3], train: {steps: 300, eval_every: 50, keep_best: true}, task: {context_chars: 500}}
   listops: {train: {steps: 150}, task: {max_length: 200}, model: {max_position_embeddings: 512}}
+  ruler:                     # RULER tasks with shared settings: ruler_niah_single and ruler_vt
+    tasks: {niah_single: {}, vt: {task: {num_hops: 2}}}
+    data: {seq_len: 128}
+    task: {length: [400, 800]}
 ```
 Each entry is a finetuning config (sections ``model``, ``data``, ``train``, ``task``) applied to every
 variant alike, plus:
@@ -38,7 +42,7 @@ from longctx.errors import LongctxError
 from longctx.experiments.runs import Run
 from longctx.stats import rows_interval
 from longctx.train.config import _check_tree
-from longctx.train.finetune import TASK_NAMES, task_class, deep_merge, finetune_config
+from longctx.train.finetune import RULER_NAMES, TASK_NAMES, task_class, deep_merge, finetune_config
 
 # Imports of modules that import torch stay inside the functions that use them: a comparison's driver
 # process imports no torch (its runs do, in their zygote: experiments/variant.py).
@@ -47,9 +51,54 @@ from longctx.train.finetune import TASK_NAMES, task_class, deep_merge, finetune_
 # StructFormer's section_heading; the others ignore it)
 VARIANT_TASK_KEYS = ("global_tokens", "heading_global")
 SPEC_KEYS = ("model", "data", "train", "task", "seeds", "lr", "grid_seeds")
+RULER_GROUP = "ruler"  # finetune.ruler: several RULER tasks with shared settings (expand_ruler)
+
+
+def expand_ruler(spec):
+    """The ``ruler:`` group of a finetune section as one entry per RULER task: ``tasks`` (a list of names
+    without ``ruler_``, or a mapping name -> that task's own entry) and the settings every listed task shares
+    (any key of an entry: data, train, task, lr, seeds, grid_seeds). ``ruler_<name>``'s entry is the shared
+    settings with the task's own merged over them, then a ``ruler_<name>`` entry written beside the group (or
+    set by an override, ``finetune.ruler_vt.train.steps=20``) merged over that, in the group's place. The
+    merge is ``deep_merge``, the one ``finetune_config`` builds a run's config with (``train.config.merge``
+    checks experiment keys, which an entry's ``task``, ``lr`` and ``seeds`` are not), so the expansion is
+    exactly the entries written out: the same configs, the same run fingerprints, the same runs reused."""
+    if not isinstance(spec, dict) or RULER_GROUP not in spec:
+        return spec
+    group, names = spec[RULER_GROUP], [n[len("ruler_"):] for n in RULER_NAMES]
+    tasks = group.get("tasks") if isinstance(group, dict) else None
+    if isinstance(tasks, list) and all(isinstance(t, str) for t in tasks) and len(set(tasks)) == len(tasks):
+        tasks = {t: None for t in tasks}
+    if not isinstance(tasks, dict) or not tasks:
+        raise LongctxError("finetune.ruler needs 'tasks': a list of distinct RULER task names or a mapping of each "
+                           f"to its own settings ({', '.join(names)})")
+    shared = {k: v for k, v in group.items() if k != "tasks"}
+    unknown = sorted(set(shared) - set(SPEC_KEYS))
+    if unknown:
+        raise LongctxError(f"finetune.ruler has unknown keys {unknown}; use tasks and model, data, train, task "
+                           "(and seeds, lr, grid_seeds)")
+    expanded = {}
+    for name, own in tasks.items():
+        if name not in names:
+            raise LongctxError(f"finetune.ruler.tasks: {name!r} is not a RULER task; use {', '.join(names)}")
+        if own is not None and not isinstance(own, dict):
+            raise LongctxError(f"finetune.ruler.tasks.{name} must be a mapping of its own settings (data, train, task, ...)")
+        full = f"ruler_{name}"
+        entry = deep_merge(shared, own or {})
+        if isinstance(spec.get(full), dict):
+            entry = deep_merge(entry, spec[full])
+        expanded[full] = entry
+    out = {}
+    for key, value in spec.items():
+        if key == RULER_GROUP:
+            out.update(expanded)
+        elif key not in expanded:
+            out[key] = value
+    return out
 
 
 def check_spec(spec) -> dict:
+    spec = expand_ruler(spec)
     if not isinstance(spec, dict) or not spec:
         raise LongctxError("the finetune section maps task names (qa, classification, listops, text, retrieval) to "
                            "their finetuning configs")
@@ -84,6 +133,18 @@ def check_spec(spec) -> dict:
         except LongctxError as e:
             raise LongctxError(f"finetune.{name}: {e}") from None
     return {name: copy.deepcopy(cfg or {}) for name, cfg in spec.items()}
+
+
+def check_objective(spec: dict, objective: str) -> None:
+    """A task finetuned from the pretrained models that fixes its model's objective (a RULER task's generation
+    form: clm) needs models pretrained with it: refused before any pretraining, not after."""
+    for name, cfg in spec.items():
+        cls = task_class(name)
+        need = getattr(cls, "objective_for", lambda _: None)((cfg or {}).get("task") or {})
+        if need and need != objective and not cls.from_scratch:
+            raise LongctxError(f"finetune.{name} finetunes models of objective={need} (its task options; a RULER "
+                               f"task's task.form=generation), but the variants are pretrained with objective={objective}; "
+                               f"set objective: {need} in base, or use task.form=extractive")
 
 
 def split_variant_sets(name: str, sets: dict) -> tuple[dict, dict]:

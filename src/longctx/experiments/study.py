@@ -4,7 +4,10 @@ Every variant is scored on the same held-out sequences (pretraining) and the sam
 finetuning task), with the same seeds, so each question "is A better than B?" is a paired one
 (``longctx.stats``): per seed and example the difference of the two scores, with an interval that holds the
 example noise and, with several seeds, the training noise between seeds. Columns: the pretraining loss
-(lower is better) and each finetuned task's primary metric (higher is better).
+(lower is better) and each finetuned task's primary metric (higher is better); with two RULER tasks or more,
+``RULER``: per pretraining seed, each variant's per-example scores of every ruler_* task side by side (the same
+examples for every variant, so the column is paired like the others), the RULER suite's ranking beside the
+downstream tasks' and the LRA tasks' (trained from scratch).
 
 For every column:
 - ``vs_reference``: each variant against the comparison's reference, Holm-corrected over the family of
@@ -12,7 +15,8 @@ For every column:
 - ``pairwise``: every pair, Holm over all pairs; a variant's rank is 1 + the number of variants separated
   ahead of it, so variants that are not separated share ranks (ties);
 and between every two columns Kendall's tau of the variants' mean scores with a bootstrap interval over seeds
-and examples. ``findings`` are the sentences the report prints, computed from these and nothing else.
+and examples. ``findings`` are the sentences the report prints, computed from these and nothing else,
+among them which synthetic suite (LRA, RULER) agrees with each downstream task at this size (``suites``).
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import numpy as np
 from longctx import stats
 
 LEVEL = 0.95
+RULER = "RULER"  # the column of every ruler_* task's examples pooled
 
 
 def _by_pretraining_seed(rows, seeds: int) -> np.ndarray:
@@ -55,8 +60,24 @@ def columns(results: list[dict]) -> dict[str, dict]:
         cols[name] = {"scores": {v: _by_pretraining_seed(ft["test"]["per_example"], p) for v, ft in fts.items()},
                       "higher_is_better": True, "metric": first["metric"], "from_scratch": first["from_scratch"]}
     # a column is usable only when every variant has the same seeds x examples shape, with 2 examples or more
-    return {k: c for k, c in cols.items()
+    cols = {k: c for k, c in cols.items()
             if len({a.shape for a in c["scores"].values()}) == 1 and next(iter(c["scores"].values())).shape[1] >= 2}
+    ruler = [k for k in cols if k.startswith("ruler_")]
+    if len(ruler) >= 2:  # the RULER suite as one column, right after its tasks
+        at = list(cols).index(ruler[-1]) + 1
+        suite = {RULER: {"scores": {v: np.concatenate([cols[k]["scores"][v] for k in ruler], axis=1)
+                                    for v in cols[ruler[0]]["scores"]},
+                         "higher_is_better": True, "from_scratch": False,
+                         "metric": _pooled(ruler, [cols[k]["metric"] for k in ruler])}}
+        cols = dict(list(cols.items())[:at] + list(suite.items()) + list(cols.items())[at:])
+    return cols
+
+
+def _pooled(tasks: list[str], metrics: list[str]) -> str:
+    """``f1 pooled over ruler_niah_single, ruler_vt`` (each task's metric when they differ)."""
+    if len(set(metrics)) == 1:
+        return f"{metrics[0]} pooled over {', '.join(tasks)}"
+    return "pooled " + ", ".join(f"{t} {m}" for t, m in zip(tasks, metrics))
 
 
 def analyse(results: list[dict], reference: str, level: float = LEVEL) -> dict:
@@ -124,4 +145,50 @@ def findings(st: dict) -> list[str]:
         if t["tau"] != t["tau"]:
             verdict = "undefined (a ranking is all ties)"
         lines.append(f"Kendall's tau, {key}: {t['tau']:+.2f} [{lo:+.2f}, {hi:+.2f}]: {verdict}.")
+    return lines + suite_lines(st)
+
+
+def _tau(st: dict, a: str, b: str) -> dict | None:
+    return st["kendall_tau"].get(f"{a} vs {b}") or st["kendall_tau"].get(f"{b} vs {a}")
+
+
+def suites(st: dict) -> dict:
+    """{downstream column: {suite: {"verdict": agrees | disagrees | cannot tell, "columns": {column: tau}}}}:
+    the synthetic suites are LRA (the tasks trained from scratch) and RULER (its pooled column, or its one
+    task); the downstream columns the other finetuned tasks. A suite agrees with a downstream task when the
+    tau interval of each of its columns lies above 0, disagrees when each lies below, else cannot tell."""
+    cols = st["columns"]
+    ruler = [RULER] if RULER in cols else [k for k in cols if k.startswith("ruler_")]
+    groups = {"LRA": [k for k, c in cols.items() if c["from_scratch"]], "RULER": ruler}
+    groups = {g: ks for g, ks in groups.items() if ks}
+    down = [k for k, c in cols.items() if k != "pretraining loss" and not c["from_scratch"] and k != RULER
+            and not k.startswith("ruler_")]
+    out = {}
+    for d in down:
+        out[d] = {}
+        for g, ks in groups.items():
+            taus = {k: _tau(st, d, k) for k in ks}
+            if any(t is None for t in taus.values()):
+                continue
+            los, his = [t["ci"][0] for t in taus.values()], [t["ci"][1] for t in taus.values()]
+            verdict = ("agrees" if all(lo > 0 for lo in los) else "disagrees" if all(hi < 0 for hi in his)
+                       else "cannot tell")  # NaN bounds (a ranking all ties) compare False: cannot tell
+            out[d][g] = {"verdict": verdict, "columns": taus}
+    return out
+
+
+def suite_lines(st: dict) -> list[str]:
+    """One sentence per downstream task: which synthetic suite agrees with it at this size."""
+    lines = []
+    for d, by in suites(st).items():
+        if not by:
+            continue
+        agree = [g for g, s in by.items() if s["verdict"] == "agrees"]
+        detail = "; ".join(f"{g}: " + ", ".join(f"{k} {t['tau']:+.2f} [{t['ci'][0]:+.2f}, {t['ci'][1]:+.2f}]"
+                                                for k, t in s["columns"].items()) + f" ({s['verdict']})"
+                           for g, s in by.items())
+        head = (f"{' and '.join(agree)} agree{'s' if len(agree) == 1 else ''} with {d}" if agree else
+                f"no synthetic suite is shown to agree with {d}")
+        lines.append(f"**Which synthetic suite agrees with downstream** at this size: {head} (Kendall's tau of the "
+                     f"rankings, {st['level']:.0%} interval; {detail}).")
     return lines

@@ -77,6 +77,8 @@ OPTION_HELP = {
     "depth": "the needle's depth, a fraction of the haystack before it, or a list to sweep (none: uniform)",
     "depth_bins": "bins of the accuracy-by-depth breakdown",
     "haystack": "the text around the needles: corpus or noise",
+    "form": "extractive (an encoder's span; none: extractive) or generation (a causal LM generates the answer)",
+    "max_new_tokens": "generation form: most tokens generated per answer (none: the task's default)",
 }
 
 
@@ -126,10 +128,12 @@ def task_options(cls, given: dict | None) -> dict:
             if not ok:
                 raise LongctxError(f"config key 'task.{key}' expects {type(d).__name__}, got {value!r}")
         out[key] = value
-    preset = out["global_tokens"] or cls.default_global
-    if preset not in ("none", cls.default_global):
-        raise LongctxError(f"config key 'task.global_tokens' must be none or {cls.default_global} for task "
-                           f"{cls.name!r}, got {preset!r}")
+    default = cls.default_global_for(out) if hasattr(cls, "default_global_for") else cls.default_global
+    preset = out["global_tokens"] or default
+    if preset not in ("none", default):
+        raise LongctxError(f"config key 'task.global_tokens' must be none" + (f" or {default}" if default != "none" else "")
+                           + f" for task {cls.name!r}{' with these task options' if default != cls.default_global else ''}"
+                           f", got {preset!r}")
     out["global_tokens"] = preset
     return out
 
@@ -156,6 +160,12 @@ class FinetuneTask(Task):
     default_global: ClassVar[str] = "none"
     from_scratch: ClassVar[bool] = False  # LRA-style: `compare` trains it from scratch for every variant
     higher_is_better = True
+
+    @classmethod
+    def default_global_for(cls, opts: dict) -> str:
+        """The global-tokens preset of the task with options ``opts`` (``default_global`` unless an option
+        changes the model, as a RULER task's generation form does)."""
+        return cls.default_global
 
     def __init__(self, cfg: dict):
         super().__init__(cfg)

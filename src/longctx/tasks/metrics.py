@@ -1,10 +1,15 @@
-"""Downstream metrics: SQuAD v1.1 exact match and F1, accuracy, macro-F1, bootstrap 95% intervals and
-Kendall's tau between rankings.
+"""Downstream metrics: SQuAD v1.1 exact match and F1, RULER's string matches, accuracy, macro-F1, bootstrap
+95% intervals and Kendall's tau between rankings.
 
 ``normalize_answer``, ``squad_f1`` and ``squad_exact`` are the official SQuAD v1.1 evaluation
 script's (``evaluate-v1.1.py``: lower case, drop punctuation, drop the articles a/an/the, collapse
 whitespace; F1 over the bag of normalised words; the best score over all gold answers), so numbers
 are comparable with published ones. Scores are fractions in [0, 1] here (the script prints x100).
+
+``string_match_all`` and ``string_match_part`` are RULER's (Hsieh et al. 2024; NVIDIA/RULER
+``scripts/eval/synthetic/constants.py``, with its ``postprocess_pred`` in ``scripts/eval/evaluate.py``), per
+example instead of averaged x100: the share of the gold items that occur in the prediction (case-insensitive
+substring), and whether any does.
 """
 from __future__ import annotations
 
@@ -58,6 +63,23 @@ def squad_scores(predictions: Sequence[str], answers: Sequence[Sequence[str]]) -
     em = np.array([best_over_answers(squad_exact, p, a) for p, a in zip(predictions, answers)], dtype=float)
     f1 = np.array([best_over_answers(squad_f1, p, a) for p, a in zip(predictions, answers)], dtype=float)
     return em, f1
+
+
+def ruler_postprocess(prediction: str) -> str:
+    """RULER's ``postprocess_pred``: control characters become newlines, the ends are stripped."""
+    return re.sub(r"[\x00-\x1f]", "\n", prediction.strip()).strip()
+
+
+def string_match_all(prediction: str, references: Sequence[str]) -> float:
+    """The share of the gold items that occur in the prediction (RULER's niah, vt, cwe and fwe metric)."""
+    p = prediction.lower()
+    return sum(r.lower() in p for r in references) / len(references)
+
+
+def string_match_part(prediction: str, references: Sequence[str]) -> float:
+    """1 when any gold item occurs in the prediction, else 0 (RULER's qa metric)."""
+    p = prediction.lower()
+    return float(any(r.lower() in p for r in references))
 
 
 def accuracy(pred: Sequence[int], gold: Sequence[int]) -> float:

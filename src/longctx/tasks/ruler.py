@@ -1,6 +1,7 @@
 """RULER-style synthetic long-context tasks (Hsieh et al. 2024), generated offline at any length by a
-seeded generator, each as extractive QA (SQuAD-format records; ``tasks/qa.py``: same features,
-decoding and SQuAD EM/F1 with bootstrap intervals) so an encoder is finetuned on them:
+seeded generator, each in two forms: extractive QA (SQuAD-format records; ``tasks/qa.py``: same features,
+decoding and SQuAD EM/F1 with bootstrap intervals), which an encoder is finetuned on, and generation, what a
+decoder is evaluated on (the last paragraph):
 
 - ``ruler_niah_single``: one needle "One of the special magic numbers for KEY is: VALUE." in a
   haystack; question: the key; answer: the value.
@@ -34,6 +35,20 @@ evidence at ``task.depth`` of the haystack (the share before it; a list to sweep
 ``length`` (requested) and ``depth`` (where the evidence landed; cwe / fwe: the answer's first
 occurrence over the context); the evaluation adds exact match and F1 by depth bin (``task.depth_bins``)
 and by length, and ``depth_length_heatmap`` draws them. Each split has its own random stream (``seed:split``), so splits never share a draw.
+
+The generation form (``task.form: generation``; default ``extractive``), what a decoder is evaluated on: the
+same records (multi-query's excepted, below) become a prompt and an answer for a causal LM (``LongctxForCausalLM``; the run's objective is
+clm). The prompt is RULER's order, the context, then the query, then an answer prefix (NVIDIA/RULER
+``scripts/data/synthetic/constants.py``: each task's ``template`` ends with the query and its
+``answer_prefix`` follows; we keep our questions and use its qa prefix, ``" Answer:"``, for every task); the
+answer is every gold item in the order of the context, ", "-joined, and an end token. Finetuning puts the loss
+on the answer and end tokens only. Evaluation decodes greedily with the model's own ``generate`` (key-value
+cache), at most ``task.max_new_tokens`` new tokens (RULER's ``tokens_to_generate``, sized here for our answers)
+and never past ``data.seq_len`` positions, and scores with RULER's metrics (``scripts/eval/synthetic/
+constants.py``, after ``postprocess_pred`` of ``scripts/eval/evaluate.py``): ``string_match_all`` (the share of
+gold items in the prediction; niah, vt, cwe, fwe) and ``string_match_part`` (any gold item; qa), plus SQuAD
+exact match against the answer. Multi-query asks all its keys in one prompt, as RULER does ("A, B, and C"). A
+prompt that does not fit is refused, never cut: the part cut could hold the needle.
 """
 from __future__ import annotations
 
@@ -42,9 +57,12 @@ import re
 from collections import Counter
 
 import numpy as np
+import torch
 
 from longctx import plots
 from longctx.errors import LongctxError
+from longctx.models import LongctxForCausalLM, LongctxForQuestionAnswering
+from longctx.models.loading import read_longctx_config
 from longctx.tasks import metrics
 from longctx.tasks.base import data_seed, register
 from longctx.tasks.builtin import corpus_splits
@@ -185,6 +203,12 @@ def _niah(rng, src, length, depth, n_keys=1, n_values=1, n_queries=1, all_values
         return None
     out = []
     asked = [0] if n_values > 1 else [next(i for i, (k, _) in enumerate(items) if k == keys[q]) for q in range(n_queries)]
+    if len(asked) > 1 and src.opts["form"] == "generation":  # RULER's multi-query: one prompt asks every key
+        asked_keys = [items[i][0] for i in asked]
+        q = ", ".join(asked_keys[:-1]) + ", and " + asked_keys[-1]
+        answers = [(items[i][1], starts[i] + len(needles[i]) - len(items[i][1]) - 1) for i in asked]
+        return [_record(context, f"What are all the special magic numbers for {q}?", answers, where[asked[0]],
+                        length, docs)]
     for i in asked:
         key = items[i][0]
         mine = [j for j, (k, _) in enumerate(items) if k == key] if all_values else [i]
@@ -371,14 +395,73 @@ def depth_length_heatmap(path, evaluation: dict, depth_bins: int = 5, title: str
     return m
 
 
+FORMS = ("extractive", "generation")
+ANSWER_CUE = " Answer:"  # RULER's qa answer prefix; its other tasks' prefixes restate the question first
+
+
+def prompt_text(record: dict) -> str:
+    """The generation form's prompt: the context, then the question, then the answer cue (RULER's order)."""
+    return f"{record['context']}\n{record['question']}{ANSWER_CUE}"
+
+
+def answer_text(record: dict) -> str:
+    """The generation form's gold answer: every gold item in the order of the context, ", "-separated."""
+    a = record["answers"]
+    return ", ".join(t for _, t in sorted(zip(a["answer_start"], a["text"])))
+
+
 class RulerTask(QATask):
-    """A RULER task: its generator (``draw``) and its own options on top of the QA task's."""
+    """A RULER task: its generator (``draw``) and its own options on top of the QA task's; in the generation
+    form (``task.form: generation``) a causal LM's task (module docstring)."""
     draw = None
+    metric = "string_match_all"  # RULER's metric of the generation form
+    new_tokens = 16  # the generation form's default task.max_new_tokens
+    # form and max_new_tokens default to null (extractive, the task's new_tokens): an option added later and
+    # unset asks for the same run (longctx.experiments.runs.config_diff), so earlier runs stay reusable
     OPTIONS = {**{k: QATask.OPTIONS[k] for k in ("max_answer_length", "doc_stride", "max_question_tokens", "max_chunks")},
                "length": None, "length_unit": "chars", "depth": None, "depth_bins": 5, "haystack": "corpus",
-               "train_size": 2000, "dev_size": 200, "test_size": 200}
+               "train_size": 2000, "dev_size": 200, "test_size": 200, "form": None, "max_new_tokens": None}
+    OPTION_TYPES = {"form": (str,), "max_new_tokens": (int,)}
     CONFIG = {"data": {"seq_len": 1024}, "model": {"max_position_embeddings": 4096},
               "train": {"steps": 200, "batch_size": 4, "lr": 1e-3, "warmup_steps": 20, "eval_batches": 1}}
+
+    def __init__(self, cfg: dict):
+        super().__init__(cfg)
+        type(self).objective_for(self.opts)  # the form checked
+        self.form = self.opts["form"] = self.opts["form"] or "extractive"
+        n = self.opts["max_new_tokens"]
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise LongctxError(f"config key 'task.max_new_tokens' must be a whole number of tokens (1 or more), got {n!r}")
+        if self.form == "generation":  # a causal LM (global tokens: none, default_global_for)
+            self.causal, self.primary_metric = True, type(self).metric
+
+    @classmethod
+    def default_global_for(cls, opts: dict) -> str:
+        """The generation form has no global tokens: a decoder reads the question last, after the context."""
+        return "none" if (opts.get("form") or "extractive") == "generation" else cls.default_global
+
+    @classmethod
+    def objective_for(cls, opts: dict) -> str | None:
+        """The objective the task's model is trained with, when the task fixes it (clm for the generation form)."""
+        form = opts.get("form") or "extractive"
+        if form not in FORMS:
+            raise LongctxError(f"config key 'task.form' must be extractive or generation, got {form!r}")
+        return "clm" if form == "generation" else None
+
+    @classmethod
+    def check_chunking(cls, o: dict, seq_len: int) -> None:
+        if (o.get("form") or "extractive") == "extractive":  # the generation form has no chunks
+            super().check_chunking(o, seq_len)
+
+    @property
+    def model_class(self):
+        return LongctxForCausalLM if self.form == "generation" else LongctxForQuestionAnswering
+
+    def build_model(self, init_from: str | None = None):
+        if init_from and self.form == "generation" and not read_longctx_config(init_from, "init_from").get("causal"):
+            raise LongctxError(f"init_from {init_from} holds an encoder, and task.form=generation finetunes a causal LM; "
+                               "use a model pretrained with objective=clm, or task.form=extractive")
+        return super().build_model(init_from)
 
     def load_splits(self):
         o = self.opts
@@ -398,27 +481,113 @@ class RulerTask(QATask):
     def tokenizer_texts(self):
         return [d["text"] for d in self._docs["train"]] + list(NOISE)
 
+    # ---- the generation form ----
+    def end_id(self) -> int:
+        tok = self.tokenizer
+        return tok.eos_id if getattr(tok, "eos_id", None) is not None else tok.sep_id
+
+    def featurize(self, records, seq_len: int, train: bool) -> list[dict]:
+        """Extractive: QA features (chunks). Generation: the prompt's tokens, then (training) the answer's and
+        the end token, labelled; the rest -100, so the loss is on the answer only. A prompt is never cut."""
+        if self.form == "extractive":
+            return super().featurize(records, seq_len, train)
+        tok, end = self.tokenizer, self.end_id()
+        prompts = tok.encode_batch([prompt_text(r) for r in records])
+        answers = tok.encode_batch([" " + answer_text(r) for r in records]) if train else [([], [])] * len(records)
+        feats = []
+        for i, (r, (p, _), (a, _)) in enumerate(zip(records, prompts, answers)):
+            need = len(p) + (len(a) + 1 if train else 1)  # an answer and its end, or room for one new token
+            if need > seq_len:
+                raise LongctxError(f"{r['id']}: its prompt of {len(p)} tokens{' and answer' if train else ''} needs "
+                                   f"{need} positions, more than data.seq_len={seq_len} (a prompt is never cut, the "
+                                   "needle may be in the part cut); use a longer data.seq_len or a shorter task.length")
+            f = {"input_ids": np.array(p + (a + [end] if train else []), dtype=np.int32), "record": i,
+                 "prompt_len": len(p)}
+            if train:
+                f["labels"] = np.array([-100] * len(p) + a + [end], dtype=np.int64)
+            feats.append(f)
+        return feats
+
+    def label_tensors(self, examples) -> dict:
+        if self.form == "extractive":
+            return super().label_tensors(examples)
+        n = max(len(e["input_ids"]) for e in examples)
+        labels = torch.full((len(examples), n), -100, dtype=torch.long)
+        for row, e in enumerate(examples):
+            labels[row, :len(e["labels"])] = torch.as_tensor(e["labels"])
+        return {"labels": labels}
+
+    @torch.no_grad()
+    def generate_answers(self, model, feats, seq_len: int, device=None) -> list[str]:
+        """Each prompt decoded greedily by the model's own ``generate`` (key-value cache) up to
+        ``task.max_new_tokens`` new tokens, never beyond ``seq_len`` positions, stopped at the end token."""
+        limit, end = self.opts["max_new_tokens"] or type(self).new_tokens, self.end_id()
+        out = []
+        for f in feats:
+            ids = torch.as_tensor(f["input_ids"], dtype=torch.long)[None]
+            if device is not None:
+                ids = ids.to(device)
+            new = model.generate(ids, max_new_tokens=min(limit, seq_len - ids.shape[1]), eos_token_id=end)[0, ids.shape[1]:]
+            new = new.tolist()
+            out.append(metrics.ruler_postprocess(self.tokenizer.decode(new[:new.index(end)] if end in new else new)))
+        return out
+
+    def evaluate(self, model, split: str = "dev", *, seq_len: int | None = None, batch_size: int | None = None,
+                 device=None, **kw) -> dict:
+        if self.form == "extractive":
+            return super().evaluate(model, split, seq_len=seq_len, batch_size=batch_size, device=device, **kw)
+        seq_len = seq_len or self.cfg["data"]["seq_len"]
+        preds = self.generate_answers(model, self.eval_examples(split, seq_len), seq_len, device)
+        return {"split": split, **self.score_generation(split, preds)}
+
+    def score_generation(self, split: str, preds: list[str]) -> dict:
+        """RULER's string matches and exact match (SQuAD-normalised, against ``answer_text``) of each example,
+        each with a bootstrap interval; per example the primary metric (paired statistics), and the breakdown."""
+        records = self.eval_records(split)
+        golds = [r["answers"]["text"] for r in records]
+        scores = {"exact_match": np.array([metrics.squad_exact(p, answer_text(r)) for p, r in zip(preds, records)]),
+                  "string_match_all": np.array([metrics.string_match_all(p, g) for p, g in zip(preds, golds)]),
+                  "string_match_part": np.array([metrics.string_match_part(p, g) for p, g in zip(preds, golds)])}
+        B, seed = self.opts["bootstrap"], data_seed(self.cfg)
+        out = {}
+        for name, v in scores.items():
+            out[name] = float(v.mean())
+            out[f"{name}_ci"] = metrics.bootstrap_ci(lambda i, v=v: v[i].mean(), len(v), B, seed)
+        out.update(examples=len(records), per_example=scores[self.primary_metric].tolist(),
+                   predictions=preds[:20])  # the first predictions, to read what the model writes
+        if records and "depth" in records[0]:
+            out.update(self.breakdown(records, {"exact_match": scores["exact_match"],
+                                                self.primary_metric: scores[self.primary_metric]}))
+        return out
+
+    # ---- both forms ----
+    def breakdown(self, records, scores: dict) -> dict:
+        """By depth bin and by length: each metric's mean and the examples; and the per-example depths,
+        lengths and exact matches (``depth_length_heatmap``'s input)."""
+        depth, length = [r["depth"] for r in records], [r["length"] for r in records]
+        rows, labels = depth_bins_of(depth, self.opts["depth_bins"])
+        ln = np.asarray(length)
+
+        def cell(sel):
+            return {**{k: float(v[sel].mean()) for k, v in scores.items()}, "examples": int(sel.sum())}
+
+        return {"by_depth": {label: cell(rows == r) for r, label in enumerate(labels) if (rows == r).any()},
+                "by_length": {str(n): cell(ln == n) for n in sorted(set(length))},
+                "per_example_depth": depth, "per_example_length": length,
+                "per_example_exact_match": scores["exact_match"].tolist()}
+
     def score(self, split: str, feats, outs) -> dict:
         out = super().score(split, feats, outs)
         records = self.eval_records(split)
         if not records or "depth" not in records[0]:
             return out  # the user's own files
         em, f1 = metrics.squad_scores(self.predictions(split, feats, outs), [r["answers"]["text"] for r in records])
-        depth, length = [r["depth"] for r in records], [r["length"] for r in records]
-        rows, labels = depth_bins_of(depth, self.opts["depth_bins"])
-        ln = np.asarray(length)
-
-        def cell(sel):
-            return {"exact_match": float(em[sel].mean()), "f1": float(f1[sel].mean()), "examples": int(sel.sum())}
-
-        out["by_depth"] = {label: cell(rows == r) for r, label in enumerate(labels) if (rows == r).any()}
-        out["by_length"] = {str(n): cell(ln == n) for n in sorted(set(length))}
-        out.update(per_example_depth=depth, per_example_length=length, per_example_exact_match=em.tolist())
+        out.update(self.breakdown(records, {"exact_match": em, "f1": f1}))
         return out
 
 
-def _task(name: str, draw, options: dict | None = None, config: dict | None = None):
-    attrs = {"name": name, "draw": staticmethod(draw), "OPTIONS": {**RulerTask.OPTIONS, **(options or {})}}
+def _task(name: str, draw, options: dict | None = None, config: dict | None = None, **attrs):
+    attrs.update(name=name, draw=staticmethod(draw), OPTIONS={**RulerTask.OPTIONS, **(options or {})})
     if config:
         attrs["CONFIG"] = config
     return register(type("".join(p.title() for p in name.split("_")) + "Task", (RulerTask,), attrs))
@@ -426,9 +595,9 @@ def _task(name: str, draw, options: dict | None = None, config: dict | None = No
 
 _task("ruler_niah_single", niah_single)
 _task("ruler_niah_multikey", niah_multikey, {"num_keys": 4})
-_task("ruler_niah_multivalue", niah_multivalue, {"num_values": 4})
-_task("ruler_niah_multiquery", niah_multiquery, {"num_keys": 4, "num_queries": 2})
+_task("ruler_niah_multivalue", niah_multivalue, {"num_values": 4}, new_tokens=48)
+_task("ruler_niah_multiquery", niah_multiquery, {"num_keys": 4, "num_queries": 2}, new_tokens=32)
 _task("ruler_vt", variable_tracking, {"num_chains": 1, "num_hops": 4})
 _task("ruler_cwe", common_words, {"num_common": 1, "freq_common": 30, "freq_uncommon": 3})
 _task("ruler_fwe", frequent_words, {"num_frequent": 1, "alpha": 2.0, "vocab_words": 100})
-_task("ruler_qa", qa_distractors, {"max_answer_length": 64})
+_task("ruler_qa", qa_distractors, {"max_answer_length": 64}, metric="string_match_part", new_tokens=64)
