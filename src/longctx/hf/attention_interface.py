@@ -166,7 +166,7 @@ def _own_storage(x: torch.Tensor) -> torch.Tensor:
     attention kernel that saves v for backward (the band kernel's, SDPA's flash) keeps the whole buffer
     alive, three times v's size, until backward reaches the layer. Nothing else holds that buffer, so the
     copy frees two thirds of it: 64 MB per layer at 16,384 tokens and hidden 512 (docs/benchmarks.md)."""
-    if not (x.requires_grad and torch.is_grad_enabled()) or x.dim() != 4:
+    if not (x.requires_grad and torch.is_grad_enabled()) or x.dim() != 4 or _is_tracing():
         return x
     if x.untyped_storage().nbytes() <= 1.25 * x.numel() * x.element_size():
         return x
