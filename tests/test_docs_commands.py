@@ -99,6 +99,15 @@ TINY = {
          "--dtypes float32", " --impl sdpa"))},
     "longctx pretrain --out runs/long init_from=out/long-model data.tokenizer=out/long-model data.seq_len=4096":
         TINY_PRETRAIN + " data.seq_len=512",
+    **{cmd: TINY_PRETRAIN + " train.warmup_steps=1" for cmd in (
+        "longctx pretrain --config configs/bf16-vs-fp32.yaml --out runs/bf16-vs-fp32/fp32-seed0",
+        "longctx pretrain --config configs/bf16-vs-fp32.yaml --out runs/bf16-vs-fp32/bf16-seed0 train.bf16=true",
+        "longctx pretrain --config configs/bf16-vs-fp32.yaml --out runs/bf16-vs-fp32/fp32-600-seed0 train.steps=600 "
+        "train.warmup_steps=60",
+        "longctx pretrain --config configs/bf16-vs-fp32.yaml --out runs/bf16-vs-fp32/bf16-600-seed0 train.steps=600 "
+        "train.warmup_steps=60 train.bf16=true")},
+    "longctx bench hf --config benchmarks/hf-train.yaml --models modernbert --lengths 16384 --dtypes float32":
+        TINY_HF_TRAIN + " --impl longctx",
 }
 
 # printed command -> placeholder -> what the test puts there (synopses that are also the only example)

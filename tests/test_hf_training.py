@@ -176,6 +176,41 @@ def test_training_step_makes_no_n_by_n_tensor(name):
         assert (probe.largest[0] < n * n // 2) == small_enough, probe.largest
 
 
+def test_training_keeps_no_fused_projection_buffer(monkeypatch):
+    """ModernBERT splits q, k, v out of one fused projection (Wqkv) and v stays a view of it: a kernel that
+    saves that view for backward keeps the whole buffer, 3x v. The longctx path saves a compact copy
+    instead (docs/benchmarks.md, "Eighth session"): no tensor saved for backward on either of its layer
+    kinds (band kernel, SDPA) holds a storage of the Wqkv output's size."""
+    n, h = 96, 32
+    cfg = ModernBertConfig(vocab_size=97, hidden_size=h, intermediate_size=2 * h, num_attention_heads=2,
+                           num_hidden_layers=3, local_attention=16, global_attn_every_n_layers=3,
+                           max_position_embeddings=n, **MODERNBERT)
+    eager, ours = _twins(ModernBertForMaskedLM, cfg, "longctx")
+    ids, mask, labels = _batch("modernbert", n)
+    qkv_bytes = ids.shape[0] * n * 3 * h * 4
+    sizes = []
+
+    def pack(t):
+        sizes.append(t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = ours(input_ids=ids, attention_mask=mask, labels=labels).loss
+    assert sizes and qkv_bytes not in sizes
+    loss.backward()
+    eager(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    for (name, a), b in zip(ours.named_parameters(), eager.parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-5, rtol=1e-5), name
+    # without the copy the kernels do keep it: the probe sees the buffer
+    from longctx.hf import attention_interface
+
+    monkeypatch.setattr(attention_interface, "_own_storage", lambda x: x)
+    sizes.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        ours(input_ids=ids, attention_mask=mask, labels=labels)
+    assert qkv_bytes in sizes
+
+
 def test_finetuning_steps_equal_eager():
     """ModernBertForSequenceClassification (global and local layers, window cutting at 40 tokens), 20 AdamW
     steps on fixed random padded batches from the same init: the losses agree at every step (1e-4: the

@@ -131,7 +131,7 @@ def longctx_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
         raise LongctxError("attn_implementation 'longctx' got a ready-made 4D attention mask; pass a 2D "
                            "padding mask (1 = token, 0 = padding) instead")
     mask = attention_mask or LongctxMask(None, 0, 0)
-    query, key, value = _common_dtype(query, key, value)
+    query, key, value = (_own_storage(x) for x in _common_dtype(query, key, value))
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     groups = query.shape[1] // key.shape[1]
     key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
@@ -156,6 +156,21 @@ def _common_dtype(q, k, v):
     dev = q.device.type
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else q.dtype
     return tuple(x if x.dtype == dtype else x.to(dtype) for x in (q, k, v))
+
+
+def _own_storage(x: torch.Tensor) -> torch.Tensor:
+    """x itself, or, where x is a slice of a larger buffer and training will keep it for backward, a compact
+    copy of it (same values, laid out (B, n, H, d) as a layer's own projections are, which both band
+    kernels and SDPA read as they are). ModernBERT-style layers split q, k, v out of one fused projection
+    (``Wqkv``, 3 x (B, n, H, d)): the rotary embedding makes q and k new tensors, but v stays a view, and an
+    attention kernel that saves v for backward (the band kernel's, SDPA's flash) keeps the whole buffer
+    alive, three times v's size, until backward reaches the layer. Nothing else holds that buffer, so the
+    copy frees two thirds of it: 64 MB per layer at 16,384 tokens and hidden 512 (docs/benchmarks.md)."""
+    if not (x.requires_grad and torch.is_grad_enabled()) or x.dim() != 4 or _is_tracing():
+        return x
+    if x.untyped_storage().nbytes() <= 1.25 * x.numel() * x.element_size():
+        return x
+    return x.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 def _self_attention(q, k, v, pattern: AttentionPattern, key_valid, scale: float) -> torch.Tensor:

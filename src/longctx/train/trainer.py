@@ -178,6 +178,18 @@ class StopRequests:
             signal.signal(sig, handler)
 
 
+def _forget_other_precision(mixed: str) -> None:
+    """Accelerate keeps one process-wide state and refuses an ``Accelerator`` of another mixed precision
+    ("restart your runtime"): a second run in the same process with another ``train.bf16`` (an fp32
+    pretraining, then a bf16 one, as tests/test_docs_commands.py runs the printed commands) forgets the old
+    precision. Only the precision part is reset; the process group (``PartialState``) stays."""
+    from accelerate.state import AcceleratorState
+
+    held = AcceleratorState._shared_state.get("_mixed_precision")
+    if held is not None and held != mixed:
+        AcceleratorState._reset_state(reset_partial_state=False)
+
+
 def _rewind_metrics(path: Path, step: int) -> None:
     """Keep the rows up to ``step`` (the resumed checkpoint): the rows a killed run logged after it are
     logged again by the resumed run, and a torn last line would glue itself to the next row."""
@@ -215,9 +227,11 @@ class Trainer:
         hf_logging.disable_progress_bar()
         if self.t["eval_batches"] < 1:
             raise LongctxError(f"train.eval_batches={self.t['eval_batches']} evaluates nothing; use 1 or more")
+        mixed = "bf16" if self.t["bf16"] else "no"
+        _forget_other_precision(mixed)
         # global projections get no gradient in batches without global tokens: DDP must allow that
         self.accelerator = acc = Accelerator(
-            mixed_precision="bf16" if self.t["bf16"] else "no", cpu=not torch.cuda.is_available(),
+            mixed_precision=mixed, cpu=not torch.cuda.is_available(),
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
         self.rank, self.world, self.main = acc.process_index, acc.num_processes, acc.is_main_process
         self.state["world_size"] = self.world
