@@ -8,7 +8,7 @@ import torch
 
 from longctx.errors import LongctxError
 from longctx.tasks import metrics
-from longctx.tasks.ruler import answer_text, prompt_text
+from longctx.tasks.ruler import answer_text, depth_length_heatmap, depth_length_table, prompt_text
 from longctx.train.finetune import RULER_NAMES, finetune_config, task_class
 
 TINY = ["task.haystack=noise", "task.train_size=12", "task.dev_size=6", "task.test_size=6", "task.bootstrap=20",
@@ -113,7 +113,7 @@ def test_rulers_string_match_metrics_on_its_own_definitions():
     assert metrics.ruler_postprocess("  8\x00 9\n ") == "8\n 9"
 
 
-def test_the_evaluation_scores_each_example_and_breaks_it_down():
+def test_the_evaluation_scores_each_example_and_breaks_it_down(tmp_path):
     task = _task("ruler_niah_multivalue", "task.num_values=2", "task.depth=[0.1,0.9]")
     recs = task.eval_records("dev")
     preds = [answer_text(r) if i % 3 == 0 else r["answers"]["text"][0] if i % 3 == 1 else "no idea"
@@ -127,6 +127,12 @@ def test_the_evaluation_scores_each_example_and_breaks_it_down():
     assert set(ev["by_depth"]) <= {"0.00-0.20", "0.80-1.00"} and sum(c["examples"] for c in ev["by_depth"].values()) == len(recs)
     assert set(next(iter(ev["by_length"].values()))) == {"exact_match", "string_match_all", "examples"}
     assert len(ev["per_example_exact_match"]) == len(ev["per_example_depth"]) == len(recs)
+    # the heatmap's cells are RULER's metric (a half-found multi-value answer is 0.5 there, 0 as exact match)
+    assert ev["depth_length_metric"] == "string_match_all" and ev["per_example_string_match_all"] == want_all
+    m = depth_length_heatmap(tmp_path / "g.png", ev, depth_bins=5)
+    want, _, _ = depth_length_table(ev["per_example_depth"], ev["per_example_length"], want_all, 5)
+    em, _, _ = depth_length_table(ev["per_example_depth"], ev["per_example_length"], ev["per_example_exact_match"], 5)
+    assert np.allclose(m, want, equal_nan=True) and not np.allclose(m, em, equal_nan=True)
 
 
 def test_a_prompt_longer_than_the_sequence_is_one_sentence_never_cut():

@@ -281,9 +281,10 @@ def write_report(comp: dict, results: list[dict], out: Path) -> dict:
     md += [""] + downstream_lines(results, study)
     heatmaps = ruler_heatmaps(results, out)
     if heatmaps:
-        md += ["", "### RULER: exact match by needle depth and context length", "",
+        md += ["", "### RULER: accuracy by needle depth and context length", "",
                "One heatmap per RULER task and variant (test split, the chosen learning rate's runs; a cell is the mean "
-               "exact match over its examples and seeds, blank where no example fell):", ""]
+               "over its examples and seeds of exact match (the extractive form) or RULER's string_match_all (the "
+               "generation form), blank where no example fell):", ""]
         md += [f"- `{p.name}`: ![{p.stem}]({p.name})" for p in heatmaps] + [""]
     if not any(r.get("finetune") for r in results):
         md += ranking_lines(study)
@@ -300,12 +301,13 @@ def write_report(comp: dict, results: list[dict], out: Path) -> dict:
 
 
 def ruler_heatmaps(results: list[dict], out: Path) -> list[Path]:
-    """``ruler_<task>_<variant>.png`` for every ruler_* task of the finetune section: exact match by needle
-    depth and context length on the test split, pooled over the chosen learning rate's runs (seeds; same
-    test examples); a run folder without per-example depths (an older longctx) is skipped."""
+    """``ruler_<task>_<variant>.png`` for every ruler_* task of the finetune section: the cell metric
+    (``tasks.ruler.cell_metric``) by needle depth and context length on the test split, pooled over the chosen
+    learning rate's runs (seeds; same test examples); a run folder without per-example depths (an older
+    longctx) is skipped."""
     import numpy as np
 
-    from longctx.tasks.ruler import depth_length_table
+    from longctx.tasks.ruler import cell_metric, depth_length_table
     from longctx.plots import heatmap_figure
 
     paths = []
@@ -329,11 +331,13 @@ def ruler_heatmaps(results: list[dict], out: Path) -> list[Path]:
                     bins = int(((cfg.get("task") or {}).get("depth_bins")) or bins)
             if not tests:
                 continue
-            em = np.mean([t["per_example_exact_match"] for t in tests], axis=0)
-            m, rows, cols = depth_length_table(tests[0]["per_example_depth"], tests[0]["per_example_length"], em, bins)
+            metric = cell_metric(tests[0])
+            score = np.mean([t[f"per_example_{metric}"] for t in tests], axis=0)
+            m, rows, cols = depth_length_table(tests[0]["per_example_depth"], tests[0]["per_example_length"], score,
+                                               bins)
             paths.append(heatmap_figure(out / f"{task}_{r['variant']}.png", m, rows, [str(c) for c in cols],
                                         "context length", "needle depth",
-                                        title=f"{task}, {r['variant']}: exact match ({len(tests)} run(s))"))
+                                        title=f"{task}, {r['variant']}: {metric.replace('_', ' ')} ({len(tests)} run(s))"))
     return paths
 
 

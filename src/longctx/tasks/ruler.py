@@ -383,15 +383,24 @@ def depth_length_table(depths, lengths, scores, depth_bins: int = 5):
     return m, labels, cols
 
 
+def cell_metric(evaluation: dict) -> str:
+    """The metric a depth-by-length cell means for a RULER evaluation: RULER's string_match_all in the
+    generation form (what RULER reports), exact match in the extractive form (and in runs of an older
+    longctx, which recorded no other)."""
+    return evaluation.get("depth_length_metric", "exact_match")
+
+
 def depth_length_heatmap(path, evaluation: dict, depth_bins: int = 5, title: str | None = None):
-    """Exact match by needle depth (rows) and context length (columns) of a RULER evaluation (the task's
+    """``cell_metric`` by needle depth (rows) and context length (columns) of a RULER evaluation (the task's
     metrics dict, e.g. ``results.json``'s ``test``) as a PNG; returns the matrix drawn."""
 
     if "per_example_depth" not in evaluation:
         raise LongctxError("this evaluation has no per-example depths; it is not a RULER task's")
+    metric = cell_metric(evaluation)
     m, rows, cols = depth_length_table(evaluation["per_example_depth"], evaluation["per_example_length"],
-                                       evaluation["per_example_exact_match"], depth_bins)
-    plots.heatmap_figure(path, m, rows, [str(c) for c in cols], "context length", "needle depth", title=title)
+                                       evaluation[f"per_example_{metric}"], depth_bins)
+    plots.heatmap_figure(path, m, rows, [str(c) for c in cols], "context length", "needle depth",
+                         title=title or metric.replace("_", " "))
     return m
 
 
@@ -557,13 +566,15 @@ class RulerTask(QATask):
                    predictions=preds[:20])  # the first predictions, to read what the model writes
         if records and "depth" in records[0]:
             out.update(self.breakdown(records, {"exact_match": scores["exact_match"],
+                                                "string_match_all": scores["string_match_all"],
                                                 self.primary_metric: scores[self.primary_metric]}))
         return out
 
     # ---- both forms ----
     def breakdown(self, records, scores: dict) -> dict:
         """By depth bin and by length: each metric's mean and the examples; and the per-example depths,
-        lengths and exact matches (``depth_length_heatmap``'s input)."""
+        lengths and exact matches, and RULER's string_match_all where there is one (``depth_length_heatmap``'s
+        input: ``cell_metric``)."""
         depth, length = [r["depth"] for r in records], [r["length"] for r in records]
         rows, labels = depth_bins_of(depth, self.opts["depth_bins"])
         ln = np.asarray(length)
@@ -574,7 +585,10 @@ class RulerTask(QATask):
         return {"by_depth": {label: cell(rows == r) for r, label in enumerate(labels) if (rows == r).any()},
                 "by_length": {str(n): cell(ln == n) for n in sorted(set(length))},
                 "per_example_depth": depth, "per_example_length": length,
-                "per_example_exact_match": scores["exact_match"].tolist()}
+                "per_example_exact_match": scores["exact_match"].tolist(),
+                **({"depth_length_metric": "string_match_all",
+                    "per_example_string_match_all": scores["string_match_all"].tolist()}
+                   if "string_match_all" in scores else {})}
 
     def score(self, split: str, feats, outs) -> dict:
         out = super().score(split, feats, outs)
