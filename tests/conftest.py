@@ -25,6 +25,22 @@ settings.load_profile("ci" if os.environ.get("CI") else "dev")
 torch.set_num_threads(1)
 
 
+def pytest_configure(config):
+    """Build the C++ extension into the cache once, before any test runs (in a process of its own, so that no
+    test process has it loaded before it asks): which kernel a test's processes find (LONGCTX_FUSED=prebuilt:
+    the fused one once it is built, else the pure-PyTorch one; equal within fp32 rounding, not in every bit)
+    is then the same for every test, in any order and under pytest-xdist's workers (CI: .ci/run), instead of
+    changing at the moment a test that asks for the kernel builds it. Where no compiler can build it, every
+    test finds the pure-PyTorch kernel, and the extension's own tests skip (``cpp_extension``)."""
+    if hasattr(config, "workerinput") or os.environ.get("LONGCTX_FUSED") == "0":
+        return  # an xdist worker: the controller built it before starting the workers
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-c", "from longctx.attention import fused; fused.load(build=True)"],
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+
+
 @pytest.fixture(scope="module")
 def cpp_extension():
     """longctx's C++ extension (the fused band kernel and the CPU cache), built once (about a minute the
