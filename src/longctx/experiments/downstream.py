@@ -140,7 +140,7 @@ def check_objective(spec: dict, objective: str) -> None:
     form: clm) needs models pretrained with it: refused before any pretraining, not after."""
     for name, cfg in spec.items():
         cls = task_class(name)
-        need = getattr(cls, "objective_for", lambda _: None)((cfg or {}).get("task") or {})
+        need = cls.objective_for((cfg or {}).get("task") or {})
         if need and need != objective and not cls.from_scratch:
             raise LongctxError(f"finetune.{name} finetunes models of objective={need} (its task options; a RULER "
                                f"task's task.form=generation), but the variants are pretrained with objective={objective}; "

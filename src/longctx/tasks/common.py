@@ -128,7 +128,7 @@ def task_options(cls, given: dict | None) -> dict:
             if not ok:
                 raise LongctxError(f"config key 'task.{key}' expects {type(d).__name__}, got {value!r}")
         out[key] = value
-    default = cls.default_global_for(out) if hasattr(cls, "default_global_for") else cls.default_global
+    default = cls.default_global_for(out)
     preset = out["global_tokens"] or default
     if preset not in ("none", default):
         raise LongctxError(f"config key 'task.global_tokens' must be none" + (f" or {default}" if default != "none" else "")
@@ -166,6 +166,12 @@ class FinetuneTask(Task):
         """The global-tokens preset of the task with options ``opts`` (``default_global`` unless an option
         changes the model, as a RULER task's generation form does)."""
         return cls.default_global
+
+    @classmethod
+    def objective_for(cls, opts: dict) -> str | None:
+        """The pretraining objective the task's model must have with options ``opts``, where the task fixes
+        one (a RULER task's generation form: clm); None: any."""
+        return None
 
     def __init__(self, cfg: dict):
         super().__init__(cfg)

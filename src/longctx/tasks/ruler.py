@@ -405,6 +405,14 @@ def depth_length_heatmap(path, evaluation: dict, depth_bins: int = 5, title: str
 
 
 FORMS = ("extractive", "generation")
+
+
+def form_of(opts: dict) -> str:
+    """``task.form`` of the options ``opts`` (unset: extractive), checked."""
+    form = opts.get("form") or "extractive"
+    if form not in FORMS:
+        raise LongctxError(f"config key 'task.form' must be extractive or generation, got {form!r}")
+    return form
 ANSWER_CUE = " Answer:"  # RULER's qa answer prefix; its other tasks' prefixes restate the question first
 
 
@@ -436,8 +444,7 @@ class RulerTask(QATask):
 
     def __init__(self, cfg: dict):
         super().__init__(cfg)
-        type(self).objective_for(self.opts)  # the form checked
-        self.form = self.opts["form"] = self.opts["form"] or "extractive"
+        self.form = self.opts["form"] = form_of(self.opts)
         n = self.opts["max_new_tokens"]
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
             raise LongctxError(f"config key 'task.max_new_tokens' must be a whole number of tokens (1 or more), got {n!r}")
@@ -447,19 +454,16 @@ class RulerTask(QATask):
     @classmethod
     def default_global_for(cls, opts: dict) -> str:
         """The generation form has no global tokens: a decoder reads the question last, after the context."""
-        return "none" if (opts.get("form") or "extractive") == "generation" else cls.default_global
+        return "none" if form_of(opts) == "generation" else cls.default_global
 
     @classmethod
     def objective_for(cls, opts: dict) -> str | None:
         """The objective the task's model is trained with, when the task fixes it (clm for the generation form)."""
-        form = opts.get("form") or "extractive"
-        if form not in FORMS:
-            raise LongctxError(f"config key 'task.form' must be extractive or generation, got {form!r}")
-        return "clm" if form == "generation" else None
+        return "clm" if form_of(opts) == "generation" else None
 
     @classmethod
     def check_chunking(cls, o: dict, seq_len: int) -> None:
-        if (o.get("form") or "extractive") == "extractive":  # the generation form has no chunks
+        if form_of(o) == "extractive":  # the generation form has no chunks
             super().check_chunking(o, seq_len)
 
     @property

@@ -96,7 +96,7 @@ def finetune_config(task_name: str, config: dict | None = None, overrides: list[
         user_data = deep_merge(config or {}, parse_overrides(overrides or [])).get("data") or {}
         raw["data"] = dict(raw.get("data") or {}, seq_len=_seq_len_for(raw, user_data.get("seq_len"), init_from))
     raw.setdefault("name", task_name)
-    objective = getattr(cls, "objective_for", lambda _: None)(task_section)  # e.g. clm for a RULER task's generation form
+    objective = cls.objective_for(task_section)  # e.g. clm for a RULER task's generation form
     if objective:
         if raw.get("objective", objective) != objective:
             raise LongctxError(f"task {task_name!r} with these task options trains objective={objective}, not "
