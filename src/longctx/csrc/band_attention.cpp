@@ -309,6 +309,39 @@ inline F exp_le0(F x) {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
+// exp (arguments <= 0) for the bf16 kernel, whose P and dS are rounded to bf16 (relative error up to
+// 2^-9) right after: 2^t with t = x log2(e) = n + f (n the nearest integer, |f| <= 1/2) and 2^f by a
+// degree-4 polynomial fitted for relative error (2.6e-6 on [-1/2, 1/2]; t's own rounding adds at most
+// 7.5e-6 where x is near -87, 1e-6 for x > -10): about 750 times below the rounding that follows, and 12
+// vector operations where exp_le0 takes 19. The softmax's sums, maxima and log-sum-exp stay fp32; t is
+// clamped at -125 (2^-125: normal, so no denormal ever reaches an operation). Forward and backward both
+// use it, so the probabilities the backward recomputes are the forward's.
+template <typename F>
+inline F exp_bf16(F x) {
+  const F shift = bcast<F>(12582912.0f);
+  F t = x * 1.44269504088896341f;
+  t = t < bcast<F>(-125.0f) ? bcast<F>(-125.0f) : t;
+  const F n = (t + shift) - shift;
+  const F f = t - n;
+  F p = bcast<F>(9.570104070007801e-3f);
+  p = p * f + 5.591786280274391e-2f;
+  p = p * f + 2.40247443318367e-1f;
+  p = p * f + 6.931217908859253e-1f;
+  p = p * f + 9.999992847442627e-1f;
+  return p * pow2i(n);
+}
+
+// the softmax's exp for a kernel on T: exp_le0 (about 1 ulp) for fp32, exp_bf16 for bf16
+template <typename T, typename F>
+inline F exp_of(F x) {
+  if constexpr (std::is_same_v<T, float>) {
+    return exp_le0(x);
+  } else {
+    return exp_bf16(x);
+  }
+}
+
+
 // max of s[lo, hi) (-inf when empty)
 inline float row_max(const float* s, int64_t lo, int64_t hi, float m) {
   vf vm = bcast<vf>(m);
@@ -322,50 +355,70 @@ inline float row_max(const float* s, int64_t lo, int64_t hi, float m) {
   return m;
 }
 
-// s[j] = exp(s[j] - m) over [lo, hi), 0 where s[j] is -inf (a masked pair) if kMasked; returns the sum.
-template <bool kMasked>
-inline float row_exp(float* s, int64_t lo, int64_t hi, float m) {
+// 16 lanes stored as T (bf16: rounded to nearest even)
+template <typename T>
+inline void vstore_as(T* p, vf v) {
+  if constexpr (std::is_same_v<T, float>) {
+    vstore(p, v);
+  } else {
+#if defined(LONGCTX_BF16_UKERNEL)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh((__m512)v));
+#else
+    for (int e = 0; e < kW; ++e) p[e] = static_cast<T>(v[e]);
+#endif
+  }
+}
+
+// out[j] = exp(s[j] - m) over [lo, hi) as T (out = s for fp32: in place), 0 where s[j] is -inf (a masked
+// pair) if kMasked; returns the sum of the fp32 values (before any rounding to T).
+template <bool kMasked, typename T>
+inline float row_exp(const float* s, T* out, int64_t lo, int64_t hi, float m) {
   const vf vm = bcast<vf>(m), ninf = bcast<vf>(kNegInf), zero = bcast<vf>(0.f);
   vf vs = zero;
   int64_t j = lo;
   for (; j + kW <= hi; j += kW) {
     const vf x = vload(s + j);
-    vf e = exp_le0(x - vm);
+    vf e = exp_of<T>(x - vm);
     if (kMasked) e = x == ninf ? zero : e;
-    vstore(s + j, e);
+    vstore_as(out + j, e);
     vs += e;
   }
   float sum = 0.f;
   for (int e = 0; e < kW; ++e) sum += vs[e];
   for (; j < hi; ++j) {
-    const float e = exp_le0(s[j] - m);
-    s[j] = kMasked && s[j] == kNegInf ? 0.f : e;
-    sum += s[j];
+    const float e = kMasked && s[j] == kNegInf ? 0.f : exp_of<T>(s[j] - m);
+    out[j] = static_cast<T>(e);
+    sum += e;
   }
   return sum;
 }
 
-// backward over [lo, hi): s[j] = P = exp(s[j] - lse) (0 where masked if kMasked), dp[j] = dS = P (dP - D)
-template <bool kMasked>
-inline void row_ds(float* s, float* dp, int64_t lo, int64_t hi, float lse, float D) {
+// backward over [lo, hi): P = exp(s[j] - lse) (0 where masked if kMasked) and dS = P (dp[j] - D), with the
+// exp of the forward on T, stored as O into po, dso (for fp32 in place: po = s, dso = dp); keep: dS also
+// in fp32 into dp (where the stores are bf16 and ALiBi's slope gradient needs it)
+template <bool kMasked, typename T, typename O>
+inline void row_ds(const float* s, float* dp, O* po, O* dso, int64_t lo, int64_t hi, float lse, float D, bool keep) {
   const vf vl = bcast<vf>(lse), vD = bcast<vf>(D), ninf = bcast<vf>(kNegInf), zero = bcast<vf>(0.f);
   int64_t j = lo;
   for (; j + kW <= hi; j += kW) {
     const vf x = vload(s + j);
-    vf p = exp_le0(x - vl);
+    vf p = exp_of<T>(x - vl);
     if (kMasked) p = x == ninf ? zero : p;
-    vstore(s + j, p);
-    vstore(dp + j, p * (vload(dp + j) - vD));
+    const vf ds = p * (vload(dp + j) - vD);
+    vstore_as(po + j, p), vstore_as(dso + j, ds);
+    if (keep) vstore(dp + j, ds);
   }
   for (; j < hi; ++j) {
-    const float p = kMasked && s[j] == kNegInf ? 0.f : exp_le0(s[j] - lse);
-    s[j] = p;
-    dp[j] = p * (dp[j] - D);
+    const float p = kMasked && s[j] == kNegInf ? 0.f : exp_of<T>(s[j] - lse);
+    const float ds = p * (dp[j] - D);
+    po[j] = static_cast<O>(p), dso[j] = static_cast<O>(ds);
+    if (keep) dp[j] = ds;
   }
 }
 
-inline void zero_cols(float* s, int64_t lo, int64_t hi) {
-  if (hi > lo) std::memset(s + lo, 0, (hi - lo) * sizeof(float));
+template <typename T>
+inline void zero_cols(T* s, int64_t lo, int64_t hi) {
+  if (hi > lo) std::memset(static_cast<void*>(s + lo), 0, (hi - lo) * sizeof(T));  // +0 in fp32 and bf16
 }
 
 // Phase timers for profiling (LONGCTX_FUSED_PROFILE=1): each thread adds the CPU time since its previous lap
@@ -459,14 +512,15 @@ struct Geo {
         const uint8_t *loc = local_of(i), *kv = kvalid_of(b, i);
         TileSpan ts{static_cast<int32_t>(span), 0};
         for (int64_t r = 0; r < c; ++r) {
-          int64_t lo = -1, hi = 0, count = 0;
-          for (int64_t j = 0; j < span; ++j) {
-            if (loc[r * span + j] & kv[j]) {
-              lo = lo < 0 ? j : lo;
-              hi = j + 1, ++count;
-            }
-          }
-          lo = lo < 0 ? 0 : lo;
+          // the first and last allowed key, and whether all between are (a vectorised count: the masks
+          // are 0/1 bytes); about 5x faster than one loop tracking all three
+          const uint8_t* lr = loc + r * span;
+          int64_t lo = 0, hi = span, count = 0;
+          while (lo < span && !(lr[lo] & kv[lo])) ++lo;
+          while (hi > lo && !(lr[hi - 1] & kv[hi - 1])) --hi;
+          if (hi == lo) lo = hi = 0;
+#pragma omp simd reduction(+ : count)
+          for (int64_t j = lo; j < hi; ++j) count += lr[j] & kv[j];
           rows[t * c + r] = {static_cast<int32_t>(lo), static_cast<int32_t>(hi), count == hi - lo};
           if (hi > lo) ts = {std::min<int32_t>(ts.lo, lo), std::max<int32_t>(ts.hi, hi)};
         }
@@ -515,19 +569,13 @@ inline void to_input(const float* src, T* dst, int64_t n) {
   for (; j < n; ++j) dst[j] = static_cast<T>(src[j]);
 }
 
-// The operand of a product that the tile computed in fp32 (P, dS): as is in fp32, rounded to bf16 else
-// (only the columns the products read: the tile's band columns and the global ones).
+// dst[0, n) = s src[0, n) as T (bf16: rounded to nearest even)
 template <typename T>
-inline const T* operand(const Geo& g, const float* src, T* buf, TileSpan ts) {
-  if constexpr (std::is_same_v<T, float>) {
-    return src;
-  } else {
-    for (int64_t r = 0; r < g.c; ++r) {
-      to_input(src + r * g.L + ts.lo, buf + r * g.L + ts.lo, ts.hi - ts.lo);
-      to_input(src + r * g.L + g.span, buf + r * g.L + g.span, g.G);
-    }
-    return buf;
-  }
+inline void scale_to(const float* src, float s, T* dst, int64_t n) {
+  int64_t j = 0;
+  const vf vs = bcast<vf>(s);
+  for (; j + kW <= n; j += kW) vstore_as(dst + j, vload(src + j) * vs);
+  for (; j < n; ++j) dst[j] = static_cast<T>(src[j] * s);
 }
 
 // A (B, H, rows, d) tensor with unit stride along d and any other strides. The layer's projections are
@@ -608,6 +656,46 @@ inline void band_depth(int64_t m, int64_t n, const bf16* A, int64_t lda, const P
   }
 }
 
+
+// The query rows [a, z) of a tile (c rows) that attend some key column in [c0, c1) ({0, 0}: none)
+inline std::pair<int64_t, int64_t> rows_of_cols(const RowSpan* rows, int64_t c, int64_t c0, int64_t c1) {
+  const auto hits = [&](int64_t r) { return rows[r].hi > rows[r].lo && rows[r].hi > c0 && rows[r].lo < c1; };
+  int64_t a = 0, z = c;
+  while (a < c && !hits(a)) ++a;
+  if (a == c) return {0, 0};
+  while (!hits(z - 1)) --z;
+  return {a, z};
+}
+
+// C (m x band columns, ldc) += A (m x c) Bp (c x band columns, packed pairs of rows, ldp), where B's rows
+// are the tile's query rows (P or dS: the dV^T and dK^T products): each panel of columns over only the
+// rows that attend one of its columns (the others are 0 there), so the band's masked corners are skipped
+// (a 64-row tile of a 256 window has 576 columns and 513 keys a row). Panels are 16 columns, merged up to
+// the micro-kernel's widest (48) while their rows agree.
+inline void band_rows(int64_t m, const bf16* A, int64_t lda, const uint32_t* Bp, int64_t ldp, float* C,
+                      int64_t ldc, const RowSpan* rows, int64_t c, TileSpan ts) {
+  const auto* a16 = reinterpret_cast<const uint16_t*>(A);
+  const int64_t nb = ts.hi - ts.lo;
+  for (int64_t j = 0; j < nb;) {
+    const auto range = rows_of_cols(rows, c, ts.lo + j, ts.lo + std::min(j + 16, nb));
+    int64_t w = std::min<int64_t>(16, nb - j);
+    while (w < 48 && j + w < nb && rows_of_cols(rows, c, ts.lo + j + w, ts.lo + std::min(j + w + 16, nb)) == range) {
+      w += std::min<int64_t>(16, nb - j - w);
+    }
+    const int64_t r0 = range.first - range.first % 2, k = range.second - r0;
+    if (k > 0) {
+      const int64_t nv = (w + 15) / 16;
+      const __mmask16 ml = w % 16 ? ukernel::tail_mask(w % 16) : __mmask16(0xFFFF);
+      for (int64_t i0 = 0; i0 < m; i0 += ukernel::kMR) {
+        const int64_t mr = std::min<int64_t>(ukernel::kMR, m - i0);
+        ukernel::kTiles[nv - 1][mr - 1]((k + 1) / 2, k & 1, a16 + i0 * lda + r0, lda, Bp + r0 / 2 * ldp + j, ldp,
+                                        C + i0 * ldc + j, ldc, true, ml);
+      }
+    }
+    j += w;
+  }
+}
+
 #endif
 
 // the band product of a tile on band_cols / band_depth where B is packed (bf16 on the micro-kernel); false
@@ -632,6 +720,22 @@ inline bool packed_depth(int64_t m, int64_t n, const T* A, int64_t lda, const Pk
   if constexpr (std::is_same_v<T, bf16>) {
     if (B.even) {
       band_depth(m, n, A, lda, B, brow, C, ldc, rows, ts);
+      return true;
+    }
+  }
+#endif
+  return false;
+}
+
+// the dV^T / dK^T band product of a tile on band_rows where its B is packed (Bp: bf16 on the micro-kernel);
+// false (nothing done) otherwise
+template <typename T>
+inline bool rows_packed(int64_t m, const T* A, int64_t lda, const uint32_t* Bp, int64_t col, int64_t ldp, float* C,
+                        int64_t ldc, const RowSpan* rows, int64_t c, TileSpan ts) {
+#if defined(LONGCTX_BF16_UKERNEL)
+  if constexpr (std::is_same_v<T, bf16>) {
+    if (Bp) {
+      band_rows(m, A, lda, Bp + col, ldp, C, ldc, rows, c, ts);
       return true;
     }
   }
@@ -687,50 +791,62 @@ inline __m512 load_bf16x16(const bf16* p) {  // 16 bf16 widened to fp32 (exact)
 }
 #endif
 
-// dst (cols x rows, ld ldd) = alpha * src (rows x cols, ld lds)^T, in 16 x 16 blocks (in registers with
-// AVX-512 for fp32: the plain loop took a sixth of the kernel's time at 16,384 tokens)
+#if defined(__AVX512F__)
+// 16 values of T as fp32 lanes, and back (bf16: rounded to nearest even; that needs AVX512-BF16)
 template <typename T>
-void transpose(const T* src, int64_t lds, int64_t rows, int64_t cols, float alpha, T* dst, int64_t ldd,
+constexpr bool kVec16 = std::is_same_v<T, float>
+#if defined(LONGCTX_BF16_UKERNEL)
+                        || std::is_same_v<T, bf16>
+#endif
+    ;
+template <typename T>
+inline __m512 load16(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm512_loadu_ps(p);
+  } else {
+    return load_bf16x16(p);
+  }
+}
+template <typename T>
+inline void store16(T* p, __m512 x) {
+  if constexpr (std::is_same_v<T, float>) {
+    _mm512_storeu_ps(p, x);
+  } else {
+#if defined(LONGCTX_BF16_UKERNEL)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(x));
+#endif
+  }
+}
+#endif
+
+// dst (cols x rows, ld ldd) = alpha * src (rows x cols, ld lds)^T (+ dst if acc), in 16 x 16 blocks (in
+// registers with AVX-512: the plain loop took a sixth of the kernel's time at 16,384 tokens); fp32 in
+// between, so a bf16 side is widened exactly and rounded once, to nearest even
+template <typename TS, typename TD = TS>
+void transpose(const TS* src, int64_t lds, int64_t rows, int64_t cols, float alpha, TD* dst, int64_t ldd,
                bool acc = false) {
   constexpr int64_t kB = 16;
   for (int64_t a = 0; a < rows; a += kB) {
     for (int64_t e0 = 0; e0 < cols; e0 += kB) {
       const int64_t nr = std::min(kB, rows - a), ne = std::min(kB, cols - e0);
-      const T* sp = src + a * lds + e0;
-      T* dp = dst + e0 * ldd + a;
+      const TS* sp = src + a * lds + e0;
+      TD* dp = dst + e0 * ldd + a;
 #if defined(__AVX512F__)
-      if constexpr (std::is_same_v<T, float>) {
+      if constexpr (kVec16<TS> && kVec16<TD>) {
         if (nr == kB && ne == kB) {
           __m512 r[16];
           const __m512 va = _mm512_set1_ps(alpha);
-          for (int i = 0; i < 16; ++i) r[i] = _mm512_mul_ps(_mm512_loadu_ps(sp + i * lds), va);
+          for (int i = 0; i < 16; ++i) r[i] = _mm512_mul_ps(load16(sp + i * lds), va);
           transpose16(r);
-          for (int i = 0; i < 16; ++i) {
-            _mm512_storeu_ps(dp + i * ldd, acc ? _mm512_add_ps(_mm512_loadu_ps(dp + i * ldd), r[i]) : r[i]);
-          }
+          for (int i = 0; i < 16; ++i) store16(dp + i * ldd, acc ? _mm512_add_ps(load16(dp + i * ldd), r[i]) : r[i]);
           continue;
         }
       }
-#if defined(LONGCTX_BF16_UKERNEL)
-      if constexpr (std::is_same_v<T, bf16>) {  // the same through fp32 lanes, rounded back to nearest even
-        if (nr == kB && ne == kB) {
-          __m512 r[16];
-          const __m512 va = _mm512_set1_ps(alpha);
-          for (int i = 0; i < 16; ++i) r[i] = _mm512_mul_ps(load_bf16x16(sp + i * lds), va);
-          transpose16(r);
-          for (int i = 0; i < 16; ++i) {
-            const __m512 x = acc ? _mm512_add_ps(load_bf16x16(dp + i * ldd), r[i]) : r[i];
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(dp + i * ldd), (__m256i)_mm512_cvtneps_pbh(x));
-          }
-          continue;
-        }
-      }
-#endif
 #endif
       for (int64_t e = 0; e < ne; ++e) {
         for (int64_t r = 0; r < nr; ++r) {
           const float x = alpha * static_cast<float>(sp[r * lds + e]);
-          dp[e * ldd + r] = static_cast<T>(acc ? static_cast<float>(dp[e * ldd + r]) + x : x);
+          dp[e * ldd + r] = static_cast<TD>(acc ? static_cast<float>(dp[e * ldd + r]) + x : x);
         }
       }
     }
@@ -766,7 +882,8 @@ void scores(const Geo& g, float* S, const T* Qi, int64_t ldq, const Head<T>& hd,
 }
 
 // columns of the tile's band outside the row's own [lo, hi): zero in P and dS
-inline void zero_outside(float* s, TileSpan ts, const RowSpan& rs) {
+template <typename T>
+inline void zero_outside(T* s, TileSpan ts, const RowSpan& rs) {
   if (rs.hi > rs.lo) {
     zero_cols(s, ts.lo, rs.lo), zero_cols(s, rs.hi, ts.hi);
   } else {
@@ -774,23 +891,27 @@ inline void zero_outside(float* s, TileSpan ts, const RowSpan& rs) {
   }
 }
 
-// Softmax of the scores S in place, unnormalised: S = exp(S - rowmax); inv = 1 / row sum (0 for a row
-// with no allowed key, whose log-sum-exp is +inf). Normalising the c x d output instead of the c x L
-// probabilities saves a pass over the tile.
-inline void softmax_rows(const Geo& g, float* S, const RowSpan* rows, TileSpan ts, float* lse, float* inv) {
+// Softmax of the scores S, unnormalised, into P (T; P = S for fp32: in place; bf16: rounded once, so the
+// P V product's operand needs no pass of its own): P = exp(S - rowmax) over the band columns [ts.lo,
+// ts.hi) and the global ones; inv = 1 / row sum (0 for a row with no allowed key, whose log-sum-exp is
+// +inf). Normalising the c x d output instead of the c x L probabilities saves a pass over the tile.
+template <typename T>
+inline void softmax_rows(const Geo& g, const float* S, T* P, const RowSpan* rows, TileSpan ts, float* lse,
+                         float* inv) {
   const int64_t span = g.span, L = g.L;
   for (int64_t r = 0; r < g.c; ++r) {
-    float* s = S + r * L;
+    const float* s = S + r * L;
+    T* p = P + r * L;
     const RowSpan rs = rows[r];
     const float m = row_max(s, span, L, row_max(s, rs.lo, rs.hi, kNegInf));
     if (m == kNegInf) {
-      zero_cols(s, ts.lo, ts.hi), zero_cols(s, span, L);
+      zero_cols(p, ts.lo, ts.hi), zero_cols(p, span, L);
       lse[r] = std::numeric_limits<float>::infinity(), inv[r] = 0.f;
       continue;
     }
-    float sum = rs.dense ? row_exp<false>(s, rs.lo, rs.hi, m) : row_exp<true>(s, rs.lo, rs.hi, m);
-    sum += row_exp<true>(s, span, L, m);
-    zero_outside(s, ts, rs);
+    float sum = rs.dense ? row_exp<false>(s, p, rs.lo, rs.hi, m) : row_exp<true>(s, p, rs.lo, rs.hi, m);
+    sum += row_exp<true>(s, p, span, L, m);
+    zero_outside(p, ts, rs);
     lse[r] = m + std::log(sum), inv[r] = 1.f / sum;
   }
 }
@@ -923,10 +1044,10 @@ PackedOps pack_task(PackBufs& pb, bool own, bool backward, bool odd, const T* K,
   return ops;
 }
 
-// a tile's fp32 rows (c x cols of src, ld L) at column col0 packed into buf (pairs of rows, ld L); returns
-// buf (nullptr where nothing is packed: fp32, MKL's products)
-template <typename T>
-inline const uint32_t* pack_tile(bool own, std::vector<uint32_t>& buf, const float* src, int64_t c, int64_t L,
+// a tile's rows (c x the column ranges of src, ld L: fp32, rounded here, or bf16) packed into buf (pairs of
+// rows, ld L, at the same columns); returns buf (nullptr where nothing is packed: fp32, MKL's products)
+template <typename T, typename Src>
+inline const uint32_t* pack_tile(bool own, std::vector<uint32_t>& buf, const Src* src, int64_t c, int64_t L,
                                  std::initializer_list<std::pair<int64_t, int64_t>> ranges) {
 #if defined(LONGCTX_BF16_UKERNEL)
   if constexpr (std::is_same_v<T, bf16>) {
@@ -976,9 +1097,9 @@ void forward_tile(const Geo& g, Buffers<T>& buf, int64_t bh, int64_t i, const T*
   const int64_t b = bh / g.H, h = bh % g.H, c = g.c, d = g.d, L = g.L;
   const TileSpan ts = g.tile_of(b, i);
   scores<T>(g, buf.S.data(), Qi, ldq, hd, b, h, i, lap);
-  softmax_rows(g, buf.S.data(), g.rows_of(b, i), ts, lse, buf.row.data());
+  T* P = std::is_same_v<T, float> ? reinterpret_cast<T*>(buf.S.data()) : buf.P.data();
+  softmax_rows<T>(g, buf.S.data(), P, g.rows_of(b, i), ts, lse, buf.row.data());
   lap(kSoftmax);
-  const T* P = operand<T>(g, buf.S.data(), buf.P.data(), ts);
   float* O = buf.O.data();
   if (ts.hi > ts.lo) {
     const int64_t r0 = g.band_row(i, ts);
@@ -991,10 +1112,7 @@ void forward_tile(const Geo& g, Buffers<T>& buf, int64_t bh, int64_t i, const T*
   }
   if (g.G) prod(g.brgemm, c, d, g.G, P + g.span, L, hd.Vg, d, hd.pk.Vg.at_row(0), hd.pk.Vg.ld, O, d, true);
   lap(kPV);
-  for (int64_t r = 0; r < nr; ++r) {
-    const float inv = buf.row[r];
-    for (int64_t e = 0; e < d; ++e) Oi[r * ldo + e] = static_cast<T>(O[r * d + e] * inv);
-  }
+  for (int64_t r = 0; r < nr; ++r) scale_to(O + r * d, buf.row[r], Oi + r * ldo, d);
   lap(kCopy);
 }
 
@@ -1073,34 +1191,44 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, c
   return {out, lse};
 }
 
-// Backward's elementwise part of a tile, in place: S -> P (recomputed from the saved log-sum-exp),
-// dP -> dS = P (dP - D) with D_r = rowsum(dP * P) = dO_r . O_r; zero outside each row's allowed keys.
+// D_r = rowsum(dP * P) = dO_r . O_r for the c rows of the tile
 template <typename T>
-void ds_rows(const Geo& g, float* S, float* dP, float* D, const RowSpan* rows, TileSpan ts, const T* dOi,
-             int64_t lddo, const T* Oi, int64_t ldo, const float* lse) {
-  const int64_t span = g.span, L = g.L, d = g.d;
+void out_dots(const Geo& g, float* D, const T* dOi, int64_t lddo, const T* Oi, int64_t ldo) {
   for (int64_t r = 0; r < g.c; ++r) {
     float acc = 0.f;
     const T *dor = dOi + r * lddo, *orow = Oi + r * ldo;
 #pragma omp simd reduction(+ : acc)
-    for (int64_t e = 0; e < d; ++e) acc += static_cast<float>(dor[e]) * static_cast<float>(orow[e]);
+    for (int64_t e = 0; e < g.d; ++e) acc += static_cast<float>(dor[e]) * static_cast<float>(orow[e]);
     D[r] = acc;
   }
+}
+
+// Backward's elementwise part of a tile: P (recomputed from the saved log-sum-exp) and dS = P (dP - D)
+// with D from out_dots, as T (fp32: in place, P = S and dS = dP; bf16: rounded once, the products'
+// operands, with dS also kept in fp32 in dP under ALiBi); 0 outside each row's allowed keys.
+template <typename T>
+inline void ds_rows(const Geo& g, const float* S, float* dP, const float* D, const RowSpan* rows, TileSpan ts,
+                    const float* lse, T* P, T* dS) {
+  const int64_t span = g.span, L = g.L;
+  const bool keep = !std::is_same_v<T, float> && g.slopes;
   for (int64_t r = 0; r < g.c; ++r) {
-    float *s = S + r * L, *dp = dP + r * L;
+    const float* s = S + r * L;
+    float* dp = dP + r * L;
+    T *p = P + r * L, *ds = dS + r * L;
     const RowSpan rs = rows[r];
     const float l = lse[r];
     if (l == std::numeric_limits<float>::infinity()) {  // no allowed key
-      zero_cols(s, ts.lo, ts.hi), zero_cols(s, span, L), zero_cols(dp, ts.lo, ts.hi), zero_cols(dp, span, L);
+      zero_cols(p, ts.lo, ts.hi), zero_cols(p, span, L), zero_cols(ds, ts.lo, ts.hi), zero_cols(ds, span, L);
+      if (keep) zero_cols(dp, ts.lo, ts.hi), zero_cols(dp, span, L);
       continue;
     }
     if (rs.dense) {
-      row_ds<false>(s, dp, rs.lo, rs.hi, l, D[r]);
+      row_ds<false, T>(s, dp, p, ds, rs.lo, rs.hi, l, D[r], keep);
     } else {
-      row_ds<true>(s, dp, rs.lo, rs.hi, l, D[r]);
+      row_ds<true, T>(s, dp, p, ds, rs.lo, rs.hi, l, D[r], keep);
     }
-    row_ds<true>(s, dp, span, L, l, D[r]);
-    zero_outside(s, ts, rs), zero_outside(dp, ts, rs);
+    row_ds<true, T>(s, dp, p, ds, span, L, l, D[r], keep);
+    zero_outside(p, ts, rs), zero_outside(ds, ts, rs);
   }
 }
 
@@ -1138,23 +1266,26 @@ double backward_tile(const Geo& g, Buffers<T>& buf, int64_t bh, int64_t i, const
   if (G) prod(brg, c, G, d, dOi, lddo, hd.VgT, G, hd.pk.VgT.at_col(0), hd.pk.VgT.ld, dP + span, L, false);
   lap(kDP);
   const RowSpan* rows = g.rows_of(b, i);
-  ds_rows<T>(g, S, dP, buf.row.data(), rows, ts, dOi, lddo, Oi, ldo, lse);
+  out_dots(g, buf.row.data(), dOi, lddo, Oi, ldo);
+  constexpr bool kF32 = std::is_same_v<T, float>;
+  T *P = kF32 ? reinterpret_cast<T*>(S) : buf.P.data(), *dS = kF32 ? reinterpret_cast<T*>(dP) : buf.dS.data();
+  ds_rows<T>(g, S, dP, buf.row.data(), rows, ts, lse, P, dS);
+  // P only as B (dV^T), packed for the micro-kernel from its bf16 rows; dS as B (dK^T) and A (dQ). (Writing
+  // them packed straight from ds_rows' registers, through masked 16-bit stores, ran slower on an AMD EPYC.)
+  const bool own = hd.pk.KT.even != nullptr;
+  const uint32_t* Pp = pack_tile<T>(own, buf.pk.P, P, c, L, {{ts.lo, ts.hi}, {span, L}});
+  const uint32_t* dSp = pack_tile<T>(own, buf.pk.dS, dS, c, L, {{ts.lo, ts.hi}, {span, L}});
   const double dslope = g.slopes ? slope_grad(g, dP, rows, b, i) : 0.0;
   lap(kDS);
-  // P only as B (dV^T), packed for the micro-kernel; dS as B (dK^T) and A (dQ)
-  const bool own = hd.pk.KT.even != nullptr;
-  const uint32_t* Pp = pack_tile<T>(own, buf.pk.P, S, c, L, {{ts.lo, ts.hi}, {span, L}});
-  const uint32_t* dSp = pack_tile<T>(own, buf.pk.dS, dP, c, L, {{ts.lo, ts.hi}, {span, L}});
-  const T* P = Pp ? buf.P.data() : operand<T>(g, S, buf.P.data(), ts);
-  const T* dS = operand<T>(g, dP, buf.dS.data(), ts);
   T *QT = buf.QT.data(), *dOT = buf.dOT.data();
   transpose(Qi, ldq, c, d, g.scale, QT, c), transpose(dOi, lddo, c, d, 1.f, dOT, c);
   lap(kCopy);
   // dV^T_band += dO_i^T P, dK^T_band += scale Q_i^T dS (the band's keys are contiguous columns of dK^T)
-  if (nb) {
-    prod(brg, d, nb, c, dOT, c, P + ts.lo, L, Pp ? Pp + ts.lo : nullptr, L, buf.dVT.data() + (r0 - hd.row0), hd.ldt, true);
-    prod(brg, d, nb, c, QT, c, dS + ts.lo, L, dSp ? dSp + ts.lo : nullptr, L, buf.dKT.data() + (r0 - hd.row0), hd.ldt,
-         true);
+  if (nb && !rows_packed(d, dOT, c, Pp, ts.lo, L, buf.dVT.data() + (r0 - hd.row0), hd.ldt, rows, c, ts)) {
+    prod(brg, d, nb, c, dOT, c, P + ts.lo, L, nullptr, L, buf.dVT.data() + (r0 - hd.row0), hd.ldt, true);
+  }
+  if (nb && !rows_packed(d, QT, c, dSp, ts.lo, L, buf.dKT.data() + (r0 - hd.row0), hd.ldt, rows, c, ts)) {
+    prod(brg, d, nb, c, QT, c, dS + ts.lo, L, nullptr, L, buf.dKT.data() + (r0 - hd.row0), hd.ldt, true);
   }
   if (G) {
     prod(brg, d, G, c, dOT, c, P + span, L, Pp ? Pp + span : nullptr, L, buf.dVgT.data(), G, true);
@@ -1211,13 +1342,18 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
   const int64_t B = q.size(0), H = q.size(1), BH = B * H, nkeys = g.nkeys, nq = g.nq;
   const int64_t c = g.c, d = g.d, G = g.G, nc = g.nc;
   auto f32 = q.options().dtype(at::kFloat);
-  // the gradients in their inputs' layout where that is dense ((B, n, H, d) memory for the layer's
-  // projections, (B, H, n, d) for contiguous leaves), so autograd hands them on without a copy
-  auto dq = at::empty_like(q, f32), dk = at::empty_like(k, f32), dv = at::empty_like(v, f32);
+  // the gradients in their inputs' dtype and layout where that is dense ((B, n, H, d) memory for the
+  // layer's projections, (B, H, n, d) for contiguous leaves), so autograd hands them on without a copy;
+  // bf16 ones are summed in fp32 and rounded once
+  auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
   auto dkg = at::empty({BH, G, d}, f32), dvg = at::empty({BH, G, d}, f32);
   auto dslopes = at::zeros({BH}, q.options().dtype(at::kDouble));
   const Seq<T> Q(q, H), K(k, H), V(v, H), O(out, H), dO(dout, H);
-  const Seq<float> dQ(dq, H), dK(dk, H), dV(dv, H);
+  const Seq<T> dQ(dq, H), dK(dk, H), dV(dv, H);
+  // fp32 rows of dK, dV that two segments share (bf16 only; fp32 sums in the gradients themselves): the
+  // even pass writes its part, the odd pass adds its own and rounds. Only those rows are ever touched.
+  constexpr bool kRound = !std::is_same_v<T, float>;
+  at::Tensor side = kRound ? at::empty({2, BH, nkeys, d}, f32) : at::Tensor();
   const T *kgd = G ? kg.data_ptr<T>() : nullptr, *vgd = G ? vg.data_ptr<T>() : nullptr;
   const float* ld = lse.data_ptr<float>();
   float *dkgd = dkg.data_ptr<float>(), *dvgd = dvg.data_ptr<float>();
@@ -1256,29 +1392,46 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
           const int64_t nr = std::min(c, nq - i * c), row = i * c;
           const T *Qi = Q.head(bh) + row * Q.ld, *Oi = O.head(bh) + row * O.ld, *dOi = dO.head(bh) + row * dO.ld;
           int64_t ldq = Q.ld, ldo = O.ld, lddo = dO.ld;
-          float* dQi = dQ.head(bh) + row * dQ.ld;
-          int64_t lddq = dQ.ld;
+          T* dst = dQ.head(bh) + row * dQ.ld;
+          // dQ_i straight into the gradient (fp32, a whole chunk), else via the thread's fp32 buffer
+          const bool direct = !kRound && nr == c;
+          float* dQi = direct ? reinterpret_cast<float*>(dst) : buf.dQ.data();
+          const int64_t lddq = direct ? dQ.ld : d;
           if (nr < c) {
             Qi = padded(Qi, ldq, nr, c, d, buf.Qp.data()), Oi = padded(Oi, ldo, nr, c, d, buf.Op.data());
             dOi = padded(dOi, lddo, nr, c, d, buf.dOp.data());
             ldq = ldo = lddo = d;
-            dQi = buf.dQ.data(), lddq = d;
           }
           dslope += backward_tile<T>(g, buf, bh, i, Qi, ldq, hd, Oi, ldo, dOi, lddo, ld + bh * nc * c + row, dQi, lddq);
-          if (nr < c) {
-            float* dst = dQ.head(bh) + row * dQ.ld;
-            for (int64_t r = 0; r < nr; ++r) std::copy(dQi + r * d, dQi + (r + 1) * d, dst + r * dQ.ld);
+          if (!direct) {
+            for (int64_t r = 0; r < nr; ++r) scale_to(dQi + r * d, 1.f, dst + r * dQ.ld, d);
           }
         }
         Lap lap2;
         // rows [k0, a) shared with the previous segment and [z, k1) with the next one: added in the odd pass
         const int64_t a = pass && sg > 0 ? key_rows(g, i0 - per, i0).second : k0;
         const int64_t z = pass && sg + 1 < nseg ? key_rows(g, i1, std::min(nc, i1 + per)).first : k1;
-        for (auto [acc, D] : {std::pair<float*, const Seq<float>*>{buf.dKT.data(), &dK}, {buf.dVT.data(), &dV}}) {
-          float* rows = D->head(bh);
-          transpose(acc, ldk, d, a - k0, 1.f, rows + k0 * D->ld, D->ld, true);
-          transpose(acc + (a - k0), ldk, d, z - a, 1.f, rows + a * D->ld, D->ld);
-          transpose(acc + (z - k0), ldk, d, k1 - z, 1.f, rows + z * D->ld, D->ld, true);
+        int kv = 0;
+        for (auto [acc, D] : {std::pair<float*, const Seq<T>*>{buf.dKT.data(), &dK}, {buf.dVT.data(), &dV}}) {
+          T* rows = D->head(bh);
+          if constexpr (kRound) {
+            // the rows shared with the previous segment [k0, a0) and the next one [z0, k1)
+            const int64_t a0 = sg > 0 ? key_rows(g, i0 - per, i0).second : k0;
+            const int64_t z0 = sg + 1 < nseg ? key_rows(g, i1, std::min(nc, i1 + per)).first : k1;
+            float* sd = side.data_ptr<float>() + (kv * BH + bh) * nkeys * d;
+            for (auto [r0, r1] : {std::pair<int64_t, int64_t>{k0, a0}, {z0, k1}}) {
+              transpose(acc + (r0 - k0), ldk, d, r1 - r0, 1.f, sd + r0 * d, d, pass == 1);
+              if (pass == 1) {
+                for (int64_t r = r0; r < r1; ++r) scale_to(sd + r * d, 1.f, rows + r * D->ld, d);
+              }
+            }
+            transpose(acc + (a0 - k0), ldk, d, z0 - a0, 1.f, rows + a0 * D->ld, D->ld);
+          } else {
+            transpose(acc, ldk, d, a - k0, 1.f, rows + k0 * D->ld, D->ld, true);
+            transpose(acc + (a - k0), ldk, d, z - a, 1.f, rows + a * D->ld, D->ld);
+            transpose(acc + (z - k0), ldk, d, k1 - z, 1.f, rows + z * D->ld, D->ld, true);
+          }
+          ++kv;
         }
         float* gp = gpart.data() + (bh * nseg + sg) * 2 * G * d;
         untranspose(buf.dKgT.data(), G, d, G, gp, d), untranspose(buf.dVgT.data(), G, d, G, gp + G * d, d);
@@ -1502,20 +1655,20 @@ void layout_forward_tile(const LayoutGeo& g, LayoutBuffers<T>& buf, int64_t bh, 
   float* S = buf.S.data();
   const int64_t na = layout_scores<T>(g, S, Qi, ldq, hd, b, h, i, js, masked, lap);
   const int64_t len = na * c + G;
-  // softmax unnormalised (S = exp(S - rowmax), row[r] = 1 / sum), the c x d output normalised instead
+  // softmax unnormalised (P = exp(S - rowmax) as T, row[r] = 1 / sum), the c x d output normalised instead
+  T* P = std::is_same_v<T, float> ? reinterpret_cast<T*>(S) : buf.P.data();
   for (int64_t r = 0; r < c; ++r) {
-    float* s = S + r * L;
+    const float* s = S + r * L;
     const float m = row_max(s, 0, len, kNegInf);
     if (m == kNegInf) {  // no allowed key: output 0, log-sum-exp +inf
-      zero_cols(s, 0, len);
+      zero_cols(P + r * L, 0, len);
       lse[r] = std::numeric_limits<float>::infinity(), buf.row[r] = 0.f;
       continue;
     }
-    const float sum = masked ? row_exp<true>(s, 0, len, m) : row_exp<false>(s, 0, len, m);
+    const float sum = masked ? row_exp<true>(s, P + r * L, 0, len, m) : row_exp<false>(s, P + r * L, 0, len, m);
     lse[r] = m + std::log(sum), buf.row[r] = 1.f / sum;
   }
   lap(kSoftmax);
-  const T* P = layout_operand<T>(g, S, buf.P.data(), len);
   float* O = buf.O.data();
   // O = sum_a P_a V_ja + P_g V_g: W accumulating products, in the order of cols
   for (int64_t a = 0; a < na; ++a) {
@@ -1525,10 +1678,7 @@ void layout_forward_tile(const LayoutGeo& g, LayoutBuffers<T>& buf, int64_t bh, 
   if (G) prod(g.brgemm, c, d, G, P + na * c, L, hd.Vg, d, hd.pk.Vg.at_row(0), hd.pk.Vg.ld, O, d, na > 0);
   if (na == 0 && G == 0) std::fill(O, O + c * d, 0.f);
   lap(kPV);
-  for (int64_t r = 0; r < c; ++r) {
-    const float inv = buf.row[r];
-    for (int64_t e = 0; e < d; ++e) Oi[r * ldo + e] = static_cast<T>(O[r * d + e] * inv);
-  }
+  for (int64_t r = 0; r < c; ++r) scale_to(O + r * d, buf.row[r], Oi + r * ldo, d);
   lap(kCopy);
 }
 
@@ -1566,9 +1716,9 @@ void layout_backward_tile(const LayoutGeo& g, LayoutBuffers<T>& buf, int64_t bh,
 #pragma omp simd reduction(+ : D)
     for (int64_t e = 0; e < d; ++e) D += static_cast<float>(dor[e]) * static_cast<float>(orow[e]);
     if (masked) {
-      row_ds<true>(s, dp, 0, len, l, D);
+      row_ds<true, T>(s, dp, s, dp, 0, len, l, D, false);
     } else {
-      row_ds<false>(s, dp, 0, len, l, D);
+      row_ds<false, T>(s, dp, s, dp, 0, len, l, D, false);
     }
   }
   lap(kDS);
