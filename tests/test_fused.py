@@ -165,6 +165,24 @@ def _check_bf16(pattern, inputs, kw, seed, kpm):
 MICRO = "avx512-bf16 micro-kernel"
 
 
+def test_bf16_exp_relative_error():
+    """The bf16 kernel's softmax exp (2^f by a degree-4 polynomial, its docstring in band_attention.cpp):
+    against float64 exp of the same fp32 arguments, relative error under 1e-5 over [-86.9, 0] (the bf16
+    rounding right after is 2^-9 = 2e-3), so P's error is the rounding's; never a denormal; vector lanes
+    and the scalar tail agree."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.linspace(-86.9, 0.0, 200_001), -torch.rand(100_000, generator=g) * 20, torch.tensor([-0.0])])
+    got = torch.ops.longctx_fused.bf16_exp(x).double()
+    exact = x.double().exp()
+    assert ((got - exact).abs() / exact).max().item() < 1e-5
+    assert (got >= torch.finfo(torch.float32).tiny).all()
+    tail = x[:21].contiguous()  # 16 lanes and 5 scalars: the same values
+    assert torch.equal(torch.ops.longctx_fused.bf16_exp(tail), torch.ops.longctx_fused.bf16_exp(x)[:21])
+    far = torch.ops.longctx_fused.bf16_exp(torch.tensor([-100.0, -1e4, float("-inf")]))
+    tiny = torch.finfo(torch.float32).tiny  # clamped at about 2^-125.5; masked pairs are zeroed by their mask
+    assert ((far >= tiny) & (far < 2 * tiny)).all()
+
+
 @pytest.mark.parametrize("acc", [False, True])
 def test_bf16_micro_kernel_product(acc, monkeypatch):
     """The micro-kernel's product C [+]= A B (bf16 A, B; fp32 C) against fp32 matmul of the same bf16 values:
@@ -213,17 +231,19 @@ def test_mkl_products_equal_dense_reference(pattern, monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("pattern", [AttentionPattern("sliding", window=40, dilation=(1, 3)),
                                      AttentionPattern("blockwise_causal", block=24),
                                      AttentionPattern("sliding", window=30, causal=True)])
-def test_segments_of_long_sequences(pattern):
+def test_segments_of_long_sequences(pattern, dtype):
     """Past 2,048 queries the kernel splits each head into segments whose bands share key rows at their
-    borders (backward: the even segments' dK, dV first, the odd ones added). 4,500 tokens make three
-    segments with borders inside the band; padding, global tokens, separate global projections and ALiBi
-    cross them. Against the float64 dense reference, and bit-identical with one thread and with two."""
+    borders (backward: the even segments' dK, dV first, the odd ones added; in bf16 the shared rows are
+    summed in fp32 and rounded once). 4,500 tokens make three segments with borders inside the band;
+    padding, global tokens, separate global projections and ALiBi cross them. Against the float64 dense
+    reference (fp32's tolerance, or the bf16 bound), and bit-identical with one thread and with two."""
     g = torch.Generator().manual_seed(11)
     B, H, n, d = 1, 2, 4500, 8
-    inputs = [torch.randn(B, n, H, d, generator=g).transpose(1, 2).requires_grad_() for _ in range(6)]
+    inputs = [torch.randn(B, n, H, d, generator=g).to(dtype).transpose(1, 2).requires_grad_() for _ in range(6)]
     kpm = torch.rand(B, n, generator=g) < 0.9
     kw = dict(key_padding_mask=kpm, global_mask=torch.rand(B, n, generator=g) < 0.002, alibi_slopes=alibi_slopes(H))
     ref, ref_grads = _reference(pattern, inputs, kw, 11, kpm)
@@ -237,9 +257,14 @@ def test_segments_of_long_sequences(pattern):
     finally:
         torch.set_num_threads(threads)
     (out, grads), (out2, grads2) = runs
-    torch.testing.assert_close(torch.where(rows, out, 0), torch.where(rows, ref.float(), 0), **TOL)
+    if dtype == torch.bfloat16:
+        _check_bf16(pattern, inputs, kw, 11, kpm)
+    else:
+        torch.testing.assert_close(torch.where(rows, out, 0), torch.where(rows, ref.float(), 0), **TOL)
     for a, b, c in zip(grads, ref_grads, grads2):
-        torch.testing.assert_close(a, b.float(), **TOL)
+        assert a.dtype == dtype
+        if dtype == torch.float32:
+            torch.testing.assert_close(a, b.float(), **TOL)
         assert torch.equal(a, c)
     assert torch.equal(out, out2)
 

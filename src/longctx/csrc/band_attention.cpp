@@ -313,14 +313,15 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // 2^-9) right after: 2^t with t = x log2(e) = n + f (n the nearest integer, |f| <= 1/2) and 2^f by a
 // degree-4 polynomial fitted for relative error (2.6e-6 on [-1/2, 1/2]; t's own rounding adds at most
 // 7.5e-6 where x is near -87, 1e-6 for x > -10): about 750 times below the rounding that follows, and 9
-// vector operations (AVX-512, below) where exp_le0 takes 19. The softmax's sums, maxima and log-sum-exp stay fp32; t is
-// clamped at -125 (2^-125: normal, so no denormal ever reaches an operation). Forward and backward both
-// use it, so the probabilities the backward recomputes are the forward's.
+// vector operations (AVX-512, below) where exp_le0 takes 19. The softmax's sums, maxima and log-sum-exp
+// stay fp32. t is clamped at -125.5 (x = -86.99, where exp_le0 clamps too): n >= -126 with f = 1/2 there,
+// so every result is at least 2^-125.5, normal, and no denormal ever reaches an operation. Forward and
+// backward both use it, so the probabilities the backward recomputes are the forward's.
 template <typename F>
 inline F exp_bf16(F x) {
   const F shift = bcast<F>(12582912.0f);
   F t = x * 1.44269504088896341f;
-  t = t < bcast<F>(-125.0f) ? bcast<F>(-125.0f) : t;
+  t = t < bcast<F>(-125.5f) ? bcast<F>(-125.5f) : t;
   const F n = (t + shift) - shift;
   const F f = t - n;
   F p = bcast<F>(9.570104070007801e-3f);
@@ -336,7 +337,7 @@ inline F exp_bf16(F x) {
 // (vscalefps, exact as the integer build of 2^n above): the same values in 9 operations
 inline vf exp_bf16(vf x) {
   const __m512 t = _mm512_max_ps(_mm512_mul_ps((__m512)x, _mm512_set1_ps(1.44269504088896341f)),
-                                 _mm512_set1_ps(-125.0f));
+                                 _mm512_set1_ps(-125.5f));
   const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(t, n);
   __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(9.570104070007801e-3f), f, _mm512_set1_ps(5.591786280274391e-2f));
@@ -1936,6 +1937,20 @@ at::Tensor bf16_gemm(at::Tensor a, at::Tensor b, at::Tensor c, bool acc, bool ow
   return out;
 }
 
+// The softmax's exp as the bf16 kernel computes it, for tests: exp_bf16 of each element of x (fp32,
+// contiguous; arguments <= 0), 16 lanes at a time and the scalar version for the tail, as in the rows.
+at::Tensor bf16_exp(at::Tensor x) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous(), "bf16_exp: contiguous fp32");
+  auto out = at::empty_like(x);
+  const float* src = x.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  const int64_t n = x.numel();
+  int64_t j = 0;
+  for (; j + kW <= n; j += kW) vstore(dst + j, exp_bf16(vload(src + j)));
+  for (; j < n; ++j) dst[j] = exp_bf16(src[j]);
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(longctx_fused, m) {
@@ -1952,6 +1967,7 @@ TORCH_LIBRARY(longctx_fused, m) {
   m.def("layout_backward(Tensor q, Tensor k, Tensor v, Tensor kg, Tensor vg, Tensor out, Tensor dout, "
         "Tensor lse, Tensor cols, Tensor col_ok, Tensor valid, Tensor g_valid) -> Tensor[]");
   m.def("bf16_gemm(Tensor a, Tensor b, Tensor c, bool acc, bool own) -> Tensor");
+  m.def("bf16_exp(Tensor x) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(longctx_fused, CPU, m) {
@@ -1960,4 +1976,5 @@ TORCH_LIBRARY_IMPL(longctx_fused, CPU, m) {
   m.impl("layout_forward", layout_forward);
   m.impl("layout_backward", layout_backward);
   m.impl("bf16_gemm", bf16_gemm);
+  m.impl("bf16_exp", bf16_exp);
 }
