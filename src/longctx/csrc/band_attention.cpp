@@ -1208,16 +1208,27 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, c
   return {out, lse};
 }
 
+// a . b over n elements of T, in fp32 (16 lanes at a time: the scalar loop over bf16 rows took 4% of a
+// bf16 fwd+bwd)
+template <typename T>
+inline float dot(const T* a, const T* b, int64_t n) {
+  int64_t j = 0;
+  float s = 0.f;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, bf16>) {
+    __m512 acc = _mm512_setzero_ps();
+    for (; j + 16 <= n; j += 16) acc = _mm512_fmadd_ps(load16(a + j), load16(b + j), acc);
+    s = _mm512_reduce_add_ps(acc);
+  }
+#endif
+  for (; j < n; ++j) s += static_cast<float>(a[j]) * static_cast<float>(b[j]);
+  return s;
+}
+
 // D_r = rowsum(dP * P) = dO_r . O_r for the c rows of the tile
 template <typename T>
 void out_dots(const Geo& g, float* D, const T* dOi, int64_t lddo, const T* Oi, int64_t ldo) {
-  for (int64_t r = 0; r < g.c; ++r) {
-    float acc = 0.f;
-    const T *dor = dOi + r * lddo, *orow = Oi + r * ldo;
-#pragma omp simd reduction(+ : acc)
-    for (int64_t e = 0; e < g.d; ++e) acc += static_cast<float>(dor[e]) * static_cast<float>(orow[e]);
-    D[r] = acc;
-  }
+  for (int64_t r = 0; r < g.c; ++r) D[r] = dot(dOi + r * lddo, Oi + r * ldo, g.d);
 }
 
 // Backward's elementwise part of a tile: P (recomputed from the saved log-sum-exp) and dS = P (dP - D)
@@ -1728,10 +1739,7 @@ void layout_backward_tile(const LayoutGeo& g, LayoutBuffers<T>& buf, int64_t bh,
       zero_cols(s, 0, len), zero_cols(dp, 0, len);
       continue;
     }
-    float D = 0.f;
-    const T *dor = dOi + r * lddo, *orow = Oi + r * ldo;
-#pragma omp simd reduction(+ : D)
-    for (int64_t e = 0; e < d; ++e) D += static_cast<float>(dor[e]) * static_cast<float>(orow[e]);
+    const float D = dot(dOi + r * lddo, Oi + r * ldo, d);
     if (masked) {
       row_ds<true, T>(s, dp, s, dp, 0, len, l, D, false);
     } else {
