@@ -573,19 +573,6 @@ struct Geo {
   }
 };
 
-template <typename T>
-inline void to_input(const float* src, T* dst, int64_t n) {
-  int64_t j = 0;
-#if defined(LONGCTX_BF16_UKERNEL)
-  if constexpr (std::is_same_v<T, bf16>) {  // to nearest even, as the scalar conversion
-    for (; j + 16 <= n; j += 16) {
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + j)));
-    }
-  }
-#endif
-  for (; j < n; ++j) dst[j] = static_cast<T>(src[j]);
-}
-
 // dst[0, n) = s src[0, n) as T (bf16: rounded to nearest even)
 template <typename T>
 inline void scale_to(const float* src, float s, T* dst, int64_t n) {
@@ -809,7 +796,7 @@ inline __m512 load_bf16x16(const bf16* p) {  // 16 bf16 widened to fp32 (exact)
 #endif
 
 #if defined(__AVX512F__)
-// 16 values of T as fp32 lanes, and back (bf16: rounded to nearest even; that needs AVX512-BF16)
+// 16 values of T as fp32 lanes (back through vstore_as; in registers where T is fp32 or, with AVX512-BF16, bf16)
 template <typename T>
 constexpr bool kVec16 = std::is_same_v<T, float>
 #if defined(LONGCTX_BF16_UKERNEL)
@@ -822,16 +809,6 @@ inline __m512 load16(const T* p) {
     return _mm512_loadu_ps(p);
   } else {
     return load_bf16x16(p);
-  }
-}
-template <typename T>
-inline void store16(T* p, __m512 x) {
-  if constexpr (std::is_same_v<T, float>) {
-    _mm512_storeu_ps(p, x);
-  } else {
-#if defined(LONGCTX_BF16_UKERNEL)
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(x));
-#endif
   }
 }
 #endif
@@ -855,7 +832,9 @@ void transpose(const TS* src, int64_t lds, int64_t rows, int64_t cols, float alp
           const __m512 va = _mm512_set1_ps(alpha);
           for (int i = 0; i < 16; ++i) r[i] = _mm512_mul_ps(load16(sp + i * lds), va);
           transpose16(r);
-          for (int i = 0; i < 16; ++i) store16(dp + i * ldd, acc ? _mm512_add_ps(load16(dp + i * ldd), r[i]) : r[i]);
+          for (int i = 0; i < 16; ++i) {
+            vstore_as(dp + i * ldd, (vf)(acc ? _mm512_add_ps(load16(dp + i * ldd), r[i]) : r[i]));
+          }
           continue;
         }
       }
@@ -1667,7 +1646,7 @@ inline const T* layout_operand(const LayoutGeo& g, const float* src, T* buf, int
   if constexpr (std::is_same_v<T, float>) {
     return src;
   } else {
-    for (int64_t r = 0; r < g.c; ++r) to_input(src + r * g.L, buf + r * g.L, len);
+    for (int64_t r = 0; r < g.c; ++r) scale_to(src + r * g.L, 1.f, buf + r * g.L, len);
     return buf;
   }
 }
