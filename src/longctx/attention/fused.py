@@ -47,8 +47,8 @@ from longctx.paths import cache_root
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
-# one library: the band kernel and the caching CPU allocator (``longctx.cpu_cache``)
-SOURCES = (CSRC / "band_attention.cpp", CSRC / "cpu_cache.cpp")
+# one library: the band kernel, the caching CPU allocator (``longctx.cpu_cache``) and dropout (``longctx.dropout``)
+SOURCES = (CSRC / "band_attention.cpp", CSRC / "cpu_cache.cpp", CSRC / "dropout.cpp")
 # no -std: PyTorch passes the standard its own headers need (C++17 in older releases, C++20 in newer ones)
 CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 # dtypes the kernel takes; others (fp16, fp64) run the pure-PyTorch kernel

@@ -20,6 +20,7 @@ from longctx.attention.masked import pattern_fields
 from longctx.attention.mechanism import MECHANISMS, LayerCache, LayerContext, Mechanism, build
 from longctx.attention.patterns import AttentionPattern, full_mask
 from longctx.attention.reference import masked_softmax
+from longctx.dropout import Dropout
 from longctx.errors import LongctxError
 from longctx.positions import POSITION_KINDS, in_attention
 
@@ -67,7 +68,7 @@ class SelfAttention(nn.Module):
             self.key_global = nn.Linear(hidden_size, hidden_size, bias=bias)
             self.value_global = nn.Linear(hidden_size, hidden_size, bias=bias)
         self.out = nn.Linear(hidden_size, hidden_size, bias=bias)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.positions = in_attention(position, num_heads, self.head_dim, rope_base=rope_base,
                                       xpos_scale_base=xpos_scale_base)
 

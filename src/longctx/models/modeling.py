@@ -23,6 +23,7 @@ from transformers.modeling_outputs import (
 )
 
 from longctx.attention.layer import LayerCache, SelfAttention
+from longctx.dropout import Dropout
 from longctx.errors import LongctxError
 from longctx.models.config import LongctxConfig
 from longctx.positions import ALiBi, AbsoluteTable, PositionEncoding, alibi_slopes, sinusoidal_table
@@ -48,7 +49,7 @@ class Embeddings(nn.Module):
             self.position_embeddings = PositionEncoding()
         # post-norm models (BERT) normalise the embeddings; pre-norm models (GPT-2) do not
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.norm == "post" else nn.Identity()
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = Dropout(config.hidden_dropout_prob)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = self.position_embeddings.embed(self.word_embeddings(input_ids), positions)
@@ -73,7 +74,7 @@ class Block(GradientCheckpointingLayer):
         self.act = ACT2FN[config.hidden_act]
         self.output = nn.Linear(config.intermediate_size, config.hidden_size)
         self.output_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = Dropout(config.hidden_dropout_prob)
 
     def forward(self, x, key_padding_mask=None, global_mask=None, positions=None, cache=None,
                 output_attentions: bool = False):
@@ -268,7 +269,7 @@ class LongctxForSequenceClassification(LongctxPreTrainedModel):
         self.longctx = LongctxModel(config)
         drop = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
-        self.dropout = nn.Dropout(drop)
+        self.dropout = Dropout(drop)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
@@ -303,7 +304,7 @@ class LongctxForMultipleChoice(LongctxPreTrainedModel):
         self.longctx = LongctxModel(config)
         drop = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
-        self.dropout = nn.Dropout(drop)
+        self.dropout = Dropout(drop)
         self.classifier = nn.Linear(config.hidden_size, 1)
         self.post_init()
 
