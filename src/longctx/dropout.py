@@ -21,21 +21,13 @@ import torch.nn.functional as F
 from torch import nn
 
 DTYPES = (torch.float32, torch.bfloat16)
-_tried = {"load": False}
 
 
 def available() -> bool:
-    """The extension is loaded (trying once, under the ``LONGCTX_FUSED`` policy) and not turned off."""
-    from longctx.attention import dispatch, fused  # here: longctx.attention's layer imports this module
+    """The extension is loaded (``dispatch.extension_ready``) and not turned off."""
+    from longctx.attention import dispatch  # here: longctx.attention's layer imports this module
 
-    if dispatch.fused_policy() == "off":
-        return False
-    if fused._state["loaded"]:
-        return True
-    if not _tried["load"]:
-        _tried["load"] = True
-        return dispatch.prepare_fused()
-    return False
+    return dispatch.extension_ready()
 
 
 def _draw_key() -> int:

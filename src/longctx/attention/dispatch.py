@@ -367,6 +367,22 @@ def prepare_fused() -> bool:
     return _extension_unavailable(None) is None
 
 
+_tried_load = {"done": False}
+
+
+def extension_ready() -> bool:
+    """For the extension's other kernels (``longctx.dropout``, ``longctx.loss``), asked per call: it is loaded
+    (one try per process under the policy, then only the loaded flag is read) and not turned off."""
+    if fused_policy() == "off":
+        return False
+    if fused._state["loaded"]:
+        return True
+    if not _tried_load["done"]:
+        _tried_load["done"] = True
+        return prepare_fused()
+    return False
+
+
 def fused_builds_on_demand() -> bool:
     """Whether code that does not ask for the extension may compile it (``LONGCTX_FUSED`` is not prebuilt)."""
     return fused_policy() != "prebuilt"

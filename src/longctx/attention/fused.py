@@ -47,8 +47,10 @@ from longctx.paths import cache_root
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
-# one library: the band kernel, the caching CPU allocator (``longctx.cpu_cache``) and dropout (``longctx.dropout``)
-SOURCES = (CSRC / "band_attention.cpp", CSRC / "cpu_cache.cpp", CSRC / "dropout.cpp")
+# one library: the band kernel, the caching CPU allocator (``longctx.cpu_cache``), dropout (``longctx.dropout``)
+# and the cross-entropy (``longctx.loss``)
+SOURCES = (CSRC / "band_attention.cpp", CSRC / "cpu_cache.cpp", CSRC / "dropout.cpp", CSRC / "cross_entropy.cpp")
+HEADERS = (CSRC / "vec.h",)
 # no -std: PyTorch passes the standard its own headers need (C++17 in older releases, C++20 in newer ones)
 CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 # dtypes the kernel takes; others (fp16, fp64) run the pure-PyTorch kernel
@@ -70,7 +72,7 @@ def _cpu_flags() -> str:
 
 def build_dir() -> Path:
     """Cache folder of the build: a new key for a new source, PyTorch or CPU (``-march=native``)."""
-    key = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + torch.__version__.encode()
+    key = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES + HEADERS) + torch.__version__.encode()
                          + _cpu_flags().encode() + " ".join(CFLAGS).encode()).hexdigest()[:16]
     return cache_root() / "ext" / f"band_attention-{key}"
 

@@ -35,6 +35,8 @@
 #endif
 #include <torch/library.h>
 
+#include "vec.h"
+
 #include <algorithm>
 #include <array>
 #include <atomic>
@@ -60,6 +62,7 @@ void cblas_gemm_bf16bf16f32(int layout, int ta, int tb, int m, int n, int k, flo
 
 namespace {
 
+using namespace longctx_vec;
 using bf16 = c10::BFloat16;
 
 // Row-major C (m x n, ldc) = A (m x k, lda) B (k x n, ldb), + C if acc. Every product of the kernel has
@@ -261,52 +264,6 @@ inline void nn(bool own, int m, int n, int k, const bf16* A, int lda, const bf16
                          reinterpret_cast<const uint16_t*>(B), ldb, acc ? 1.f : 0.f, C, ldc);
 }
 
-// Explicit SIMD through GCC/Clang vector extensions: one source for every x86 level (-march=native
-// picks AVX-512 or splits into AVX2 halves); the compiler left the softmax loops scalar when written
-// as plain loops (the exp's bit tricks and the max reduction), which made them a quarter of the time.
-constexpr int kW = 16;
-typedef float vf __attribute__((vector_size(kW * sizeof(float))));
-typedef int32_t vi __attribute__((vector_size(kW * sizeof(int32_t))));
-
-inline vf vload(const float* p) {
-  vf v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-inline void vstore(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
-template <typename F>
-inline F bcast(float x) {
-  return F{} + x;  // a float stays a float; a vector gets x in every lane
-}
-
-inline float pow2i(float n) {  // 2^n for an integral n in [-126, 0]
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-}
-inline vf pow2i(vf n) { return (vf)((__builtin_convertvector(n, vi) + 127) << 23); }
-
-// exp for the softmax (arguments <= 0): Cephes' expf polynomial, about 1 ulp. The reduction rounds
-// x log2(e) to the nearest integer by adding 1.5 * 2^23 (no floor call, so it vectorises); glibc's vector
-// expf needs -ffast-math, which would break the -inf of masked scores.
-template <typename F>
-inline F exp_le0(F x) {
-  const F lo = bcast<F>(-87.0f), shift = bcast<F>(12582912.0f);
-  x = x < lo ? lo : x;
-  const F n = (x * 1.44269504088896341f + shift) - shift;
-  x = x - n * 0.693359375f + n * 2.12194440e-4f;
-  const F z = x * x;
-  F p = bcast<F>(1.9875691500e-4f);
-  p = p * x + 1.3981999507e-3f;
-  p = p * x + 8.3334519073e-3f;
-  p = p * x + 4.1665795894e-2f;
-  p = p * x + 1.6666665459e-1f;
-  p = p * x + 5.0000001201e-1f;
-  p = p * z + x + 1.0f;
-  return p * pow2i(n);
-}
-
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // exp (arguments <= 0) for the bf16 kernel, whose P and dS are rounded to bf16 (relative error up to
@@ -370,20 +327,6 @@ inline float row_max(const float* s, int64_t lo, int64_t hi, float m) {
   for (int e = 0; e < kW; ++e) m = vm[e] > m ? vm[e] : m;
   for (; j < hi; ++j) m = s[j] > m ? s[j] : m;
   return m;
-}
-
-// 16 lanes stored as T (bf16: rounded to nearest even)
-template <typename T>
-inline void vstore_as(T* p, vf v) {
-  if constexpr (std::is_same_v<T, float>) {
-    vstore(p, v);
-  } else {
-#if defined(LONGCTX_BF16_UKERNEL)
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh((__m512)v));
-#else
-    for (int e = 0; e < kW; ++e) p[e] = static_cast<T>(v[e]);
-#endif
-  }
 }
 
 // out[j] = exp(s[j] - m) over [lo, hi) as T (out = s for fp32: in place), 0 where s[j] is -inf (a masked

@@ -25,6 +25,7 @@ from transformers.modeling_outputs import (
 from longctx.attention.layer import LayerCache, SelfAttention
 from longctx.dropout import Dropout
 from longctx.errors import LongctxError
+from longctx.loss import cross_entropy
 from longctx.models.config import LongctxConfig
 from longctx.positions import ALiBi, AbsoluteTable, PositionEncoding, alibi_slopes, sinusoidal_table
 
@@ -256,7 +257,7 @@ class LongctxForMaskedLM(LongctxPreTrainedModel):
             return MaskedLMOutput(logits=self.lm_head(h), attentions=base.attentions)
         sel = labels != -100
         logits = self.lm_head(h[sel])
-        loss = F.cross_entropy(logits.float(), labels[sel]) if logits.shape[0] else logits.sum() * 0.0
+        loss = cross_entropy(logits, labels[sel]) if logits.shape[0] else logits.sum() * 0.0
         return MaskedLMOutput(loss=loss, logits=logits, attentions=base.attentions)
 
 
@@ -393,7 +394,7 @@ class LongctxForCausalLM(LongctxPreTrainedModel):
         logits = self.lm_head(out.last_hidden_state)
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+            loss = cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: getattr(out, CACHE_FIELD)},
                                       attentions=out.attentions)
 
