@@ -36,6 +36,7 @@ import torch
 
 from longctx.bench import common
 from longctx.errors import LongctxError
+from longctx.train.optim import adamw
 
 DEFAULTS = {
     "name": "hf",
@@ -109,7 +110,7 @@ def run_case(spec: dict) -> dict:
             times = common.timed(lambda: model(input_ids=ids, attention_mask=mask), cfg["repeats"], cfg["warmup"])
         return {"status": "ok", "times": times, "peak_bytes": mem.bytes, "peak_reset": mem.reset_ok}
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    opt = adamw(model.parameters(), lr=1e-5)
     labels = torch.tensor([1])
     losses = []
 

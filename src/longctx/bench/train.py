@@ -28,6 +28,7 @@ from longctx import plots
 from longctx.attention import fused
 from longctx.bench import common
 from longctx.errors import LongctxError
+from longctx.train.optim import adamw
 from longctx.models import LongctxConfig, LongctxForMaskedLM
 
 DEFAULTS = {
@@ -116,7 +117,7 @@ def heldout_loss(name: str, cfg: dict, n: int = 1024) -> float:
     sequences: bf16 and fp32 start from the same weights and see the same batches."""
     torch.manual_seed(cfg["seed"])
     model, _ = build(name, n, cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    opt = adamw(model.parameters(), lr=2e-3)
     g = torch.Generator().manual_seed(cfg["seed"])
     perm = torch.randperm(64, generator=g)
     model.train()
@@ -143,7 +144,7 @@ def run_case(spec: dict) -> dict:
     with common.PeakMemory() as mem:
         model, pad = build(name, n, cfg)
         model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        opt = adamw(model.parameters(), lr=1e-4)
         ids = torch.randint(5, cfg["vocab"], (B, n))
         labels = torch.full((B, n), -100)
         chosen = torch.rand(B, n) < cfg["mask_fraction"]

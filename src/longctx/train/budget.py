@@ -37,6 +37,7 @@ from longctx.data.collate import batch_order
 from longctx.errors import LongctxError
 from longctx.models.modeling import (LongctxForMaskedLM, LongctxForMultipleChoice, LongctxForQuestionAnswering,
                                      LongctxForSequenceClassification, question_global_mask)
+from longctx.train.optim import make_optimizer
 
 SAMPLE_STEPS = 8        # steps whose batches give the FLOPs and tokens of an average step
 TIMING_STEPS = (1, 4)   # a seconds budget: 1 untimed step (first-call costs), then the median of 4
@@ -156,7 +157,6 @@ def measure_step_seconds(model, task, cfg: dict, device, rank: int = 0, world: i
     """Median seconds of a training step on this machine, timed on a copy of the model with its own
     optimizer (forward, backward, optimizer step; ``TIMING_STEPS``), the global RNG states restored, so
     the run that follows is the one ``train.steps`` alone would give."""
-    from longctx.train.trainer import make_optimizer  # here: a cycle (trainer imports this module)
 
     t = cfg["train"]
     data = task.train_examples(cfg["data"]["seq_len"])

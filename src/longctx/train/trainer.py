@@ -49,6 +49,7 @@ from longctx.tasks.base import stage_list
 from longctx.train.checkpoint import (CorruptCheckpoint, checkpoint_dirs, clean_temporaries, config_changes,
                                       fault_point, load_checkpoint, lock_run, plain, read_json, save_checkpoint,
                                       verify_checkpoint)
+from longctx.train.optim import make_optimizer
 import longctx.tasks.clm  # noqa: F401  (registers the task)
 import longctx.tasks.mlm  # noqa: F401  (registers the task)
 from longctx import cpu_cache
@@ -85,18 +86,6 @@ def stage_ends(stages: list[dict]) -> list[int]:
         acc += s["steps"]
         ends.append(acc)
     return ends
-
-
-def make_optimizer(model, cfg):
-    """AdamW, no weight decay on biases and norms."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.dim() < 2 or "norm" in name else decay).append(p)
-    t = cfg["train"]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": t["weight_decay"]},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=t["lr"], betas=(0.9, 0.98), eps=1e-6)
 
 
 def seed_everything(seed: int) -> None:
