@@ -151,15 +151,19 @@ def test_every_ruler_task_makes_a_generation_batch():
         assert (batch["labels"] != -100).sum() >= 2 * 2  # at least one answer token and the end per example
 
 
-# Needle at depth 0 in a 60-character noise haystack, bytes, one layer with RoPE: the value sits at a fixed
+# Needle at depth 0 in a 15-character noise haystack, bytes, one layer with RoPE: the value sits at a fixed
 # distance from each answer position, which one attention layer learns to copy from (an absolute-position
-# model and 150-250-step runs stayed at the digits' unigram loss, about 1.8; measured in this configuration:
-# the answer loss leaves 1.8 near step 150 and reaches 0.04 at step 400)
-LEARN = ["task.form=generation", "task.haystack=noise", "task.length=60", "task.depth=0", "task.train_size=2000",
+# model and 150-250-step runs stayed at the digits' unigram loss, about 1.8). Leaving that plateau is a
+# phase change whose step moves with the last bit of rounding: in a 60-character haystack at lr 3e-3, seed
+# 0 learned by step 400 with ATen's cross-entropy and not with longctx's fused one (equal within 1e-6),
+# nor on one thread. So the haystack is 15 characters and lr 1e-2; measured on one thread, 400 steps,
+# seeds 0-4: 1.00, 0.00, 1.00, 1.00, 0.66 (dev string_match_all; 10 characters gave the same): the test is
+# one seed's run that learns, not a rate
+LEARN = ["task.form=generation", "task.haystack=noise", "task.length=15", "task.depth=0", "task.train_size=2000",
          "task.dev_size=50", "task.test_size=50", "task.bootstrap=50", "task.max_new_tokens=12", "data.tokenizer=bytes",
          "data.seq_len=128", "model.max_position_embeddings=128", "model.position=rope", "model.attention=full",
          "model.hidden_size=64", "model.num_hidden_layers=1", "model.num_attention_heads=4", "train.batch_size=8",
-         "train.lr=3e-3", "train.schedule=constant", "train.warmup_steps=10", "train.steps=400", "train.save_every=0"]
+         "train.lr=1e-2", "train.schedule=constant", "train.warmup_steps=10", "train.steps=400", "train.save_every=0"]
 
 
 @pytest.mark.slow
