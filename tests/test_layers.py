@@ -9,10 +9,11 @@ module ``P.name`` where that module exists (``from longctx import io`` is ``long
 Layers, lowest first (a module's layer is that of its top-level name under src/longctx):
 
 0. errors, io, paths, progress, memory, plots, stats: leaf utilities (they import only each other).
-1. positions, attention, cpu_cache. cpu_cache is part of attention, not a leaf utility: the caching CPU
-   allocator is compiled into one C++ extension with the fused band kernel (csrc/), and it loads through
-   ``attention/fused.py`` (``fused.load``) and its policy in ``attention/dispatch.py``; its users (train's trainer, bench) are
-   above layer 1.
+1. positions, attention, cpu_cache, dropout, loss. The last three are part of attention, not leaf
+   utilities: the caching CPU allocator, the counter-based dropout and the fused cross-entropy are compiled
+   into one C++ extension with the fused band kernel (csrc/), and they load through ``attention/fused.py``
+   (``fused.load``) and its policy in ``attention/dispatch.py``; attention's layer uses dropout, and their
+   other users (models, train's trainer, bench) are above layer 1.
 2. models, hf, and the package root ``longctx`` (``__init__.py``). hf/ is longctx attention inside Hugging
    Face models: it imports only attention and errors, and the root imports it with models to register
    both with transformers, so the three sit together; ``import longctx`` (eval's cli, bench's hf, for the
@@ -53,7 +54,7 @@ LAYER_NAMES = ("leaf utilities", "attention and positions", "models", "data", "t
                "experiments", "entry points")
 LAYERS = {
     "errors": 0, "io": 0, "paths": 0, "progress": 0, "memory": 0, "plots": 0, "stats": 0,
-    "positions": 1, "attention": 1, "cpu_cache": 1,
+    "positions": 1, "attention": 1, "cpu_cache": 1, "dropout": 1, "loss": 1,
     PACKAGE: 2, "models": 2, "hf": 2,
     "data": 3, "corpora": 3,
     "tasks": 4,
