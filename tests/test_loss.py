@@ -43,6 +43,20 @@ def test_loss_and_gradient_match_float64(dtype):
     assert (x.grad[::5] == 0).all()  # ignored rows
 
 
+def test_per_row_losses():
+    """reduction="none": each row's loss as ATen's, 0 on ignored rows; anything else is refused."""
+    z, labels = _case(seed=3)
+    x = z.double().requires_grad_()
+    want = F.cross_entropy(x, labels, reduction="none")
+    got = cross_entropy(z.bfloat16(), labels, reduction="none")
+    assert got.dtype == torch.float32 and got.shape == labels.shape and (got[::5] == 0).all()
+    torch.testing.assert_close(got.double(), F.cross_entropy(z.bfloat16().double(), labels, reduction="none"),
+                               rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(cross_entropy(z, labels, reduction="none").double(), want.detach(), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="reduction"):
+        cross_entropy(z, labels, reduction="sum")
+
+
 def test_strided_rows_ignore_index_and_scaled_gradient():
     """A view with a row stride (a causal LM's logits[:, :-1]), another ignore_index, a weighted loss."""
     z, labels = _case(N=40, V=517, seed=1)

@@ -34,14 +34,17 @@ class _CrossEntropyRows(torch.autograd.Function):
                 None, None)
 
 
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """The mean over rows whose label is not ``ignore_index`` of -log softmax(logits)[label], in fp32, as
-    ``F.cross_entropy(logits.float(), labels, ignore_index=ignore_index)`` (NaN when every row is ignored).
-    logits (N, V), labels (N)."""
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
+                  reduction: str = "mean") -> torch.Tensor:
+    """-log softmax(logits)[label] of each row (N,), 0 where the label is ``ignore_index``, in fp32, as
+    ``F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction=reduction)``: "none" gives
+    the rows, "mean" their mean over the rows not ignored (NaN when every row is). logits (N, V), labels (N)."""
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
     if (logits.device.type != "cpu" or logits.dtype not in DTYPES or logits.dim() != 2
             or torch.compiler.is_compiling() or not dispatch.extension_ready()):
-        return F.cross_entropy(logits.float(), labels, ignore_index=ignore_index)
+        return F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction=reduction)
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     rows = _CrossEntropyRows.apply(logits, labels.long(), int(ignore_index))
-    return rows.sum() / (labels != ignore_index).sum()
+    return rows if reduction == "none" else rows.sum() / (labels != ignore_index).sum()

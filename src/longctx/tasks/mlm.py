@@ -9,12 +9,12 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from longctx.data.collate import EVAL_BATCH_OFFSET  # noqa: F401  (re-exported)
 from longctx.data.collate import batch_order, MLMCollator
 from longctx.data.packing import prepare_data, PackedDataset
 from longctx.errors import LongctxError
+from longctx.loss import cross_entropy
 from longctx.models import LongctxForMaskedLM
 from longctx.tasks.base import Task, data_seed, register, stage_list
 from longctx.tasks.metrics import bootstrap_ci
@@ -67,10 +67,9 @@ def _row_losses(logits, labels, predicted, causal: bool):
     hold the labelled positions only, row by row in order; the causal LM's predict position t + 1."""
     B = labels.shape[0]
     if causal:
-        tok = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100,
-                              reduction="none").view(B, -1)
+        tok = cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), reduction="none").view(B, -1)
         return (tok * predicted).sum(1), predicted.sum(1)
-    tok = F.cross_entropy(logits.float(), labels[predicted], reduction="none")
+    tok = cross_entropy(logits, labels[predicted], reduction="none")
     rows = predicted.nonzero()[:, 0]
     return torch.zeros(B, dtype=tok.dtype, device=tok.device).index_add_(0, rows, tok), predicted.sum(1)
 
