@@ -166,6 +166,9 @@ def test_fallbacks_are_aten_dropout(monkeypatch):
     want = F.dropout(x, 0.5)
     torch.manual_seed(4)
     assert torch.equal(dropout(x, 0.5), want)
+    assert torch.equal(dropout(torch.ones(5), 1.0), torch.zeros(5))  # as ATen: everything dropped
+    with pytest.raises(ValueError):
+        dropout(torch.ones(5), 1.5)
     monkeypatch.setenv("LONGCTX_FUSED", "0")
     assert not dropout_mod.available()
     xf = x.float()

@@ -51,11 +51,9 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     """``F.dropout(x, p, training)`` with the counter-based mask where the fast path takes ``x``."""
     if not training or p == 0.0:
         return x
-    if (x.device.type != "cpu" or x.dtype not in DTYPES or x.numel() == 0 or torch.compiler.is_compiling()
-            or not available()):
-        return F.dropout(x, p, training)
-    if not 0.0 < p < 1.0:
-        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+    if (not 0.0 < p < 1.0 or x.device.type != "cpu" or x.dtype not in DTYPES or x.numel() == 0
+            or torch.compiler.is_compiling() or not available()):
+        return F.dropout(x, p, training)  # p = 1 gives zeros there; p outside [0, 1] its error
     return _PhiloxDropout.apply(x, float(p), _draw_key())
 
 
