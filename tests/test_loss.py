@@ -89,6 +89,32 @@ def test_extreme_logits_and_edge_rows():
     bad = z.clone()
     bad[1, 5] = float("nan")
     assert torch.isnan(cross_entropy(bad, labels.clamp(min=0)))
+    # an infinite logit: NaN as ATen's for +inf; a -inf logit (a banned token) gets exactly 0 gradient
+    lab = labels.clamp(min=0)
+    for v in (float("inf"), float("-inf")):
+        w = z.clone()
+        w[2, (int(lab[2]) + 1) % 300] = v
+        x = w.clone().requires_grad_()
+        ref = F.cross_entropy(w.double(), lab, reduction="none")
+        got = cross_entropy(x, lab, reduction="none")
+        assert torch.equal(torch.isnan(got), torch.isnan(ref.float())), v
+        if v < 0:
+            got.sum().backward()
+            assert x.grad[2, (int(lab[2]) + 1) % 300] == 0
+    with pytest.raises(RuntimeError, match="out of bounds"):
+        torch.ops.longctx_loss.cross_entropy_backward(torch.ones(8), z, torch.full((8,), 300), torch.zeros(8), -100)
+
+
+def test_double_backward_matches_atens():
+    z, labels = _case(N=6, V=50, seed=4)
+    for fn in (cross_entropy, lambda a, b: F.cross_entropy(a, b)):
+        x = z.clone().requires_grad_()
+        (g,) = torch.autograd.grad(fn(x, labels), x, create_graph=True)
+        (gg,) = torch.autograd.grad((g * g).sum(), x)
+        if fn is cross_entropy:
+            ours = gg
+        else:
+            torch.testing.assert_close(ours, gg, rtol=1e-5, atol=1e-8)
 
 
 def test_models_loss_and_gradients_equal_atens(monkeypatch):

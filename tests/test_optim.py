@@ -33,3 +33,28 @@ def test_make_optimizer_groups_and_unfused_fallback():
     assert [g["weight_decay"] for g in opt.param_groups] == [0.01, 0.0]
     meta = [torch.nn.Parameter(torch.empty(3, device="meta"))]
     assert not adamw(meta, lr=1e-3).defaults["fused"]  # a device the fused kernel does not take
+
+
+def test_groups_given_as_generators_keep_their_parameters():
+    model = torch.nn.Linear(3, 2)
+    opt = adamw([{"params": model.parameters(), "weight_decay": 0.0}], lr=1e-3)
+    assert len(opt.param_groups[0]["params"]) == 2
+    assert len(adamw(model.parameters(), lr=1e-3).param_groups[0]["params"]) == 2
+    assert len(adamw(model.weight, lr=1e-3).param_groups[0]["params"]) == 1
+
+
+def test_a_resumed_optimizer_keeps_its_own_fused_choice():
+    """An unfused (older) state loads into a fused optimizer: the groups stay fused, the state is the saved one."""
+    from longctx.train.optim import keep_fused
+
+    model = torch.nn.Linear(3, 2)
+    old = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(4, 3)).sum().backward()
+    old.step()
+    new = adamw(model.parameters(), lr=1e-3)
+    new.load_state_dict(old.state_dict())
+    assert new.param_groups[0]["fused"] is None  # what torch does: the saved group's setting
+    keep_fused(new)
+    assert new.param_groups[0]["fused"] is True
+    torch.testing.assert_close(new.state[model.weight]["exp_avg"], old.state[model.weight]["exp_avg"])
+    new.step()  # runs on the fused kernel with the loaded state

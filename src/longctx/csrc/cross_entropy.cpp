@@ -1,7 +1,8 @@
 // Cross-entropy over a large vocabulary for CPU (longctx.loss): per row i of logits z (N, V), fp32 or bf16,
 //   loss_i = lse_i - z[i, label_i],  lse_i = log sum_j exp(z_ij)      (0 where label_i == ignore_index)
 // and in backward dz_ij = g_i (exp(z_ij - lse_i) - [j == label_i]), written in z's dtype. All arithmetic is
-// fp32, and the exp is Cephes' (about 1 ulp, vec.h), as ATen's log_softmax in fp32. What it saves over
+// fp32, and the exp is Cephes' (about 1 ulp, vec.h), as ATen's log_softmax in fp32. A row with an infinite
+// maximum gives NaN, as ATen's; a -inf logit gets a gradient of exactly 0. What it saves over
 // F.cross_entropy(z.float(), ...): the fp32 copy of bf16 logits and the cast of its gradient back (two
 // passes over N x V), and the (N, V) log-probabilities ATen writes and reads back (two more); forward reads a
 // row twice while it is in cache (max, then the sum of exps), backward reads it once and writes dz.
@@ -33,7 +34,8 @@ float row_lse(const T* z, int64_t V) {
   }
   for (int e = 0; e < kW; ++e) m = vm[e] > m ? vm[e] : m;
   for (; j < V; ++j) m = float(z[j]) > m ? float(z[j]) : m;
-  if (std::isinf(m)) return m;  // a row of -inf (lse -inf) or with +inf (lse +inf)
+  // a row of -inf, or with a +inf: NaN, as ATen's (its x - max is inf - inf somewhere in the row)
+  if (std::isinf(m)) return std::numeric_limits<float>::quiet_NaN();
   vf vs = bcast<vf>(0.f);
   const vf vmax = bcast<vf>(m);
   for (j = 0; j + kW <= V; j += kW) vs += exp_le0(vload_as(z + j) - vmax);
@@ -43,13 +45,20 @@ float row_lse(const T* z, int64_t V) {
   return m + std::log(s);  // NaN anywhere in the row makes s NaN
 }
 
+// softmax's p = exp(x - lse), exactly 0 for a -inf logit (exp_le0 stops at exp(-87))
+template <typename F>
+inline F prob(F x, F lse) {
+  const F t = x - lse;
+  return t == bcast<F>(-std::numeric_limits<float>::infinity()) ? bcast<F>(0.f) : exp_le0(t);
+}
+
 template <typename T>
 void row_grad(const T* z, T* dz, int64_t V, float lse, float g, int64_t label) {
   const vf vl = bcast<vf>(lse), vg = bcast<vf>(g);
   int64_t j = 0;
-  for (; j + kW <= V; j += kW) vstore_as(dz + j, vg * exp_le0(vload_as(z + j) - vl));
-  for (; j < V; ++j) dz[j] = T(g * exp_le0(float(z[j]) - lse));
-  dz[label] = T(g * exp_le0(float(z[label]) - lse) - g);
+  for (; j + kW <= V; j += kW) vstore_as(dz + j, vg * prob(vload_as(z + j), vl));
+  for (; j < V; ++j) dz[j] = T(g * prob(float(z[j]), lse));
+  dz[label] = T(g * prob(float(z[label]), lse) - g);
 }
 
 void check(const at::Tensor& z, const at::Tensor& labels) {
@@ -94,9 +103,15 @@ std::tuple<at::Tensor, at::Tensor> ce_forward(const at::Tensor& z, const at::Ten
 at::Tensor ce_backward(const at::Tensor& grad_, const at::Tensor& z, const at::Tensor& labels_,
                        const at::Tensor& lse, int64_t ignore) {
   check(z, labels_);
+  const int64_t N = z.size(0), V = z.size(1), ld = z.stride(0);
+  TORCH_CHECK(grad_.numel() == N && lse.numel() == N && lse.scalar_type() == at::kFloat && lse.is_contiguous(),
+              "cross_entropy_backward: grad and lse must have one fp32 entry per row");
   const at::Tensor labels = labels_.contiguous();
   const at::Tensor grad = grad_.to(at::kFloat).contiguous();
-  const int64_t N = z.size(0), V = z.size(1), ld = z.stride(0);
+  for (int64_t i = 0; i < N; ++i) {
+    const int64_t l = labels.data_ptr<int64_t>()[i];
+    TORCH_CHECK(l == ignore || (l >= 0 && l < V), "Target ", l, " is out of bounds.");
+  }
   at::Tensor dz = at::empty({N, V}, z.options());
   const int64_t* lab = labels.data_ptr<int64_t>();
   const float* g = grad.data_ptr<float>();

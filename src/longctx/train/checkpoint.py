@@ -32,6 +32,7 @@ from safetensors.torch import load_file
 from longctx.errors import LongctxError
 from longctx.io import lock_run, publish_dir  # noqa: F401  (lock_run: the trainer takes it from here)
 from longctx.train.config import dotted
+from longctx.train.optim import keep_fused
 
 MANIFEST = "manifest.json"
 STATE_KEYS = ("step", "tokens", "train_time")
@@ -185,6 +186,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
         model.tie_weights()
     try:
         optimizer.load_state_dict(optim_state)
+        keep_fused(optimizer)
         scheduler.load_state_dict(sched_state)
     except (ValueError, KeyError, RuntimeError) as e:
         raise LongctxError(f"the optimizer state in {path} does not match this model ({str(e)[:120]}); resume "
