@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from longctx.attention import AttentionPattern, attention, fused
 from longctx.attention.functional import resolve_backend
+from longctx.errors import LongctxError
 from longctx.positions import alibi_slopes
 from test_attention_equivalence import _grads, flags, patterns
 
@@ -329,3 +330,68 @@ def test_fallback_without_compiler(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stderr.count("fused CPU attention kernel unavailable: no C++ compiler") == 1, r.stderr
     assert "ERROR: backend 'fused' is unavailable: no C++ compiler" in r.stdout
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("pattern", [AttentionPattern("sliding", window=20), AttentionPattern("sliding", window=33, causal=True),
+                                     AttentionPattern("blocks", block=9)])
+def test_grouped_query_heads_are_read_not_repeated(dtype, pattern):
+    """k, v with 2 heads for 8 query heads (Mistral's grouping): the kernel reads each key head for its four
+    query heads and sums their gradients per group, with random padding and ALiBi. It equals the same kernel on
+    repeated k, v (autograd then sums the copies): the output bit for bit, the gradients within one rounding;
+    and fp32 equals the float64 dense reference within fp32's tolerance."""
+    from longctx.attention.functional import repeat_kv
+    from longctx.attention.fused import fused_band_attention
+
+    g = torch.Generator().manual_seed(11)
+    B, H, Hkv, n, d = 2, 8, 2, 150, 24
+    q = torch.randn(B, n, H, d, generator=g).to(dtype).transpose(1, 2)  # the layer's (B, n, H, d) memory
+    k, v = (torch.randn(B, Hkv, n, d, generator=g).to(dtype) for _ in range(2))
+    kpm = torch.rand(B, n, generator=g) < 0.85
+    slopes = alibi_slopes(H)
+    pos = torch.arange(n)
+
+    def run(q, k, v, kernel):
+        q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
+        kk, vv = (k, v) if kernel == "gqa" else (repeat_kv(k, H // Hkv), repeat_kv(v, H // Hkv))
+        if kernel == "dense":
+            out = attention(q, kk, vv, pattern, key_padding_mask=kpm, alibi_slopes=slopes.double(), backend="dense")
+        else:
+            out = fused_band_attention(q, kk, vv, pattern, pos, key_valid=kpm, alibi_slopes=slopes,
+                                       scale=d ** -0.5)
+        return out, _grads(out, (q, k, v), 3, kpm)
+
+    out, grads = run(q, k, v, "gqa")
+    assert [t.shape for t in grads] == [q.shape, k.shape, v.shape]
+    rep, rep_grads = run(q, k, v, "repeat")
+    assert torch.equal(out, rep)
+    for a, b in zip(grads, rep_grads):
+        torch.testing.assert_close(a, b, rtol=1e-6 if dtype == torch.float32 else 2 ** -8, atol=1e-7)
+    if dtype == torch.float32:
+        ref, ref_grads = run(*(x.double() for x in (q, k, v)), "dense")
+        rows = kpm[:, None, :, None]
+        torch.testing.assert_close(torch.where(rows, out, 0).double(), torch.where(rows, ref, 0), rtol=1e-5, atol=1e-5)
+        for a, b in zip(grads, ref_grads):
+            torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_query_through_attention_on_every_band_backend():
+    """``attention`` takes k, v with fewer heads: the fused kernel natively, the pure-PyTorch one and the
+    dense reference on repeated heads (as do the layouts the fused kernel does not take: per-head
+    dilations, global tokens); all agree."""
+    g = torch.Generator().manual_seed(12)
+    B, H, Hkv, n, d = 1, 6, 3, 90, 16
+    q = torch.randn(B, H, n, d, generator=g)
+    k, v = torch.randn(B, Hkv, n, d, generator=g), torch.randn(B, Hkv, n, d, generator=g)
+    gm = torch.zeros(B, n, dtype=torch.bool)
+    gm[:, 0] = True
+    for pattern, kw in ((AttentionPattern("sliding", window=10), {}),
+                        (AttentionPattern("sliding", window=10, dilation=(1, 1, 1, 2, 2, 2)), {}),
+                        (AttentionPattern("sliding", window=10), {"global_mask": gm})):
+        ref = attention(q.double(), k.double(), v.double(), pattern, backend="dense",
+                        **kw)
+        for backend in ("fused", "blocked-torch"):
+            out = attention(q, k, v, pattern, backend=backend, **kw)
+            torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5, msg=f"{backend} {pattern}")
+    with pytest.raises(LongctxError, match="grouped-query"):
+        attention(q, torch.randn(B, 4, n, d), torch.randn(B, 4, n, d), AttentionPattern("sliding", window=10))

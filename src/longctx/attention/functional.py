@@ -49,7 +49,10 @@ def resolve_backend(backend: str, q: torch.Tensor, pattern: AttentionPattern, **
 def attention(q, k, v, pattern: AttentionPattern, *, key_padding_mask=None, global_mask=None,
               global_qkv=None, alibi_slopes=None, scale=None, backend: str = "auto", chunk=None,
               score_bias=None, mechanism: str | None = None):
-    """Attention of q over k, v under ``pattern``. q, k, v: (B, H, n, d); returns (B, H, n, d).
+    """Attention of q over k, v under ``pattern``. q: (B, H, n, d); k, v: (B, H, n, d), or (B, Hkv, n, d)
+    with Hkv dividing H (grouped-query attention: query head h attends key head h // (H / Hkv)); returns
+    (B, H, n, d). The fused kernel reads the shared key heads as they are (no copy, and autograd keeps only
+    them); every other kernel gets them repeated.
 
     key_padding_mask (B, n) bool: True for real tokens. global_mask (B, n) bool: True for global tokens.
     global_qkv: optional (qg, kg, vg) from separate global projections. alibi_slopes (H,): ALiBi bias.
@@ -62,6 +65,10 @@ def attention(q, k, v, pattern: AttentionPattern, *, key_padding_mask=None, glob
     B, H, n, d = q.shape
     backend = resolve_backend(backend, q, pattern, key_padding_mask=key_padding_mask, global_mask=global_mask,
                               alibi_slopes=alibi_slopes, score_bias=score_bias, mechanism=mechanism)
+    groups = H // k.shape[1]
+    if groups > 1 and not (backend == "fused" and global_mask is None and global_qkv is None
+                           and len(set(pattern.head_dilations(H))) == 1):
+        k, v = repeat_kv(k, groups), repeat_kv(v, groups)
     if key_padding_mask is not None:  # padded keys contribute nothing, whatever their values (NaN too)
         k, v = drop_padded(k, key_padding_mask), drop_padded(v, key_padding_mask)
         if global_qkv is not None:
@@ -103,9 +110,11 @@ def check_inputs(q, k, v, key_padding_mask=None, global_mask=None, global_qkv=No
 
     if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
         raise LongctxError("attention: q, k and v must be tensors")
-    if q.dim() != 4 or shape(k) != shape(q) or shape(v) != shape(q):
-        raise LongctxError(f"attention: q, k and v must have one shape (batch, heads, n, head_dim); got q "
-                           f"{shape(q)}, k {shape(k)}, v {shape(v)}")
+    if (q.dim() != 4 or k.dim() != 4 or shape(v) != shape(k) or shape(k)[::2] != shape(q)[::2]
+            or shape(k)[3] != shape(q)[3] or not 0 < k.shape[1] <= q.shape[1] or q.shape[1] % k.shape[1]):
+        raise LongctxError(f"attention: q, k and v must have one shape (batch, heads, n, head_dim), except that k "
+                           f"and v may have fewer heads dividing q's (grouped-query); got q {shape(q)}, k {shape(k)}, "
+                           f"v {shape(v)}")
     if not (q.dtype == k.dtype == v.dtype) or not q.is_floating_point():
         raise LongctxError(f"attention: q, k and v must share one floating dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
     tensors = [q, k, v] + [t for t in (key_padding_mask, global_mask, alibi_slopes) if t is not None] + \
@@ -127,6 +136,14 @@ def empty_batch(q, k, v) -> torch.Tensor:
     """The result (0, H, n, d_v) of attention over an empty batch, joined to q, k and v's graphs so that
     backward gives their (empty) gradients: every tensor is empty, so no arithmetic happens."""
     return v + (q.sum() + k.sum()).to(v.dtype)
+
+
+def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """(B, Hkv, n, d) -> (B, Hkv * groups, n, d): each key head repeated for its group of query heads."""
+    if groups == 1:
+        return x
+    B, Hkv, n, d = x.shape
+    return x[:, :, None].expand(B, Hkv, groups, n, d).reshape(B, Hkv * groups, n, d)
 
 
 def drop_padded(x: torch.Tensor, key_padding_mask: torch.Tensor) -> torch.Tensor:

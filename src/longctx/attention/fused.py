@@ -213,6 +213,9 @@ class _FusedBand(torch.autograd.Function):
         q_dt, g_dt, s_dt = ctx.dtypes
         dq, dk, dv, dkg, dvg, dsl = torch.ops.longctx_fused.band_backward(
             q_, k_, v_, kg_, vg_, out, _rows(dout.to(q_dt)), lse, *masks.args(sl, B, H, geo.left), ctx.scale)
+        groups = H // k_.shape[1]
+        if groups > 1:  # grouped-query attention: the kernel's dK, dV are per query head; each group sums
+            dk, dv = (x.unflatten(1, (k_.shape[1], groups)).sum(2, dtype=torch.float32) for x in (dk, dv))
         dq, dk, dv = dq.to(q_dt), dk.to(q_dt), dv.to(q_dt)
         G = kg_.shape[2] if g_dt is not None else 0
         dkg = None if g_dt is None else dkg.view(B, H, G, d).to(g_dt)
@@ -225,7 +228,8 @@ def fused_band_attention(q, k, v, pattern: AttentionPattern, pos, *, dilation: i
                          kg=None, vg=None, g_pos=None, g_valid=None, alibi_slopes=None, chunk=None,
                          scale: float = 1.0):
     """``blocked.band_attention`` of ``scale * q`` on the fused kernel (same arguments, same result; the
-    scale is applied inside, so q is not copied). fp32 and bf16 run here (bf16 products, fp32 softmax
+    scale is applied inside, so q is not copied). k and v may have fewer heads than q (grouped-query
+    attention: Hkv dividing H, query head h reading key head h // (H / Hkv)), without global keys. fp32 and bf16 run here (bf16 products, fp32 softmax
     statistics), eagerly, on non-empty CPU tensors with the extension loaded: what the dispatcher
     (``dispatch.py``) checks before it chooses this kernel."""
     B, H = q.shape[:2]

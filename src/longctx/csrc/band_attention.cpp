@@ -528,13 +528,15 @@ inline void scale_to(const float* src, float s, T* dst, int64_t n) {
 // A (B, H, rows, d) tensor with unit stride along d and any other strides. The layer's projections are
 // (B, n, H, d) memory seen as (B, H, n, d): the kernel reads them, and writes its output and gradients,
 // in that layout, so no copy is made on either side of it.
+// With grouped-query attention (keys and values of H / group heads), query head h reads key head h / group.
 template <typename T>
 struct Seq {
   T* p;
-  int64_t sb, sh, ld, H;
-  Seq(const at::Tensor& t, int64_t H_)
-      : p(t.numel() ? t.data_ptr<T>() : nullptr), sb(t.stride(0)), sh(t.stride(1)), ld(t.stride(2)), H(H_) {}
-  T* head(int64_t bh) const { return p + (bh / H) * sb + (bh % H) * sh; }
+  int64_t sb, sh, ld, H, group;
+  Seq(const at::Tensor& t, int64_t H_, int64_t group_ = 1)
+      : p(t.numel() ? t.data_ptr<T>() : nullptr), sb(t.stride(0)), sh(t.stride(1)), ld(t.stride(2)), H(H_),
+        group(group_) {}
+  T* head(int64_t bh) const { return p + (bh / H) * sb + (bh % H) / group * sh; }
 };
 
 // A B operand VNNI-packed for the bf16 micro-kernel (see PackBufs); null where there is none
@@ -1091,7 +1093,8 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, c
   const int64_t B = q.size(0), H = q.size(1), BH = B * H, c = g.c, d = g.d, nc = g.nc;
   auto out = at::empty({B, g.nq, H, d}, q.options()).permute({0, 2, 1, 3});
   auto lse = at::empty({BH, nc * c}, q.options().dtype(at::kFloat));
-  const Seq<T> Q(q, H), K(k, H), V(v, H), O(out, H);
+  const int64_t group = H / k.size(1);
+  const Seq<T> Q(q, H), K(k, H, group), V(v, H, group), O(out, H);
   const T *kgd = g.G ? kg.data_ptr<T>() : nullptr, *vgd = g.G ? vg.data_ptr<T>() : nullptr;
   float* ld = lse.data_ptr<float>();
   const int64_t threads = at::get_num_threads();
@@ -1295,10 +1298,15 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
   // the gradients in their inputs' dtype and layout where that is dense ((B, n, H, d) memory for the
   // layer's projections, (B, H, n, d) for contiguous leaves), so autograd hands them on without a copy;
   // bf16 ones are summed in fp32 and rounded once
-  auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  // (grouped-query attention: dK and dV per query head, in (B, n, H, d) memory; the caller sums each group)
+  const int64_t group = H / k.size(1);
+  auto per_head = [&](const at::Tensor& x) {
+    return group == 1 ? at::empty_like(x) : at::empty({B, nkeys, H, d}, x.options()).permute({0, 2, 1, 3});
+  };
+  auto dq = at::empty_like(q), dk = per_head(k), dv = per_head(v);
   auto dkg = at::empty({BH, G, d}, f32), dvg = at::empty({BH, G, d}, f32);
   auto dslopes = at::zeros({BH}, q.options().dtype(at::kDouble));
-  const Seq<T> Q(q, H), K(k, H), V(v, H), O(out, H), dO(dout, H);
+  const Seq<T> Q(q, H), K(k, H, group), V(v, H, group), O(out, H), dO(dout, H);
   const Seq<T> dQ(dq, H), dK(dk, H), dV(dv, H);
   // fp32 rows of dK, dV that two segments share (bf16 only; fp32 sums in the gradients themselves): the
   // even pass writes its part, the odd pass adds its own and rounds. Only those rows are ever touched.
@@ -1420,6 +1428,9 @@ Geo make_geo(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
              int64_t H, bool causal, int64_t left, double scale) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && q.size(0) == B && q.size(1) == H,
               "longctx fused attention: q, k, v must be (B, H, n, d)");
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == B && k.size(1) > 0 && H % k.size(1) == 0 && k.size(3) == q.size(3),
+              "longctx fused attention: k and v must be (B, Hkv, n, d) with Hkv dividing H");
+  TORCH_CHECK(k.size(1) == H || kg.numel() == 0, "longctx fused attention: global keys need as many key heads as queries");
   for (const at::Tensor* t : {&q, &k, &v}) {
     TORCH_CHECK(t->stride(3) == 1 && t->stride(2) >= t->size(3), "longctx fused attention: rows of q, k, v must be dense");
   }

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from longctx.attention import AttentionPattern, attention
+from longctx.attention.functional import repeat_kv
 from longctx.errors import LongctxError
 
 NAME = "longctx"
@@ -101,14 +102,6 @@ def _packed_documents(mask_function, batch_size: int, n: int, device) -> torch.T
     return F.pad((~linked).long().cumsum(-1), (1, 0))
 
 
-def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """(B, Hkv, n, d) -> (B, Hkv * groups, n, d) for grouped-query attention."""
-    if groups == 1:
-        return x
-    B, Hkv, n, d = x.shape
-    return x[:, :, None].expand(B, Hkv, groups, n, d).reshape(B, Hkv * groups, n, d)
-
-
 def _backend(q: torch.Tensor) -> str:
     return "blocked" if q.device.type == "cpu" else "auto"
 
@@ -133,19 +126,18 @@ def longctx_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
     mask = attention_mask or LongctxMask(None, 0, 0)
     query, key, value = (_own_storage(x) for x in _common_dtype(query, key, value))
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    groups = query.shape[1] // key.shape[1]
-    key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
+    groups = query.shape[1] // key.shape[1]  # grouped-query attention: longctx's attention takes the key heads
     # HF's sliding_window counts the query itself (see the module docstring): one-sided window = w - 1
     pattern = (AttentionPattern("full", causal=causal) if sliding_window is None
                else AttentionPattern("sliding", window=sliding_window - 1, causal=causal))
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     q_len, kv_len = query.shape[2], key.shape[2]
     if mask.documents is not None:
-        out = _documents_attention(query, key, value, pattern, mask, scale)
+        out = _documents_attention(query, repeat_kv(key, groups), repeat_kv(value, groups), pattern, mask, scale)
     elif q_len == kv_len and mask.q_offset == mask.kv_offset:
         out = _self_attention(query, key, value, pattern, mask.key_valid, scale)
     else:
-        out = _step_attention(query, key, value, pattern, mask, scale)
+        out = _step_attention(query, repeat_kv(key, groups), repeat_kv(value, groups), pattern, mask, scale)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -174,11 +166,12 @@ def _own_storage(x: torch.Tensor) -> torch.Tensor:
 
 
 def _self_attention(q, k, v, pattern: AttentionPattern, key_valid, scale: float) -> torch.Tensor:
-    """Queries and keys are the same positions (an encoder, a prefill): (B, H, n, d)."""
+    """Queries and keys are the same positions (an encoder, a prefill): q (B, H, n, d), k and v (B, Hkv, n, d)."""
     if pattern.kind == "sliding" and q.shape[2] - 1 <= pattern.window:  # the window spans the input: it is full
         pattern = AttentionPattern("full", causal=pattern.causal)
     if pattern.kind == "sliding":
         return attention(q, k, v, pattern, key_padding_mask=key_valid, scale=scale, backend=_backend(q))
+    k, v = repeat_kv(k, q.shape[1] // k.shape[1]), repeat_kv(v, q.shape[1] // k.shape[1])
     if key_valid is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=pattern.causal, scale=scale)
     if not pattern.causal:  # key padding broadcasts as (B, 1, 1, n): no n x n mask
