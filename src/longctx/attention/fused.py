@@ -214,8 +214,9 @@ class _FusedBand(torch.autograd.Function):
         dq, dk, dv, dkg, dvg, dsl = torch.ops.longctx_fused.band_backward(
             q_, k_, v_, kg_, vg_, out, _rows(dout.to(q_dt)), lse, *masks.args(sl, B, H, geo.left), ctx.scale)
         groups = H // k_.shape[1]
-        if groups > 1:  # grouped-query attention: the kernel's dK, dV are per query head; each group sums
-            dk, dv = (x.unflatten(1, (k_.shape[1], groups)).sum(2, dtype=torch.float32) for x in (dk, dv))
+        if groups > 1:  # grouped-query attention: the kernel's dK, dV are per query head, in (B, n, H, d)
+            # memory; each group sums over neighbouring heads there (bf16: accumulated in fp32, rounded once)
+            dk, dv = (x.transpose(1, 2).unflatten(2, (k_.shape[1], groups)).sum(3).transpose(1, 2) for x in (dk, dv))
         dq, dk, dv = dq.to(q_dt), dk.to(q_dt), dv.to(q_dt)
         G = kg_.shape[2] if g_dt is not None else 0
         dkg = None if g_dt is None else dkg.view(B, H, G, d).to(g_dt)

@@ -18,6 +18,10 @@ Implementations ("impl" in the results):
   longctx-blockwise-causal LeX blockwise causal, block `window`
   longctx-causal           causal sliding window of window/2 (the local-attention comparison)
   core-sliding, core-sliding-half   the attention core alone (q, k, v given): kernel throughput
+  core-sliding-gqa         the core with grouped-query heads: k, v with heads / kv_groups heads, read in
+                           place by the fused kernel (not in the default list)
+  core-sliding-gqa-repeat  the same k, v repeated to one head per query head before the call, as Hugging
+                           Face's eager and SDPA paths do (not in the default list)
   ...-torch                the same case on the pure-PyTorch blocked kernel (backend "blocked-torch"):
                            without the suffix, backend "blocked" runs the fused C++ kernel where it builds
   sdpa-dense               the same layer with full attention through PyTorch SDPA, no mask
@@ -46,6 +50,7 @@ from transformers.models.longformer.modeling_longformer import LongformerSelfAtt
 
 from longctx import plots as figures
 from longctx.attention import SelfAttention, attention, fused
+from longctx.attention.functional import repeat_kv
 from longctx.attention.lsh import LSH
 from longctx.attention.mechanism import MECHANISMS, LayerContext, build as build_mechanism
 from longctx.attention.patterns import full_mask
@@ -59,6 +64,7 @@ DEFAULTS = {
     "heads": 12,
     "attention_window": 512,  # two-sided, named as Hugging Face's; longctx's one-sided window is half
     "global_tokens": 16,
+    "kv_groups": 4,  # query heads per key-value head in the grouped-query cases (Mistral 7B: 32 / 8)
     "batch": 1,
     "lengths": [1024, 2048, 4096, 8192, 16384, 32768, 65536],
     "implementations": ["longctx-sliding", "longctx-sliding-half", "longctx-dilated", "longctx-blocks",
@@ -78,6 +84,7 @@ DEFAULTS = {
 # time and memory grow as n^p: used to predict the next length from the last measured one
 SCALING = {"sdpa-dense": (2, 1), "sdpa-masked": (2, 2)}
 IMPLS = DEFAULTS["implementations"]
+GQA_CASES = ["core-sliding-gqa", "core-sliding-gqa-repeat"]  # runnable by name, not in the default list
 TORCH_KERNEL = "-torch"  # suffix: the case on the pure-PyTorch blocked kernel, beside the fused one
 
 
@@ -87,7 +94,7 @@ def _base(impl: str) -> str:
 # the cases whose attention follows from ``attention_window`` (the mask family and its peers)
 WINDOW_CASES = ("longctx-sliding", "longctx-sliding-half", "longctx-dilated", "longctx-blocks", "longctx-global16",
                 "longctx-blockwise-causal", "longctx-causal", "core-sliding", "core-sliding-half", "sdpa-dense",
-                "sdpa-masked", "hf-longformer", "local-attention")
+                "sdpa-masked", "hf-longformer", "local-attention", *GQA_CASES)
 
 
 def families() -> dict[str, tuple[str, dict]]:
@@ -100,7 +107,7 @@ def families() -> dict[str, tuple[str, dict]]:
 
 def impls() -> list[str]:
     """Every implementation a run may name: the listed ones and a ``longctx-NAME`` per mechanism."""
-    return IMPLS + [i for i in families() if i not in IMPLS]
+    return IMPLS + GQA_CASES + [i for i in families() if i not in IMPLS]
 
 
 def _attention_spec(impl: str, cfg: dict) -> tuple[str, dict, bool]:
@@ -110,7 +117,7 @@ def _attention_spec(impl: str, cfg: dict) -> tuple[str, dict, bool]:
     fams = families()
     if impl in fams:
         return (*fams[impl], False)
-    if impl in ("longctx-sliding", "core-sliding", "longctx-global16", "sdpa-masked", "hf-longformer"):
+    if impl in ("longctx-sliding", "core-sliding", "longctx-global16", "sdpa-masked", "hf-longformer", *GQA_CASES):
         return "sliding", {"window": w // 2}, False
     if impl in ("longctx-sliding-half", "core-sliding-half"):
         return "sliding", {"window": w // 4}, False
@@ -200,7 +207,13 @@ def build(impl: str, n: int, cfg: dict, dtype: torch.dtype):
     backend = "blocked-torch" if impl.endswith(TORCH_KERNEL) else "blocked"
     impl = _base(impl)
     if impl.startswith("core-"):
-        qkv = [torch.randn(B, H, n, D // H, dtype=dtype, requires_grad=True) for _ in range(3)]
+        groups = cfg["kv_groups"] if impl in GQA_CASES else 1
+        if H % groups:
+            raise LongctxError(f"kv_groups {groups} does not divide the {H} heads")
+        qkv = [torch.randn(B, H // (groups if i else 1), n, D // H, dtype=dtype, requires_grad=True) for i in range(3)]
+        if impl == "core-sliding-gqa-repeat":
+            return None, qkv, lambda q, k, v: attention(q, repeat_kv(k, groups), repeat_kv(v, groups), pattern,
+                                                        backend=backend)
         return None, qkv, lambda q, k, v: attention(q, k, v, pattern, backend=backend)
     x = torch.randn(B, n, D, dtype=dtype, requires_grad=True)
     if impl in families():  # before the mask family's "longctx-" cases: these names start so too
