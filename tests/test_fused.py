@@ -395,3 +395,56 @@ def test_grouped_query_through_attention_on_every_band_backend():
             torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5, msg=f"{backend} {pattern}")
     with pytest.raises(LongctxError, match="grouped-query"):
         attention(q, torch.randn(B, 4, n, d), torch.randn(B, 4, n, d), AttentionPattern("sliding", window=10))
+
+
+def test_grouped_query_reaches_the_fused_kernel_unrepeated(monkeypatch):
+    """Which calls repeat the key heads: none for a plain band on the fused kernel (the kernel reads the
+    Hkv heads), both k and v for per-head dilations, global tokens and the pure-PyTorch kernel."""
+    from longctx.attention import functional
+
+    calls = []
+    real = functional.repeat_kv
+    monkeypatch.setattr(functional, "repeat_kv", lambda x, g: calls.append(x.shape[1]) or real(x, g))
+    B, H, Hkv, n, d = 1, 4, 2, 70, 8
+    q, k, v = torch.randn(B, H, n, d), torch.randn(B, Hkv, n, d), torch.randn(B, Hkv, n, d)
+    gm = torch.zeros(B, n, dtype=torch.bool)
+    gm[:, 3] = True
+    for pattern, kw, backend, repeats in (
+            (AttentionPattern("sliding", window=9), {}, "fused", 0),
+            (AttentionPattern("sliding", window=9, causal=True), {"key_padding_mask": torch.rand(B, n) < 0.9}, "fused", 0),
+            (AttentionPattern("sliding", window=9, dilation=(1, 1, 2, 2)), {}, "fused", 2),
+            (AttentionPattern("sliding", window=9), {"global_mask": gm}, "fused", 2),
+            (AttentionPattern("sliding", window=9), {}, "blocked-torch", 2)):
+        calls.clear()
+        attention(q, k, v, pattern, backend=backend, **kw)
+        assert len(calls) == repeats and all(c == Hkv for c in calls), (pattern, backend, calls)
+
+
+def test_grouped_query_bf16_over_several_segments():
+    """4,500 tokens in bf16: several backward segments, whose shared key rows go through the fp32 side buffer
+    per query head; the same bits as the kernel on repeated heads, on 1 and on 2 threads."""
+    from longctx.attention.functional import repeat_kv
+    from longctx.attention.fused import fused_band_attention
+
+    g = torch.Generator().manual_seed(13)
+    B, H, Hkv, n, d = 1, 4, 2, 4500, 16
+    q = torch.randn(B, H, n, d, generator=g).bfloat16()
+    k, v = (torch.randn(B, Hkv, n, d, generator=g).bfloat16() for _ in range(2))
+    pattern, pos = AttentionPattern("sliding", window=64), torch.arange(n)
+
+    def run(repeat: bool):
+        qq, kk, vv = (x.clone().requires_grad_() for x in (q, k, v))
+        a, b = (repeat_kv(kk, 2), repeat_kv(vv, 2)) if repeat else (kk, vv)
+        out = fused_band_attention(qq, a, b, pattern, pos, scale=d ** -0.5)
+        return (out, *_grads(out, (qq, kk, vv), 5))
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run(False)
+        torch.set_num_threads(2)
+        two, rep = run(False), run(True)
+    finally:
+        torch.set_num_threads(before)
+    for a, b, c in zip(one, two, rep):
+        assert torch.equal(a, b) and torch.equal(a, c)

@@ -65,7 +65,7 @@ def attention(q, k, v, pattern: AttentionPattern, *, key_padding_mask=None, glob
     B, H, n, d = q.shape
     backend = resolve_backend(backend, q, pattern, key_padding_mask=key_padding_mask, global_mask=global_mask,
                               alibi_slopes=alibi_slopes, score_bias=score_bias, mechanism=mechanism)
-    groups = H // k.shape[1]
+    groups = H // k.shape[1] if k.shape[1] else 1
     if groups > 1 and not (backend == "fused" and global_mask is None and global_qkv is None
                            and len(set(pattern.head_dilations(H))) == 1):
         k, v = repeat_kv(k, groups), repeat_kv(v, groups)
@@ -111,7 +111,8 @@ def check_inputs(q, k, v, key_padding_mask=None, global_mask=None, global_qkv=No
     if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
         raise LongctxError("attention: q, k and v must be tensors")
     if (q.dim() != 4 or k.dim() != 4 or shape(v) != shape(k) or shape(k)[::2] != shape(q)[::2]
-            or shape(k)[3] != shape(q)[3] or not 0 < k.shape[1] <= q.shape[1] or q.shape[1] % k.shape[1]):
+            or shape(k)[3] != shape(q)[3]
+            or not (k.shape[1] == q.shape[1] or 0 < k.shape[1] < q.shape[1] and q.shape[1] % k.shape[1] == 0)):
         raise LongctxError(f"attention: q, k and v must have one shape (batch, heads, n, head_dim), except that k "
                            f"and v may have fewer heads dividing q's (grouped-query); got q {shape(q)}, k {shape(k)}, "
                            f"v {shape(v)}")

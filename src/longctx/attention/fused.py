@@ -215,7 +215,8 @@ class _FusedBand(torch.autograd.Function):
             q_, k_, v_, kg_, vg_, out, _rows(dout.to(q_dt)), lse, *masks.args(sl, B, H, geo.left), ctx.scale)
         groups = H // k_.shape[1]
         if groups > 1:  # grouped-query attention: the kernel's dK, dV are per query head, in (B, n, H, d)
-            # memory; each group sums over neighbouring heads there (bf16: accumulated in fp32, rounded once)
+            # memory and the input's dtype; each group sums over neighbouring heads there (bf16: the heads'
+            # rounded values accumulated in fp32 and rounded again, as autograd sums repeated k, v)
             dk, dv = (x.transpose(1, 2).unflatten(2, (k_.shape[1], groups)).sum(3).transpose(1, 2) for x in (dk, dv))
         dq, dk, dv = dq.to(q_dt), dk.to(q_dt), dv.to(q_dt)
         G = kg_.shape[2] if g_dt is not None else 0
