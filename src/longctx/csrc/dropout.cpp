@@ -10,12 +10,12 @@
 // 32-bit words, then 0, 0), key (key & 0xffffffff, key >> 32), word r / 16 of Philox's four. The element is
 // kept when that word >= round(p * 2^32), so the drop probability is p to within 2^-33, and a kept element
 // is x / (1 - p), a dropped one x * 0 (NaN and inf stay visible, as in ATen). bf16 is computed in fp32 and
-// rounded once, to nearest even. tests/test_dropout.py checks the generator against Random123's known
+// rounded once, to nearest even (vec.h's loads and stores). tests/test_dropout.py checks the generator against Random123's known
 // answers and the masks against a NumPy implementation of this definition.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#if defined(__AVX512F__)
 #define LONGCTX_DROPOUT_AVX512 1
 #include <immintrin.h>
 #endif
@@ -26,7 +26,11 @@
 #include <cstring>
 #include <string>
 
+#include "vec.h"
+
 namespace {
+
+using namespace longctx_vec;
 
 constexpr uint32_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u;  // Philox4x32's multipliers
 constexpr uint32_t kW0 = 0x9E3779B9u, kW1 = 0xBB67AE85u;  // its key schedule (Weyl sequence)
@@ -80,28 +84,7 @@ inline void block_words(int64_t b, uint32_t k0, uint32_t k1, __m512i w[4]) {
   philox16(w, k0, k1);
 }
 
-inline __m512 load_f32(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
-inline __m512 load_f32(const c10::BFloat16* p, __mmask16 m) {
-  const __m256i h = _mm256_maskz_loadu_epi16(m, p);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-inline void store_f32(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
-// rounded to nearest even by hand (the store is not the bottleneck, and one path serves every AVX-512 CPU);
-// NaN stays a quiet NaN
-inline void store_f32(c10::BFloat16* p, __m512 v, __mmask16 m) {
-  const __m512i bits = _mm512_castps_si512(v);
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7FFF)), odd), 16);
-  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
-  const __m256i h = _mm512_cvtepi32_epi16(r);
-  _mm256_mask_storeu_epi16(p, m, h);
-}
 #endif
-
-inline float to_f32(float x) { return x; }
-inline float to_f32(c10::BFloat16 x) { return float(x); }
-inline void from_f32(float* p, float v) { *p = v; }
-inline void from_f32(c10::BFloat16* p, float v) { *p = c10::BFloat16(v); }  // round to nearest even
 
 template <typename T>
 void apply_scalar(const T* x, T* y, int64_t n, int64_t b0, int64_t b1, uint32_t k0, uint32_t k1, uint32_t thr,
@@ -118,7 +101,7 @@ void apply_scalar(const T* x, T* y, int64_t n, int64_t b0, int64_t b1, uint32_t 
       for (int lane = 0; lane < 16; ++lane) {
         const int64_t e = b * kBlock + 16 * j + lane;
         if (e >= n) break;
-        from_f32(y + e, to_f32(x[e]) * (w[j][lane] >= thr ? scale : 0.0f));
+        y[e] = T(float(x[e]) * (w[j][lane] >= thr ? scale : 0.0f));  // bf16: to nearest even
       }
   }
 }
@@ -135,10 +118,13 @@ void apply_avx512(const T* x, T* y, int64_t n, int64_t b0, int64_t b1, uint32_t 
     for (int j = 0; j < 4; ++j) {
       const int64_t e = b * kBlock + 16 * j;
       if (e >= n) break;
-      const __mmask16 valid = n - e >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - e)) - 1);
       const __mmask16 keep = _mm512_cmpge_epu32_mask(w[j], vthr);
-      const __m512 s = _mm512_maskz_mov_ps(keep, vscale);  // x * 0 where dropped: NaN and inf stay visible
-      store_f32(y + e, _mm512_mul_ps(load_f32(x + e, valid), s), valid);
+      const vf s = (vf)_mm512_maskz_mov_ps(keep, vscale);  // x * 0 where dropped: NaN and inf stay visible
+      if (n - e >= kW) {
+        vstore_as(y + e, vload_as(x + e) * s);
+      } else {  // the last, partial vector
+        for (int64_t lane = 0; lane < n - e; ++lane) y[e + lane] = T(float(x[e + lane]) * s[lane]);
+      }
     }
   }
 }

@@ -1,5 +1,5 @@
-// Explicit SIMD shared by the extension's kernels (band_attention.cpp, cross_entropy.cpp): 16 fp32 lanes
-// through GCC/Clang vector extensions, loads and stores of fp32 or bf16 rows, and the softmax's exp.
+// Explicit SIMD shared by the extension's kernels (band_attention.cpp, cross_entropy.cpp, dropout.cpp): 16
+// fp32 lanes through GCC/Clang vector extensions, loads and stores of fp32 or bf16 rows, and the softmax's exp.
 #pragma once
 
 #include <c10/util/BFloat16.h>

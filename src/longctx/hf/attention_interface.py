@@ -171,16 +171,19 @@ def _self_attention(q, k, v, pattern: AttentionPattern, key_valid, scale: float)
         pattern = AttentionPattern("full", causal=pattern.causal)
     if pattern.kind == "sliding":
         return attention(q, k, v, pattern, key_padding_mask=key_valid, scale=scale, backend=_backend(q))
-    k, v = repeat_kv(k, q.shape[1] // k.shape[1]), repeat_kv(v, q.shape[1] // k.shape[1])
+    def sdpa(**kw):  # SDPA gets one key head per query head (its enable_gqa needs torch 2.5)
+        groups = q.shape[1] // k.shape[1]
+        return F.scaled_dot_product_attention(q, repeat_kv(k, groups), repeat_kv(v, groups), scale=scale, **kw)
+
     if key_valid is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=pattern.causal, scale=scale)
+        return sdpa(is_causal=pattern.causal)
     if not pattern.causal:  # key padding broadcasts as (B, 1, 1, n): no n x n mask
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=key_valid[:, None, None, :], scale=scale)
+        return sdpa(attn_mask=key_valid[:, None, None, :])
     if not _is_tracing() and _right_padded(key_valid):
         # padding only at the ends of rows: a real query never reaches a padded key causally, so SDPA's
         # causal kernel (flash, forward and backward) gives every real position the same result; padded
         # positions' outputs are garbage under every implementation, and no real position reads them
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        return sdpa(is_causal=True)
     # causal with left or inner padding: SDPA would need the n x n mask; the blocked kernel needs none
     return attention(q, k, v, pattern, key_padding_mask=key_valid, scale=scale, backend=_backend(q))
 
